@@ -1,0 +1,81 @@
+"""Command-line and YAML configuration, parsed by jsonargparse from the stages' dataclasses.
+
+Groups mirror the code: data.* (DataConfig), model.* (ModelConfig), optim.* (OptimConfig),
+trainer.* (Lightning Trainer arguments). Any key can come from `--config FILE` and be
+overridden on the command line as `--group.key value`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Literal
+
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from pneumonia.data.sources import DataConfig
+from pneumonia.errors import UserError
+from pneumonia.models.registry import ModelConfig
+from pneumonia.module import OptimConfig
+
+# The fit entry point owns these Trainer arguments: where runs are written and how.
+TRAINER_MANAGED = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
+MONITORS = ("val/accuracy", "val/auroc", "val/f1", "val/loss")
+
+
+def build_fit_parser() -> ArgumentParser:
+    """The parser of `python -m pneumonia.fit`."""
+    parser = ArgumentParser(
+        prog="python -m pneumonia.fit", exit_on_error=False, allow_abbrev=False,
+        description="Train a NORMAL vs PNEUMONIA chest X-ray classifier.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of any options below")
+    parser.add_argument("--experiment", type=str, default="default", help="runs/<experiment>/")
+    parser.add_argument("--seed", type=int, default=0, help="fixes split, sampling and init")
+    parser.add_argument("--run_dir", type=str | None, default=None,
+                        help="run directory (default runs/<experiment>/version_N)")
+    parser.add_argument("--runs_root", type=str, default="runs")
+    parser.add_argument("--monitor", type=Literal[MONITORS], default="val/accuracy",  # type: ignore[valid-type]
+                        help="validation metric that picks checkpoints/best.ckpt")
+    parser.add_argument("--positive_class", type=Literal["PNEUMONIA", "NORMAL"],
+                        default="PNEUMONIA", help="recall is the sensitivity to this class")
+    parser.add_argument("--data", type=DataConfig, default=DataConfig())
+    parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
+    parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
+    parser.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_MANAGED, instantiate=False)
+    return parser
+
+
+def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> Namespace:
+    """Parse, turning jsonargparse's multi-line errors into one UserError line."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return parser.parse_args(argv)
+    except Exception as err:  # jsonargparse raises ArgumentError, or ValueError for bad YAML
+        raise UserError(_one_line(parser, str(err), argv)) from None
+
+
+def _one_line(parser: ArgumentParser, message: str, argv: list[str]) -> str:
+    text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    if files and "parsing config" in text:
+        text = f"{', '.join(files)}: {text}"
+    group = re.search(r"Group '([\w.]+)'|--([\w.]+)\.\w+ ", text + " ")
+    if "unrecognized arguments" in text or "does not accept" in text:
+        prefix = (group.group(1) or group.group(2)) if group else ""
+        text += f". Valid keys: {_valid_keys(parser, prefix)}"
+    return text
+
+
+def _valid_keys(parser: ArgumentParser, group: str) -> str:
+    """The keys directly under `group` ("" for the top level)."""
+    prefix = f"{group}." if group else ""
+    keys = {k[len(prefix):].split(".")[0] for k in parser.get_defaults().keys()
+            if k.startswith(prefix)}
+    return ", ".join(sorted(keys - {"config"}))
+
+
+def to_yaml(parser: ArgumentParser, cfg: Namespace) -> str:
+    """The resolved configuration, every default filled in, as YAML."""
+    return parser.dump(cfg, skip_none=False)

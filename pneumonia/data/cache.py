@@ -1,0 +1,88 @@
+"""A file cache of decoded images, so each image is decoded once across epochs and runs.
+
+The cache lives outside the data folder (the data folder is read-only input). Its key covers
+the file list with sizes and modification times, the image size and the decoder version, so
+any change to the data gives a new file instead of stale tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+
+from pneumonia.data.decode import corrupt_image_error, decode_files
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.kermany import ImageFile
+
+CACHE_VERSION = 1  # bump when decoding changes, to orphan old cache files
+
+
+def default_cache_dir() -> Path:
+    """$PNEUMONIA_CACHE, else $XDG_CACHE_HOME/pneumonia, else ~/.cache/pneumonia."""
+    if os.environ.get("PNEUMONIA_CACHE"):
+        return Path(os.environ["PNEUMONIA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia"
+
+
+def cache_key(files: list[ImageFile], image_size: int) -> str:
+    """A digest of what the decoded tensors depend on."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}".encode())
+    for f in files:
+        stat = f.path.stat()
+        digest.update(f"|{f.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
+    return digest.hexdigest()[:24]
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _to_payload(imageset: ImageSet, skipped: list[str]) -> dict:
+    return {"images": imageset.images, "labels": imageset.labels, "patients": imageset.patients,
+            "names": imageset.names, "skipped": skipped}
+
+
+def _from_payload(payload: dict) -> tuple[ImageSet, list[str]]:
+    imageset = ImageSet(payload["images"], payload["labels"], payload["patients"], payload["names"])
+    return imageset, payload["skipped"]
+
+
+def load_or_decode(
+    files: list[ImageFile], image_size: int, cache_dir: Path, skip_corrupt: bool = False,
+    desc: str = "decode",
+) -> ImageSet:
+    """The decoded images of `files`: from the cache when present, else decoded and cached."""
+    path = Path(cache_dir) / f"images-{image_size}px-{cache_key(files, image_size)}.pt"
+    cached = _read_cache(path)
+    if cached is None:
+        cached = decode_files(files, image_size, skip_corrupt=skip_corrupt, desc=desc)
+        save_atomic(_to_payload(*cached), path)
+    imageset, skipped = cached
+    if skipped and not skip_corrupt:
+        # Cached by an earlier run that skipped files; without the option that is an error.
+        raise corrupt_image_error(skipped[0])
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}", stacklevel=2)
+    return imageset
+
+
+def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
+    if not path.is_file():
+        return None
+    try:
+        return _from_payload(torch.load(path, weights_only=True))
+    except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError):
+        warnings.warn(f"ignoring unreadable cache file {path}; decoding again", stacklevel=2)
+        return None

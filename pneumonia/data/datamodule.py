@@ -1,0 +1,73 @@
+"""The per-run (later per-client) LightningDataModule over decoded uint8 tensors."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.transforms import AugmentConfig, random_affine
+
+
+def class_balanced_weights(labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Per-class loss weights N / (K * n_c): every class contributes equally to the loss."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return (len(labels) / (num_classes * counts)).tolist()
+
+
+class ChestXrayDataModule(L.LightningDataModule):
+    """Serves ImageSets as (uint8 images, labels) batches; augments training batches after
+    they reach the device, as one batched operation."""
+
+    def __init__(
+        self,
+        train: ImageSet,
+        val: ImageSet,
+        test: ImageSet | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        balanced_sampling: bool = False,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train, self.val, self.test = train, val, test
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.balanced_sampling = balanced_sampling
+        self.augment = augment or AugmentConfig()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_workers = num_workers
+
+    def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
+        dataset = TensorDataset(images.images, images.labels)
+        sampler = None
+        if train and self.balanced_sampling:
+            per_class = 1.0 / torch.bincount(images.labels).float().clamp(min=1)
+            sampler = WeightedRandomSampler(per_class[images.labels], len(images),
+                                            generator=self.generator)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+            generator=self.generator if train else None, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            # A last batch of one image breaks BatchNorm in training; drop only that case.
+            drop_last=train and len(images) % batch_size == 1,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test is None:
+            return []
+        return self._loader(self.test, self.eval_batch_size, train=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training and self.augment.enabled:
+            images = random_affine(images.float() / 255.0, self.augment)
+        return images, labels

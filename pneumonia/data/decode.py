@@ -1,0 +1,74 @@
+"""Decode image files once into 1-channel uint8 tensors of one size."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.kermany import ImageFile
+from pneumonia.errors import UserError
+
+
+class CorruptImageError(Exception):
+    """A file that is not a readable image."""
+
+
+def corrupt_image_error(path: str) -> UserError:
+    """The one-line error for an unreadable image file."""
+    return UserError(
+        f"cannot decode image {path}: remove it, or set data.skip_corrupt true to skip such files"
+    )
+
+
+def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
+    """Grey-scale or RGB JPEG/PNG of any size -> uint8 [1, image_size, image_size]."""
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
+    except (RuntimeError, ValueError) as err:
+        raise CorruptImageError(str(path)) from err
+    # Kermany originals vary in aspect ratio; the paper squashes them to a square, so do we.
+    return TF.resize(image, [image_size, image_size], antialias=True)
+
+
+def decode_files(
+    files: list[ImageFile], image_size: int, skip_corrupt: bool = False, desc: str = "decode"
+) -> tuple[ImageSet, list[str]]:
+    """Decode every file (threads: the decoders release the GIL) into an ImageSet.
+
+    A corrupt file stops with an error naming it, or with `skip_corrupt` is left out;
+    the second value lists the files left out.
+    """
+    images: list[torch.Tensor | None] = [None] * len(files)
+    skipped: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            images[i] = decode_file(files[i].path, image_size)
+        except CorruptImageError:
+            if not skip_corrupt:
+                raise
+            skipped.append(str(files[i].path))
+
+    with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
+        try:
+            for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc,
+                          unit="img", leave=False):
+                pass
+        except CorruptImageError as err:
+            raise corrupt_image_error(str(err)) from None
+    keep = [i for i, image in enumerate(images) if image is not None]
+    if not keep:
+        raise UserError(f"no readable image among {len(files)} files, e.g. {files[0].path}")
+    imageset = ImageSet(
+        images=torch.stack([images[i] for i in keep]),
+        labels=torch.tensor([files[i].label for i in keep], dtype=torch.long),
+        patients=[files[i].patient for i in keep],
+        names=[files[i].path.name for i in keep],
+    )
+    return imageset, sorted(skipped)

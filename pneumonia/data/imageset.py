@@ -1,0 +1,52 @@
+"""The decoded form every data source produces: uint8 images, labels and patient ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split.
+
+    images: uint8 tensor [N, 1, S, S]; labels: int64 [N] indexing `classes`;
+    patients and names: one string per image (patients drive the split, names the errors).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    patients: list[str]
+    names: list[str]
+    classes: tuple[str, ...] = field(default=CLASSES)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if not (self.images.shape[0] == n == len(self.patients) == len(self.names)):
+            raise ValueError("images, labels, patients and names must have one entry per image")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, index: torch.Tensor | list[int]) -> ImageSet:
+        """The images at `index`, in that order."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = idx.tolist()
+        return ImageSet(
+            images=self.images[idx],
+            labels=self.labels[idx],
+            patients=[self.patients[i] for i in pick],
+            names=[self.names[i] for i in pick],
+            classes=self.classes,
+        )
+
+    def class_counts(self) -> list[int]:
+        """Images per class, in `classes` order."""
+        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()

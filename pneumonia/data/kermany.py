@@ -1,0 +1,69 @@
+"""The Kermany folder layout: class folders, optionally under train/ val/ test/ split folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pneumonia.data.imageset import CLASSES
+from pneumonia.data.patients import patient_id
+from pneumonia.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image on disk with its class index and patient id."""
+
+    path: Path
+    label: int
+    patient: str
+
+
+def _class_dirs(folder: Path) -> dict[str, Path]:
+    """Class name -> sub-folder, matched case-insensitively; only the known classes."""
+    found = {p.name.upper(): p for p in folder.iterdir() if p.is_dir()}
+    return {name: found[name] for name in CLASSES if name in found}
+
+
+def find_splits(root: str | Path) -> dict[str, Path]:
+    """Split name -> folder holding the class folders.
+
+    A root with class folders is one split, "train"; a root with train/ (and val/, test/)
+    split folders gives each of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist: pass --data.root DIR with class folders")
+    splits = {s: root / s for s in SPLITS if (root / s).is_dir() and _class_dirs(root / s)}
+    if splits:
+        if "train" not in splits:
+            raise UserError(f"data root {root} has split folders but no train/ with class folders")
+        return splits
+    if _class_dirs(root):
+        return {"train": root}
+    raise UserError(
+        f"data root {root} has no class folders: expected {'/ '.join(CLASSES)}/ "
+        f"(or train/ val/ test/ holding them)"
+    )
+
+
+def list_image_files(folder: str | Path) -> list[ImageFile]:
+    """Every image under the class folders of `folder`, sorted by class then name.
+
+    Hidden files (.DS_Store and the like) are ignored; every other file is taken as an image,
+    so a stray non-image file is reported when it is decoded rather than silently skipped.
+    """
+    folder = Path(folder)
+    dirs = _class_dirs(folder)
+    missing = [c for c in CLASSES if c not in dirs]
+    if missing:
+        raise UserError(f"{folder} lacks class folder(s) {', '.join(missing)}/: add them")
+    files = []
+    for label, name in enumerate(CLASSES):
+        paths = sorted(p for p in dirs[name].iterdir() if p.is_file() and not p.name.startswith("."))
+        if not paths:
+            raise UserError(f"class folder {dirs[name]} is empty: add images or remove the folder")
+        files += [ImageFile(p, label, patient_id(p.name)) for p in paths]
+    return files

@@ -1,0 +1,89 @@
+"""Where images come from: a Kermany-style folder (decoded once, cached) or the generator.
+
+`load_splits` is the one entry: config in, train/val(/test) ImageSets out, with the
+validation split drawn from the training images by patient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pneumonia.data.cache import default_cache_dir, load_or_decode
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.kermany import find_splits, list_image_files
+from pneumonia.data.split import split_by_patient
+from pneumonia.data.synthetic import generate_synthetic
+from pneumonia.data.transforms import AugmentConfig
+from pneumonia.errors import UserError
+
+MIN_IMAGE_SIZE = 16
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded synthetic radiographs (used when `data.root` is not set)."""
+
+    n_patients: int = 600
+    pneumonia_fraction: float = 0.6
+
+
+@dataclass
+class DataConfig:
+    """Data source, split, batching and augmentation (the `data.*` config group)."""
+
+    root: str | None = None  # Kermany-style folder; None trains on synthetic images
+    image_size: int = 224
+    val_fraction: float = 0.15
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    balance: Literal["none", "loss_weights", "sampler"] = "loss_weights"
+    skip_corrupt: bool = False
+    cache_dir: str | None = None  # default: $PNEUMONIA_CACHE or ~/.cache/pneumonia
+    num_workers: int = 0  # tensors are decoded already; workers only add start-up time
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class Splits:
+    """The images of one run, and a line saying where they came from."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    source: str
+
+
+def load_images(cfg: DataConfig, seed: int) -> dict[str, ImageSet]:
+    """Every split the source has ("train", maybe "val" and "test"), decoded."""
+    if cfg.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"data.image_size {cfg.image_size} is too small: use at least {MIN_IMAGE_SIZE}")
+    if cfg.root is None:
+        s = cfg.synthetic
+        return {"train": generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)}
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return {
+        split: load_or_decode(list_image_files(folder), cfg.image_size, cache_dir,
+                              cfg.skip_corrupt, desc=f"decode {split}")
+        for split, folder in find_splits(cfg.root).items()
+    }
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Train and validation by patient from the training images (plus a folder's val/, which
+    in Kermany is too small to be a validation set alone), and the test split if any."""
+    images = load_images(cfg, seed)
+    pool = images["train"] if "val" not in images else concat(images["train"], images["val"])
+    train_idx, val_idx = split_by_patient(pool, cfg.val_fraction, seed)
+    source = "SYNTHETIC images (no data.root given)" if cfg.root is None else str(cfg.root)
+    return Splits(pool.subset(train_idx), pool.subset(val_idx), images.get("test"), source)
+
+
+def concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    """Two ImageSets of one size, one after the other."""
+    import torch
+
+    return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
+                    a.patients + b.patients, a.names + b.names, a.classes)

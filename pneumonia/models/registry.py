@@ -1,0 +1,101 @@
+"""Models by name: our registered builders, plus any timm model as `timm/<name>`.
+
+Every model takes 1-channel images and returns 2 logits (NORMAL, PNEUMONIA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pneumonia.errors import UserError
+
+IN_CHANS = 1
+NUM_CLASSES = 2
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (the `model.*` config group)."""
+
+    name: str = "se_resnet18"
+    norm: Literal["bn", "gn"] = "gn"
+    gn_groups: int = 16
+    se_reduction: int = 16
+    drop_rate: float = 0.0
+    pretrained: str | None = None  # local ImageNet weights file; never downloaded
+
+
+Builder = Callable[[ModelConfig], nn.Module]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make `name` buildable by `create_model`."""
+
+    def add(builder: Builder) -> Builder:
+        _BUILDERS[name] = builder
+        return builder
+
+    return add
+
+
+def list_models() -> list[str]:
+    """Registered names, plus the timm prefix."""
+    return sorted(_BUILDERS) + ["timm/<any timm model>"]
+
+
+def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
+    """Build the model `cfg` names; with `image_size`, check the model can take images that small."""
+    # Importing here registers the builders without a cycle (they import `register` from us).
+    from pneumonia.models import baselines, se_resnet  # noqa: F401
+    from pneumonia.models.pretrained import load_pretrained
+
+    if cfg.name.startswith("timm/"):
+        model = _create_timm(cfg)
+    elif cfg.name in _BUILDERS:
+        model = _BUILDERS[cfg.name](cfg)
+    else:
+        raise UserError(f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}")
+    if cfg.pretrained:
+        load_pretrained(model, cfg.pretrained)
+    if image_size is not None:
+        check_image_size(model, cfg.name, image_size)
+    return model
+
+
+def _create_timm(cfg: ModelConfig) -> nn.Module:
+    import timm
+
+    arch = cfg.name.removeprefix("timm/")
+    if not timm.is_model(arch):
+        raise UserError(f"unknown timm model {arch!r} in model.name: see timm.list_models()")
+    # pretrained=False: weights only ever come from a local file (model.pretrained).
+    return timm.create_model(
+        arch, pretrained=False, in_chans=IN_CHANS, num_classes=NUM_CLASSES, drop_rate=cfg.drop_rate
+    )
+
+
+def check_image_size(model: nn.Module, name: str, image_size: int) -> None:
+    """Fail with a clear message if a forward pass at `image_size` is impossible."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, IN_CHANS, image_size, image_size))
+    except RuntimeError as err:
+        raise UserError(
+            f"data.image_size {image_size} is too small for model {name}: use a larger size "
+            f"({str(err).splitlines()[0][:80]})"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

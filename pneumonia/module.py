@@ -1,0 +1,154 @@
+"""The LightningModule: a registry model, its loss, optimizer, schedule and metrics.
+
+It holds the science; the DataModule holds the data and the Trainer the engineering. Images
+arrive as uint8 (or as floats in [0, 1] after augmentation) and are normalised here, so a
+checkpoint alone carries everything needed to evaluate or predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pneumonia.data.imageset import CLASSES
+from pneumonia.errors import UserError
+from pneumonia.metrics import DiagnosisMetrics
+from pneumonia.models.registry import ModelConfig, create_model
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (the `optim.*` config group)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4
+    scheduler: Literal["none", "step", "cosine", "plateau"] = "cosine"
+    step_size: int = 10  # step: epochs between decays
+    gamma: float = 0.1  # step and plateau: decay factor
+    patience: int = 2  # plateau: epochs without val/loss improvement
+    label_smoothing: float = 0.0
+
+
+class ClassifierModule(L.LightningModule):
+    """NORMAL vs PNEUMONIA classifier; logs train/, val/ and test/ metrics."""
+
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        image_size: int,
+        classes: tuple[str, ...] = CLASSES,
+        positive_class: str = "PNEUMONIA",
+        class_weights: list[float] | None = None,
+        mean: float = 0.5,
+        std: float = 0.25,
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        # Plain dicts and lists only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters()
+        if positive_class not in classes:
+            raise UserError(f"positive_class {positive_class!r} is not one of {', '.join(classes)}")
+        self.classes = tuple(classes)
+        self.positive = self.classes.index(positive_class)
+        self.optim_cfg = OptimConfig(**optim)
+        self.model = create_model(ModelConfig(**model), image_size)
+        weights = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
+        # Not persistent: client-specific, and must not travel inside aggregated state dicts.
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.metrics = torch.nn.ModuleDict(
+            {f"{stage}_metrics": DiagnosisMetrics(threshold) for stage in ("train", "val", "test")}
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 2] for uint8 images or floats in [0, 1]."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        images = (images - self.hparams.mean) / self.hparams.std
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(dim=1)[:, self.positive]
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(
+            logits.float(), labels, weight=self.class_weights,
+            label_smoothing=self.optim_cfg.label_smoothing,
+        )
+        self.metrics[f"{stage}_metrics"].update(self.positive_probability(logits), labels == self.positive)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
+                 prog_bar=stage != "test", batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        metrics = self.metrics[f"{stage}_metrics"]
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)},
+                      prog_bar=False)
+        if stage != "train" and not self.trainer.sanity_checking:
+            self._log_figures(stage, metrics)
+        metrics.reset()
+
+    def _log_figures(self, stage: str, metrics: DiagnosisMetrics) -> None:
+        negative = self.classes[1 - self.positive]
+        names = (negative, self.classes[self.positive])
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, figure in metrics.figures(names).items():
+                    logger.experiment.add_figure(f"{stage}/{name}", figure, self.current_epoch)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = self.model.parameters()
+        if cfg.name == "sgd":
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+        elif cfg.name == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return self._with_scheduler(optimizer)
+
+    def _with_scheduler(self, optimizer):
+        cfg = self.optim_cfg
+        sched = torch.optim.lr_scheduler
+        if cfg.scheduler == "step":
+            return [optimizer], [sched.StepLR(optimizer, cfg.step_size, cfg.gamma)]
+        if cfg.scheduler == "cosine":
+            epochs = max(int(self.trainer.max_epochs or 1), 1)
+            return [optimizer], [sched.CosineAnnealingLR(optimizer, T_max=epochs)]
+        if cfg.scheduler == "plateau":
+            plateau = sched.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.patience)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"}}
+        return optimizer
+

@@ -1,0 +1,50 @@
+"""The run directory: resolved config, TensorBoard events, metrics.csv, checkpoints, summary.
+
+runs/<experiment>/version_N/
+  config.yaml           every option, defaults filled in
+  events.out.tfevents*  TensorBoard
+  metrics.csv           the same scalars, for pandas
+  checkpoints/best.ckpt, last.ckpt
+  summary.json          final validation (and test) metrics of best.ckpt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pneumonia.errors import UserError
+
+
+def new_run_dir(runs_root: str | Path, experiment: str, run_dir: str | None = None) -> Path:
+    """Create the next runs_root/experiment/version_N (or `run_dir`, which must be empty)."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"run_dir {path} already holds files: choose a new --run_dir or remove it")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    parent = Path(runs_root) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.split("_")[1]) for p in parent.glob("version_*")
+             if p.name.split("_")[1].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:  # another run may take the same number between listing and creating
+        path = parent / f"version_{version}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            version += 1
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

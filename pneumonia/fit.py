@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,13 @@ from pneumonia.evaluation import evaluate_imageset
 from pneumonia.models.registry import count_parameters
 from pneumonia.module import ClassifierModule
 from pneumonia.rundir import new_run_dir, write_json, write_text_atomic
+
+
+# Lightning advice that does not apply here: the run directory holds config.yaml before the
+# loggers start, and in-memory tensors need no loader workers.
+warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 def describe_splits(splits: Splits) -> str:

@@ -19,7 +19,7 @@ from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import ImageFile
 
-CACHE_VERSION = 1  # bump when decoding changes, to orphan old cache files
+CACHE_VERSION = 2  # bump when decoding changes, to orphan old cache files
 
 
 def default_cache_dir() -> Path:
@@ -83,6 +83,6 @@ def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
         return None
     try:
         return _from_payload(torch.load(path, weights_only=True))
-    except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError):
+    except (RuntimeError, OSError, KeyError, EOFError, ValueError, pickle.UnpicklingError):
         warnings.warn(f"ignoring unreadable cache file {path}; decoding again", stacklevel=2)
         return None

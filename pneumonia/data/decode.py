@@ -32,6 +32,8 @@ def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
     except (RuntimeError, ValueError) as err:
         raise CorruptImageError(str(path)) from err
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: rescale to 0..255
+        image = TF.to_dtype(image, torch.uint8, scale=True)
     # Kermany originals vary in aspect ratio; the paper squashes them to a square, so do we.
     return TF.resize(image, [image_size, image_size], antialias=True)
 

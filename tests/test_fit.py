@@ -1,0 +1,78 @@
+"""`python -m pneumonia.fit` and `python -m pneumonia.evaluate` end to end, on tiny data."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from pneumonia import evaluate, fit
+
+TINY = [
+    "--data.image_size", "32", "--data.synthetic.n_patients", "40", "--data.batch_size", "16",
+    "--model.name", "resnet18", "--trainer.max_epochs", "2",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fit") / "run"
+    summary = fit.main([*TINY, "--run_dir", str(run_dir)])
+    return run_dir, summary
+
+
+def test_run_directory_holds_config_events_checkpoints_metrics_summary(tiny_run):
+    run_dir, summary = tiny_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["image_size"] == 32 and config["model"]["name"] == "resnet18"
+    assert config["model"]["gn_groups"] == 16  # defaults are resolved into the file
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("val/accuracy", "val/specificity", "val/auroc", "train/loss_epoch"):
+        assert column in header
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["synthetic"] is True and on_disk["epochs"] == 2
+    val = on_disk["val"]
+    assert sum(map(sum, val["confusion_matrix"])) == val["n"] > 0
+    assert 0.0 <= val["accuracy"] <= 1.0
+
+
+def test_output_says_the_data_is_synthetic(tmp_path, capsys):
+    fit.main([*TINY, "--trainer.max_epochs", "1", "--run_dir", str(tmp_path / "r")])
+    assert "SYNTHETIC" in capsys.readouterr().out
+
+
+def test_same_seed_gives_same_weights(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    fit.main([*TINY, "--run_dir", str(tmp_path / "again")])
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    second = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt",
+                        weights_only=True)["state_dict"]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_checkpoint_loads_weights_only_and_carries_preprocessing(tiny_run):
+    run_dir, _ = tiny_run
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["image_size"] == 32 and hparams["model"]["name"] == "resnet18"
+    assert 0.0 < hparams["mean"] < 1.0 and hparams["std"] > 0
+
+
+def test_evaluate_prints_one_json_object(tiny_run, kermany_root, capsys):
+    run_dir, _ = tiny_run
+    capsys.readouterr()
+    evaluate.main(["--ckpt", str(run_dir / "checkpoints" / "best.ckpt"),
+                   "--data.root", str(kermany_root)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    assert set(result) == {"accuracy", "precision", "recall", "f1", "specificity", "auroc",
+                           "confusion_matrix", "n"}
+    n_images = sum(1 for p in kermany_root.rglob("*") if p.is_file())
+    assert result["n"] == n_images == sum(map(sum, result["confusion_matrix"]))

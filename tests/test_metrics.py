@@ -1,0 +1,43 @@
+"""Metrics against a confusion matrix worked out by hand."""
+
+import pytest
+import torch
+
+from pneumonia.metrics import DiagnosisMetrics
+
+
+def test_metrics_match_hand_computed_confusion_matrix():
+    # targets: 4 positive, 6 negative; predictions thresholded at 0.5
+    probs = torch.tensor([0.9, 0.8, 0.7, 0.2, 0.6, 0.55, 0.4, 0.3, 0.1, 0.05])
+    targets = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    # TP = 3, FN = 1, FP = 2, TN = 4
+    metrics = DiagnosisMetrics(threshold=0.5)
+    metrics.update(probs, targets)
+    values = metrics.compute()
+    assert values["confusion_matrix"] == [[4, 2], [1, 3]]
+    assert values["n"] == 10
+    assert values["accuracy"] == pytest.approx(7 / 10)
+    assert values["precision"] == pytest.approx(3 / 5)
+    assert values["recall"] == pytest.approx(3 / 4)
+    assert values["specificity"] == pytest.approx(4 / 6)
+    assert values["f1"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))
+    # AUROC: of the 24 positive/negative pairs, the positive scores higher in 3 * 6 + 2 = 20
+    assert values["auroc"] == pytest.approx(20 / 24)
+
+
+def test_threshold_moves_the_operating_point():
+    probs = torch.tensor([0.9, 0.6, 0.6, 0.2])
+    targets = torch.tensor([1, 1, 0, 0])
+    strict = DiagnosisMetrics(threshold=0.7)
+    strict.update(probs, targets)
+    assert strict.compute()["confusion_matrix"] == [[2, 0], [1, 1]]
+
+
+def test_reset_and_figures():
+    metrics = DiagnosisMetrics()
+    metrics.update(torch.tensor([0.9, 0.1]), torch.tensor([1, 0]))
+    figures = metrics.figures(("NORMAL", "PNEUMONIA"))
+    assert set(figures) == {"confusion_matrix", "roc"}
+    metrics.reset()
+    metrics.update(torch.tensor([0.9, 0.9]), torch.tensor([0, 0]))
+    assert metrics.compute()["confusion_matrix"] == [[0, 2], [0, 0]]

@@ -27,19 +27,33 @@ MONITORS = ("val/accuracy", "val/auroc", "val/f1", "val/loss")
 def build_fit_parser() -> ArgumentParser:
     """The parser of `python -m pneumonia.fit`."""
     parser = ArgumentParser(
-        prog="python -m pneumonia.fit", exit_on_error=False, allow_abbrev=False,
+        prog="python -m pneumonia.fit",
+        exit_on_error=False,
+        allow_abbrev=False,
         description="Train a NORMAL vs PNEUMONIA chest X-ray classifier.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of any options below")
     parser.add_argument("--experiment", type=str, default="default", help="runs/<experiment>/")
     parser.add_argument("--seed", type=int, default=0, help="fixes split, sampling and init")
-    parser.add_argument("--run_dir", type=str | None, default=None,
-                        help="run directory (default runs/<experiment>/version_N)")
+    parser.add_argument(
+        "--run_dir",
+        type=str | None,
+        default=None,
+        help="run directory (default runs/<experiment>/version_N)",
+    )
     parser.add_argument("--runs_root", type=str, default="runs")
-    parser.add_argument("--monitor", type=Literal[MONITORS], default="val/accuracy",  # type: ignore[valid-type]
-                        help="validation metric that picks checkpoints/best.ckpt")
-    parser.add_argument("--positive_class", type=Literal["PNEUMONIA", "NORMAL"],
-                        default="PNEUMONIA", help="recall is the sensitivity to this class")
+    parser.add_argument(
+        "--monitor",
+        type=Literal[MONITORS],
+        default="val/accuracy",  # type: ignore[valid-type]
+        help="validation metric that picks checkpoints/best.ckpt",
+    )
+    parser.add_argument(
+        "--positive_class",
+        type=Literal["PNEUMONIA", "NORMAL"],
+        default="PNEUMONIA",
+        help="recall is the sensitivity to this class",
+    )
     parser.add_argument("--data", type=DataConfig, default=DataConfig())
     parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
     parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
@@ -71,8 +85,9 @@ def _one_line(parser: ArgumentParser, message: str, argv: list[str]) -> str:
 def _valid_keys(parser: ArgumentParser, group: str) -> str:
     """The keys directly under `group` ("" for the top level)."""
     prefix = f"{group}." if group else ""
-    keys = {k[len(prefix):].split(".")[0] for k in parser.get_defaults().keys()
-            if k.startswith(prefix)}
+    keys = {
+        k[len(prefix) :].split(".")[0] for k in parser.get_defaults() if k.startswith(prefix)
+    }
     return ", ".join(sorted(keys - {"config"}))
 
 

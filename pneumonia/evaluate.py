@@ -21,12 +21,20 @@ from pneumonia.evaluation import evaluate_imageset
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m pneumonia.evaluate", exit_on_error=False,
-                            allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(
+        prog="python -m pneumonia.evaluate",
+        exit_on_error=False,
+        allow_abbrev=False,
+        description=__doc__.splitlines()[0],
+    )
     parser.add_argument("--ckpt", type=str, required=True, help="checkpoint from pneumonia.fit")
     parser.add_argument("--data.root", type=str, required=True, help="folder of class folders")
-    parser.add_argument("--data.split", type=str | None, default=None,
-                        help="split folder to use in a train/val/test layout (default: test)")
+    parser.add_argument(
+        "--data.split",
+        type=str | None,
+        default=None,
+        help="split folder to use in a train/val/test layout (default: test)",
+    )
     parser.add_argument("--data.skip_corrupt", type=bool, default=False)
     parser.add_argument("--data.cache_dir", type=str | None, default=None)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -41,7 +49,9 @@ def pick_folder(root: str, split: str | None) -> Path:
         return Path(root)
     name = split or ("test" if "test" in splits else "train")
     if name not in splits:
-        raise UserError(f"{root} has no {name}/ split: choose --data.split from {', '.join(splits)}")
+        raise UserError(
+            f"{root} has no {name}/ split: choose --data.split from {', '.join(splits)}"
+        )
     return splits[name]
 
 
@@ -53,10 +63,20 @@ def main(argv: list[str] | None = None) -> dict:
     module = load_module(args.ckpt)
     folder = pick_folder(args.data.root, args.data.split)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else default_cache_dir()
-    images = load_or_decode(list_image_files(folder), module.hparams.image_size, cache_dir,
-                            args.data.skip_corrupt)
+    images = load_or_decode(
+        list_image_files(folder), module.hparams.image_size, cache_dir, args.data.skip_corrupt
+    )
     values, _ = evaluate_imageset(module, images, args.batch_size, args.device)
-    keys = ("accuracy", "precision", "recall", "f1", "specificity", "auroc", "confusion_matrix", "n")
+    keys = (
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "specificity",
+        "auroc",
+        "confusion_matrix",
+        "n",
+    )
     result = {k: values[k] for k in keys}
     print(json.dumps(result))
     return result

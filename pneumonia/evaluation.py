@@ -13,25 +13,32 @@ from pneumonia.module import ClassifierModule
 
 @torch.inference_mode()
 def predict_probabilities(
-    module: ClassifierModule, images: torch.Tensor, batch_size: int = 256,
+    module: ClassifierModule,
+    images: torch.Tensor,
+    batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """P(positive class) for uint8 images [N, 1, S, S], on `device` (default: the module's)."""
     device = torch.device(device) if device is not None else module.device
     module = module.to(device).eval()
     # Mixed precision only where it pays and is safe: CUDA.
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     out = []
     with autocast:
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
             out.append(module.positive_probability(module(batch)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate_imageset(
-    module: ClassifierModule, imageset: ImageSet, batch_size: int = 256,
+    module: ClassifierModule,
+    imageset: ImageSet,
+    batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> tuple[dict, DiagnosisMetrics]:
     """Metrics of `module` on `imageset` (dict of floats, confusion matrix and n), and the

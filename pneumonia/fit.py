@@ -27,7 +27,6 @@ from pneumonia.models.registry import count_parameters
 from pneumonia.module import ClassifierModule
 from pneumonia.rundir import new_run_dir, write_json, write_text_atomic
 
-
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.
 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
@@ -41,30 +40,47 @@ def describe_splits(splits: Splits) -> str:
     for name in ("train", "val", "test"):
         part = getattr(splits, name)
         if part is not None:
-            counts = ", ".join(f"{c} {n}" for c, n in zip(part.classes, part.class_counts()))
-            lines.append(f"  {name:5s} {len(part):5d} images, {len(set(part.patients)):5d} "
-                         f"patients ({counts})")
+            pairs = zip(part.classes, part.class_counts(), strict=True)
+            counts = ", ".join(f"{c} {n}" for c, n in pairs)
+            lines.append(
+                f"  {name:5s} {len(part):5d} images, {len(set(part.patients)):5d} "
+                f"patients ({counts})"
+            )
     return "\n".join(lines)
 
 
 def build_module(cfg: Namespace, splits: Splits) -> ClassifierModule:
     """The LightningModule the config describes, normalised with the training images' stats."""
     train = splits.train.images.float() / 255.0
-    weights = (class_balanced_weights(splits.train.labels, len(splits.train.classes))
-               if cfg.data.balance == "loss_weights" else None)
+    weights = (
+        class_balanced_weights(splits.train.labels, len(splits.train.classes))
+        if cfg.data.balance == "loss_weights"
+        else None
+    )
     return ClassifierModule(
-        model=asdict(cfg.model), optim=asdict(cfg.optim), image_size=cfg.data.image_size,
-        classes=splits.train.classes, positive_class=cfg.positive_class, class_weights=weights,
-        mean=round(float(train.mean()), 4), std=round(float(train.std()), 4),
+        model=asdict(cfg.model),
+        optim=asdict(cfg.optim),
+        image_size=cfg.data.image_size,
+        classes=splits.train.classes,
+        positive_class=cfg.positive_class,
+        class_weights=weights,
+        mean=round(float(train.mean()), 4),
+        std=round(float(train.std()), 4),
     )
 
 
 def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
     d = cfg.data
     return ChestXrayDataModule(
-        splits.train, splits.val, splits.test, batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size, balanced_sampling=d.balance == "sampler",
-        augment=d.augment, seed=cfg.seed, num_workers=d.num_workers,
+        splits.train,
+        splits.val,
+        splits.test,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        balanced_sampling=d.balance == "sampler",
+        augment=d.augment,
+        seed=cfg.seed,
+        num_workers=d.num_workers,
     )
 
 
@@ -82,24 +98,36 @@ def trainer_arguments(cfg: Namespace) -> dict:
 
 def build_trainer(cfg: Namespace, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.monitor,
-        mode="min" if cfg.monitor.endswith("loss") else "max", save_last=True,
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.monitor,
+        mode="min" if cfg.monitor.endswith("loss") else "max",
+        save_last=True,
         auto_insert_metric_name=False,
     )
     loggers = [
         TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
         CSVLogger(run_dir, name="", version=""),
     ]
-    trainer = L.Trainer(**trainer_arguments(cfg), logger=loggers, callbacks=[checkpoint],
-                        default_root_dir=run_dir)
+    trainer = L.Trainer(
+        **trainer_arguments(cfg), logger=loggers, callbacks=[checkpoint], default_root_dir=run_dir
+    )
     return trainer, checkpoint
 
 
-def final_metrics(module: ClassifierModule, checkpoint: ModelCheckpoint, splits: Splits,
-                  trainer: L.Trainer, batch_size: int) -> dict:
+def final_metrics(
+    module: ClassifierModule,
+    checkpoint: ModelCheckpoint,
+    splits: Splits,
+    trainer: L.Trainer,
+    batch_size: int,
+) -> dict:
     """Validation (and test) metrics of the best checkpoint, also sent to TensorBoard."""
-    best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path,
-                      map_location="cpu", weights_only=True)
+    best = torch.load(
+        checkpoint.best_model_path or checkpoint.last_model_path,
+        map_location="cpu",
+        weights_only=True,
+    )
     module.load_state_dict(best["state_dict"])
     tensorboard = trainer.loggers[0].experiment
     results = {"best_epoch": int(best["epoch"])}
@@ -113,7 +141,9 @@ def final_metrics(module: ClassifierModule, checkpoint: ModelCheckpoint, splits:
             if isinstance(value, float):
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)
         negative = module.classes[1 - module.positive]
-        for fig_name, figure in metrics.figures((negative, module.classes[module.positive])).items():
+        for fig_name, figure in metrics.figures(
+            (negative, module.classes[module.positive])
+        ).items():
             tensorboard.add_figure(f"best/{name}/{fig_name}", figure, 0)
     tensorboard.flush()
     return results
@@ -143,11 +173,16 @@ def main(argv: list[str] | None = None) -> dict:
     trainer, checkpoint = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule)
     summary = {
-        "data": splits.source, "synthetic": cfg.data.root is None,
-        "model": cfg.model.name, "norm": cfg.model.norm, "parameters": count_parameters(module.model),
-        "image_size": cfg.data.image_size, "epochs": trainer.current_epoch,
+        "data": splits.source,
+        "synthetic": cfg.data.root is None,
+        "model": cfg.model.name,
+        "norm": cfg.model.norm,
+        "parameters": count_parameters(module.model),
+        "image_size": cfg.data.image_size,
+        "epochs": trainer.current_epoch,
         **final_metrics(module, checkpoint, splits, trainer, cfg.data.eval_batch_size),
-        "wall_time_s": round(time.time() - started, 1), "run_dir": str(run_dir),
+        "wall_time_s": round(time.time() - started, 1),
+        "run_dir": str(run_dir),
     }
     write_json(run_dir / "summary.json", summary)
     for name in ("val", "test"):

@@ -83,12 +83,22 @@ class ClassifierModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(
-            logits.float(), labels, weight=self.class_weights,
+            logits.float(),
+            labels,
+            weight=self.class_weights,
             label_smoothing=self.optim_cfg.label_smoothing,
         )
-        self.metrics[f"{stage}_metrics"].update(self.positive_probability(logits), labels == self.positive)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
-                 prog_bar=stage != "test", batch_size=len(labels))
+        self.metrics[f"{stage}_metrics"].update(
+            self.positive_probability(logits), labels == self.positive
+        )
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=stage != "test",
+            batch_size=len(labels),
+        )
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -112,8 +122,9 @@ class ClassifierModule(L.LightningModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         metrics = self.metrics[f"{stage}_metrics"]
         values = metrics.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)},
-                      prog_bar=False)
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)}, prog_bar=False
+        )
         if stage != "train" and not self.trainer.sanity_checking:
             self._log_figures(stage, metrics)
         metrics.reset()
@@ -130,8 +141,9 @@ class ClassifierModule(L.LightningModule):
         cfg = self.optim_cfg
         params = self.model.parameters()
         if cfg.name == "sgd":
-            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
         elif cfg.name == "adam":
             optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
@@ -148,7 +160,8 @@ class ClassifierModule(L.LightningModule):
             return [optimizer], [sched.CosineAnnealingLR(optimizer, T_max=epochs)]
         if cfg.scheduler == "plateau":
             plateau = sched.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.patience)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"}}
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"},
+            }
         return optimizer
-

@@ -22,13 +22,18 @@ def new_run_dir(runs_root: str | Path, experiment: str, run_dir: str | None = No
     if run_dir is not None:
         path = Path(run_dir)
         if path.exists() and any(path.iterdir()):
-            raise UserError(f"run_dir {path} already holds files: choose a new --run_dir or remove it")
+            raise UserError(
+                f"run_dir {path} already holds files: choose a new --run_dir or remove it"
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path
     parent = Path(runs_root) / experiment
     parent.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name.split("_")[1]) for p in parent.glob("version_*")
-             if p.name.split("_")[1].isdigit()]
+    taken = [
+        int(p.name.split("_")[1])
+        for p in parent.glob("version_*")
+        if p.name.split("_")[1].isdigit()
+    ]
     version = max(taken, default=-1) + 1
     while True:  # another run may take the same number between listing and creating
         path = parent / f"version_{version}"

@@ -23,9 +23,18 @@ def run_fit_expecting_error(argv, capsys, tmp_path):
 def test_missing_data_root_from_the_command_line(tmp_path):
     missing = tmp_path / "nowhere"
     proc = subprocess.run(
-        [sys.executable, "-m", "pneumonia.fit", "--data.root", str(missing),
-         "--runs_root", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pneumonia.fit",
+            "--data.root",
+            str(missing),
+            "--runs_root",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -51,8 +60,9 @@ def test_empty_class_folder(kermany_root, capsys, tmp_path):
 def test_corrupt_image_is_named(kermany_root, capsys, tmp_path):
     bad = kermany_root / "PNEUMONIA" / "person9_bacteria_1.jpeg"
     bad.write_bytes(b"not a jpeg at all")
-    line = run_fit_expecting_error(["--data.root", str(kermany_root), "--data.image_size", "32"],
-                                   capsys, tmp_path)
+    line = run_fit_expecting_error(
+        ["--data.root", str(kermany_root), "--data.image_size", "32"], capsys, tmp_path
+    )
     assert f"cannot decode image {bad}" in line and "data.skip_corrupt" in line
 
 
@@ -74,8 +84,11 @@ def test_unknown_key_in_config_file(capsys, tmp_path):
 
 
 def test_image_size_too_small_for_the_model(capsys, tmp_path):
-    line = run_fit_expecting_error(["--model.name", "alexnet", "--data.image_size", "32",
-                                    "--data.synthetic.n_patients", "20"], capsys, tmp_path)
+    line = run_fit_expecting_error(
+        ["--model.name", "alexnet", "--data.image_size", "32", "--data.synthetic.n_patients", "20"],
+        capsys,
+        tmp_path,
+    )
     assert "image_size 32 is too small for model alexnet" in line
 
 
@@ -84,8 +97,16 @@ def test_existing_run_dir_is_not_overwritten(capsys, tmp_path):
     run_dir.mkdir()
     (run_dir / "summary.json").write_text("{}")
     with pytest.raises(SystemExit):
-        fit.main(["--data.synthetic.n_patients", "20", "--data.image_size", "32",
-                  "--run_dir", str(run_dir)])
+        fit.main(
+            [
+                "--data.synthetic.n_patients",
+                "20",
+                "--data.image_size",
+                "32",
+                "--run_dir",
+                str(run_dir),
+            ]
+        )
     assert "already holds files" in capsys.readouterr().err
     assert (run_dir / "summary.json").read_text() == "{}"
 
@@ -102,9 +123,13 @@ def test_checkpoint_from_another_model(tmp_path, kermany_root, capsys):
     from pneumonia.module import ClassifierModule
 
     module = ClassifierModule(model={"name": "resnet18"}, optim={}, image_size=32)
-    ckpt = {"hyper_parameters": dict(module.hparams),
-            "state_dict": {f"model.{k}": v for k, v in
-                           create_model(ModelConfig(name="alexnet")).state_dict().items()}}
+    ckpt = {
+        "hyper_parameters": dict(module.hparams),
+        "state_dict": {
+            f"model.{k}": v
+            for k, v in create_model(ModelConfig(name="alexnet")).state_dict().items()
+        },
+    }
     path = tmp_path / "mixed.ckpt"
     torch.save(ckpt, path)
     line = _evaluate_error(["--ckpt", str(path), "--data.root", str(kermany_root)], capsys)
@@ -113,8 +138,9 @@ def test_checkpoint_from_another_model(tmp_path, kermany_root, capsys):
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path, kermany_root, capsys):
     path = tmp_path / "evil.ckpt"
-    torch.save({"hyper_parameters": {"model": {}}, "payload": subprocess.CompletedProcess([], 0)},
-               path)
+    torch.save(
+        {"hyper_parameters": {"model": {}}, "payload": subprocess.CompletedProcess([], 0)}, path
+    )
     line = _evaluate_error(["--ckpt", str(path), "--data.root", str(kermany_root)], capsys)
     assert f"cannot read {path}" in line and "pickled objects" in line
 

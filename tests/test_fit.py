@@ -9,9 +9,20 @@ import yaml
 from pneumonia import evaluate, fit
 
 TINY = [
-    "--data.image_size", "32", "--data.synthetic.n_patients", "40", "--data.batch_size", "16",
-    "--model.name", "resnet18", "--trainer.max_epochs", "2",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--data.image_size",
+    "32",
+    "--data.synthetic.n_patients",
+    "40",
+    "--data.batch_size",
+    "16",
+    "--model.name",
+    "resnet18",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
 ]
 
 
@@ -50,8 +61,9 @@ def test_same_seed_gives_same_weights(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     fit.main([*TINY, "--run_dir", str(tmp_path / "again")])
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    second = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt",
-                        weights_only=True)["state_dict"]
+    second = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -67,12 +79,21 @@ def test_checkpoint_loads_weights_only_and_carries_preprocessing(tiny_run):
 def test_evaluate_prints_one_json_object(tiny_run, kermany_root, capsys):
     run_dir, _ = tiny_run
     capsys.readouterr()
-    evaluate.main(["--ckpt", str(run_dir / "checkpoints" / "best.ckpt"),
-                   "--data.root", str(kermany_root)])
+    evaluate.main(
+        ["--ckpt", str(run_dir / "checkpoints" / "best.ckpt"), "--data.root", str(kermany_root)]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     result = json.loads(out[0])
-    assert set(result) == {"accuracy", "precision", "recall", "f1", "specificity", "auroc",
-                           "confusion_matrix", "n"}
+    assert set(result) == {
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "specificity",
+        "auroc",
+        "confusion_matrix",
+        "n",
+    }
     n_images = sum(1 for p in kermany_root.rglob("*") if p.is_file())
     assert result["n"] == n_images == sum(map(sum, result["confusion_matrix"]))

@@ -50,8 +50,13 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 def _to_payload(imageset: ImageSet, skipped: list[str]) -> dict:
-    return {"images": imageset.images, "labels": imageset.labels, "patients": imageset.patients,
-            "names": imageset.names, "skipped": skipped}
+    return {
+        "images": imageset.images,
+        "labels": imageset.labels,
+        "patients": imageset.patients,
+        "names": imageset.names,
+        "skipped": skipped,
+    }
 
 
 def _from_payload(payload: dict) -> tuple[ImageSet, list[str]]:
@@ -60,7 +65,10 @@ def _from_payload(payload: dict) -> tuple[ImageSet, list[str]]:
 
 
 def load_or_decode(
-    files: list[ImageFile], image_size: int, cache_dir: Path, skip_corrupt: bool = False,
+    files: list[ImageFile],
+    image_size: int,
+    cache_dir: Path,
+    skip_corrupt: bool = False,
     desc: str = "decode",
 ) -> ImageSet:
     """The decoded images of `files`: from the cache when present, else decoded and cached."""

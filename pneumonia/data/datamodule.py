@@ -45,11 +45,16 @@ class ChestXrayDataModule(L.LightningDataModule):
         sampler = None
         if train and self.balanced_sampling:
             per_class = 1.0 / torch.bincount(images.labels).float().clamp(min=1)
-            sampler = WeightedRandomSampler(per_class[images.labels], len(images),
-                                            generator=self.generator)
+            sampler = WeightedRandomSampler(
+                per_class[images.labels], len(images), generator=self.generator
+            )
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-            generator=self.generator if train else None, num_workers=self.num_workers,
+            dataset,
+            batch_size=batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            generator=self.generator if train else None,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             # A last batch of one image breaks BatchNorm in training; drop only that case.
             drop_last=train and len(images) % batch_size == 1,

@@ -59,8 +59,13 @@ def decode_files(
 
     with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
         try:
-            for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=desc,
-                          unit="img", leave=False):
+            for _ in tqdm(
+                pool.map(work, range(len(files))),
+                total=len(files),
+                desc=desc,
+                unit="img",
+                leave=False,
+            ):
                 pass
         except CorruptImageError as err:
             raise corrupt_image_error(str(err)) from None

@@ -62,7 +62,9 @@ def list_image_files(folder: str | Path) -> list[ImageFile]:
         raise UserError(f"{folder} lacks class folder(s) {', '.join(missing)}/: add them")
     files = []
     for label, name in enumerate(CLASSES):
-        paths = sorted(p for p in dirs[name].iterdir() if p.is_file() and not p.name.startswith("."))
+        paths = sorted(
+            p for p in dirs[name].iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         if not paths:
             raise UserError(f"class folder {dirs[name]} is empty: add images or remove the folder")
         files += [ImageFile(p, label, patient_id(p.name)) for p in paths]

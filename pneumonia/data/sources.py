@@ -59,14 +59,23 @@ class Splits:
 def load_images(cfg: DataConfig, seed: int) -> dict[str, ImageSet]:
     """Every split the source has ("train", maybe "val" and "test"), decoded."""
     if cfg.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"data.image_size {cfg.image_size} is too small: use at least {MIN_IMAGE_SIZE}")
+        raise UserError(
+            f"data.image_size {cfg.image_size} is too small: use at least {MIN_IMAGE_SIZE}"
+        )
     if cfg.root is None:
         s = cfg.synthetic
-        return {"train": generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)}
+        return {
+            "train": generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
+        }
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     return {
-        split: load_or_decode(list_image_files(folder), cfg.image_size, cache_dir,
-                              cfg.skip_corrupt, desc=f"decode {split}")
+        split: load_or_decode(
+            list_image_files(folder),
+            cfg.image_size,
+            cache_dir,
+            cfg.skip_corrupt,
+            desc=f"decode {split}",
+        )
         for split, folder in find_splits(cfg.root).items()
     }
 
@@ -85,5 +94,10 @@ def concat(a: ImageSet, b: ImageSet) -> ImageSet:
     """Two ImageSets of one size, one after the other."""
     import torch
 
-    return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
-                    a.patients + b.patients, a.names + b.names, a.classes)
+    return ImageSet(
+        torch.cat([a.images, b.images]),
+        torch.cat([a.labels, b.labels]),
+        a.patients + b.patients,
+        a.names + b.names,
+        a.classes,
+    )

@@ -34,7 +34,10 @@ def random_affine(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     # affine_grid maps output to input coordinates, so the inverse scale zooms in for scale > 1.
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
-        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)],
+        [
+            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+            torch.stack([sin * flip, cos, shift[:, 1]], 1),
+        ],
         dim=1,
     )
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)

@@ -45,6 +45,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> int:
         if value.shape == want:
             loaded[key] = value
     if not loaded:
-        raise UserError(f"no tensor in {path} fits this model: are these weights of another network?")
+        raise UserError(
+            f"no tensor in {path} fits this model: are these weights of another network?"
+        )
     model.load_state_dict(loaded, strict=False)
     return len(loaded)

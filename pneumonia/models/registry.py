@@ -50,7 +50,7 @@ def list_models() -> list[str]:
 
 
 def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
-    """Build the model `cfg` names; with `image_size`, check the model can take images that small."""
+    """Build the model `cfg` names; with `image_size`, check it can take images that small."""
     # Importing here registers the builders without a cycle (they import `register` from us).
     from pneumonia.models import baselines, se_resnet  # noqa: F401
     from pneumonia.models.pretrained import load_pretrained
@@ -60,7 +60,9 @@ def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     elif cfg.name in _BUILDERS:
         model = _BUILDERS[cfg.name](cfg)
     else:
-        raise UserError(f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}")
+        raise UserError(
+            f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}"
+        )
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if image_size is not None:

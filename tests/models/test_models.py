@@ -7,7 +7,6 @@ from timm.layers import SEModule
 from torch import nn
 
 from pneumonia.errors import UserError
-from pneumonia.models.pretrained import load_pretrained
 from pneumonia.models.registry import ModelConfig, create_model, list_models
 
 SMALL = 64  # the smallest size every registered model (AlexNet's pooling) accepts
@@ -15,8 +14,15 @@ SMALL = 64  # the smallest size every registered model (AlexNet's pooling) accep
 
 @pytest.mark.parametrize(
     "name,norm",
-    [("se_resnet18", "gn"), ("se_resnet18", "bn"), ("resnet18", "gn"), ("resnet18", "bn"),
-     ("alexnet", "gn"), ("vgg16", "gn"), ("timm/resnet10t", "bn")],
+    [
+        ("se_resnet18", "gn"),
+        ("se_resnet18", "bn"),
+        ("resnet18", "gn"),
+        ("resnet18", "bn"),
+        ("alexnet", "gn"),
+        ("vgg16", "gn"),
+        ("timm/resnet10t", "bn"),
+    ],
 )
 def test_forward_backward_one_channel_two_classes(name, norm):
     model = create_model(ModelConfig(name=name, norm=norm), image_size=SMALL)
@@ -44,7 +50,9 @@ def test_se_resnet_gn_has_16_groups_and_no_batchnorm():
 
 def test_se_block_in_every_residual_block_with_reduction_16():
     model = create_model(ModelConfig(name="se_resnet18", norm="gn"))
-    blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+    blocks = [
+        b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage
+    ]
     assert len(blocks) == 8
     for block in blocks:
         assert isinstance(block.se, SEModule)
@@ -56,8 +64,11 @@ def test_se_block_in_every_residual_block_with_reduction_16():
 
 def test_se_resnet18_is_resnet18_depth():
     model = create_model(ModelConfig(name="se_resnet18", norm="bn"))
-    convs = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
-             and "se." not in n and "downsample" not in n]
+    convs = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and "se." not in n and "downsample" not in n
+    ]
     assert len(convs) == 17  # 7x7 stem + 16 block convolutions
     assert convs[0].kernel_size == (7, 7) and convs[0].out_channels == 64
     assert convs[0].in_channels == 1

@@ -1,0 +1,109 @@
+"""Shared fixtures: a private cache directory for every test, and tiny Kermany-style folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# (format, mode, (width, height)) cycled over the images of a folder: every variant a loader meets.
+IMAGE_VARIANTS = (
+    ("JPEG", "L", (50, 37)),
+    ("JPEG", "RGB", (224, 224)),
+    ("PNG", "L", (300, 180)),
+    ("JPEG", "L", (64, 64)),
+    ("PNG", "RGB", (37, 50)),
+)
+NORMAL_MEAN, PNEUMONIA_MEAN = 50, 180  # NORMAL images dark, PNEUMONIA bright
+
+
+def write_image(
+    path: Path,
+    mean: float,
+    size: tuple[int, int],
+    mode: str = "L",
+    fmt: str = "JPEG",
+    seed: int = 0,
+) -> Path:
+    """A noisy grey image of about `mean` brightness; RGB images have three equal channels."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.clip(rng.normal(mean, 15, (height, width)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "L")
+    if mode == "RGB":
+        image = image.convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt)
+    return path
+
+
+def _normal_name(patient: int, k: int, image: int) -> str:
+    if k % 3 == 0:
+        return f"IM-{patient:04d}-{image:04d}"  # IM-0115-0001
+    if k % 3 == 1:
+        return f"IM-{patient:04d}-0001-{image:04d}"  # IM-0629-0001-0003
+    return f"NORMAL2-IM-{patient:04d}-{image:04d}"  # NORMAL2-IM-1427-0001
+
+
+def _pneumonia_name(patient: int, k: int, image: int) -> str:
+    kind = "bacteria" if k % 2 == 0 else "virus"
+    odd = "_1" if k % 4 == 3 and image == 1 else ""  # person447_virus_921_1
+    return f"person{patient}_{kind}_{100 * patient + image}{odd}"
+
+
+def write_kermany_folder(
+    root: Path,
+    n_normal_patients: int = 6,
+    n_pneumonia_patients: int = 8,
+    size: tuple[int, int] | None = None,
+    first_patient: int = 100,
+) -> Path:
+    """Write root/NORMAL and root/PNEUMONIA with 1-3 images per patient (1, 2, 3, 1, 2, 3, ...)
+    named as in the real data, in a mix of grey/RGB JPEG and PNG of odd sizes (all `size`, as
+    (width, height), when given). Patient numbers start at `first_patient`, so calls for
+    train/ and test/ with different starts give disjoint patients. Returns `root`."""
+    root = Path(root)
+    count = 0
+    for cls, n_patients, mean, name_of in (
+        ("NORMAL", n_normal_patients, NORMAL_MEAN, _normal_name),
+        ("PNEUMONIA", n_pneumonia_patients, PNEUMONIA_MEAN, _pneumonia_name),
+    ):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(n_patients):
+            for image in range(1, k % 3 + 2):
+                fmt, mode, shape = IMAGE_VARIANTS[count % len(IMAGE_VARIANTS)]
+                suffix = ".png" if fmt == "PNG" else ".jpeg"
+                path = root / cls / (name_of(first_patient + k, k, image) + suffix)
+                write_image(path, mean, size or shape, mode, fmt, seed=count)
+                count += 1
+    return root
+
+
+def folder_listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` with its size and mtime: to check nothing was written there."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch) -> Path:
+    """No test writes to ~/.cache: the decoded-image cache goes to a fresh temporary dir."""
+    cache = tmp_path_factory.mktemp("pneumonia-cache")
+    monkeypatch.setenv("PNEUMONIA_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def kermany_root(tmp_path) -> Path:
+    """A flat Kermany-style folder: 12 NORMAL images of 6 patients, 15 PNEUMONIA of 8."""
+    return write_kermany_folder(tmp_path / "chest_xray")
+
+
+@pytest.fixture
+def write_kermany():
+    """`write_kermany_folder`, for tests that build their own (e.g. train/ test/) layouts."""
+    return write_kermany_folder

@@ -85,9 +85,8 @@ def _one_line(parser: ArgumentParser, message: str, argv: list[str]) -> str:
 def _valid_keys(parser: ArgumentParser, group: str) -> str:
     """The keys directly under `group` ("" for the top level)."""
     prefix = f"{group}." if group else ""
-    keys = {
-        k[len(prefix) :].split(".")[0] for k in parser.get_defaults() if k.startswith(prefix)
-    }
+    names = parser.get_defaults().keys()  # noqa: SIM118 (iterating a Namespace gives no keys)
+    keys = {k[len(prefix) :].split(".")[0] for k in names if k.startswith(prefix)}
     return ", ".join(sorted(keys - {"config"}))
 
 

@@ -23,7 +23,7 @@ from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weight
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.errors import exit_on_user_error
 from pneumonia.evaluation import evaluate_imageset
-from pneumonia.models.registry import count_parameters
+from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.module import ClassifierModule
 from pneumonia.rundir import new_run_dir, write_json, write_text_atomic
 
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parser.instantiate(raw)  # groups become their dataclasses; trainer.* stays a namespace
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
+    # A bad model name or size fails now, not after minutes of decoding images.
+    create_model(cfg.model, cfg.data.image_size)
     splits = load_splits(cfg.data, cfg.seed)
     print(describe_splits(splits), flush=True)
     module = build_module(cfg, splits)

@@ -1,6 +1,7 @@
 """`python -m pneumonia.fit` and `python -m pneumonia.evaluate` end to end, on tiny data."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import yaml
 
 from pneumonia import evaluate, fit
 
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_run.ipynb"
 TINY = [
     "--data.image_size",
     "32",
@@ -97,3 +99,36 @@ def test_evaluate_prints_one_json_object(tiny_run, kermany_root, capsys):
     }
     n_images = sum(1 for p in kermany_root.rglob("*") if p.is_file())
     assert result["n"] == n_images == sum(map(sum, result["confusion_matrix"]))
+
+
+def test_explore_notebook_runs_on_a_run_directory(tiny_run, monkeypatch, tmp_path):
+    """Execute the notebook's code cells in-process (no Jupyter needed) against the tiny run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir, _ = tiny_run
+    notebook = json.loads(NOTEBOOK.read_text())
+    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    monkeypatch.chdir(tmp_path)  # no ../runs here: the first cell finds no run
+    namespace: dict = {}
+    exec(cells[0], namespace)
+    assert namespace["RUN_DIR"] is None
+    namespace["RUN_DIR"] = run_dir
+    for source in cells[1:]:
+        exec(source, namespace)
+    assert namespace["per_epoch"]("val/accuracy")[0] == [0, 1]
+
+
+def test_tensorboard_holds_scalars_and_figures(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = tiny_run
+    tags = {"scalars": set(), "images": set()}
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    for scalar in ("train/loss_epoch", "val/loss", "val/accuracy", "val/specificity", "val/auroc",
+                   "best/val/f1"):
+        assert scalar in tags["scalars"]
+    assert {"val/confusion_matrix", "val/roc", "best/val/roc"} <= tags["images"]

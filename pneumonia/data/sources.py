@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import find_splits, list_image_files
@@ -92,8 +94,6 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:
     """Two ImageSets of one size, one after the other."""
-    import torch
-
     return ImageSet(
         torch.cat([a.images, b.images]),
         torch.cat([a.labels, b.labels]),

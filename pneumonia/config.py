@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -21,6 +22,8 @@ from pneumonia.module import OptimConfig
 
 # The fit entry point owns these Trainer arguments: where runs are written and how.
 TRAINER_MANAGED = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
+# `python -m pneumonia.fit` with no --config behaves like `make fit`: the repository's default.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 MONITORS = ("val/accuracy", "val/auroc", "val/f1", "val/loss")
 
 
@@ -58,7 +61,18 @@ def build_fit_parser() -> ArgumentParser:
     parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
     parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
     parser.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_MANAGED, instantiate=False)
+    parser.set_defaults({"trainer.max_epochs": 10})  # Lightning's own default is 1000
     return parser
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    """Prepend configs/default.yaml when no --config is given and the file exists."""
+    if (
+        any(a == "--config" or a.startswith("--config=") for a in argv)
+        or not DEFAULT_CONFIG.is_file()
+    ):
+        return argv
+    return ["--config", str(DEFAULT_CONFIG), *argv]
 
 
 def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> Namespace:

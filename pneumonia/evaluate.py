@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_or_decode(
         list_image_files(folder), module.hparams.image_size, cache_dir, args.data.skip_corrupt
     )
-    values, _ = evaluate_imageset(module, images, args.batch_size, args.device)
+    values, _ = evaluate_imageset(module, images, args.batch_size, args.device, progress=True)
     keys = (
         "accuracy",
         "precision",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from tqdm.auto import tqdm
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.metrics import DiagnosisMetrics
@@ -17,6 +18,7 @@ def predict_probabilities(
     images: torch.Tensor,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """P(positive class) for uint8 images [N, 1, S, S], on `device` (default: the module's)."""
     device = torch.device(device) if device is not None else module.device
@@ -28,8 +30,9 @@ def predict_probabilities(
         else contextlib.nullcontext()
     )
     out = []
+    starts = range(0, len(images), batch_size)
     with autocast:
-        for start in range(0, len(images), batch_size):
+        for start in tqdm(starts, desc="evaluate", unit="batch", leave=False, disable=not progress):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
             out.append(module.positive_probability(module(batch)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
@@ -40,10 +43,11 @@ def evaluate_imageset(
     imageset: ImageSet,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> tuple[dict, DiagnosisMetrics]:
     """Metrics of `module` on `imageset` (dict of floats, confusion matrix and n), and the
     filled metric object for figures."""
-    probs = predict_probabilities(module, imageset.images, batch_size, device)
+    probs = predict_probabilities(module, imageset.images, batch_size, device, progress)
     metrics = DiagnosisMetrics(module.hparams.threshold)
     metrics.update(probs, imageset.labels == module.positive)
     return metrics.compute(), metrics

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -18,7 +19,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from pneumonia.config import build_fit_parser, parse_args, to_yaml
+from pneumonia.config import build_fit_parser, parse_args, to_yaml, with_default_config
 from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weights
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.errors import exit_on_user_error
@@ -158,6 +159,7 @@ def format_metrics(values: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config, train, evaluate the best checkpoint, write the run directory."""
     parser = build_fit_parser()
+    argv = with_default_config(sys.argv[1:] if argv is None else argv)
     raw = parse_args(parser, argv)
     cfg = parser.instantiate(raw)  # groups become their dataclasses; trainer.* stays a namespace
     L.seed_everything(cfg.seed, workers=True, verbose=False)

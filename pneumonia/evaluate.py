@@ -18,6 +18,7 @@ from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.kermany import find_splits, list_image_files
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.evaluation import evaluate_imageset
+from pneumonia.metrics import SCALARS
 
 
 def build_parser() -> ArgumentParser:
@@ -67,17 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         list_image_files(folder), module.hparams.image_size, cache_dir, args.data.skip_corrupt
     )
     values, _ = evaluate_imageset(module, images, args.batch_size, args.device, progress=True)
-    keys = (
-        "accuracy",
-        "precision",
-        "recall",
-        "f1",
-        "specificity",
-        "auroc",
-        "confusion_matrix",
-        "n",
-    )
-    result = {k: values[k] for k in keys}
+    result = {k: values[k] for k in (*SCALARS, "confusion_matrix", "n")}
     print(json.dumps(result))
     return result
 

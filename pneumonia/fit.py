@@ -24,15 +24,17 @@ from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weight
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.errors import exit_on_user_error
 from pneumonia.evaluation import evaluate_imageset
+from pneumonia.metrics import SCALARS
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.module import ClassifierModule
-from pneumonia.rundir import new_run_dir, write_json, write_text_atomic
+from pneumonia.rundir import new_run_dir, write_json, write_split_table, write_text_atomic
 
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.
 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def describe_splits(splits: Splits) -> str:
@@ -151,8 +153,8 @@ def final_metrics(
 
 
 def format_metrics(values: dict) -> str:
-    keys = ("accuracy", "precision", "recall", "f1", "specificity", "auroc")
-    return "  ".join(f"{k} {values[k]:.3f}" for k in keys) + f"  (n={values['n']})"
+    """One line of the scalar metrics."""
+    return "  ".join(f"{k} {values[k]:.3f}" for k in SCALARS) + f"  (n={values['n']})"
 
 
 @exit_on_user_error
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Created only now: a config or data error above leaves no half-made run behind.
     run_dir = new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
     write_text_atomic(run_dir / "config.yaml", to_yaml(parser, raw))
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    write_split_table(run_dir / "split.csv", parts)
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
     trainer, checkpoint = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule)

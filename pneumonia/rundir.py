@@ -5,6 +5,7 @@ runs/<experiment>/version_N/
   events.out.tfevents*  TensorBoard
   metrics.csv           the same scalars, for pandas
   checkpoints/best.ckpt, last.ckpt
+  split.csv             every image's split, class and patient: the split can be checked and reused
   summary.json          final validation (and test) metrics of best.ckpt
 """
 
@@ -14,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from pneumonia.data.imageset import ImageSet
 from pneumonia.errors import UserError
 
 
@@ -53,3 +55,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_split_table(path: Path, parts: dict[str, ImageSet | None]) -> None:
+    """One row per image: split, class, patient, name."""
+    lines = ["split,class,patient,name"]
+    for split, images in parts.items():
+        if images is not None:
+            for label, patient, name in zip(
+                images.labels.tolist(), images.patients, images.names, strict=True
+            ):
+                lines.append(f"{split},{images.classes[label]},{patient},{name}")
+    write_text_atomic(path, "\n".join(lines) + "\n")

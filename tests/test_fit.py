@@ -46,6 +46,12 @@ def test_run_directory_holds_config_events_checkpoints_metrics_summary(tiny_run)
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     for column in ("val/accuracy", "val/specificity", "val/auroc", "train/loss_epoch"):
         assert column in header
+    rows = [line.split(",") for line in (run_dir / "split.csv").read_text().splitlines()[1:]]
+    assert {r[0] for r in rows} == {"train", "val"}
+    train_patients = {r[2] for r in rows if r[0] == "train"}
+    val_patients = {r[2] for r in rows if r[0] == "val"}
+    assert val_patients and not train_patients & val_patients
+    assert sum(r[0] == "val" for r in rows) == summary["val"]["n"]
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["synthetic"] is True and on_disk["epochs"] == 2
@@ -128,7 +134,13 @@ def test_tensorboard_holds_scalars_and_figures(tiny_run):
         acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
         for kind in tags:
             tags[kind] |= set(acc.Tags()[kind])
-    for scalar in ("train/loss_epoch", "val/loss", "val/accuracy", "val/specificity", "val/auroc",
-                   "best/val/f1"):
+    for scalar in (
+        "train/loss_epoch",
+        "val/loss",
+        "val/accuracy",
+        "val/specificity",
+        "val/auroc",
+        "best/val/f1",
+    ):
         assert scalar in tags["scalars"]
     assert {"val/confusion_matrix", "val/roc", "best/val/roc"} <= tags["images"]

@@ -63,8 +63,15 @@ def _col(t: Tensor) -> Tensor:
     return t.reshape(*t.shape, 1, 1)
 
 
-def _soft_ellipse(x: Tensor, y: Tensor, cx: Tensor | float, cy: Tensor | float,
-                  rx: Tensor | float, ry: Tensor | float, edge: float) -> Tensor:
+def _soft_ellipse(
+    x: Tensor,
+    y: Tensor,
+    cx: Tensor | float,
+    cy: Tensor | float,
+    rx: Tensor | float,
+    ry: Tensor | float,
+    edge: float,
+) -> Tensor:
     """1 inside the ellipse, 0 outside; a sigmoid rim `edge` radii wide keeps edges smooth
     at every image size (no aliasing, no blur pass needed)."""
     r = torch.sqrt(_sq((x - cx) / rx) + _sq((y - cy) / ry) + 1e-8)
@@ -79,21 +86,35 @@ def _draw_patients(g: torch.Generator, n: int, pneumonia_fraction: float) -> Par
     u = lambda lo, hi: _uniform(g, (n,), lo, hi)  # noqa: E731
     p: Params = {
         "label": _coin(g, (n,), pneumonia_fraction),
-        "thorax_w": u(0.78, 0.92), "thorax_h": u(1.05, 1.20), "thorax_cy": u(0.22, 0.32),
-        "lung_cx": u(0.37, 0.45), "lung_cy": u(0.00, 0.10),
-        "lung_rx": u(0.24, 0.31), "lung_ry": u(0.55, 0.68), "lung_taper": u(0.15, 0.35),
+        "thorax_w": u(0.78, 0.92),
+        "thorax_h": u(1.05, 1.20),
+        "thorax_cy": u(0.22, 0.32),
+        "lung_cx": u(0.37, 0.45),
+        "lung_cy": u(0.00, 0.10),
+        "lung_rx": u(0.24, 0.31),
+        "lung_ry": u(0.55, 0.68),
+        "lung_taper": u(0.15, 0.35),
         "lung_dark": u(0.28, 0.40),
-        "rib_spacing": u(0.15, 0.21), "rib_curve": u(0.8, 1.6), "rib_phase": u(0.0, 1.0),
+        "rib_spacing": u(0.15, 0.21),
+        "rib_curve": u(0.8, 1.6),
+        "rib_phase": u(0.0, 1.0),
         "rib_gain": u(0.05, 0.11),
-        "clavicle_gain": u(0.0, 0.15), "clavicle_y": u(-0.72, -0.60),
-        "spine_w": u(0.07, 0.11), "spine_gain": u(0.08, 0.16),
-        "heart_x": u(0.06, 0.14), "heart_y": u(0.36, 0.48),
-        "heart_rx": u(0.28, 0.38), "heart_ry": u(0.22, 0.30), "heart_gain": u(0.05, 0.12),
-        "brightness": u(-0.07, 0.07), "contrast": u(0.8, 1.15),
+        "clavicle_gain": u(0.0, 0.15),
+        "clavicle_y": u(-0.72, -0.60),
+        "spine_w": u(0.07, 0.11),
+        "spine_gain": u(0.08, 0.16),
+        "heart_x": u(0.06, 0.14),
+        "heart_y": u(0.36, 0.48),
+        "heart_rx": u(0.28, 0.38),
+        "heart_ry": u(0.22, 0.30),
+        "heart_gain": u(0.05, 0.12),
+        "brightness": u(-0.07, 0.07),
+        "contrast": u(0.8, 1.15),
         # Confounders: drawn for every patient whatever the class, so they are nuisance,
         # not a label shortcut; a normal film with them looks busier in the lungs.
         "vessel_gain": u(0.02, 0.06) + _coin(g, (n,), 0.3) * u(0.04, 0.10),
-        "vessel_freq": u(10.0, 16.0), "vessel_phase": u(0.0, 2 * math.pi),
+        "vessel_freq": u(10.0, 16.0),
+        "vessel_phase": u(0.0, 2 * math.pi),
         "breast_gain": _coin(g, (n,), 0.3) * u(0.04, 0.10),
         "nipple_gain": _coin(g, (n,), 0.25) * u(0.08, 0.18),
     }
@@ -119,10 +140,12 @@ def _draw_blobs(g: torch.Generator, n: int, subtle: Tensor) -> Params:
     # Subtle cases also have smaller blobs.
     radius = _uniform(g, k, 0.12, 0.28) * (1 - 0.4 * subtle[:, None])
     return {
-        "blob_active": active, "blob_side": side,
+        "blob_active": active,
+        "blob_side": side,
         "blob_u": _uniform(g, k, -0.55, 0.55),
         "blob_v": _uniform(g, k, -0.45, 0.70),  # lower lobes more often
-        "blob_r": radius, "blob_gain": _uniform(g, k, 0.5, 1.0),
+        "blob_r": radius,
+        "blob_gain": _uniform(g, k, 0.5, 1.0),
     }
 
 
@@ -130,9 +153,14 @@ def _draw_images(g: torch.Generator, n: int) -> Params:
     """Per-image acquisition changes on top of the patient's anatomy (all [n] or [n, K])."""
     u = lambda lo, hi: _uniform(g, (n,), lo, hi)  # noqa: E731
     return {
-        "dx": u(-0.04, 0.04), "dy": u(-0.04, 0.04), "angle": u(-0.06, 0.06),
-        "scale": u(0.96, 1.04), "gain": u(0.9, 1.1), "offset": u(-0.04, 0.04),
-        "grad_angle": u(0.0, 2 * math.pi), "grad_gain": u(0.0, 0.12),
+        "dx": u(-0.04, 0.04),
+        "dy": u(-0.04, 0.04),
+        "angle": u(-0.06, 0.06),
+        "scale": u(0.96, 1.04),
+        "gain": u(0.9, 1.1),
+        "offset": u(-0.04, 0.04),
+        "grad_angle": u(0.0, 2 * math.pi),
+        "grad_gain": u(0.0, 0.12),
         "grain": u(0.02, 0.05),
         "blob_jitter_u": _uniform(g, (n, _MAX_BLOBS), -0.06, 0.06),
         "blob_jitter_v": _uniform(g, (n, _MAX_BLOBS), -0.06, 0.06),
@@ -195,8 +223,9 @@ def _spine(x: Tensor, y: Tensor, p: Params) -> Tensor:
 
 def _heart(x: Tensor, y: Tensor, p: Params) -> Tensor:
     """Heart shadow low in the middle, bulging to the image right (patient's left)."""
-    return _soft_ellipse(x, y, _col(p["heart_x"]), _col(p["heart_y"]), _col(p["heart_rx"]),
-                         _col(p["heart_ry"]), 0.12)
+    return _soft_ellipse(
+        x, y, _col(p["heart_x"]), _col(p["heart_y"]), _col(p["heart_rx"]), _col(p["heart_ry"]), 0.12
+    )
 
 
 def _vessels(x: Tensor, y: Tensor, p: Params) -> Tensor:
@@ -232,9 +261,15 @@ def _render_anatomy(p: Params, size: int) -> Tensor:
     air = visible * (1.0 - spine)
     img = 0.06 + 0.55 * body - _col(p["lung_dark"]) * air
     img = img + _col(p["rib_gain"]) * _ribs(x, y, p) * visible
-    img = img + (_col(p["clavicle_gain"]) * _clavicles(x, y, p)
-                 + _col(p["spine_gain"]) * spine
-                 + _soft_tissue_confounders(x, y, p)) * body
+    img = (
+        img
+        + (
+            _col(p["clavicle_gain"]) * _clavicles(x, y, p)
+            + _col(p["spine_gain"]) * spine
+            + _soft_tissue_confounders(x, y, p)
+        )
+        * body
+    )
     img = img + _col(p["heart_gain"]) * heart + _col(p["vessel_gain"]) * _vessels(x, y, p) * air
     # Patient-level film contrast and brightness.
     img = (img - 0.4) * _col(p["contrast"]) + 0.4 + _col(p["brightness"])
@@ -290,10 +325,13 @@ def _pose(film: Tensor, i: Params) -> Tensor:
     inverse of `_to_image_frame` (image point -> anatomy point), by bilinear resampling."""
     cos, sin, s = torch.cos(i["angle"]), torch.sin(i["angle"]), i["scale"]
     dx, dy = i["dx"], i["dy"]
-    theta = torch.stack([
-        torch.stack([cos / s, sin / s, -(cos * dx + sin * dy) / s], dim=1),
-        torch.stack([-sin / s, cos / s, (sin * dx - cos * dy) / s], dim=1),
-    ], dim=1)
+    theta = torch.stack(
+        [
+            torch.stack([cos / s, sin / s, -(cos * dx + sin * dy) / s], dim=1),
+            torch.stack([-sin / s, cos / s, (sin * dx - cos * dy) / s], dim=1),
+        ],
+        dim=1,
+    )
     grid = F.affine_grid(theta, list(film.shape), align_corners=True)
     # Border padding: the body runs on past the bottom edge instead of ending in black.
     return F.grid_sample(film, grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -304,8 +342,9 @@ def _expose(img: Tensor, i: Params, g: torch.Generator) -> Tensor:
     effect, patient thickness) and film grain; clamps to [0, 1]."""
     size = img.shape[-1]
     t = torch.linspace(-1.0, 1.0, size)
-    ramp = (_col(torch.cos(i["grad_angle"])) * t.view(1, 1, size)
-            + _col(torch.sin(i["grad_angle"])) * t.view(1, size, 1))
+    ramp = _col(torch.cos(i["grad_angle"])) * t.view(1, 1, size) + _col(
+        torch.sin(i["grad_angle"])
+    ) * t.view(1, size, 1)
     img = img * _col(i["gain"]) + _col(i["offset"]) + 0.5 * _col(i["grad_gain"]) * ramp
     grain = torch.randn(img.shape, generator=g) * _col(i["grain"])
     return (img + grain).clamp(0.0, 1.0)
@@ -320,8 +359,9 @@ def _render(p: Params, i: Params, owner: Tensor, size: int, g: torch.Generator) 
     return _expose(img, i, g)
 
 
-def _check_args(n_patients: int, image_size: int, pneumonia_fraction: float,
-                max_images_per_patient: int) -> None:
+def _check_args(
+    n_patients: int, image_size: int, pneumonia_fraction: float, max_images_per_patient: int
+) -> None:
     if n_patients < 1:
         raise ValueError(f"n_patients must be at least 1, got {n_patients}")
     if image_size < 16:
@@ -370,5 +410,9 @@ def generate_synthetic(
     width = max(4, len(str(n_patients - 1)))
     ids = [f"synth-{k:0{width}d}" for k in range(n_patients)]
     names = [f"{ids[k]}-{j}" for k, c in enumerate(counts.tolist()) for j in range(c)]
-    return ImageSet(images=images, labels=patients["label"][owner].long(),
-                    patients=[ids[k] for k in owner.tolist()], names=names)
+    return ImageSet(
+        images=images,
+        labels=patients["label"][owner].long(),
+        patients=[ids[k] for k in owner.tolist()],
+        names=names,
+    )

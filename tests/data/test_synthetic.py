@@ -28,7 +28,7 @@ def _box_mean(images: torch.Tensor, x0: float, x1: float, y0: float, y1: float) 
     """Mean intensity per image inside a box given in [-1, 1] image coordinates."""
     s = images.shape[-1]
     px = lambda v: int(round((v + 1) / 2 * s))  # noqa: E731
-    return images[:, 0, px(y0):px(y1), px(x0):px(x1)].float().mean(dim=(1, 2))
+    return images[:, 0, px(y0) : px(y1), px(x0) : px(x1)].float().mean(dim=(1, 2))
 
 
 def test_shapes_dtypes_and_names():
@@ -65,8 +65,13 @@ def test_global_rng_is_untouched():
 def test_label_fraction_follows_pneumonia_fraction():
     fraction = 0.3  # not the default, so the argument is seen to act
     # 1000 patients: the binomial standard error is about 0.015, so 0.05 is over 3 sigma.
-    ds = generate_synthetic(n_patients=1000, image_size=16, seed=0, pneumonia_fraction=fraction,
-                            max_images_per_patient=1)
+    ds = generate_synthetic(
+        n_patients=1000,
+        image_size=16,
+        seed=0,
+        pneumonia_fraction=fraction,
+        max_images_per_patient=1,
+    )
     per_patient = {p: ds.labels[rows[0]].item() for p, rows in _by_patient(ds).items()}
     assert len(per_patient) == 1000
     assert abs(sum(per_patient.values()) / 1000 - fraction) < 0.05
@@ -80,8 +85,7 @@ def test_extreme_fractions_give_one_class(fraction, label):
 
 @pytest.mark.parametrize("max_images", [1, 3, 5])
 def test_images_per_patient_and_one_label_per_patient(max_images):
-    ds = generate_synthetic(n_patients=60, image_size=16, seed=1,
-                            max_images_per_patient=max_images)
+    ds = generate_synthetic(n_patients=60, image_size=16, seed=1, max_images_per_patient=max_images)
     rows = _by_patient(ds)
     counts = [len(r) for r in rows.values()]
     assert len(rows) == 60
@@ -94,8 +98,10 @@ def test_images_per_patient_and_one_label_per_patient(max_images):
 
 def test_pneumonia_lungs_are_brighter_on_average(draw):
     # Boxes well inside both lung fields for every drawn anatomy.
-    lungs = (_box_mean(draw.images, -0.6, -0.25, -0.3, 0.45)
-             + _box_mean(draw.images, 0.25, 0.6, -0.3, 0.45)) / 2
+    lungs = (
+        _box_mean(draw.images, -0.6, -0.25, -0.3, 0.45)
+        + _box_mean(draw.images, 0.25, 0.6, -0.3, 0.45)
+    ) / 2
     normal = lungs[draw.labels == 0].mean()
     pneumonia = lungs[draw.labels == 1].mean()
     assert pneumonia - normal > 5.0, (normal, pneumonia)  # grey levels out of 255

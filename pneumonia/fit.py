@@ -143,10 +143,7 @@ def final_metrics(
         for key, value in values.items():
             if isinstance(value, float):
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)
-        negative = module.classes[1 - module.positive]
-        for fig_name, figure in metrics.figures(
-            (negative, module.classes[module.positive])
-        ).items():
+        for fig_name, figure in metrics.figures(module.negative_and_positive).items():
             tensorboard.add_figure(f"best/{name}/{fig_name}", figure, 0)
     tensorboard.flush()
     return results

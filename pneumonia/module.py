@@ -129,12 +129,15 @@ class ClassifierModule(L.LightningModule):
             self._log_figures(stage, metrics)
         metrics.reset()
 
+    @property
+    def negative_and_positive(self) -> tuple[str, str]:
+        """Class names in the order the binary metrics use: (negative, positive)."""
+        return self.classes[1 - self.positive], self.classes[self.positive]
+
     def _log_figures(self, stage: str, metrics: DiagnosisMetrics) -> None:
-        negative = self.classes[1 - self.positive]
-        names = (negative, self.classes[self.positive])
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                for name, figure in metrics.figures(names).items():
+                for name, figure in metrics.figures(self.negative_and_positive).items():
                     logger.experiment.add_figure(f"{stage}/{name}", figure, self.current_epoch)
 
     def configure_optimizers(self):

@@ -34,8 +34,10 @@ def find_splits(root: str | Path) -> dict[str, Path]:
     split folders gives each of them.
     """
     root = Path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise UserError(f"data root {root} does not exist: pass --data.root DIR with class folders")
+    if not root.is_dir():
+        raise UserError(f"data root {root} is a file: pass --data.root DIR with class folders")
     splits = {s: root / s for s in SPLITS if (root / s).is_dir() and _class_dirs(root / s)}
     if splits:
         if "train" not in splits:

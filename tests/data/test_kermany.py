@@ -85,3 +85,10 @@ def test_missing_one_class_folder_raises_naming_folder_and_class(tmp_path, write
     folder = find_splits(root)["train"]
     with pytest.raises(UserError, match=re.escape(f"{root} lacks class folder(s) PNEUMONIA")):
         list_image_files(folder)
+
+
+def test_data_root_that_is_a_file(tmp_path):
+    path = tmp_path / "images.zip"
+    path.write_bytes(b"PK")
+    with pytest.raises(UserError, match=f"data root {path} is a file"):
+        find_splits(path)

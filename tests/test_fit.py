@@ -144,3 +144,27 @@ def test_tensorboard_holds_scalars_and_figures(tiny_run):
     ):
         assert scalar in tags["scalars"]
     assert {"val/confusion_matrix", "val/roc", "best/val/roc"} <= tags["images"]
+
+
+def test_folder_with_test_split_reports_test_metrics(tmp_path, write_kermany):
+    root = tmp_path / "chest_xray"
+    write_kermany(root / "train", first_patient=100)
+    write_kermany(root / "test", n_normal_patients=3, n_pneumonia_patients=4, first_patient=500)
+    summary = fit.main(
+        [
+            *TINY,
+            "--data.root",
+            str(root),
+            "--data.val_fraction",
+            "0.3",
+            "--trainer.max_epochs",
+            "1",
+            "--run_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    n_test = sum(1 for p in (root / "test").rglob("*") if p.is_file())
+    assert summary["synthetic"] is False
+    assert summary["test"]["n"] == n_test == sum(map(sum, summary["test"]["confusion_matrix"]))
+    rows = (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
+    assert sum(row.startswith("test,") for row in rows) == n_test

@@ -54,7 +54,7 @@ def describe_splits(splits: Splits) -> str:
 
 def build_module(cfg: Namespace, splits: Splits) -> ClassifierModule:
     """The LightningModule the config describes, normalised with the training images' stats."""
-    train = splits.train.images.float() / 255.0
+    mean, std = splits.train.pixel_mean_std()
     weights = (
         class_balanced_weights(splits.train.labels, len(splits.train.classes))
         if cfg.data.balance == "loss_weights"
@@ -67,8 +67,8 @@ def build_module(cfg: Namespace, splits: Splits) -> ClassifierModule:
         classes=splits.train.classes,
         positive_class=cfg.positive_class,
         class_weights=weights,
-        mean=round(float(train.mean()), 4),
-        std=round(float(train.std()), 4),
+        mean=round(mean, 4),
+        std=round(std, 4),
     )
 
 

@@ -1,28 +1,12 @@
-"""Reading checkpoints and weight files without executing pickled code."""
+"""Rebuilding the LightningModule from a checkpoint written by `pneumonia.fit`."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
-
-import torch
 
 from pneumonia.errors import UserError
 from pneumonia.module import ClassifierModule
-
-
-def safe_load(path: str | Path) -> object:
-    """torch.load with weights_only=True: tensors and plain containers only, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: check the checkpoint or weights path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
-        raise UserError(
-            f"cannot read {path}: not a PyTorch checkpoint, or it holds pickled objects beyond "
-            f"tensors and plain containers (refused: loading them could run code)"
-        ) from None
+from pneumonia.safeload import safe_load
 
 
 def load_module(path: str | Path) -> ClassifierModule:

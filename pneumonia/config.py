@@ -48,7 +48,7 @@ def build_fit_parser() -> ArgumentParser:
     parser.add_argument(
         "--monitor",
         type=Literal[MONITORS],
-        default="val/accuracy",  # type: ignore[valid-type]
+        default="val/accuracy",
         help="validation metric that picks checkpoints/best.ckpt",
     )
     parser.add_argument(

@@ -28,6 +28,7 @@ from pneumonia.metrics import SCALARS
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.module import ClassifierModule
 from pneumonia.rundir import new_run_dir, write_json, write_split_table, write_text_atomic
+from pneumonia.safeload import safe_load
 
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.
@@ -126,11 +127,7 @@ def final_metrics(
     batch_size: int,
 ) -> dict:
     """Validation (and test) metrics of the best checkpoint, also sent to TensorBoard."""
-    best = torch.load(
-        checkpoint.best_model_path or checkpoint.last_model_path,
-        map_location="cpu",
-        weights_only=True,
-    )
+    best = safe_load(checkpoint.best_model_path or checkpoint.last_model_path)
     module.load_state_dict(best["state_dict"])
     tensorboard = trainer.loggers[0].experiment
     results = {"best_epoch": int(best["epoch"])}

@@ -9,13 +9,11 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from pneumonia.errors import UserError
+from pneumonia.safeload import safe_load
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a state-dict file or a checkpoint, loaded without executing pickled code."""
-    from pneumonia.checkpoint import safe_load  # late: checkpoint imports the module, which
-    # imports the registry, which imports us
-
     obj = safe_load(path)
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):

@@ -1,8 +1,8 @@
 """Command-line and YAML configuration, parsed by jsonargparse from the stages' dataclasses.
 
 Groups mirror the code: data.* (DataConfig), model.* (ModelConfig), optim.* (OptimConfig),
-trainer.* (Lightning Trainer arguments). Any key can come from `--config FILE` and be
-overridden on the command line as `--group.key value`.
+federated.* (FederatedConfig), trainer.* (Lightning Trainer arguments). Any key can come from
+`--config FILE` and be overridden on the command line as `--group.key value`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from pneumonia.data.sources import DataConfig
 from pneumonia.errors import UserError
+from pneumonia.federated.config import FederatedConfig
 from pneumonia.models.registry import ModelConfig
 from pneumonia.module import OptimConfig
 
@@ -60,6 +62,7 @@ def build_fit_parser() -> ArgumentParser:
     parser.add_argument("--data", type=DataConfig, default=DataConfig())
     parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
     parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
+    parser.add_argument("--federated", type=FederatedConfig, default=FederatedConfig())
     parser.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_MANAGED, instantiate=False)
     parser.set_defaults({"trainer.max_epochs": 10})  # Lightning's own default is 1000
     return parser
@@ -107,3 +110,32 @@ def _valid_keys(parser: ArgumentParser, group: str) -> str:
 def to_yaml(parser: ArgumentParser, cfg: Namespace) -> str:
     """The resolved configuration, every default filled in, as YAML."""
     return parser.dump(cfg, skip_none=False)
+
+
+def resume_dir(argv: list[str]) -> Path | None:
+    """RUN_DIR of `--resume RUN_DIR` (which takes no other options), or None."""
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        return None
+    if len(argv) == 1 and argv[0].startswith("--resume="):
+        path = Path(argv[0].split("=", 1)[1])
+    elif len(argv) == 2 and argv[0] == "--resume":
+        path = Path(argv[1])
+    else:
+        raise UserError(
+            "--resume RUN_DIR takes no other options: the run continues with its own config.yaml"
+        )
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path} holds no config.yaml: --resume needs a run directory of fit")
+    return path
+
+
+def trainer_arguments(cfg: Namespace) -> dict:
+    """The user's trainer.* options, with mixed precision by default on CUDA only."""
+    args = dict(cfg.trainer)
+    on_cuda = torch.cuda.is_available() and args.get("accelerator") in ("auto", "gpu", "cuda")
+    if args.get("precision") is None:
+        if on_cuda:
+            args["precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            args["precision"] = "32-true"
+    return args

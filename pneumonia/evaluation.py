@@ -45,9 +45,16 @@ def evaluate_imageset(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[dict, DiagnosisMetrics]:
-    """Metrics of `module` on `imageset` (dict of floats, confusion matrix and n), and the
-    filled metric object for figures."""
+    """Metrics of `module` on `imageset` (unweighted cross-entropy "loss", every scalar, the
+    confusion matrix and n), and the filled metric object for figures."""
     probs = predict_probabilities(module, imageset.images, batch_size, device, progress)
+    targets = imageset.labels == module.positive
     metrics = DiagnosisMetrics(module.hparams.threshold)
-    metrics.update(probs, imageset.labels == module.positive)
-    return metrics.compute(), metrics
+    metrics.update(probs, targets)
+    return {"loss": cross_entropy(probs, targets)} | metrics.compute(), metrics
+
+
+def cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean unweighted cross-entropy of P(positive) against boolean targets."""
+    p = probs.double().clamp(1e-7, 1 - 1e-7)
+    return float(-torch.where(targets, p.log(), (1 - p).log()).mean()) if len(p) else float("nan")

@@ -159,7 +159,8 @@ class ClassifierModule(L.LightningModule):
         if cfg.scheduler == "step":
             return [optimizer], [sched.StepLR(optimizer, cfg.step_size, cfg.gamma)]
         if cfg.scheduler == "cosine":
-            epochs = max(int(self.trainer.max_epochs or 1), 1)
+            # The epochs of this fit call: all of them centrally, E per round on a client.
+            epochs = max(int(self.trainer.max_epochs or 1) - self.trainer.current_epoch, 1)
             return [optimizer], [sched.CosineAnnealingLR(optimizer, T_max=epochs)]
         if cfg.scheduler == "plateau":
             plateau = sched.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.patience)

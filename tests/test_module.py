@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pneumonia import fit
+from pneumonia import config
 from pneumonia.data.datamodule import class_balanced_weights
 from pneumonia.module import ClassifierModule
 
@@ -27,7 +27,8 @@ def make_module(**kwargs) -> ClassifierModule:
 )
 def test_optimizer_and_schedule_from_config(name, scheduler, optimizer_type, scheduler_type):
     module = make_module(optim={"name": name, "lr": 0.05, "scheduler": scheduler})
-    module._trainer = SimpleNamespace(max_epochs=7)  # configure_optimizers reads max_epochs
+    # A kept federated client Trainer: 4 epochs done, 3 to go in this round's fit call.
+    module._trainer = SimpleNamespace(max_epochs=7, current_epoch=4)
     config = module.configure_optimizers()
     if isinstance(config, dict):
         optimizer, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -40,7 +41,7 @@ def test_optimizer_and_schedule_from_config(name, scheduler, optimizer_type, sch
     assert optimizer.param_groups[0]["lr"] == 0.05
     assert (sched is None) if scheduler_type is None else isinstance(sched, scheduler_type)
     if scheduler == "cosine":
-        assert sched.T_max == 7
+        assert sched.T_max == 3  # the cosine spans this fit call's epochs only
 
 
 def test_class_weighted_loss_matches_hand_computation():
@@ -77,11 +78,11 @@ def test_normalisation_treats_uint8_and_unit_floats_alike():
 def test_cuda_defaults_to_mixed_precision_cpu_to_full(monkeypatch):
     cfg = SimpleNamespace(trainer={"accelerator": "auto", "precision": None})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert fit.trainer_arguments(cfg)["precision"] == "32-true"
+    assert config.trainer_arguments(cfg)["precision"] == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert fit.trainer_arguments(cfg)["precision"] == "bf16-mixed"
+    assert config.trainer_arguments(cfg)["precision"] == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert fit.trainer_arguments(cfg)["precision"] == "16-mixed"
+    assert config.trainer_arguments(cfg)["precision"] == "16-mixed"
     explicit = SimpleNamespace(trainer={"accelerator": "auto", "precision": "32-true"})
-    assert fit.trainer_arguments(explicit)["precision"] == "32-true"
+    assert config.trainer_arguments(explicit)["precision"] == "32-true"

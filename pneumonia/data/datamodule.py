@@ -1,4 +1,5 @@
-"""The per-run (later per-client) LightningDataModule over decoded uint8 tensors."""
+"""The LightningDataModule of a centralized run or of one federated client, over decoded
+uint8 tensors."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class ChestXrayDataModule(L.LightningDataModule):
     def __init__(
         self,
         train: ImageSet,
-        val: ImageSet,
+        val: ImageSet | None,
         test: ImageSet | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 128,
@@ -64,6 +65,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         return self._loader(self.train, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.val is None:  # a federated client: the global model is validated centrally
+            return []
         return self._loader(self.val, self.eval_batch_size, train=False)
 
     def test_dataloader(self) -> DataLoader:

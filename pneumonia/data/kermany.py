@@ -51,6 +51,28 @@ def find_splits(root: str | Path) -> dict[str, Path]:
     )
 
 
+def find_sites(root: str | Path) -> dict[str, Path]:
+    """Site name -> folder, for a root with one sub-folder per hospital, each laid out as
+    `find_splits` expects (class folders, or train/ val/ test/ holding them)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root {root} is not a folder: pass --data.root DIR of site folders")
+    if _class_dirs(root) or any(_class_dirs(root / s) for s in SPLITS if (root / s).is_dir()):
+        raise UserError(
+            f"data root {root} holds class folders, not site folders: federated.partition sites "
+            f"expects {root}/<hospital>/NORMAL/ and PNEUMONIA/"
+        )
+    sites = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    if not sites:
+        raise UserError(
+            f"data root {root} has no site folders: federated.partition sites expects "
+            f"{root}/<hospital>/NORMAL/ and PNEUMONIA/"
+        )
+    for folder in sites.values():
+        find_splits(folder)  # names the site folder that lacks class folders
+    return sites
+
+
 def list_image_files(folder: str | Path) -> list[ImageFile]:
     """Every image under the class folders of `folder`, sorted by class then name.
 

@@ -6,7 +6,7 @@ validation split drawn from the training images by patient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +14,8 @@ import torch
 
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.imageset import ImageSet
-from pneumonia.data.kermany import find_splits, list_image_files
+from pneumonia.data.kermany import find_sites, find_splits, list_image_files
+from pneumonia.data.partition import SITE_SEPARATOR
 from pneumonia.data.split import split_by_patient
 from pneumonia.data.synthetic import generate_synthetic
 from pneumonia.data.transforms import AugmentConfig
@@ -58,34 +59,56 @@ class Splits:
     source: str
 
 
-def load_images(cfg: DataConfig, seed: int) -> dict[str, ImageSet]:
-    """Every split the source has ("train", maybe "val" and "test"), decoded."""
+def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, ImageSet]:
+    """Every split the source has ("train", maybe "val" and "test"), decoded. With `sites`,
+    each sub-folder of the root is a hospital and patient ids become "<site>/<patient>"."""
     if cfg.image_size < MIN_IMAGE_SIZE:
         raise UserError(
             f"data.image_size {cfg.image_size} is too small: use at least {MIN_IMAGE_SIZE}"
         )
     if cfg.root is None:
+        if sites:
+            raise UserError(
+                "federated.partition sites needs data.root with one sub-folder per hospital"
+            )
         s = cfg.synthetic
         return {
             "train": generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
         }
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return {
-        split: load_or_decode(
-            list_image_files(folder),
-            cfg.image_size,
-            cache_dir,
-            cfg.skip_corrupt,
-            desc=f"decode {split}",
-        )
-        for split, folder in find_splits(cfg.root).items()
+    if not sites:
+        return _load_folder(cfg, cfg.root)
+    per_site = {
+        site: _load_folder(cfg, folder, site) for site, folder in find_sites(cfg.root).items()
     }
+    out: dict[str, ImageSet] = {}
+    for site_splits in per_site.values():
+        for split, images in site_splits.items():
+            out[split] = concat(out[split], images) if split in out else images
+    return out
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
+def _load_folder(cfg: DataConfig, root: str | Path, site: str | None = None) -> dict[str, ImageSet]:
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    out = {}
+    for split, folder in find_splits(root).items():
+        label = f"{site}/{split}" if site else split
+        images = load_or_decode(
+            list_image_files(folder), cfg.image_size, cache_dir, cfg.skip_corrupt, f"decode {label}"
+        )
+        if site is not None:  # patient ids are unique only within a hospital
+            images = replace(
+                images,
+                patients=[f"{site}{SITE_SEPARATOR}{p}" for p in images.patients],
+                names=[f"{site}/{n}" for n in images.names],
+            )
+        out[split] = images
+    return out
+
+
+def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
     """Train and validation by patient from the training images (plus a folder's val/, which
     in Kermany is too small to be a validation set alone), and the test split if any."""
-    images = load_images(cfg, seed)
+    images = load_images(cfg, seed, sites)
     pool = images["train"] if "val" not in images else concat(images["train"], images["val"])
     train_idx, val_idx = split_by_patient(pool, cfg.val_fraction, seed)
     source = "SYNTHETIC images (no data.root given)" if cfg.root is None else str(cfg.root)

@@ -1,0 +1,156 @@
+"""One simulated hospital: its own images, DataModule, LightningModule and Lightning Trainer.
+
+The Trainer is created once and kept across rounds; each round raises its max_epochs by E, so
+its step counter, and with it every TensorBoard curve of the client, keeps increasing. What
+leaves the client is a `ClientUpdate`: a state dict, a count and two summary numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weights
+from pneumonia.data.imageset import ImageSet
+from pneumonia.federated.aggregate import ClientUpdate, State
+from pneumonia.module import ClassifierModule
+from pneumonia.seeding import seed_training
+
+
+class OffsetTensorBoardLogger(TensorBoardLogger):
+    """A TensorBoard logger whose steps start at `step_offset`: a Trainer rebuilt on resume
+    continues the client's curves instead of drawing over them from step 0."""
+
+    step_offset = 0
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, None if step is None else step + self.step_offset)
+
+
+class RestoreOptimizer(Callback):
+    """Loads the client's optimizer state of the previous round (keep_optimizer_state)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.optimizers[0].load_state_dict(self.state)
+
+
+@dataclass
+class ClientSettings:
+    """What every client shares: loader and training settings, and where it logs."""
+
+    batch_size: int
+    balanced_sampling: bool
+    loss_weights: bool
+    augment: object
+    num_workers: int
+    seed: int
+    trainer_args: dict
+    log_dir: Path
+    keep_optimizer_state: bool = False
+
+
+class Client:
+    """A hospital's half of federated training. It trains; it never sends images or labels."""
+
+    def __init__(self, index: int, data: ImageSet, settings: ClientSettings) -> None:
+        self.index, self.data, self.settings = index, data, settings
+        self.datamodule = ChestXrayDataModule(
+            data,
+            None,
+            batch_size=settings.batch_size,
+            balanced_sampling=settings.balanced_sampling,
+            augment=settings.augment,
+            seed=settings.seed,
+            num_workers=settings.num_workers,
+        )
+        self.module: ClassifierModule | None = None
+        self.trainer: L.Trainer | None = None
+        self.local_state: State = {}  # keys the strategy keeps on the client (FedBN: norms)
+        self.optimizer_state: dict | None = None
+        self.steps_before = 0  # optimizer steps of Trainers before this one (resume)
+
+    def pixel_moments(self) -> tuple[int, float, float]:
+        """(images, mean, mean of squares) of the pixels in [0, 1]: enough for the federation to
+        agree on one normalisation without pooling images."""
+        mean, std = self.data.pixel_mean_std()
+        return len(self.data), mean, std * std + mean * mean
+
+    def build(self, hparams: dict) -> None:
+        """Create the client's module (with its own class weights) and its Trainer."""
+        weights = None
+        if self.settings.loss_weights:
+            weights = class_balanced_weights(self.data.labels, len(self.data.classes))
+        self.module = ClassifierModule(**hparams, class_weights=weights)
+        self.logger = OffsetTensorBoardLogger(
+            self.settings.log_dir, name="", version=f"client_{self.index}", default_hp_metric=False
+        )
+        self.logger.step_offset = self.steps_before
+        self.trainer = L.Trainer(
+            **self.settings.trainer_args,
+            max_epochs=0,
+            logger=self.logger,
+            callbacks=[],
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=self.settings.log_dir / f"client_{self.index}",
+        )
+
+    def train_round(
+        self,
+        global_state: State,
+        round_index: int,
+        local_epochs: int,
+        local_keys: frozenset[str] = frozenset(),
+        callbacks: list[Callback] | None = None,
+    ) -> ClientUpdate:
+        """Load the global weights (keeping `local_keys` of its own), train E epochs, return
+        the update."""
+        start = dict(global_state) | {k: v for k, v in self.local_state.items() if k in local_keys}
+        self.module.load_state_dict(start)
+        seed_training(self.datamodule.generator, self.settings.seed, round_index, self.index)
+        callbacks = list(callbacks or [])
+        if self.settings.keep_optimizer_state and self.optimizer_state is not None:
+            callbacks.append(RestoreOptimizer(self.optimizer_state))
+        trainer = self.trainer
+        trainer.callbacks.extend(callbacks)
+        trainer.fit_loop.max_epochs = trainer.current_epoch + local_epochs
+        try:
+            trainer.fit(self.module, self.datamodule)
+        finally:
+            for callback in callbacks:
+                trainer.callbacks.remove(callback)
+        if self.settings.keep_optimizer_state:
+            self.optimizer_state = trainer.optimizers[0].state_dict()
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        self.local_state = {k: state[k] for k in local_keys}
+        metrics = trainer.callback_metrics
+        return ClientUpdate(
+            client=self.index,
+            state=state,
+            n=len(self.data),
+            train_loss=float(metrics.get("train/loss_epoch", float("nan"))),
+            train_accuracy=float(metrics.get("train/accuracy", float("nan"))),
+        )
+
+    def state_dict(self) -> dict:
+        """What the client must keep between rounds to resume exactly."""
+        return {
+            "local_state": self.local_state,
+            "optimizer_state": self.optimizer_state,
+            "steps": self.steps_before + (self.trainer.global_step if self.trainer else 0),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local_state = state["local_state"]
+        self.optimizer_state = state["optimizer_state"]
+        self.steps_before = int(state["steps"])
+        if self.trainer is not None:
+            self.logger.step_offset = self.steps_before - self.trainer.global_step

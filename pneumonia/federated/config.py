@@ -1,0 +1,45 @@
+"""The `federated.*` config group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pneumonia.errors import UserError
+
+
+@dataclass
+class FederatedConfig:
+    """FedAvg and its variants across simulated hospitals (off: centralized training)."""
+
+    enabled: bool = False
+    clients: int = 3  # J; ignored by partition=sites (one client per site folder)
+    fraction: float = 1.0  # C: each round samples max(round(C*J), 1) clients
+    rounds: int = 20  # T
+    local_epochs: int = 10  # E
+    partition: Literal["iid", "dirichlet", "quantity", "sites"] = "iid"
+    alpha: float = 0.5  # dirichlet (label skew) and quantity (size skew) concentration
+    strategy: Literal["fedavg", "fedprox", "fedbn", "fedavgm", "fedadam"] = "fedavg"
+    mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
+    server_lr: float | None = None  # fedavgm / fedadam; None: 1.0 / 0.01
+    server_momentum: float = 0.9  # fedavgm
+    min_clients: int = 1  # a round fails unless at least this many clients return valid updates
+    keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
+
+
+def check_federated(cfg: FederatedConfig) -> None:
+    """One-line errors for settings no run could use."""
+    if not 0.0 < cfg.fraction <= 1.0:
+        raise UserError(f"federated.fraction {cfg.fraction} must lie in (0, 1]: 1 samples all")
+    for key in ("rounds", "local_epochs", "clients", "min_clients"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"federated.{key} {getattr(cfg, key)} must be at least 1")
+    if cfg.mu < 0:
+        raise UserError(f"federated.mu {cfg.mu} must not be negative")
+    if cfg.server_lr is not None and cfg.server_lr <= 0:
+        raise UserError(f"federated.server_lr {cfg.server_lr} must be positive")
+
+
+def clients_per_round(fraction: float, clients: int) -> int:
+    """m = max(round(C * J), 1), as in McMahan et al."""
+    return max(round(fraction * clients), 1)

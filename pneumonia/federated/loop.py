@@ -1,0 +1,254 @@
+"""The federated rounds (the paper's Algorithms 1 and 2). It calls the stages, it holds none:
+partition (data.partition), clients (client), aggregation (server, strategies), evaluation,
+the round checkpoint (state) and the monitoring (monitor)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pneumonia.data.partition import format_table, partition, partition_table
+from pneumonia.data.sources import Splits
+from pneumonia.errors import UserError
+from pneumonia.evaluation import evaluate_imageset
+from pneumonia.federated.client import Client, ClientSettings
+from pneumonia.federated.config import check_federated, clients_per_round
+from pneumonia.federated.monitor import log_round, progress_line, round_row, write_rounds_csv
+from pneumonia.federated.server import Server
+from pneumonia.federated.state import (
+    load_round_state,
+    save_atomic,
+    save_round_state,
+    set_rng_state,
+)
+from pneumonia.federated.strategies import create_strategy
+from pneumonia.module import ClassifierModule
+from pneumonia.rundir import write_text_atomic
+
+# Options the loop sets on every client Trainer itself.
+CLIENT_MANAGED = {
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "limit_val_batches",
+    "num_sanity_val_steps",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+}
+
+
+def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict, run_dir: Path):
+    """One Client per partition, and the partition table."""
+    fed = cfg.federated
+    parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
+    settings = ClientSettings(
+        batch_size=cfg.data.batch_size,
+        balanced_sampling=cfg.data.balance == "sampler",
+        loss_weights=cfg.data.balance == "loss_weights",
+        augment=cfg.data.augment,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        trainer_args={k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED},
+        log_dir=run_dir / "clients",
+        keep_optimizer_state=fed.keep_optimizer_state,
+    )
+    clients = [Client(j, splits.train.subset(idx), settings) for j, idx in enumerate(parts)]
+    return clients, partition_table(splits.train, parts)
+
+
+def agreed_normalisation(clients: list[Client]) -> tuple[float, float]:
+    """Pixel mean and std of all clients' images from each client's own moments."""
+    moments = [c.pixel_moments() for c in clients]
+    total = sum(n for n, _, _ in moments)
+    mean = sum(n * m for n, m, _ in moments) / total
+    mean_sq = sum(n * s for n, _, s in moments) / total
+    return round(mean, 4), round(max(mean_sq - mean * mean, 0.0) ** 0.5, 4)
+
+
+def fingerprint(clients: list[Client]) -> str:
+    """Which images each client holds: a resumed run must see the same partition."""
+    digest = hashlib.sha256()
+    for client in clients:
+        digest.update(("\n".join(client.data.names) + "\0").encode())
+    return digest.hexdigest()
+
+
+def save_global(path: Path, state: dict, hparams: dict, round_number: int) -> None:
+    """A checkpoint `pneumonia.evaluate` reads like one of a centralized run."""
+    ckpt = {"state_dict": state, "hyper_parameters": hparams, "epoch": round_number}
+    save_atomic(ckpt | {"round": round_number}, path)
+
+
+class FederatedRun:
+    """The state of one federated run between rounds."""
+
+    def __init__(self, cfg: Namespace, splits: Splits, run_dir: Path, trainer_args: dict):
+        fed = cfg.federated
+        check_federated(fed)
+        self.cfg, self.splits, self.run_dir = cfg, splits, run_dir
+        self.clients, self.table = build_clients(cfg, splits, trainer_args, run_dir)
+        mean, std = agreed_normalisation(self.clients)
+        self.hparams = {
+            "model": dict(vars(cfg.model)),
+            "optim": dict(vars(cfg.optim)),
+            "image_size": cfg.data.image_size,
+            "classes": list(splits.train.classes),
+            "positive_class": cfg.positive_class,
+            "mean": mean,
+            "std": std,
+        }
+        # The global model first: its initialisation is the run's (the seed's) initialisation.
+        self.module = ClassifierModule(**self.hparams)
+        for client in self.clients:
+            client.build(self.hparams)
+        self.strategy = create_strategy(fed, self.module)
+        per_round = clients_per_round(fed.fraction, len(self.clients))
+        self.server = Server(
+            self.module.state_dict(),
+            self.strategy,
+            len(self.clients),
+            per_round,
+            fed.min_clients,
+            cfg.seed,
+        )
+        accelerator = trainer_args.get("accelerator", "auto")
+        on_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        self.device = "cuda" if on_cuda else "cpu"
+        self.history: list[dict] = []
+        self.best = (0, float("nan"))
+        self.next_round = 0
+        self.elapsed_before = 0.0
+
+    def resume(self, state: dict) -> None:
+        if state["fingerprint"] != fingerprint(self.clients):
+            raise UserError(
+                f"{self.run_dir}: the data or partition differs from when the run started "
+                f"(data.root changed?): resume needs the same images"
+            )
+        self.server.load_state_dict(state["server"])
+        for client, client_state in zip(self.clients, state["clients"], strict=True):
+            client.load_state_dict(client_state)
+        self.history, self.best = list(state["history"]), tuple(state["best"])
+        self.next_round, self.elapsed_before = int(state["round"]), float(state["elapsed_s"])
+        set_rng_state(state["rng"])
+
+    def train_clients(self, round_index: int) -> tuple[list, dict[int, str]]:
+        """Each sampled client trains from the global state; a client that raises is noted."""
+        fed = self.cfg.federated
+        updates, failures = [], {}
+        callbacks = self.strategy.client_callbacks(self.server.global_state)
+        for j in self.server.sample_clients():
+            try:
+                updates.append(
+                    self.clients[j].train_round(
+                        self.server.global_state,
+                        round_index,
+                        fed.local_epochs,
+                        self.strategy.local_keys,
+                        callbacks,
+                    )
+                )
+            except Exception as err:  # one hospital's failure must not end the federation
+                failures[j] = f"raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return updates, failures
+
+    def evaluate(self) -> dict[str, dict]:
+        """Global model metrics on the validation (and test) images after a round."""
+        self.module.load_state_dict(self.server.global_state)
+        out = {}
+        for name in ("val", "test"):
+            imageset = getattr(self.splits, name)
+            if imageset is not None:
+                bs = self.cfg.data.eval_batch_size
+                out[name], _ = evaluate_imageset(self.module, imageset, bs, self.device)
+        self.module.cpu()
+        return out
+
+    def is_better(self, value: float) -> bool:
+        if self.best[0] == 0:
+            return True
+        lower = self.cfg.monitor.endswith("loss")
+        return value < self.best[1] if lower else value > self.best[1]
+
+    def checkpoint(self, round_number: int, row: dict) -> None:
+        """best.ckpt, last.ckpt, then the resume state: all atomic, the state last."""
+        checkpoints = self.run_dir / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        value = row[self.cfg.monitor.replace("/", "_")]
+        if self.is_better(value):
+            self.best = (round_number, value)
+            save_global(
+                checkpoints / "best.ckpt", self.server.global_state, self.hparams, round_number
+            )
+        save_global(checkpoints / "last.ckpt", self.server.global_state, self.hparams, round_number)
+        save_round_state(
+            checkpoints,
+            {
+                "round": round_number,
+                "server": self.server.state_dict(),
+                "clients": [c.state_dict() for c in self.clients],
+                "history": self.history,
+                "best": list(self.best),
+                "elapsed_s": row["elapsed_s"],
+                "fingerprint": fingerprint(self.clients),
+            },
+        )
+
+    def run(self, tensorboard) -> None:
+        """Every round not yet completed."""
+        fed = self.cfg.federated
+        started = time.time()
+        for r in range(self.next_round, fed.rounds):
+            round_started = time.time()
+            updates, failures = self.train_clients(r)
+            excluded = self.server.aggregate(r, updates, failures)
+            evaluations = self.evaluate()
+            now = time.time()
+            row = round_row(
+                r + 1,
+                len(self.clients),
+                updates,
+                excluded,
+                evaluations,
+                now - round_started,
+                self.elapsed_before + now - started,
+            )
+            self.history.append(row)
+            self.checkpoint(r + 1, row)
+            write_rounds_csv(self.run_dir / "rounds.csv", self.history)
+            log_round(tensorboard, row)
+            print(progress_line(row, fed.rounds, self.best, self.cfg.monitor), flush=True)
+
+
+def run_federated(
+    cfg: Namespace, splits: Splits, run_dir: Path, trainer_args: dict, resume: bool
+) -> tuple[FederatedRun, TensorBoardLogger]:
+    """Train (or continue) a federated run in `run_dir`; its TensorBoard events go there too."""
+    # Each client's fit would announce "max_epochs reached": one line per client per round.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    run = FederatedRun(cfg, splits, run_dir, trainer_args)
+    state = load_round_state(run_dir) if resume else None
+    if resume and state is None:
+        raise UserError(f"{run_dir} has no completed round to resume from: start a new run")
+    if state is not None:
+        run.resume(state)
+        print(f"resuming {run_dir} after round {run.next_round}/{cfg.federated.rounds}")
+    table = format_table(run.table)
+    print(f"clients ({cfg.federated.partition} partition):\n{table}", flush=True)
+    write_partition_csv(run_dir / "partition.csv", run.table)
+    logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
+    logger.experiment.add_text("partition", table, 0)
+    run.run(logger.experiment)
+    return run, logger
+
+
+def write_partition_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")

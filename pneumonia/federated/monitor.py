@@ -1,0 +1,89 @@
+"""What a federated run shows while it runs: a line per round, TensorBoard curves by round,
+and rounds.csv (one row per round: each client's n and loss, global metrics, wall time)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from pneumonia.federated.aggregate import ClientUpdate
+from pneumonia.metrics import SCALARS
+from pneumonia.rundir import write_text_atomic
+
+GLOBAL_METRICS = ("loss", *SCALARS)
+
+
+def round_row(
+    round_number: int,
+    n_clients: int,
+    updates: Sequence[ClientUpdate],
+    excluded: Sequence[int],
+    evaluations: dict[str, dict],
+    round_s: float,
+    elapsed_s: float,
+) -> dict:
+    """One row of rounds.csv; clients not sampled or left out have empty cells."""
+    used = [u for u in updates if u.client not in excluded]
+    row: dict = {
+        "round": round_number,
+        "clients": ";".join(str(u.client) for u in updates),
+        "excluded": ";".join(map(str, excluded)),
+    }
+    by_client = {u.client: u for u in used}
+    for j in range(n_clients):
+        update = by_client.get(j)
+        row[f"client{j}_n"] = update.n if update else ""
+        row[f"client{j}_loss"] = round(update.train_loss, 5) if update else ""
+    total = sum(u.n for u in used)
+    row["train_loss"] = round(sum(u.train_loss * u.n for u in used) / total, 5)
+    for split, values in evaluations.items():
+        for key in GLOBAL_METRICS:
+            row[f"{split}_{key}"] = round(values[key], 5)
+    row["round_s"], row["elapsed_s"] = round(round_s, 1), round(elapsed_s, 1)
+    return row
+
+
+def write_rounds_csv(path: Path, history: Sequence[dict]) -> None:
+    """Rewritten whole after every round (atomically): it always matches the saved state."""
+    if not history:
+        return
+    columns = list(history[-1])
+    lines = [",".join(columns)]
+    lines += [",".join(str(row.get(c, "")) for c in columns) for row in history]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def log_round(tensorboard: SummaryWriter, row: dict) -> None:
+    """Global curves with the round as the step: global/train/loss, global/val/<metric>, ..."""
+    step = row["round"]
+    tensorboard.add_scalar("global/train/loss", row["train_loss"], step)
+    for key, value in row.items():
+        split, _, metric = key.partition("_")
+        if split in ("val", "test") and metric in GLOBAL_METRICS:
+            tensorboard.add_scalar(f"global/{split}/{metric}", value, step)
+    tensorboard.add_scalar("global/round_seconds", row["round_s"], step)
+    tensorboard.flush()
+
+
+def progress_line(row: dict, rounds: int, best: tuple[int, float], monitor: str) -> str:
+    """round r/T, clients, time, global validation metrics, best so far and time left."""
+    done = row["round"]
+    per_round = row["elapsed_s"] / max(done, 1)
+    eta = per_round * (rounds - done)
+    metric = monitor.split("/")[-1]
+    excluded = f" (left out: {row['excluded']})" if row["excluded"] else ""
+    return (
+        f"round {done}/{rounds}  clients {row['clients'].replace(';', ',')}{excluded}  "
+        f"{row['round_s']:.0f}s  train loss {row['train_loss']:.3f}  "
+        f"val acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.3f}  "
+        f"best {metric} {best[1]:.3f} @ round {best[0]}  eta {_minutes(eta)}"
+    )
+
+
+def _minutes(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -1,0 +1,66 @@
+"""The after-every-round checkpoint that `python -m pneumonia.fit --resume RUN_DIR` reads.
+
+checkpoints/federated_state.pt holds the server (global state dict, strategy state, client
+sampler), every client's own state (FedBN norm layers, optimizer state, step count), the
+round history, the best round so far and the process RNG states. It is written to a temporary
+file and renamed, so a run killed at any moment leaves the previous round's file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumonia.errors import UserError
+from pneumonia.safeload import safe_load
+
+STATE_FILE = "federated_state.pt"
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states, as tensors and ints (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def save_round_state(checkpoints: Path, state: dict) -> Path:
+    """Write `state` (plus the RNG states) atomically to checkpoints/federated_state.pt."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    path = checkpoints / STATE_FILE
+    save_atomic(state | {"rng": rng_state()}, path)
+    return path
+
+
+def load_round_state(run_dir: Path) -> dict | None:
+    """The last completed round's state of `run_dir`, or None if no round completed."""
+    path = Path(run_dir) / "checkpoints" / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return safe_load(path)
+    except UserError:
+        raise
+    except Exception as err:  # a truncated or foreign file: say which and what to do
+        raise UserError(f"{path} cannot be read ({type(err).__name__}): start a new run") from None
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,141 @@
+"""How client updates become the next global model. A new strategy is one class.
+
+A strategy has a server half (`aggregate`, and any state of its own, saved with every round)
+and says what clients do differently: which keys they keep local (`local_keys`) and which
+callbacks shape their training (`client_callbacks`). It never sees data, only state dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from pneumonia.federated.aggregate import ClientUpdate, State, weighted_average
+from pneumonia.federated.config import FederatedConfig
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def normalization_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of every normalisation layer (weights, biases, running statistics)."""
+    keys = set()
+    for name, layer in module.named_modules():
+        if isinstance(layer, NORM_TYPES):
+            keys |= {f"{name}.{k}" if name else k for k in layer.state_dict()}
+    return keys
+
+
+class FedAvg:
+    """McMahan et al.: the sample-count-weighted average of the clients' state dicts."""
+
+    local_keys: frozenset[str] = frozenset()
+
+    def client_callbacks(self, global_state: State) -> list[Callback]:
+        return []
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        return weighted_average([u.state for u in updates], [u.n for u in updates])
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ProximalTerm(Callback):
+    """FedProx's mu/2 ||w - w_global||^2, added as its gradient mu (w - w_global) once the
+    gradients are final (after AMP unscaling), so the module's loss stays untouched."""
+
+    def __init__(self, mu: float, global_state: State) -> None:
+        self.mu = mu
+        self.anchor = global_state
+        self._on_device: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.mu == 0:
+            return
+        for name, param in pl_module.named_parameters():
+            if param.grad is None:
+                continue
+            if name not in self._on_device:
+                self._on_device[name] = self.anchor[name].to(param.device, param.dtype)
+            param.grad.add_(param.detach() - self._on_device[name], alpha=self.mu)
+
+
+class FedProx(FedAvg):
+    """Li et al.: FedAvg with a proximal term that keeps local training near the global model."""
+
+    def __init__(self, mu: float) -> None:
+        self.mu = mu
+
+    def client_callbacks(self, global_state: State) -> list[Callback]:
+        return [ProximalTerm(self.mu, global_state)]
+
+
+class FedBN(FedAvg):
+    """Li et al. 2021: normalisation layers never leave their client. Clients train with their
+    own norm layers; the server still averages them, and evaluates the global model with those
+    averaged norm layers (it has no client's own statistics)."""
+
+    def __init__(self, norm_keys: Iterable[str]) -> None:
+        self.local_keys = frozenset(norm_keys)
+
+
+class ServerOptimizer(FedAvg):
+    """Reddi et al.'s FedOpt: the averaged update, global - average, is a pseudo-gradient for
+    a server optimizer: SGD with momentum (FedAvgM) or Adam (FedAdam). Buffers are averaged."""
+
+    def __init__(self, kind: str, parameter_keys: Iterable[str], lr: float, momentum: float):
+        self.kind, self.lr, self.momentum = kind, lr, momentum
+        self.parameter_keys = sorted(parameter_keys)
+        self.params: dict[str, torch.Tensor] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending: dict | None = None  # optimizer state restored before the first round
+
+    def _build(self, global_state: State) -> None:
+        self.params = {k: global_state[k].detach().clone().float() for k in self.parameter_keys}
+        tensors = list(self.params.values())
+        if self.kind == "fedadam":
+            # tau = 1e-3 as the adaptivity constant, as in Reddi et al.
+            self.optimizer = torch.optim.Adam(tensors, lr=self.lr, betas=(0.9, 0.99), eps=1e-3)
+        else:
+            self.optimizer = torch.optim.SGD(tensors, lr=self.lr, momentum=self.momentum)
+        if self._pending is not None:
+            self.optimizer.load_state_dict(self._pending)
+            self._pending = None
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        average = super().aggregate(global_state, updates)
+        if self.params is None:
+            self._build(global_state)
+        for key, param in self.params.items():
+            param.copy_(global_state[key])
+            param.grad = global_state[key].float() - average[key].float()
+        self.optimizer.step()
+        return average | {
+            k: p.detach().clone().to(average[k].dtype) for k, p in self.params.items()
+        }
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict() if self.optimizer is not None else (self._pending or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state or None
+
+
+def create_strategy(cfg: FederatedConfig, module: nn.Module) -> FedAvg:
+    """The strategy `federated.strategy` names, for a model shaped like `module`."""
+    if cfg.strategy == "fedprox":
+        return FedProx(cfg.mu)
+    if cfg.strategy == "fedbn":
+        return FedBN(normalization_keys(module))
+    if cfg.strategy in ("fedavgm", "fedadam"):
+        default_lr = 1.0 if cfg.strategy == "fedavgm" else 0.01
+        lr = cfg.server_lr if cfg.server_lr is not None else default_lr
+        keys = [name for name, _ in module.named_parameters()]
+        return ServerOptimizer(cfg.strategy, keys, lr, cfg.server_momentum)
+    return FedAvg()

@@ -30,9 +30,10 @@ from pneumonia.config import (
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.errors import exit_on_user_error
 from pneumonia.federated.config import check_federated
+from pneumonia.federated.loop import FederatedRun, run_federated
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.rundir import new_run_dir, write_json, write_split_table, write_text_atomic
-from pneumonia.summary import print_summary
+from pneumonia.summary import best_checkpoint_metrics, print_summary
 
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.
@@ -79,13 +80,10 @@ def prepare_run_dir(cfg: Namespace, config_yaml: str, splits: Splits) -> Path:
 
 
 def train_federated(
-    cfg: Namespace, splits: Splits, run_dir: Path, trainer_args: dict, resume: bool, config: dict
-) -> dict:
+    run: FederatedRun, cfg: Namespace, splits: Splits, run_dir: Path, resume: bool, config: dict
+):
     """The federated rounds, then the best round's metrics; the summary's training part."""
-    from pneumonia.federated.loop import run_federated
-    from pneumonia.summary import best_checkpoint_metrics
-
-    run, tensorboard = run_federated(cfg, splits, run_dir, trainer_args, resume)
+    tensorboard = run_federated(run, run_dir, resume)
     fed = cfg.federated
     best, results = best_checkpoint_metrics(
         run.module,
@@ -124,14 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
     sites = federated and cfg.federated.partition == "sites"
     splits = load_splits(cfg.data, cfg.seed, sites=sites)
     print(describe_splits(splits), flush=True)
+    args = trainer_arguments(cfg)
+    run = FederatedRun(cfg, splits, args) if federated else None  # partition errors surface here
     # Created only now: a config or data error above leaves no half-made run behind.
     run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
-    args = trainer_arguments(cfg)
     if federated:
-        trained = train_federated(
-            cfg, splits, run_dir, args, bool(resume), yaml.safe_load(config_yaml)
-        )
+        config = yaml.safe_load(config_yaml)
+        trained = train_federated(run, cfg, splits, run_dir, bool(resume), config)
     else:
         trained = train_centralized(cfg, splits, run_dir, args, bool(resume))
     summary = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import AugmentConfig, random_affine
@@ -38,7 +38,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.balanced_sampling = balanced_sampling
         self.augment = augment or AugmentConfig()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # batch order
+        self.loader_generator = torch.Generator().manual_seed(seed)
         self.num_workers = num_workers
 
     def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
@@ -49,12 +50,16 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler = WeightedRandomSampler(
                 per_class[images.labels], len(images), generator=self.generator
             )
+        elif train:
+            sampler = RandomSampler(dataset, generator=self.generator)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
-            generator=self.generator if train else None,
+            # Not self.generator: Lightning creates an extra, unused iterator in the first epoch
+            # of a later fit call, and each iterator draws a seed from the loader's generator.
+            # The batch order must not depend on that (a kept client Trainer vs a fresh one).
+            generator=self.loader_generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             # A last batch of one image breaks BatchNorm in training; drop only that case.

@@ -52,7 +52,6 @@ class ClientSettings:
     num_workers: int
     seed: int
     trainer_args: dict
-    log_dir: Path
     keep_optimizer_state: bool = False
 
 
@@ -82,14 +81,15 @@ class Client:
         mean, std = self.data.pixel_mean_std()
         return len(self.data), mean, std * std + mean * mean
 
-    def build(self, hparams: dict) -> None:
-        """Create the client's module (with its own class weights) and its Trainer."""
+    def build(self, hparams: dict, log_dir: Path) -> None:
+        """Create the client's module (with its own class weights) and its Trainer, which logs
+        to log_dir/client_<index>."""
         weights = None
         if self.settings.loss_weights:
             weights = class_balanced_weights(self.data.labels, len(self.data.classes))
         self.module = ClassifierModule(**hparams, class_weights=weights)
         self.logger = OffsetTensorBoardLogger(
-            self.settings.log_dir, name="", version=f"client_{self.index}", default_hp_metric=False
+            log_dir, name="", version=f"client_{self.index}", default_hp_metric=False
         )
         self.logger.step_offset = self.steps_before
         self.trainer = L.Trainer(
@@ -100,7 +100,7 @@ class Client:
             enable_checkpointing=False,
             limit_val_batches=0,
             num_sanity_val_steps=0,
-            default_root_dir=self.settings.log_dir / f"client_{self.index}",
+            default_root_dir=log_dir / f"client_{self.index}",
         )
 
     def train_round(

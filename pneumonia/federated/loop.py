@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ CLIENT_MANAGED = {
 }
 
 
-def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict, run_dir: Path):
+def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict):
     """One Client per partition, and the partition table."""
     fed = cfg.federated
     parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
@@ -55,7 +56,6 @@ def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict, run_dir: P
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         trainer_args={k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED},
-        log_dir=run_dir / "clients",
         keep_optimizer_state=fed.keep_optimizer_state,
     )
     clients = [Client(j, splits.train.subset(idx), settings) for j, idx in enumerate(parts)]
@@ -88,11 +88,13 @@ def save_global(path: Path, state: dict, hparams: dict, round_number: int) -> No
 class FederatedRun:
     """The state of one federated run between rounds."""
 
-    def __init__(self, cfg: Namespace, splits: Splits, run_dir: Path, trainer_args: dict):
+    def __init__(self, cfg: Namespace, splits: Splits, trainer_args: dict):
+        """Partition, clients, agreed normalisation, global model, strategy and server: every
+        configuration error surfaces here, before a run directory exists."""
         fed = cfg.federated
         check_federated(fed)
-        self.cfg, self.splits, self.run_dir = cfg, splits, run_dir
-        self.clients, self.table = build_clients(cfg, splits, trainer_args, run_dir)
+        self.cfg, self.splits = cfg, splits
+        self.clients, self.table = build_clients(cfg, splits, trainer_args)
         mean, std = agreed_normalisation(self.clients)
         self.hparams = {
             "model": dict(vars(cfg.model)),
@@ -105,8 +107,6 @@ class FederatedRun:
         }
         # The global model first: its initialisation is the run's (the seed's) initialisation.
         self.module = ClassifierModule(**self.hparams)
-        for client in self.clients:
-            client.build(self.hparams)
         self.strategy = create_strategy(fed, self.module)
         per_round = clients_per_round(fed.fraction, len(self.clients))
         self.server = Server(
@@ -124,6 +124,13 @@ class FederatedRun:
         self.best = (0, float("nan"))
         self.next_round = 0
         self.elapsed_before = 0.0
+        self.run_dir: Path | None = None
+
+    def attach(self, run_dir: Path) -> None:
+        """Give every client its module and Trainer, logging under run_dir/clients/."""
+        self.run_dir = run_dir
+        for client in self.clients:
+            client.build(self.hparams, run_dir / "clients")
 
     def resume(self, state: dict) -> None:
         if state["fingerprint"] != fingerprint(self.clients):
@@ -206,7 +213,15 @@ class FederatedRun:
         started = time.time()
         for r in range(self.next_round, fed.rounds):
             round_started = time.time()
-            updates, failures = self.train_clients(r)
+            try:
+                updates, failures = self.train_clients(r)
+            except KeyboardInterrupt:
+                print(
+                    f"round {r + 1} interrupted; rounds 1-{r} are saved: continue with "
+                    f"python -m pneumonia.fit --resume {self.run_dir}",
+                    file=sys.stderr,
+                )
+                raise
             excluded = self.server.aggregate(r, updates, failures)
             evaluations = self.evaluate()
             now = time.time()
@@ -226,26 +241,24 @@ class FederatedRun:
             print(progress_line(row, fed.rounds, self.best, self.cfg.monitor), flush=True)
 
 
-def run_federated(
-    cfg: Namespace, splits: Splits, run_dir: Path, trainer_args: dict, resume: bool
-) -> tuple[FederatedRun, TensorBoardLogger]:
-    """Train (or continue) a federated run in `run_dir`; its TensorBoard events go there too."""
+def run_federated(run: FederatedRun, run_dir: Path, resume: bool) -> TensorBoardLogger:
+    """Train (or continue) `run` in `run_dir`; its TensorBoard events go there too."""
     # Each client's fit would announce "max_epochs reached": one line per client per round.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    run = FederatedRun(cfg, splits, run_dir, trainer_args)
+    run.attach(run_dir)
     state = load_round_state(run_dir) if resume else None
     if resume and state is None:
         raise UserError(f"{run_dir} has no completed round to resume from: start a new run")
     if state is not None:
         run.resume(state)
-        print(f"resuming {run_dir} after round {run.next_round}/{cfg.federated.rounds}")
+        print(f"resuming {run_dir} after round {run.next_round}/{run.cfg.federated.rounds}")
     table = format_table(run.table)
-    print(f"clients ({cfg.federated.partition} partition):\n{table}", flush=True)
+    print(f"clients ({run.cfg.federated.partition} partition):\n{table}", flush=True)
     write_partition_csv(run_dir / "partition.csv", run.table)
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     logger.experiment.add_text("partition", table, 0)
     run.run(logger.experiment)
-    return run, logger
+    return logger
 
 
 def write_partition_csv(path: Path, rows: list[dict]) -> None:

@@ -95,5 +95,6 @@ def train_centralized(
         splits,
         trainer.loggers[0].experiment,
         cfg.data.eval_batch_size,
+        cfg.threshold,
     )
     return {"epochs": trainer.current_epoch, "best_epoch": int(best["epoch"]), **results}

@@ -59,6 +59,13 @@ def build_fit_parser() -> ArgumentParser:
         default="PNEUMONIA",
         help="recall is the sensitivity to this class",
     )
+    parser.add_argument(
+        "--threshold",
+        type=float | Literal["youden"],
+        default=0.5,
+        help="decision threshold on P(positive): a number, or youden (the best-checkpoint's "
+        "threshold maximising sensitivity + specificity on the validation images)",
+    )
     parser.add_argument("--data", type=DataConfig, default=DataConfig())
     parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
     parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
@@ -139,3 +146,8 @@ def trainer_arguments(cfg: Namespace) -> dict:
         else:
             args["precision"] = "32-true"
     return args
+
+
+def check_threshold(threshold: float | str) -> None:
+    if threshold != "youden" and not 0.0 < float(threshold) < 1.0:
+        raise UserError(f"threshold {threshold} must lie strictly between 0 and 1, or be youden")

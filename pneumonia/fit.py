@@ -21,6 +21,7 @@ from jsonargparse import Namespace
 from pneumonia.centralized import train_centralized
 from pneumonia.config import (
     build_fit_parser,
+    check_threshold,
     parse_args,
     resume_dir,
     to_yaml,
@@ -91,6 +92,7 @@ def train_federated(
         splits,
         tensorboard.experiment,
         cfg.data.eval_batch_size,
+        cfg.threshold,
     )
     key = cfg.monitor.replace("/", "_")
     tensorboard.log_hyperparams(config, {f"hparams/best_{key}": run.best[1]})
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     # A bad model, size or federated setting fails now, not after minutes of decoding images.
     create_model(cfg.model, cfg.data.image_size)
+    check_threshold(cfg.threshold)
     federated = cfg.federated.enabled
     if federated:
         check_federated(cfg.federated)

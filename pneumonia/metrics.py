@@ -74,3 +74,15 @@ class DiagnosisMetrics(nn.Module):
         self.scalars.reset()
         self.confusion.reset()
         self.roc.reset()
+
+
+def youden_threshold(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The threshold that maximises Youden's J = sensitivity + specificity - 1 on these
+    images (ties: the highest such threshold)."""
+    from torchmetrics.functional.classification import binary_roc
+
+    fpr, tpr, thresholds = binary_roc(probs.float(), targets.long())
+    j = tpr - fpr
+    best = torch.nonzero(j == j.max()).flatten()
+    # thresholds descend; the first is 1 by convention (nothing called positive).
+    return float(thresholds[best[0]].clamp(0.0, 1.0))

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from pneumonia.data.imageset import ImageSet
 from pneumonia.errors import UserError
 
@@ -51,6 +53,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: object) -> None:

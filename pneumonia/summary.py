@@ -8,10 +8,19 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from pneumonia.data.sources import Splits
-from pneumonia.evaluation import evaluate_imageset
-from pneumonia.metrics import SCALARS
+from pneumonia.evaluation import evaluate_imageset, predict_probabilities
+from pneumonia.metrics import SCALARS, youden_threshold
 from pneumonia.module import ClassifierModule
+from pneumonia.rundir import save_atomic
 from pneumonia.safeload import safe_load
+
+
+def choose_threshold(module: ClassifierModule, splits: Splits, rule: float | str, bs: int) -> float:
+    """The decision threshold: a fixed number, or "youden" chosen on the validation images."""
+    if rule != "youden":
+        return float(rule)
+    probs = predict_probabilities(module, splits.val.images, bs)
+    return youden_threshold(probs, splits.val.labels == module.positive)
 
 
 def best_checkpoint_metrics(
@@ -20,12 +29,21 @@ def best_checkpoint_metrics(
     splits: Splits,
     tensorboard: SummaryWriter,
     batch_size: int,
+    threshold: float | str = 0.5,
 ) -> tuple[dict, dict]:
-    """Load `checkpoint` into `module`; return (its checkpoint dict, {"val": ..., "test": ...})
-    and log every scalar and figure under best/<split>/."""
+    """Load `checkpoint` into `module`; choose the decision threshold (written back into the
+    checkpoint, so `pneumonia.evaluate` uses it); return (the checkpoint dict, {"threshold",
+    "val", "test", and "val_at_0.5" when the threshold moved}); log best/<split>/* to
+    TensorBoard."""
     best = safe_load(checkpoint)
     module.load_state_dict(best["state_dict"])
-    results = {}
+    chosen = choose_threshold(module, splits, threshold, batch_size)
+    results: dict = {"threshold": round(chosen, 6), "threshold_rule": str(threshold)}
+    if chosen != module.hparams.threshold:
+        results["val_at_0.5"], _ = evaluate_imageset(module, splits.val, batch_size)
+        module.hparams.threshold = chosen
+        best["hyper_parameters"]["threshold"] = chosen
+        save_atomic(best, Path(checkpoint))
     for name in ("val", "test"):
         imageset = getattr(splits, name)
         if imageset is None:
@@ -47,6 +65,10 @@ def format_metrics(values: dict) -> str:
 
 
 def print_summary(summary: dict, best_key: str, summary_path: Path) -> None:
+    if "val_at_0.5" in summary:
+        print(f"val at threshold 0.5: {format_metrics(summary['val_at_0.5'])}")
+        rule = summary["threshold_rule"]
+        print(f"threshold {summary['threshold']:.3f} ({rule}, chosen on the validation images)")
     for name in ("val", "test"):
         if name in summary:
             label = best_key.replace("_", " ")

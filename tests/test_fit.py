@@ -11,6 +11,10 @@ from pneumonia import evaluate, fit
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_run.ipynb"
 TINY = [
+    "--federated.enabled",
+    "false",
+    "--optim.scheduler",
+    "cosine",
     "--data.image_size",
     "32",
     "--data.synthetic.n_patients",
@@ -122,7 +126,7 @@ def test_explore_notebook_runs_on_a_run_directory(tiny_run, monkeypatch, tmp_pat
     namespace["RUN_DIR"] = run_dir
     for source in cells[1:]:
         exec(source, namespace)
-    assert namespace["per_epoch"]("val/accuracy")[0] == [0, 1]
+    assert namespace["curve"]("val/accuracy")[0] == [0, 1]
 
 
 def test_tensorboard_holds_scalars_and_figures(tiny_run):

@@ -1,4 +1,4 @@
-"""The embedded synthetic data is learnable but not trivial: a smaller default run learns."""
+"""The embedded synthetic data is learnable but not trivial: a smaller centralized run learns."""
 
 import pytest
 
@@ -15,6 +15,10 @@ def test_small_synthetic_run_learns_beyond_the_majority_class(tmp_path):
             "400",
             "--data.augment.enabled",
             "false",
+            "--federated.enabled",
+            "false",
+            "--optim.scheduler",
+            "cosine",
             "--trainer.max_epochs",
             "5",
             "--trainer.enable_progress_bar",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pneumonia.metrics import DiagnosisMetrics
+from pneumonia.metrics import DiagnosisMetrics, youden_threshold
 
 
 def test_metrics_match_hand_computed_confusion_matrix():
@@ -41,3 +41,11 @@ def test_reset_and_figures():
     metrics.reset()
     metrics.update(torch.tensor([0.9, 0.9]), torch.tensor([0, 0]))
     assert metrics.compute()["confusion_matrix"] == [[0, 2], [0, 0]]
+
+
+def test_youden_threshold_by_hand():
+    # Negatives 0.1 0.3 0.5, positives 0.4 0.6 0.7 0.9. Sensitivity + specificity - 1 at each
+    # threshold: 0.9 -> 0.25, 0.7 -> 0.5, 0.6 -> 0.75, 0.5 -> 0.42, 0.4 -> 0.67: 0.6 wins.
+    probs = torch.tensor([0.1, 0.3, 0.5, 0.4, 0.6, 0.7, 0.9])
+    targets = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    assert youden_threshold(probs, targets) == pytest.approx(0.6)

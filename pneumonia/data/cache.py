@@ -18,6 +18,7 @@ import torch
 from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import ImageFile
+from pneumonia.rundir import save_atomic
 
 CACHE_VERSION = 2  # bump when decoding changes, to orphan old cache files
 
@@ -36,17 +37,6 @@ def cache_key(files: list[ImageFile], image_size: int) -> str:
         stat = f.path.stat()
         digest.update(f"|{f.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
     return digest.hexdigest()[:24]
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _to_payload(imageset: ImageSet, skipped: list[str]) -> dict:

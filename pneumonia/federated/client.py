@@ -110,11 +110,14 @@ class Client:
         local_epochs: int,
         local_keys: frozenset[str] = frozenset(),
         callbacks: list[Callback] | None = None,
+        lr: float | None = None,
     ) -> ClientUpdate:
-        """Load the global weights (keeping `local_keys` of its own), train E epochs, return
-        the update."""
+        """Load the global weights (keeping `local_keys` of its own), train E epochs at
+        learning rate `lr` (default optim.lr), return the update."""
         start = dict(global_state) | {k: v for k, v in self.local_state.items() if k in local_keys}
         self.module.load_state_dict(start)
+        # configure_optimizers reads optim_cfg when each fit call starts.
+        self.module.optim_cfg.lr = self.module.hparams.optim["lr"] if lr is None else lr
         seed_training(self.datamodule.generator, self.settings.seed, round_index, self.index)
         callbacks = list(callbacks or [])
         if self.settings.keep_optimizer_state and self.optimizer_state is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,8 @@ class FederatedConfig:
     server_momentum: float = 0.9  # fedavgm
     min_clients: int = 1  # a round fails unless at least this many clients return valid updates
     keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
+    # Client learning rate across rounds: optim.lr throughout, or cosine-decayed by round.
+    round_lr: Literal["constant", "cosine"] = "constant"
 
 
 def check_federated(cfg: FederatedConfig) -> None:
@@ -43,3 +46,11 @@ def check_federated(cfg: FederatedConfig) -> None:
 def clients_per_round(fraction: float, clients: int) -> int:
     """m = max(round(C * J), 1), as in McMahan et al."""
     return max(round(fraction * clients), 1)
+
+
+def round_lr_scale(schedule: str, round_index: int, rounds: int) -> float:
+    """Factor on optim.lr for round `round_index` (0-based): 1 throughout, or a cosine from 1
+    in the first round towards 0 (never reached) after the last."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * round_index / rounds))
+    return 1.0

@@ -19,18 +19,13 @@ from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
 from pneumonia.evaluation import evaluate_imageset
 from pneumonia.federated.client import Client, ClientSettings
-from pneumonia.federated.config import check_federated, clients_per_round
+from pneumonia.federated.config import check_federated, clients_per_round, round_lr_scale
 from pneumonia.federated.monitor import log_round, progress_line, round_row, write_rounds_csv
 from pneumonia.federated.server import Server
-from pneumonia.federated.state import (
-    load_round_state,
-    save_atomic,
-    save_round_state,
-    set_rng_state,
-)
+from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
 from pneumonia.federated.strategies import create_strategy
 from pneumonia.module import ClassifierModule
-from pneumonia.rundir import write_text_atomic
+from pneumonia.rundir import save_atomic, write_text_atomic
 
 # Options the loop sets on every client Trainer itself.
 CLIENT_MANAGED = {
@@ -55,7 +50,9 @@ def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict):
         augment=cfg.data.augment,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        trainer_args={k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED},
+        # The model summary would repeat for every client and round; the loop prints the table.
+        trainer_args={k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED}
+        | {"enable_model_summary": False},
         keep_optimizer_state=fed.keep_optimizer_state,
     )
     clients = [Client(j, splits.train.subset(idx), settings) for j, idx in enumerate(parts)]
@@ -150,6 +147,7 @@ class FederatedRun:
         fed = self.cfg.federated
         updates, failures = [], {}
         callbacks = self.strategy.client_callbacks(self.server.global_state)
+        lr = self.cfg.optim.lr * round_lr_scale(fed.round_lr, round_index, fed.rounds)
         for j in self.server.sample_clients():
             try:
                 updates.append(
@@ -159,6 +157,7 @@ class FederatedRun:
                         fed.local_epochs,
                         self.strategy.local_keys,
                         callbacks,
+                        lr,
                     )
                 )
             except Exception as err:  # one hospital's failure must not end the federation

@@ -8,7 +8,6 @@ file and renamed, so a run killed at any moment leaves the previous round's file
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from pneumonia.errors import UserError
+from pneumonia.rundir import save_atomic
 from pneumonia.safeload import safe_load
 
 STATE_FILE = "federated_state.pt"
@@ -57,10 +57,3 @@ def load_round_state(run_dir: Path) -> dict | None:
         raise
     except Exception as err:  # a truncated or foreign file: say which and what to do
         raise UserError(f"{path} cannot be read ({type(err).__name__}): start a new run") from None
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

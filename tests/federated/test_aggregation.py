@@ -171,3 +171,12 @@ def test_server_side_code_imports_no_data_module(name):
     ]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert imported and not [m for m in imported if m.startswith("pneumonia.data")]
+
+
+def test_round_learning_rate_schedule_by_hand():
+    from pneumonia.federated.config import round_lr_scale
+
+    assert [round_lr_scale("constant", r, 4) for r in range(4)] == [1.0] * 4
+    # 0.5 (1 + cos(pi r / 4)) for r = 0..3: 1, 0.854, 0.5, 0.146
+    expected = [1.0, 0.8535534, 0.5, 0.1464466]
+    assert [round_lr_scale("cosine", r, 4) for r in range(4)] == pytest.approx(expected)

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +27,9 @@ TINY = [
     "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1",
 ]  # fmt: skip
+NOTEBOOK = Path(__file__).parents[2] / "notebooks" / "explore_run.ipynb"
 FEDERATED = [*TINY, "--federated.enabled", "true", "--federated.local_epochs", "1"]
-TWO_ROUNDS = [*FEDERATED, "--federated.rounds", "2"]
+TWO_ROUNDS = [*FEDERATED, "--federated.rounds", "2", "--threshold", "youden"]
 
 
 def last_weights(run_dir):
@@ -80,6 +82,10 @@ def test_run_directory_has_rounds_partition_checkpoints_and_summary(fl_run):
     )
     assert summary["federated"]["rounds"] == 2 and summary["federated"]["clients"] == 3
     assert summary["best_round"] in (1, 2)
+    # The threshold chosen on validation is in the summary and in best.ckpt, for evaluate.
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt")
+    assert summary["threshold_rule"] == "youden" and 0.0 < summary["threshold"] < 1.0
+    assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["threshold"])
     assert json.loads((run_dir / "summary.json").read_text())["val"]["n"] == summary["val"]["n"]
 
 
@@ -91,8 +97,12 @@ def test_best_checkpoint_reproduces_the_summary_metrics(fl_run):
     assert values["n"] == summary["val"]["n"] == len(val)
     assert values["accuracy"] == pytest.approx(summary["val"]["accuracy"])
     assert values["auroc"] == pytest.approx(summary["val"]["auroc"])
-    best_row = (run_dir / "rounds.csv").read_text().splitlines()[summary["best_round"]]
-    assert f"{values['accuracy']:.5f}"[:6] in best_row  # the round's own evaluation agrees
+    # The round's own evaluation (at threshold 0.5) agrees with the summary's.
+    header, *rows = (run_dir / "rounds.csv").read_text().splitlines()
+    best_row = dict(zip(header.split(","), rows[summary["best_round"] - 1].split(","), strict=True))
+    at_half = summary.get("val_at_0.5", summary["val"])
+    assert float(best_row["val_accuracy"]) == pytest.approx(at_half["accuracy"], abs=1e-5)
+    assert float(best_row["val_auroc"]) == pytest.approx(values["auroc"], abs=1e-5)
 
 
 def scalars(path, tag):
@@ -130,7 +140,8 @@ def test_only_state_dicts_and_counts_cross_the_client_boundary(fl_run):
 
 def test_one_client_fedavg_equals_centralized_training(tmp_path):
     central = tmp_path / "central"
-    fit.main([*TINY, "--trainer.max_epochs", "2", "--run_dir", str(central)])
+    centralized = ["--federated.enabled", "false", "--trainer.max_epochs", "2"]
+    fit.main([*TINY, *centralized, "--run_dir", str(central)])
     federated = tmp_path / "federated"
     fit.main(
         [
@@ -253,6 +264,7 @@ def test_fedbn_keeps_each_clients_norm_layers(tmp_path):
         (["--federated.fraction", "0"], "federated.fraction 0.0 must lie in (0, 1]"),
         (["--federated.fraction", "1.5"], "federated.fraction 1.5 must lie in (0, 1]"),
         (["--federated.rounds", "0"], "federated.rounds 0 must be at least 1"),
+        (["--threshold", "1.5"], "threshold 1.5 must lie strictly between 0 and 1"),
         (["--federated.clients", "40"], "federated.clients 40 is more than the"),
         (
             ["--federated.partition", "dirichlet", "--federated.clients", "12",
@@ -309,3 +321,20 @@ def test_resume_takes_only_a_run_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fit.main(["--resume", str(tmp_path)])
     assert "holds no config.yaml" in capsys.readouterr().err
+
+
+def test_explore_notebook_draws_a_federated_run(fl_run):
+    """The notebook's cells, in-process, on the federated run: curves by round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir, _, _ = fl_run
+    notebook = json.loads(NOTEBOOK.read_text())
+    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    namespace: dict = {}
+    exec(cells[0], namespace)
+    namespace["RUN_DIR"] = run_dir
+    for source in cells[1:]:
+        exec(source, namespace)
+    assert namespace["federated"] and namespace["curve"]("val_accuracy")[0] == [1, 2]
+    assert "client2_loss" in namespace["losses"]

@@ -38,7 +38,12 @@ class RestoreOptimizer(Callback):
         self.state = state
 
     def on_train_start(self, trainer, pl_module) -> None:
-        trainer.optimizers[0].load_state_dict(self.state)
+        optimizer = trainer.optimizers[0]
+        # The state carries last round's learning rates; this round's (round_lr) must win.
+        rates = [group["lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(self.state)
+        for group, lr in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
 
 
 @dataclass

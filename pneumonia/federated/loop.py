@@ -214,7 +214,7 @@ class FederatedRun:
             round_started = time.time()
             try:
                 updates, failures = self.train_clients(r)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
                 print(
                     f"round {r + 1} interrupted; rounds 1-{r} are saved: continue with "
                     f"python -m pneumonia.fit --resume {self.run_dir}",

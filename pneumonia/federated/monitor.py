@@ -29,7 +29,7 @@ def round_row(
     used = [u for u in updates if u.client not in excluded]
     row: dict = {
         "round": round_number,
-        "clients": ";".join(str(u.client) for u in updates),
+        "clients": ";".join(str(j) for j in sorted({u.client for u in updates} | set(excluded))),
         "excluded": ";".join(map(str, excluded)),
     }
     by_client = {u.client: u for u in used}

@@ -338,3 +338,23 @@ def test_explore_notebook_draws_a_federated_run(fl_run):
         exec(source, namespace)
     assert namespace["federated"] and namespace["curve"]("val_accuracy")[0] == [1, 2]
     assert "client2_loss" in namespace["losses"]
+
+
+def test_kept_optimizer_state_brings_its_moments_but_not_its_learning_rate(tmp_path):
+    from pneumonia.federated.client import RestoreOptimizer
+
+    seen = []
+    original = RestoreOptimizer.on_train_start
+
+    def spy(self, trainer, pl_module):
+        original(self, trainer, pl_module)
+        optimizer = trainer.optimizers[0]
+        seen.append((optimizer.param_groups[0]["lr"], len(optimizer.state)))
+
+    keep = ["--federated.keep_optimizer_state", "true", "--run_dir", str(tmp_path / "run")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RestoreOptimizer, "on_train_start", spy)
+        fit.main([*TWO_ROUNDS, *keep])
+    # Round 2 of 2 under round_lr cosine: 1e-3 * (1 + cos(pi / 2)) / 2 = 5e-4, for 3 clients.
+    assert len(seen) == 3
+    assert all(lr == pytest.approx(5e-4) and moments > 0 for lr, moments in seen)

@@ -351,7 +351,8 @@ def test_kept_optimizer_state_brings_its_moments_but_not_its_learning_rate(tmp_p
         optimizer = trainer.optimizers[0]
         seen.append((optimizer.param_groups[0]["lr"], len(optimizer.state)))
 
-    keep = ["--federated.keep_optimizer_state", "true", "--run_dir", str(tmp_path / "run")]
+    keep = ["--federated.keep_optimizer_state", "true", "--optim.lr", "0.001"]
+    keep += ["--run_dir", str(tmp_path / "run")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RestoreOptimizer, "on_train_start", spy)
         fit.main([*TWO_ROUNDS, *keep])

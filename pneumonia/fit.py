@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     # A bad model, size or federated setting fails now, not after minutes of decoding images.
-    create_model(cfg.model, cfg.data.image_size)
+    parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
     check_threshold(cfg.threshold)
     federated = cfg.federated.enabled
     if federated:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "synthetic": cfg.data.root is None,
         "model": cfg.model.name,
         "norm": cfg.model.norm,
-        "parameters": count_parameters(create_model(cfg.model, cfg.data.image_size)),
+        "parameters": parameters,
         "image_size": cfg.data.image_size,
         **trained,
         "wall_time_s": round(time.time() - started, 1),

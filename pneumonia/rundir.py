@@ -70,6 +70,15 @@ def write_json(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of dicts as CSV (columns: the last row's keys; missing cells empty), atomically."""
+    if not rows:
+        return
+    columns = list(rows[-1])
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
 def write_split_table(path: Path, parts: dict[str, ImageSet | None]) -> None:
     """One row per image: split, class, patient, name."""
     lines = ["split,class,patient,name"]

@@ -17,7 +17,8 @@ def safe_load(path: str | Path) -> object:
         raise UserError(f"{path} does not exist: check the checkpoint or weights path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+    # Junk bytes surface as any of these (a legacy-format read of garbage raises KeyError).
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError):
         raise UserError(
             f"cannot read {path}: not a PyTorch checkpoint, or it holds pickled objects beyond "
             f"tensors and plain containers (refused: loading them could run code)"

@@ -20,12 +20,12 @@ from pneumonia.errors import UserError
 from pneumonia.evaluation import evaluate_imageset
 from pneumonia.federated.client import Client, ClientSettings
 from pneumonia.federated.config import check_federated, clients_per_round, round_lr_scale
-from pneumonia.federated.monitor import log_round, progress_line, round_row, write_rounds_csv
+from pneumonia.federated.monitor import log_round, progress_line, round_row
 from pneumonia.federated.server import Server
 from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
 from pneumonia.federated.strategies import create_strategy
 from pneumonia.module import ClassifierModule
-from pneumonia.rundir import save_atomic, write_text_atomic
+from pneumonia.rundir import save_atomic, write_csv
 
 # Options the loop sets on every client Trainer itself.
 CLIENT_MANAGED = {
@@ -92,6 +92,7 @@ class FederatedRun:
         check_federated(fed)
         self.cfg, self.splits = cfg, splits
         self.clients, self.table = build_clients(cfg, splits, trainer_args)
+        self.fingerprint = fingerprint(self.clients)
         mean, std = agreed_normalisation(self.clients)
         self.hparams = {
             "model": dict(vars(cfg.model)),
@@ -130,7 +131,7 @@ class FederatedRun:
             client.build(self.hparams, run_dir / "clients")
 
     def resume(self, state: dict) -> None:
-        if state["fingerprint"] != fingerprint(self.clients):
+        if state["fingerprint"] != self.fingerprint:
             raise UserError(
                 f"{self.run_dir}: the data or partition differs from when the run started "
                 f"(data.root changed?): resume needs the same images"
@@ -202,7 +203,7 @@ class FederatedRun:
                 "history": self.history,
                 "best": list(self.best),
                 "elapsed_s": row["elapsed_s"],
-                "fingerprint": fingerprint(self.clients),
+                "fingerprint": self.fingerprint,
             },
         )
 
@@ -235,7 +236,7 @@ class FederatedRun:
             )
             self.history.append(row)
             self.checkpoint(r + 1, row)
-            write_rounds_csv(self.run_dir / "rounds.csv", self.history)
+            write_csv(self.run_dir / "rounds.csv", self.history)
             log_round(tensorboard, row)
             print(progress_line(row, fed.rounds, self.best, self.cfg.monitor), flush=True)
 
@@ -253,14 +254,8 @@ def run_federated(run: FederatedRun, run_dir: Path, resume: bool) -> TensorBoard
         print(f"resuming {run_dir} after round {run.next_round}/{run.cfg.federated.rounds}")
     table = format_table(run.table)
     print(f"clients ({run.cfg.federated.partition} partition):\n{table}", flush=True)
-    write_partition_csv(run_dir / "partition.csv", run.table)
+    write_csv(run_dir / "partition.csv", run.table)
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     logger.experiment.add_text("partition", table, 0)
     run.run(logger.experiment)
     return logger
-
-
-def write_partition_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(rows[0])
-    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
-    write_text_atomic(path, "\n".join(lines) + "\n")

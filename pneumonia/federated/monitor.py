@@ -1,17 +1,15 @@
 """What a federated run shows while it runs: a line per round, TensorBoard curves by round,
-and rounds.csv (one row per round: each client's n and loss, global metrics, wall time)."""
+and the rows of rounds.csv (each client's n and loss, global metrics, wall time)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.metrics import SCALARS
-from pneumonia.rundir import write_text_atomic
 
 GLOBAL_METRICS = ("loss", *SCALARS)
 
@@ -44,16 +42,6 @@ def round_row(
             row[f"{split}_{key}"] = round(values[key], 5)
     row["round_s"], row["elapsed_s"] = round(round_s, 1), round(elapsed_s, 1)
     return row
-
-
-def write_rounds_csv(path: Path, history: Sequence[dict]) -> None:
-    """Rewritten whole after every round (atomically): it always matches the saved state."""
-    if not history:
-        return
-    columns = list(history[-1])
-    lines = [",".join(columns)]
-    lines += [",".join(str(row.get(c, "")) for c in columns) for row in history]
-    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def log_round(tensorboard: SummaryWriter, row: dict) -> None:

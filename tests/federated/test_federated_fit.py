@@ -77,9 +77,8 @@ def test_run_directory_has_rounds_partition_checkpoints_and_summary(fl_run):
     partition = (run_dir / "partition.csv").read_text().splitlines()
     sizes = [int(line.split(",")[1]) for line in partition[1:]]
     assert [int(first[f"client{j}_n"]) for j in range(3)] == sizes
-    assert sum(sizes) == summary["val"]["n"] * 0 + len(
-        [r for r in (run_dir / "split.csv").read_text().splitlines() if r.startswith("train,")]
-    )
+    split_rows = (run_dir / "split.csv").read_text().splitlines()
+    assert sum(sizes) == sum(r.startswith("train,") for r in split_rows)
     assert summary["federated"]["rounds"] == 2 and summary["federated"]["clients"] == 3
     assert summary["best_round"] in (1, 2)
     # The threshold chosen on validation is in the summary and in best.ckpt, for evaluate.
@@ -359,3 +358,16 @@ def test_kept_optimizer_state_brings_its_moments_but_not_its_learning_rate(tmp_p
     # Round 2 of 2 under round_lr cosine: 1e-3 * (1 + cos(pi / 2)) / 2 = 5e-4, for 3 clients.
     assert len(seen) == 3
     assert all(lr == pytest.approx(5e-4) and moments > 0 for lr, moments in seen)
+
+
+def test_resume_from_a_corrupt_round_state_is_one_line(fl_run, tmp_path, capsys):
+    run_dir, _, _ = fl_run
+    broken = tmp_path / "broken"
+    (broken / "checkpoints").mkdir(parents=True)
+    (broken / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (broken / "checkpoints" / "federated_state.pt").write_bytes(b"junk\n")
+    with pytest.raises(SystemExit) as exit_info:
+        fit.main(["--resume", str(broken)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot read {broken}")

@@ -4,9 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
+COMPARE ?= configs/compare/paper_table3_cpu.yaml
 ARGS   ?=
 
-.PHONY: help install fit test test-fast lint tensorboard clean
+.PHONY: help install fit compare test test-fast lint tensorboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,6 +22,9 @@ install: $(STAMP)  ## create .venv and install the package with its test tools
 
 fit: $(STAMP)  ## train on the embedded synthetic data (CONFIG=..., ARGS='--data.root DIR ...')
 	$(BIN)/python -m pneumonia.fit --config $(CONFIG) $(ARGS)
+
+compare: $(STAMP)  ## run a comparison (COMPARE=configs/compare/NAME.yaml, ARGS='--data.root DIR')
+	$(BIN)/python -m pneumonia.compare --config $(COMPARE) $(ARGS)
 
 test: $(STAMP)  ## lint, then the whole test suite
 	$(BIN)/ruff check pneumonia tests

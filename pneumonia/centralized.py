@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weights
@@ -16,6 +17,19 @@ from pneumonia.errors import UserError
 from pneumonia.module import ClassifierModule
 from pneumonia.seeding import seed_training
 from pneumonia.summary import best_checkpoint_metrics
+
+# Called with (done, total) after each epoch or round, e.g. by a comparison's progress display.
+Progress = Callable[[int, int], None]
+
+
+class ReportEpochs(Callback):
+    """Tells a `Progress` how many epochs are done, after each epoch's validation."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.progress(trainer.current_epoch + 1, trainer.max_epochs)
 
 
 def build_module(cfg: Namespace, splits: Splits) -> ClassifierModule:
@@ -54,7 +68,7 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
 
 
 def build_trainer(
-    cfg: Namespace, run_dir: Path, trainer_args: dict
+    cfg: Namespace, run_dir: Path, trainer_args: dict, progress: Progress | None = None
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -70,19 +84,25 @@ def build_trainer(
         TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
         CSVLogger(run_dir, name="", version=""),
     ]
+    callbacks = [checkpoint, last] + ([ReportEpochs(progress)] if progress else [])
     trainer = L.Trainer(
-        **trainer_args, logger=loggers, callbacks=[checkpoint, last], default_root_dir=run_dir
+        **trainer_args, logger=loggers, callbacks=callbacks, default_root_dir=run_dir
     )
     return trainer, checkpoint
 
 
 def train_centralized(
-    cfg: Namespace, splits: Splits, run_dir: Path, trainer_args: dict, resume: bool
+    cfg: Namespace,
+    splits: Splits,
+    run_dir: Path,
+    trainer_args: dict,
+    resume: bool,
+    progress: Progress | None = None,
 ) -> dict:
     """Fit, then evaluate the best checkpoint; the summary's training part."""
     module = build_module(cfg, splits)
     datamodule = build_datamodule(cfg, splits)
-    trainer, checkpoint = build_trainer(cfg, run_dir, trainer_args)
+    trainer, checkpoint = build_trainer(cfg, run_dir, trainer_args, progress)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
@@ -96,5 +116,6 @@ def train_centralized(
         trainer.loggers[0].experiment,
         cfg.data.eval_batch_size,
         cfg.threshold,
+        run_dir / "predictions.csv",
     )
     return {"epochs": trainer.current_epoch, "best_epoch": int(best["epoch"]), **results}

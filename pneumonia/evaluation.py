@@ -48,7 +48,14 @@ def evaluate_imageset(
     """Metrics of `module` on `imageset` (unweighted cross-entropy "loss", every scalar, the
     confusion matrix and n), and the filled metric object for figures."""
     probs = predict_probabilities(module, imageset.images, batch_size, device, progress)
-    targets = imageset.labels == module.positive
+    return score(module, probs, imageset.labels)
+
+
+def score(
+    module: ClassifierModule, probs: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict, DiagnosisMetrics]:
+    """Metrics of probabilities P(positive) against class labels, at the module's threshold."""
+    targets = labels == module.positive
     metrics = DiagnosisMetrics(module.hparams.threshold)
     metrics.update(probs, targets)
     return {"loss": cross_entropy(probs, targets)} | metrics.compute(), metrics

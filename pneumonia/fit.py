@@ -18,7 +18,7 @@ import lightning as L
 import yaml
 from jsonargparse import Namespace
 
-from pneumonia.centralized import train_centralized
+from pneumonia.centralized import Progress, train_centralized
 from pneumonia.config import (
     build_fit_parser,
     check_threshold,
@@ -81,10 +81,16 @@ def prepare_run_dir(cfg: Namespace, config_yaml: str, splits: Splits) -> Path:
 
 
 def train_federated(
-    run: FederatedRun, cfg: Namespace, splits: Splits, run_dir: Path, resume: bool, config: dict
+    run: FederatedRun,
+    cfg: Namespace,
+    splits: Splits,
+    run_dir: Path,
+    resume: bool,
+    config: dict,
+    progress: Progress | None = None,
 ):
     """The federated rounds, then the best round's metrics; the summary's training part."""
-    tensorboard = run_federated(run, run_dir, resume)
+    tensorboard = run_federated(run, run_dir, resume, progress)
     fed = cfg.federated
     best, results = best_checkpoint_metrics(
         run.module,
@@ -93,6 +99,7 @@ def train_federated(
         tensorboard.experiment,
         cfg.data.eval_batch_size,
         cfg.threshold,
+        run_dir / "predictions.csv",
     )
     key = cfg.monitor.replace("/", "_")
     tensorboard.log_hyperparams(config, {f"hparams/best_{key}": run.best[1]})
@@ -110,18 +117,26 @@ def train_federated(
     }
 
 
+def preflight(cfg: Namespace) -> int:
+    """Check what can be checked without data (model, image size, threshold, federated
+    settings) and return the model's parameter count. Raises UserError."""
+    parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
+    check_threshold(cfg.threshold)
+    if cfg.federated.enabled:
+        check_federated(cfg.federated)
+    return parameters
+
+
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, train, evaluate the best checkpoint, write the run directory."""
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
+    """Parse the config, train, evaluate the best checkpoint, write the run directory.
+    `progress(done, total)` is called after every epoch (centralized) or round (federated)."""
     cfg, raw, config_yaml, resume = parse_config(sys.argv[1:] if argv is None else argv)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     # A bad model, size or federated setting fails now, not after minutes of decoding images.
-    parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
-    check_threshold(cfg.threshold)
+    parameters = preflight(cfg)
     federated = cfg.federated.enabled
-    if federated:
-        check_federated(cfg.federated)
     sites = federated and cfg.federated.partition == "sites"
     splits = load_splits(cfg.data, cfg.seed, sites=sites)
     print(describe_splits(splits), flush=True)
@@ -132,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
     if federated:
         config = yaml.safe_load(config_yaml)
-        trained = train_federated(run, cfg, splits, run_dir, bool(resume), config)
+        trained = train_federated(run, cfg, splits, run_dir, bool(resume), config, progress)
     else:
-        trained = train_centralized(cfg, splits, run_dir, args, bool(resume))
+        trained = train_centralized(cfg, splits, run_dir, args, bool(resume), progress)
     summary = {
         "data": splits.source,
         "synthetic": cfg.data.root is None,

@@ -82,11 +82,14 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
+        # Class weights and smoothing shape training only; val/test report the plain
+        # cross-entropy, the same loss the federated server and `evaluation` report.
+        training = stage == "train"
         loss = F.cross_entropy(
             logits.float(),
             labels,
-            weight=self.class_weights,
-            label_smoothing=self.optim_cfg.label_smoothing,
+            weight=self.class_weights if training else None,
+            label_smoothing=self.optim_cfg.label_smoothing if training else 0.0,
         )
         self.metrics[f"{stage}_metrics"].update(
             self.positive_probability(logits), labels == self.positive

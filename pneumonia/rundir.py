@@ -11,6 +11,8 @@ runs/<experiment>/version_N/
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -71,21 +73,25 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows of dicts as CSV (columns: the last row's keys; missing cells empty), atomically."""
+    """Rows of dicts as CSV (columns: the last row's keys; missing cells empty), atomically.
+    The csv module quotes any cell holding a comma, such as a file name."""
     if not rows:
         return
-    columns = list(rows[-1])
-    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[-1]), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, out.getvalue())
 
 
 def write_split_table(path: Path, parts: dict[str, ImageSet | None]) -> None:
     """One row per image: split, class, patient, name."""
-    lines = ["split,class,patient,name"]
-    for split, images in parts.items():
-        if images is not None:
-            for label, patient, name in zip(
-                images.labels.tolist(), images.patients, images.names, strict=True
-            ):
-                lines.append(f"{split},{images.classes[label]},{patient},{name}")
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    rows = [
+        {"split": split, "class": images.classes[label], "patient": patient, "name": name}
+        for split, images in parts.items()
+        if images is not None
+        for label, patient, name in zip(
+            images.labels.tolist(), images.patients, images.names, strict=True
+        )
+    ]
+    write_csv(path, rows)

@@ -8,10 +8,10 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from pneumonia.data.sources import Splits
-from pneumonia.evaluation import evaluate_imageset, predict_probabilities
+from pneumonia.evaluation import evaluate_imageset, predict_probabilities, score
 from pneumonia.metrics import SCALARS, youden_threshold
 from pneumonia.module import ClassifierModule
-from pneumonia.rundir import save_atomic
+from pneumonia.rundir import save_atomic, write_csv
 from pneumonia.safeload import safe_load
 
 
@@ -30,11 +30,13 @@ def best_checkpoint_metrics(
     tensorboard: SummaryWriter,
     batch_size: int,
     threshold: float | str = 0.5,
+    predictions_csv: Path | None = None,
 ) -> tuple[dict, dict]:
     """Load `checkpoint` into `module`; choose the decision threshold (written back into the
     checkpoint, so `pneumonia.evaluate` uses it); return (the checkpoint dict, {"threshold",
     "val", "test", and "val_at_0.5" when the threshold moved}); log best/<split>/* to
-    TensorBoard."""
+    TensorBoard; with `predictions_csv`, write every image's P(positive) there (ROC curves and
+    error analysis need no re-run of the model)."""
     best = safe_load(checkpoint)
     module.load_state_dict(best["state_dict"])
     chosen = choose_threshold(module, splits, threshold, batch_size)
@@ -44,19 +46,44 @@ def best_checkpoint_metrics(
         module.hparams.threshold = chosen
         best["hyper_parameters"]["threshold"] = chosen
         save_atomic(best, Path(checkpoint))
+    rows = []
     for name in ("val", "test"):
         imageset = getattr(splits, name)
         if imageset is None:
             continue
-        values, metrics = evaluate_imageset(module, imageset, batch_size)
+        probs = predict_probabilities(module, imageset.images, batch_size)
+        values, metrics = score(module, probs, imageset.labels)
         results[name] = values
+        rows += prediction_rows(name, imageset, probs, module.positive)
         for key, value in values.items():
             if isinstance(value, float):
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)
         for fig_name, figure in metrics.figures(module.negative_and_positive).items():
             tensorboard.add_figure(f"best/{name}/{fig_name}", figure, 0)
     tensorboard.flush()
+    if predictions_csv is not None:
+        write_csv(predictions_csv, rows)
     return best, results
+
+
+def prediction_rows(split: str, imageset, probs, positive: int) -> list[dict]:
+    """One row per image: its split, name, patient, whether it is positive, P(positive)."""
+    return [
+        {
+            "split": split,
+            "image": name,
+            "patient": patient,
+            "positive": int(label == positive),
+            "probability": round(float(p), 6),
+        }
+        for name, patient, label, p in zip(
+            imageset.names,
+            imageset.patients,
+            imageset.labels.tolist(),
+            probs.tolist(),
+            strict=True,
+        )
+    ]
 
 
 def format_metrics(values: dict) -> str:

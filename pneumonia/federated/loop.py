@@ -14,6 +14,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from pneumonia.centralized import Progress
 from pneumonia.data.partition import format_table, partition, partition_table
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
@@ -123,6 +124,7 @@ class FederatedRun:
         self.next_round = 0
         self.elapsed_before = 0.0
         self.run_dir: Path | None = None
+        self.progress: Progress | None = None
 
     def attach(self, run_dir: Path) -> None:
         """Give every client its module and Trainer, logging under run_dir/clients/."""
@@ -239,10 +241,16 @@ class FederatedRun:
             write_csv(self.run_dir / "rounds.csv", self.history)
             log_round(tensorboard, row)
             print(progress_line(row, fed.rounds, self.best, self.cfg.monitor), flush=True)
+            if self.progress is not None:
+                self.progress(r + 1, fed.rounds)
 
 
-def run_federated(run: FederatedRun, run_dir: Path, resume: bool) -> TensorBoardLogger:
-    """Train (or continue) `run` in `run_dir`; its TensorBoard events go there too."""
+def run_federated(
+    run: FederatedRun, run_dir: Path, resume: bool, progress: Progress | None = None
+) -> TensorBoardLogger:
+    """Train (or continue) `run` in `run_dir`; its TensorBoard events go there too.
+    `progress(done, total)` hears of every completed round."""
+    run.progress = progress
     # Each client's fit would announce "max_epochs reached": one line per client per round.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     run.attach(run_dir)

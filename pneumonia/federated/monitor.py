@@ -67,11 +67,11 @@ def progress_line(row: dict, rounds: int, best: tuple[int, float], monitor: str)
         f"round {done}/{rounds}  clients {row['clients'].replace(';', ',')}{excluded}  "
         f"{row['round_s']:.0f}s  train loss {row['train_loss']:.3f}  "
         f"val acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.3f}  "
-        f"best {metric} {best[1]:.3f} @ round {best[0]}  eta {_minutes(eta)}"
+        f"best {metric} {best[1]:.3f} @ round {best[0]}  eta {minutes(eta)}"
     )
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -1,0 +1,59 @@
+"""`python -m pneumonia.compare`: train every entry of a comparison and write its report.
+
+    python -m pneumonia.compare --config configs/compare/paper_table3_cpu.yaml \\
+        --data.root ../shared/data/chest_xray/train
+
+Any other `--group.key value` is a fit option applied to every entry. Finished entries are
+skipped (same resolved config), an interrupted one resumes; --force trains all again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pneumonia.compare.plan import load_comparison
+from pneumonia.compare.report import write_report
+from pneumonia.compare.runner import run_comparison
+from pneumonia.errors import UserError, exit_on_user_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pneumonia.compare",
+        description="Train and compare classifiers side by side; writes reports/<name>/.",
+        epilog="Other --group.key value options (e.g. --data.root DIR) apply to every entry.",
+    )
+    parser.add_argument("--config", required=True, help="a comparison YAML (configs/compare/)")
+    parser.add_argument("--force", action="store_true", help="train every entry again")
+    parser.add_argument("--reports_root", default="reports", help="reports/<name>/ goes here")
+    parser.add_argument("--runs_root", default="runs/compare", help="entries' run directories")
+    parser.add_argument(
+        "--report_only", action="store_true", help="re-draw the report; train nothing"
+    )
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> str:
+    args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    if any(not a.startswith("--") for a in overrides[:1]):
+        raise UserError(
+            f"unexpected argument {overrides[0]!r}: fit options look like --data.root DIR"
+        )
+    comparison = load_comparison(args.config, overrides, args.reports_root, args.runs_root)
+    if args.report_only:
+        missing = [e.name for e in comparison.entries if not (e.run_dir / "summary.json").is_file()]
+        if missing:
+            raise UserError(
+                f"entries not trained yet: {', '.join(missing)}: run without --report_only"
+            )
+    else:
+        run_comparison(comparison, args.force)
+    results = write_report(comparison)
+    print(f"\n{results.read_text()}\nreport: {comparison.report_dir}", flush=True)
+    return str(comparison.report_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""A comparison config, read and checked: every entry becomes the exact `fit` configuration it
+will train with, and every problem is found before the first entry trains.
+
+    name: paper_table3_cpu            # reports/<name>/ (default: the file's stem)
+    description: one line for the report
+    shared: {data: ..., optim: ..., trainer: ..., federated: ...}   # fit options for all
+    entries:
+      - name: alexnet                 # the entry's run directory and file names
+        label: AlexNet                # how tables and plots name it (default: name)
+        set: {model: {name: alexnet}} # fit options of this entry, merged over shared
+    sweep: {x: data.batch_size, line: model.norm, file: batch_size.png}   # optional plot
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from jsonargparse import Namespace
+
+from pneumonia.errors import UserError
+from pneumonia.fit import parse_config, preflight
+
+TOP_KEYS = {"name", "description", "shared", "entries", "sweep"}
+ENTRY_KEYS = {"name", "label", "set"}
+SWEEP_KEYS = {"x", "line", "file", "metric"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Entry:
+    """One row of the comparison: its label, fit configuration and run directory."""
+
+    name: str
+    label: str
+    cfg: Namespace  # the instantiated fit config
+    resolved: str  # the resolved YAML fit writes as config.yaml (the cache key's source)
+    argv: list[str]  # what `python -m pneumonia.fit` is called with
+    run_dir: Path
+    parameters: int
+
+    @property
+    def federated(self) -> bool:
+        return bool(self.cfg.federated.enabled)
+
+    @property
+    def steps(self) -> int:
+        """Epochs (centralized) or rounds (federated): the points on its curves."""
+        return self.cfg.federated.rounds if self.federated else self.cfg.trainer.max_epochs
+
+    @property
+    def passes(self) -> float:
+        """Passes over the training images per step: 1 for an epoch; E x C for a round."""
+        fed = self.cfg.federated
+        return fed.local_epochs * fed.fraction if self.federated else 1.0
+
+    @property
+    def budget(self) -> float:
+        """Training budget in passes over the training images (epoch equivalents)."""
+        return self.steps * self.passes
+
+    @property
+    def key(self) -> str:
+        return config_hash(self.resolved)
+
+
+@dataclass
+class Comparison:
+    name: str
+    description: str
+    entries: list[Entry]
+    sweep: dict | None
+    report_dir: Path
+
+
+def config_hash(resolved_yaml: str) -> str:
+    return hashlib.sha256(resolved_yaml.encode()).hexdigest()[:12]
+
+
+def load_comparison(
+    path: str | Path, overrides: list[str], reports_root: str | Path, runs_root: str | Path
+) -> Comparison:
+    """Read `path`, build and check every entry (model, keys, values, federated settings).
+    `overrides` are fit options (`--data.root DIR`) applied to every entry."""
+    path = Path(path)
+    spec = read_yaml(path)
+    name = str(spec.get("name") or path.stem)
+    if not NAME.match(name):
+        raise UserError(f"{path}: name {name!r} must be letters, digits, '_', '-' or '.'")
+    entries_spec = spec.get("entries")
+    if not isinstance(entries_spec, list) or not entries_spec:
+        raise UserError(f"{path}: 'entries' must be a non-empty list of {{name, label, set}}")
+    shared = spec.get("shared") or {}
+    if not isinstance(shared, dict):
+        raise UserError(f"{path}: 'shared' must be a mapping of fit options")
+    runs = Path(runs_root) / name
+    entries = [
+        build_entry(path, i, item, shared, overrides, runs) for i, item in enumerate(entries_spec)
+    ]
+    names = [e.name for e in entries]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UserError(f"{path}: entry name {duplicate!r} appears twice: names must be unique")
+    sweep = check_sweep(path, spec.get("sweep"), entries)
+    return Comparison(
+        name=name,
+        description=str(spec.get("description", "")),
+        entries=entries,
+        sweep=sweep,
+        report_dir=Path(reports_root) / name,
+    )
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"comparison config {path} not found: see configs/compare/")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping with 'entries'")
+    unknown = set(spec) - TOP_KEYS
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(sorted(TOP_KEYS))}"
+        )
+    return spec
+
+
+def build_entry(
+    path: Path, index: int, item: object, shared: dict, overrides: list[str], runs: Path
+) -> Entry:
+    """Merge the entry over `shared`, parse it exactly as fit will, and run fit's pre-flight
+    checks; any problem is one line naming the entry."""
+    if not isinstance(item, dict) or "name" not in item:
+        raise UserError(f"{path}: entry {index + 1} must be a mapping with a 'name'")
+    name = str(item["name"])
+    where = f"{path}: entry {name!r}"
+    if not NAME.match(name):
+        raise UserError(f"{where}: a name must be letters, digits, '_', '-' or '.'")
+    unknown = set(item) - ENTRY_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown key {sorted(unknown)[0]!r}; use name, label, set")
+    options = item.get("set") or {}
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: 'set' must be a mapping of fit options")
+    merged = deep_merge(shared, options)
+    merged["experiment"] = name
+    run_dir = runs / name
+    argv = ["--config", yaml.safe_dump(merged, sort_keys=False), *overrides]
+    argv += ["--run_dir", str(run_dir)]
+    try:
+        cfg, _, resolved, _ = parse_config(argv)
+        parameters = preflight(cfg)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    return Entry(name, str(item.get("label", name)), cfg, resolved, argv, run_dir, parameters)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, recursively for nested mappings; neither is modified."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def check_sweep(path: Path, sweep: object, entries: list[Entry]) -> dict | None:
+    """The optional line plot of a metric against one option (Table 2: against batch size)."""
+    if sweep is None:
+        return None
+    if not isinstance(sweep, dict) or not {"x", "line"} <= set(sweep) or set(sweep) - SWEEP_KEYS:
+        raise UserError(
+            f"{path}: 'sweep' must be a mapping with x and line (and optional file, metric), "
+            "e.g. {x: data.batch_size, line: model.norm}"
+        )
+    for key in (sweep["x"], sweep["line"]):
+        try:
+            option(entries[0].cfg, str(key))
+        except (AttributeError, KeyError, TypeError):
+            raise UserError(f"{path}: sweep option {key!r} is not a fit option") from None
+    return {"file": "sweep.png", "metric": "accuracy", **sweep}
+
+
+def option(cfg: Namespace, dotted: str):
+    """The value of a dotted fit option (`data.batch_size`) in an instantiated config."""
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part) if not isinstance(value, dict) else value[part]
+    return value

@@ -1,0 +1,107 @@
+"""The comparison's figures: learning curves (the paper's Fig. 5 and 6), ROC, confusion
+matrices and a sweep (Table 2 as accuracy against batch size). Files only, never a screen."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import torch  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
+
+X_LABEL = "passes over the training images\n(centralized: epoch; federated: round x local epochs)"
+TITLES = {
+    "train_loss": "training loss",
+    "val_loss": "validation loss",
+    "val_accuracy": "validation accuracy",
+}
+
+
+def save(fig: Figure, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves(series: dict[str, dict], keys: list[str], ylabel: str, path) -> None:
+    """One panel per key, one line per entry."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for label, entry in series.items():
+            points = entry[key]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_title(TITLES.get(key, key))
+        ax.set_xlabel(X_LABEL)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    save(fig, path)
+
+
+def roc(predictions: dict[str, list[dict]], path) -> None:
+    """ROC of every entry's best checkpoint; one panel per split the predictions hold."""
+    splits = sorted({row["split"] for rows in predictions.values() for row in rows}, reverse=True)
+    fig, axes = plt.subplots(
+        1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 4.5), squeeze=False
+    )
+    for ax, split in zip(axes[0], splits, strict=False):
+        for label, rows in predictions.items():
+            chosen = [r for r in rows if r["split"] == split]
+            if not chosen:
+                continue
+            probs = torch.tensor([float(r["probability"]) for r in chosen])
+            targets = torch.tensor([int(r["positive"]) for r in chosen])
+            fpr, tpr, _ = binary_roc(probs, targets)
+            auc = float(binary_auroc(probs, targets))
+            ax.plot(fpr, tpr, label=f"{label} (AUROC {auc:.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"ROC, {split} split")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity (recall)")
+        ax.legend(fontsize=8, loc="lower right")
+    save(fig, path)
+
+
+def confusion(matrices: dict[str, list], label: str, threshold: float, positive: str, path) -> None:
+    """[[TN, FP], [FN, TP]] per split, counts written in the cells."""
+    negative = "NORMAL" if positive == "PNEUMONIA" else "PNEUMONIA"
+    names = [negative, positive]
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.6), squeeze=False)
+    for ax, (split, matrix) in zip(axes[0], matrices.items(), strict=True):
+        ax.imshow(matrix, cmap="Blues")
+        top = max(max(r) for r in matrix)
+        for i in range(2):
+            for j in range(2):
+                colour = "white" if matrix[i][j] > top / 2 else "black"
+                ax.text(j, i, str(matrix[i][j]), ha="center", va="center", color=colour)
+        ax.set_xticks([0, 1], names)
+        ax.set_yticks([0, 1], names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{split} split")
+    fig.suptitle(f"{label} (threshold {float(threshold):.3f})")
+    save(fig, path)
+
+
+def sweep(points: list[tuple], x: str, line: str, ylabel: str, path) -> None:
+    """points: (x value, line name, y); one line per name, x sorted (log2 for batch sizes)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in sorted({p[1] for p in points}):
+        chosen = sorted((p[0], p[2]) for p in points if p[1] == name)
+        xs, ys = zip(*chosen, strict=True)
+        ax.plot(xs, ys, marker="o", label=f"{line} = {name}")
+    if all(isinstance(p[0], int) and p[0] > 0 for p in points):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(
+            sorted({p[0] for p in points}), [str(v) for v in sorted({p[0] for p in points})]
+        )
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)

@@ -1,0 +1,297 @@
+"""`python -m pneumonia.compare` end to end on tiny synthetic comparisons."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pneumonia.compare import runner
+from pneumonia.compare.__main__ import main
+from pneumonia.compare.plan import deep_merge, load_comparison
+from pneumonia.compare.report import curve
+from pneumonia.metrics import SCALARS
+from pneumonia.models.registry import ModelConfig, count_parameters, create_model
+
+ROOT = Path(__file__).parents[2]
+NOTEBOOK = ROOT / "notebooks" / "compare.ipynb"
+CONFIGS = ROOT / "configs" / "compare"
+TINY = {
+    "name": "tiny",
+    "description": "Two tiny entries on synthetic images.",
+    "shared": {
+        "seed": 0,
+        "data": {"image_size": 32, "batch_size": 16, "synthetic": {"n_patients": 40}},
+        "model": {"name": "resnet18"},
+        "trainer": {
+            "max_epochs": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "federated": {"clients": 2, "rounds": 2, "local_epochs": 1},
+    },
+    "entries": [
+        {"name": "central_bn", "label": "ResNet-18-BN", "set": {"model": {"norm": "bn"}}},
+        {
+            "name": "fl_gn",
+            "label": "FL ResNet-18-GN",
+            "set": {"model": {"norm": "gn"}, "federated": {"enabled": True}},
+        },
+    ],
+    "sweep": {"x": "data.batch_size", "line": "model.norm", "file": "batch_size.png"},
+}
+COLUMNS = [
+    "entry", "label", "training", "model", "norm", "batch_size", "budget_passes",
+    *(f"val_{k}" for k in SCALARS), "parameters", "wall_time_s", "data_left_site", "config_hash",
+]  # fmt: skip
+FILES = ["results.csv", "results.md", "curves_accuracy.png", "curves_loss.png", "roc.png"]
+
+
+def write_config(folder: Path, spec: dict) -> Path:
+    path = folder / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def compare(folder: Path, config: Path, *extra: str):
+    roots = ["--reports_root", str(folder / "reports"), "--runs_root", str(folder / "runs")]
+    return main(["--config", str(config), *roots, *extra])
+
+
+def read_rows_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_rows(report: Path) -> list[dict]:
+    return read_rows_csv(report / "results.csv")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare")
+    config = write_config(folder, TINY)
+    return folder, config, Path(compare(folder, config))
+
+
+def test_report_holds_every_file_with_one_row_per_entry(tiny_report):
+    _, _, report = tiny_report
+    for name in [*FILES, "confusion_central_bn.png", "confusion_fl_gn.png", "batch_size.png"]:
+        assert (report / name).stat().st_size > 1000 or name.endswith((".csv", ".md")), name
+    rows = read_rows(report)
+    assert [r["entry"] for r in rows] == ["central_bn", "fl_gn"]
+    assert set(COLUMNS) <= set(rows[0])
+    assert [r["training"] for r in rows] == ["centralized", "federated"]
+    assert [r["data_left_site"] for r in rows] == ["yes", "no"]
+    assert rows[0]["test_accuracy"] == ""  # synthetic data has no test split
+    markdown = (report / "results.md").read_text()
+    assert "| ResNet-18-BN | centralized | yes |" in markdown
+    assert "| FL ResNet-18-GN | federated | no |" in markdown
+    assert "## Test split" not in markdown
+
+
+def test_rows_are_the_entries_own_summaries(tiny_report):
+    folder, _, report = tiny_report
+    for row in read_rows(report):
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        for key in SCALARS:
+            assert float(row[f"val_{key}"]) == pytest.approx(summary["val"][key], abs=1e-4)
+        assert float(row["wall_time_s"]) == summary["wall_time_s"]
+        norm = row["norm"]
+        expected = count_parameters(create_model(ModelConfig(name="resnet18", norm=norm)))
+        assert int(row["parameters"]) == expected
+        assert Path(row["run_dir"]) == folder / "runs" / "tiny" / row["entry"]
+        # The entry's run directory is a complete fit run, predictions included.
+        predictions = (Path(row["run_dir"]) / "predictions.csv").read_text().splitlines()
+        assert predictions[0] == "split,image,patient,positive,probability"
+        assert len(predictions) - 1 == summary["val"]["n"]
+
+
+def test_each_entry_trained_with_its_own_options(tiny_report):
+    folder, _, _ = tiny_report
+    runs = folder / "runs" / "tiny"
+    central = yaml.safe_load((runs / "central_bn" / "config.yaml").read_text())
+    federated = yaml.safe_load((runs / "fl_gn" / "config.yaml").read_text())
+    assert (central["model"]["norm"], central["federated"]["enabled"]) == ("bn", False)
+    assert (federated["model"]["norm"], federated["federated"]["enabled"]) == ("gn", True)
+    assert central["data"]["image_size"] == federated["data"]["image_size"] == 32
+    assert (runs / "fl_gn" / "rounds.csv").is_file()
+    assert (runs / "central_bn" / "metrics.csv").is_file()
+
+
+def test_curves_share_one_axis_of_passes(tiny_report, tmp_path):
+    folder, config, _ = tiny_report
+    entries = load_comparison(config, [], tmp_path, folder / "runs").entries
+    assert [e.budget for e in entries] == [2.0, 2.0]
+    central, federated = (curve(e) for e in entries)
+    assert [x for x, _ in central["val_accuracy"]] == [1, 2]
+    assert [x for x, _ in central["train_loss"]] == [1, 2]
+    assert [x for x, _ in federated["val_accuracy"]] == [1.0, 2.0]
+    rounds = read_rows_csv(folder / "runs" / "tiny" / "fl_gn" / "rounds.csv")
+    assert [v for _, v in federated["val_loss"]] == [float(r["val_loss"]) for r in rounds]
+
+
+def test_a_second_run_skips_finished_entries(tiny_report, capsys):
+    folder, config, report = tiny_report
+    summaries = sorted((folder / "runs" / "tiny").glob("*/summary.json"))
+    before = [p.stat().st_mtime_ns for p in summaries]
+    (report / "roc.png").unlink()
+    compare(folder, config)
+    assert "2 already finished with the same config, 0 to train" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in summaries] == before
+    assert (report / "roc.png").is_file()  # the report is drawn again
+
+
+def test_a_changed_entry_trains_again_and_keeps_the_old_run(tmp_path, capsys):
+    spec = deep_merge(TINY, {"name": "changed"})
+    spec["entries"] = [spec["entries"][0]]
+    config = write_config(tmp_path, spec)
+    compare(tmp_path, config)
+    spec["entries"][0]["set"]["optim"] = {"lr": 0.01}
+    write_config(tmp_path, spec)
+    compare(tmp_path, config)
+    out = capsys.readouterr().out
+    assert "0 already finished with the same config, 1 to train" in out
+    kept = list((tmp_path / "runs" / "changed").glob("central_bn.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "summary.json").is_file()
+    config_now = yaml.safe_load((tmp_path / "runs/changed/central_bn/config.yaml").read_text())
+    assert config_now["optim"]["lr"] == 0.01
+
+
+def test_an_interrupted_comparison_continues_where_it_stopped(tiny_report, tmp_path, capsys):
+    """Killed after round 1 of the second entry: a re-run skips the first, resumes the second
+    and ends with the uninterrupted comparison's figures."""
+    _, _, reference = tiny_report
+    config = write_config(tmp_path, TINY)
+    original = runner.ComparisonProgress.__call__
+
+    def killed_in_round_1_of_entry_2(self, done, total):
+        original(self, done, total)
+        if self.entry.name == "fl_gn" and done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner.ComparisonProgress, "__call__", killed_in_round_1_of_entry_2)
+        with pytest.raises(SystemExit):
+            compare(tmp_path, config)
+    assert "continue from the last finished epoch or round" in capsys.readouterr().err
+    assert not (tmp_path / "reports" / "tiny" / "results.csv").exists()
+    compare(tmp_path, config)
+    out = capsys.readouterr().out
+    assert "1 already finished with the same config, 1 to train" in out
+    assert "resuming" in out
+    resumed, uninterrupted = read_rows(tmp_path / "reports" / "tiny"), read_rows(reference)
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert [a[f"val_{k}"] for k in SCALARS] == [b[f"val_{k}"] for k in SCALARS]
+
+
+def test_force_trains_every_entry_again(tmp_path, capsys):
+    spec = deep_merge(TINY, {"name": "forced"})
+    spec["entries"] = [spec["entries"][0]]
+    config = write_config(tmp_path, spec)
+    compare(tmp_path, config)
+    summary = tmp_path / "runs" / "forced" / "central_bn" / "summary.json"
+    first = json.loads(summary.read_text())
+    compare(tmp_path, config, "--force")
+    assert "0 already finished with the same config, 1 to train" in capsys.readouterr().out
+    again = json.loads(summary.read_text())
+    assert again["val"] == first["val"]  # same seed, same figures
+    assert not list(summary.parent.parent.glob("*.replaced-*"))
+
+
+def broken(entry_set: dict, name: str = "second") -> dict:
+    spec = deep_merge(TINY, {})
+    spec["entries"] = [spec["entries"][0], {"name": name, "set": entry_set}]
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (broken({"model": {"name": "resnet99"}}), "entry 'second': unknown model.name 'resnet99'"),
+        (broken({"optim": {"lrr": 0.1}}), "entry 'second': Group 'optim' does not accept"),
+        (broken({"data": {"batch_size": "many"}}), "entry 'second':"),
+        (broken({"federated": {"enabled": True, "fraction": 0}}), "entry 'second':"),
+        (broken({"model": {"norm": "gn", "gn_groups": 5}}), "entry 'second': model.gn_groups"),
+        (broken({}, name="central_bn"), "entry name 'central_bn' appears twice"),
+        (broken({}, name="a b"), "entry 'a b': a name must be"),
+        ({**TINY, "entries": []}, "'entries' must be a non-empty list"),
+        ({**TINY, "colour": "red"}, "unknown key 'colour'"),
+        ({**TINY, "sweep": {"x": "data.size", "line": "model.norm"}}, "sweep option 'data.size'"),
+    ],
+)
+def test_a_broken_entry_fails_before_any_training(tmp_path, capsys, spec, message):
+    config = write_config(tmp_path, spec)
+    with pytest.raises(SystemExit) as exit_info:
+        compare(tmp_path, config)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert message in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+def test_missing_config_and_report_only_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare(tmp_path, tmp_path / "nowhere.yaml")
+    assert "comparison config" in capsys.readouterr().err
+    config = write_config(tmp_path, TINY)
+    with pytest.raises(SystemExit):
+        compare(tmp_path, config, "--report_only")
+    assert "entries not trained yet: central_bn, fl_gn" in capsys.readouterr().err
+
+
+def test_deep_merge_keeps_shared_keys_and_copies():
+    shared = {"data": {"image_size": 64, "augment": {"enabled": True}}, "seed": 0}
+    merged = deep_merge(shared, {"data": {"augment": {"enabled": False}}, "seed": 3})
+    assert merged == {"data": {"image_size": 64, "augment": {"enabled": False}}, "seed": 3}
+    assert shared["data"]["augment"]["enabled"] is True
+
+
+def test_progress_estimates_the_time_left(tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, TINY)
+    comparison = load_comparison(config, [], tmp_path, tmp_path)
+    clock = iter([100.0, 100.0, 160.0, 160.0])
+    monkeypatch.setattr(runner.time, "time", lambda: next(clock))
+    progress = runner.ComparisonProgress(comparison, comparison.entries)  # 4 passes to train
+    progress.start(comparison.entries[0])
+    progress(1, 2)  # 1 pass in 60 s: 3 passes left, about 3 minutes
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "[tiny 1/2 central_bn | 1m00s elapsed, about 3m00s left]: epoch 1/2"
+
+
+def test_the_notebook_executes_on_a_report(tiny_report, monkeypatch):
+    import nbclient
+    import nbformat
+
+    _, _, report = tiny_report
+    monkeypatch.setenv("PNEUMONIA_REPORT", str(report))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=120, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
+    client.execute()  # the kernel inherits PNEUMONIA_REPORT
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert str(report) in text and "2 entries; highest validation AUROC" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 5  # two curves, the ROC, two confusion matrices
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_comparisons_load_with_one_budget(path, tmp_path):
+    """Every shipped comparison parses and passes fit's pre-flight checks, and its entries
+    share one budget (passes over the training images), image size and seed."""
+    comparison = load_comparison(path, [], tmp_path, tmp_path)
+    entries = comparison.entries
+    assert comparison.name == path.stem and len(entries) >= 2
+    assert len({e.budget for e in entries}) == 1
+    assert len({(e.cfg.data.image_size, e.cfg.seed, e.cfg.data.val_fraction) for e in entries}) == 1
+    if path.stem.startswith("paper_table3"):
+        models = [(e.cfg.model.name, e.federated) for e in entries]
+        assert ("se_resnet18", True) in models and ("alexnet", False) in models
+    if path.stem.startswith("paper_table2"):
+        assert comparison.sweep["file"] == "batch_size.png"
+        assert sorted({e.cfg.data.batch_size for e in entries}) == [4, 8, 16, 32]

@@ -74,7 +74,7 @@ def prediction_rows(split: str, imageset, probs, positive: int) -> list[dict]:
             "image": name,
             "patient": patient,
             "positive": int(label == positive),
-            "probability": round(float(p), 6),
+            "probability": p,  # unrounded: rounding makes ties that move AUROC
         }
         for name, patient, label, p in zip(
             imageset.names,

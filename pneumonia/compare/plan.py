@@ -24,6 +24,7 @@ from jsonargparse import Namespace
 
 from pneumonia.errors import UserError
 from pneumonia.fit import parse_config, preflight
+from pneumonia.metrics import SCALARS
 
 TOP_KEYS = {"name", "description", "shared", "entries", "sweep"}
 ENTRY_KEYS = {"name", "label", "set"}
@@ -101,10 +102,11 @@ def load_comparison(
     entries = [
         build_entry(path, i, item, shared, overrides, runs) for i, item in enumerate(entries_spec)
     ]
-    names = [e.name for e in entries]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise UserError(f"{path}: entry name {duplicate!r} appears twice: names must be unique")
+    for kind in ("name", "label"):  # labels key the figures' legends
+        values = [getattr(e, kind) for e in entries]
+        duplicate = next((v for v in values if values.count(v) > 1), None)
+        if duplicate:
+            raise UserError(f"{path}: entry {kind} {duplicate!r} appears twice: make it unique")
     sweep = check_sweep(path, spec.get("sweep"), entries)
     return Comparison(
         name=name,
@@ -181,6 +183,10 @@ def check_sweep(path: Path, sweep: object, entries: list[Entry]) -> dict | None:
         raise UserError(
             f"{path}: 'sweep' must be a mapping with x and line (and optional file, metric), "
             "e.g. {x: data.batch_size, line: model.norm}"
+        )
+    if sweep.get("metric", "accuracy") not in SCALARS:
+        raise UserError(
+            f"{path}: sweep metric {sweep['metric']!r}: use one of {', '.join(SCALARS)}"
         )
     for key in (sweep["x"], sweep["line"]):
         try:

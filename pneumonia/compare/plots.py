@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torchmetrics.functional.classification import binary_roc  # noqa: E402
 
 X_LABEL = "passes over the training images\n(centralized: epoch; federated: round x local epochs)"
 TITLES = {
@@ -35,16 +36,20 @@ def curves(series: dict[str, dict], keys: list[str], ylabel: str, path) -> None:
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole passes, unless E x C < 1
         ax.set_title(TITLES.get(key, key))
         ax.set_xlabel(X_LABEL)
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        if ylabel == "loss":
+            ax.set_yscale("log")  # a first epoch's loss can be 10x the rest (VGG here)
+        ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=8)
     save(fig, path)
 
 
-def roc(predictions: dict[str, list[dict]], path) -> None:
-    """ROC of every entry's best checkpoint; one panel per split the predictions hold."""
+def roc(predictions: dict[str, list[dict]], aurocs: dict[str, dict], path) -> None:
+    """ROC of every entry's best checkpoint; one panel per split the predictions hold. The
+    legend's AUROC is the results table's (`aurocs[label][split]`), so the two always agree."""
     splits = sorted({row["split"] for rows in predictions.values() for row in rows}, reverse=True)
     fig, axes = plt.subplots(
         1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 4.5), squeeze=False
@@ -57,8 +62,7 @@ def roc(predictions: dict[str, list[dict]], path) -> None:
             probs = torch.tensor([float(r["probability"]) for r in chosen])
             targets = torch.tensor([int(r["positive"]) for r in chosen])
             fpr, tpr, _ = binary_roc(probs, targets)
-            auc = float(binary_auroc(probs, targets))
-            ax.plot(fpr, tpr, label=f"{label} (AUROC {auc:.3f})")
+            ax.plot(fpr, tpr, label=f"{label} (AUROC {aurocs[label][split]:.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"ROC, {split} split")
         ax.set_xlabel("1 - specificity")

@@ -28,9 +28,12 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def entry_row(entry: Entry) -> dict:
+def read_summary(entry: Entry) -> dict:
+    return json.loads((entry.run_dir / "summary.json").read_text())
+
+
+def entry_row(entry: Entry, summary: dict) -> dict:
     """One row of results.csv: what the entry is, its best checkpoint's metrics, its cost."""
-    summary = json.loads((entry.run_dir / "summary.json").read_text())
     cfg, fed = entry.cfg, entry.cfg.federated
     row = {
         "entry": entry.name,
@@ -49,7 +52,7 @@ def entry_row(entry: Entry) -> dict:
     }
     for split in ("val", "test"):
         for key in SCALARS:
-            row[f"{split}_{key}"] = round(summary[split][key], 4) if split in summary else ""
+            row[f"{split}_{key}"] = summary[split][key] if split in summary else ""
     row |= {
         "parameters": summary["parameters"],
         "wall_time_s": summary["wall_time_s"],
@@ -127,16 +130,17 @@ def write_report(comparison: Comparison) -> Path:
     out = comparison.report_dir
     out.mkdir(parents=True, exist_ok=True)
     entries = comparison.entries
-    rows = [entry_row(e) for e in entries]
+    summaries = [read_summary(e) for e in entries]
+    rows = [entry_row(e, summary) for e, summary in zip(entries, summaries, strict=True)]
     write_csv(out / "results.csv", rows)
     markdown = results_markdown(comparison, rows)
     write_text_atomic(out / "results.md", markdown)
     curves = {e.label: curve(e) for e in entries}
     plots.curves(curves, ["val_accuracy"], "accuracy", out / "curves_accuracy.png")
     plots.curves(curves, ["train_loss", "val_loss"], "loss", out / "curves_loss.png")
-    plots.roc({e.label: predictions(e) for e in entries}, out / "roc.png")
-    for entry, row in zip(entries, rows, strict=True):
-        summary = json.loads((entry.run_dir / "summary.json").read_text())
+    aurocs = {r["label"]: {s: r[f"{s}_auroc"] for s in ("val", "test")} for r in rows}
+    plots.roc({e.label: predictions(e) for e in entries}, aurocs, out / "roc.png")
+    for entry, row, summary in zip(entries, rows, summaries, strict=True):
         matrices = {s: summary[s]["confusion_matrix"] for s in ("val", "test") if s in summary}
         classes = entry.cfg.positive_class
         plots.confusion(

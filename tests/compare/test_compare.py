@@ -145,7 +145,7 @@ def test_a_second_run_skips_finished_entries(tiny_report, capsys):
 
 
 def test_a_changed_entry_trains_again_and_keeps_the_old_run(tmp_path, capsys):
-    spec = deep_merge(TINY, {"name": "changed"})
+    spec = deep_merge(TINY, {"name": "changed", "shared": {"trainer": {"max_epochs": 1}}})
     spec["entries"] = [spec["entries"][0]]
     config = write_config(tmp_path, spec)
     compare(tmp_path, config)
@@ -188,7 +188,7 @@ def test_an_interrupted_comparison_continues_where_it_stopped(tiny_report, tmp_p
 
 
 def test_force_trains_every_entry_again(tmp_path, capsys):
-    spec = deep_merge(TINY, {"name": "forced"})
+    spec = deep_merge(TINY, {"name": "forced", "shared": {"trainer": {"max_epochs": 1}}})
     spec["entries"] = [spec["entries"][0]]
     config = write_config(tmp_path, spec)
     compare(tmp_path, config)
@@ -216,6 +216,17 @@ def broken(entry_set: dict, name: str = "second") -> dict:
         (broken({"federated": {"enabled": True, "fraction": 0}}), "entry 'second':"),
         (broken({"model": {"norm": "gn", "gn_groups": 5}}), "entry 'second': model.gn_groups"),
         (broken({}, name="central_bn"), "entry name 'central_bn' appears twice"),
+        (
+            {
+                **TINY,
+                "entries": [TINY["entries"][0], {**TINY["entries"][1], "label": "ResNet-18-BN"}],
+            },
+            "entry label 'ResNet-18-BN' appears twice",
+        ),
+        (
+            {**TINY, "sweep": {"x": "data.batch_size", "line": "model.norm", "metric": "acc"}},
+            "sweep metric 'acc'",
+        ),
         (broken({}, name="a b"), "entry 'a b': a name must be"),
         ({**TINY, "entries": []}, "'entries' must be a non-empty list"),
         ({**TINY, "colour": "red"}, "unknown key 'colour'"),

@@ -133,6 +133,17 @@ def test_curves_share_one_axis_of_passes(tiny_report, tmp_path):
     assert [v for _, v in federated["val_loss"]] == [float(r["val_loss"]) for r in rounds]
 
 
+def test_centralized_val_loss_is_the_plain_cross_entropy(tiny_report):
+    """metrics.csv's val/loss at the best epoch equals the unweighted cross-entropy the
+    summary (and every federated round) reports, though training used class weights."""
+    folder, _, _ = tiny_report
+    run = folder / "runs" / "tiny" / "central_bn"
+    summary = json.loads((run / "summary.json").read_text())
+    rows = read_rows_csv(run / "metrics.csv")
+    best = [r for r in rows if r.get("val/loss") and int(r["epoch"]) == summary["best_epoch"]]
+    assert float(best[0]["val/loss"]) == pytest.approx(summary["val"]["loss"], abs=1e-4)
+
+
 def test_a_second_run_skips_finished_entries(tiny_report, capsys):
     folder, config, report = tiny_report
     summaries = sorted((folder / "runs" / "tiny").glob("*/summary.json"))

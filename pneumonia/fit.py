@@ -127,10 +127,10 @@ def preflight(cfg: Namespace) -> int:
     return parameters
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
+def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
     """Parse the config, train, evaluate the best checkpoint, write the run directory.
-    `progress(done, total)` is called after every epoch (centralized) or round (federated)."""
+    `progress(done, total)` is called after every epoch (centralized) or round (federated).
+    Raises UserError; `main` is the command line's version, which prints it as one line."""
     cfg, raw, config_yaml, resume = parse_config(sys.argv[1:] if argv is None else argv)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> dic
     write_json(run_dir / "summary.json", summary)
     print_summary(summary, "best_round" if federated else "best_epoch", run_dir / "summary.json")
     return summary
+
+
+main = exit_on_user_error(run)
 
 
 if __name__ == "__main__":

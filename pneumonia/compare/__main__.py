@@ -14,7 +14,7 @@ import sys
 
 from pneumonia.compare.plan import load_comparison
 from pneumonia.compare.report import write_report
-from pneumonia.compare.runner import run_comparison
+from pneumonia.compare.runner import DONE, entry_status, run_comparison
 from pneumonia.errors import UserError, exit_on_user_error
 
 
@@ -37,16 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> str:
     args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    if any(not a.startswith("--") for a in overrides[:1]):
+    if overrides and not overrides[0].startswith("--"):
         raise UserError(
             f"unexpected argument {overrides[0]!r}: fit options look like --data.root DIR"
         )
     comparison = load_comparison(args.config, overrides, args.reports_root, args.runs_root)
     if args.report_only:
-        missing = [e.name for e in comparison.entries if not (e.run_dir / "summary.json").is_file()]
+        # A finished run under another config would put old figures under the new labels.
+        missing = [e.name for e in comparison.entries if entry_status(e) != DONE]
         if missing:
             raise UserError(
-                f"entries not trained yet: {', '.join(missing)}: run without --report_only"
+                f"entries not trained yet under this config: {', '.join(missing)}: "
+                "run without --report_only"
             )
     else:
         run_comparison(comparison, args.force)

@@ -84,7 +84,9 @@ class ComparisonProgress:
 
 def run_comparison(comparison: Comparison, force: bool = False) -> list[Entry]:
     """Train every entry that needs it; return the entries (all finished)."""
-    status = {e.name: NEW if force else entry_status(e) for e in comparison.entries}
+    status = {e.name: entry_status(e) for e in comparison.entries}
+    if force:  # a run under another config is still kept aside, never deleted
+        status = {name: STALE if s == STALE else NEW for name, s in status.items()}
     to_run = [e for e in comparison.entries if status[e.name] != DONE]
     cached = len(comparison.entries) - len(to_run)
     print(
@@ -107,7 +109,7 @@ def run_entry(entry: Entry, status: str, progress: ComparisonProgress) -> None:
         progress.start(entry)
         argv = entry.argv
     try:
-        fit.main.__wrapped__(argv, progress=progress)  # UserErrors reach us, to name the entry
+        fit.run(argv, progress=progress)  # UserErrors reach us, to name the entry
     except UserError as err:
         raise UserError(f"entry {entry.name!r}: {err}") from None
     except (KeyboardInterrupt, SystemExit):
@@ -134,7 +136,7 @@ def clear_run_dir(entry: Entry, status: str) -> None:
         path.rename(kept)
         print(f"{path}: config changed, the old run moved to {kept}", flush=True)
     else:
-        shutil.rmtree(path)  # --force, or a run that never finished an epoch or round
+        shutil.rmtree(path)  # --force on the same config, or a run with no finished epoch/round
 
 
 def unused_path(path: Path) -> Path:

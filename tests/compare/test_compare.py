@@ -262,7 +262,7 @@ def test_missing_config_and_report_only_before_training(tmp_path, capsys):
     config = write_config(tmp_path, TINY)
     with pytest.raises(SystemExit):
         compare(tmp_path, config, "--report_only")
-    assert "entries not trained yet: central_bn, fl_gn" in capsys.readouterr().err
+    assert "entries not trained yet under this config: central_bn, fl_gn" in capsys.readouterr().err
 
 
 def test_deep_merge_keeps_shared_keys_and_copies():

@@ -23,6 +23,8 @@ TINY = [
     "16",
     "--model.name",
     "resnet18",
+    "--model.width",
+    "16",
     "--trainer.max_epochs",
     "2",
     "--trainer.enable_progress_bar",

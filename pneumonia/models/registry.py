@@ -26,19 +26,26 @@ class ModelConfig:
     norm: Literal["bn", "gn"] = "gn"
     gn_groups: int = 16
     se_reduction: int = 16
+    # First-stage channels of the ResNet family (paper: 64). Smaller widths make the quick
+    # models the tests and smoke runs use; other models refuse anything but 64.
+    width: int = 64
     drop_rate: float = 0.0
     pretrained: str | None = None  # local ImageNet weights file; never downloaded
 
 
 Builder = Callable[[ModelConfig], nn.Module]
 _BUILDERS: dict[str, Builder] = {}
+_TAKES_WIDTH: set[str] = set()
+PAPER_WIDTH = 64
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make `name` buildable by `create_model`."""
+def register(name: str, takes_width: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: make `name` buildable by `create_model` (`takes_width`: honours model.width)."""
 
     def add(builder: Builder) -> Builder:
         _BUILDERS[name] = builder
+        if takes_width:
+            _TAKES_WIDTH.add(name)
         return builder
 
     return add
@@ -55,14 +62,16 @@ def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     from pneumonia.models import baselines, se_resnet  # noqa: F401
     from pneumonia.models.pretrained import load_pretrained
 
-    if cfg.name.startswith("timm/"):
-        model = _create_timm(cfg)
-    elif cfg.name in _BUILDERS:
-        model = _BUILDERS[cfg.name](cfg)
-    else:
+    if not cfg.name.startswith("timm/") and cfg.name not in _BUILDERS:
         raise UserError(
             f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}"
         )
+    if cfg.width != PAPER_WIDTH and cfg.name not in _TAKES_WIDTH:
+        raise UserError(
+            f"model.width applies to {' and '.join(sorted(_TAKES_WIDTH))} only: "
+            f"drop it for model {cfg.name}"
+        )
+    model = _create_timm(cfg) if cfg.name.startswith("timm/") else _BUILDERS[cfg.name](cfg)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if image_size is not None:

@@ -20,29 +20,48 @@ from torch import nn
 from pneumonia.errors import UserError
 from pneumonia.models.registry import IN_CHANS, NUM_CLASSES, ModelConfig, register
 
-STAGE_CHANNELS = (64, 128, 256, 512)
+STEM_CHANNELS = 64  # timm's 7x7 stem, whatever model.width is
+
+
+def stage_channels(width: int) -> tuple[int, ...]:
+    """ResNet-18's four stage widths: `width` (64 in the paper), doubling at every stage.
+
+    Narrow widths are for quick tests and smoke runs; the stem stays at 64 filters (timm).
+    """
+    if width < 1:
+        raise UserError(f"model.width {width} must be a positive number of channels (paper: 64)")
+    return tuple(width * 2**i for i in range(4))
 
 
 def norm_layer(cfg: ModelConfig) -> type[nn.Module] | partial:
     """BatchNorm2d, or GroupNorm with cfg.gn_groups groups (checked to divide every width)."""
     if cfg.norm == "bn":
         return nn.BatchNorm2d
-    if cfg.gn_groups < 1 or any(c % cfg.gn_groups for c in STAGE_CHANNELS):
-        raise UserError(f"model.gn_groups {cfg.gn_groups} must divide 64 (try 1, 2, 4, 8, 16, 32)")
+    if cfg.gn_groups < 1 or cfg.width % cfg.gn_groups or STEM_CHANNELS % cfg.gn_groups:
+        raise UserError(
+            f"model.gn_groups {cfg.gn_groups} must divide model.width {cfg.width} and the "
+            "stem's 64 channels (at width 64: 1, 2, 4, 8, 16, 32)"
+        )
     return partial(GroupNorm, num_groups=cfg.gn_groups)
 
 
-def se_layer(reduction: int) -> partial:
+def se_layer(cfg: ModelConfig) -> partial:
     """Squeeze-and-excitation with exactly C/r squeezed channels."""
-    if reduction < 1 or any(c % reduction for c in STAGE_CHANNELS):
-        raise UserError(f"model.se_reduction {reduction} must divide 64 (try 4, 8, 16)")
+    reduction = cfg.se_reduction
+    if reduction < 1 or cfg.width % reduction:
+        raise UserError(
+            f"model.se_reduction {reduction} must divide model.width {cfg.width} "
+            "(at width 64: 4, 8, 16)"
+        )
     return partial(SEModule, rd_ratio=1.0 / reduction, rd_divisor=1)
 
 
 def _resnet18(cfg: ModelConfig, attn_layer: partial | None) -> ResNet:
+    channels = stage_channels(cfg.width)
     return ResNet(
         block=BasicBlock,
         layers=(2, 2, 2, 2),
+        channels=channels,  # timm keeps the 7x7 stem at 64 filters whatever the stages are
         in_chans=IN_CHANS,
         num_classes=NUM_CLASSES,
         norm_layer=norm_layer(cfg),
@@ -51,13 +70,13 @@ def _resnet18(cfg: ModelConfig, attn_layer: partial | None) -> ResNet:
     )
 
 
-@register("se_resnet18")
+@register("se_resnet18", takes_width=True)
 def se_resnet18(cfg: ModelConfig) -> ResNet:
     """SE-ResNet-18: the paper's network; `model.norm` gn gives FL-SE-ResNet-GN's backbone."""
-    return _resnet18(cfg, se_layer(cfg.se_reduction))
+    return _resnet18(cfg, se_layer(cfg))
 
 
-@register("resnet18")
+@register("resnet18", takes_width=True)
 def resnet18(cfg: ModelConfig) -> ResNet:
     """Plain ResNet-18 baseline, BN or GN."""
     return _resnet18(cfg, None)

@@ -23,7 +23,7 @@ TINY = {
     "shared": {
         "seed": 0,
         "data": {"image_size": 32, "batch_size": 16, "synthetic": {"n_patients": 40}},
-        "model": {"name": "resnet18"},
+        "model": {"name": "resnet18", "width": 16},
         "trainer": {
             "max_epochs": 2,
             "enable_progress_bar": False,
@@ -100,7 +100,7 @@ def test_rows_are_the_entries_own_summaries(tiny_report):
             assert float(row[f"val_{key}"]) == pytest.approx(summary["val"][key], abs=1e-4)
         assert float(row["wall_time_s"]) == summary["wall_time_s"]
         norm = row["norm"]
-        expected = count_parameters(create_model(ModelConfig(name="resnet18", norm=norm)))
+        expected = count_parameters(create_model(ModelConfig(name="resnet18", norm=norm, width=16)))
         assert int(row["parameters"]) == expected
         assert Path(row["run_dir"]) == folder / "runs" / "tiny" / row["entry"]
         # The entry's run directory is a complete fit run, predictions included.

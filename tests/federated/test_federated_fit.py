@@ -23,6 +23,7 @@ TINY = [
     "--data.synthetic.n_patients", "40",
     "--data.batch_size", "16",
     "--model.name", "resnet18",
+    "--model.width", "16",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1",

@@ -7,7 +7,7 @@ from timm.layers import SEModule
 from torch import nn
 
 from pneumonia.errors import UserError
-from pneumonia.models.registry import ModelConfig, create_model, list_models
+from pneumonia.models.registry import ModelConfig, count_parameters, create_model, list_models
 
 SMALL = 64  # the smallest size every registered model (AlexNet's pooling) accepts
 
@@ -131,3 +131,30 @@ def test_pretrained_weights_of_another_network_are_refused(tmp_path):
     torch.save(create_model(ModelConfig(name="alexnet")).state_dict(), path)
     with pytest.raises(UserError, match="no tensor in .*alexnet.pth fits"):
         create_model(ModelConfig(name="se_resnet18", pretrained=str(path)))
+
+
+def test_width_scales_every_stage_of_the_resnet_family():
+    model = create_model(ModelConfig(name="se_resnet18", norm="gn", width=16))
+    assert model.conv1.out_channels == 64  # timm's stem does not scale
+    stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+    assert [stage[-1].conv2.out_channels for stage in stages] == [16, 32, 64, 128]
+    assert model.layer1[0].se.fc1.out_channels == 1  # 16 / r=16
+    assert model.fc.in_features == 128
+    # Paper width: 11.26 M parameters; a quarter of the width leaves about 1/16 of them.
+    paper = count_parameters(create_model(ModelConfig(name="se_resnet18", norm="gn")))
+    assert paper == 11_260_346
+    assert count_parameters(model) == 717_152
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (ModelConfig(name="alexnet", width=16), "model.width applies to resnet18 and se_resnet18"),
+        (ModelConfig(name="se_resnet18", width=24), "se_reduction 16 must divide model.width 24"),
+        (ModelConfig(name="resnet18", width=8), "model.gn_groups 16 must divide model.width 8"),
+        (ModelConfig(name="resnet18", width=0), "model.width 0 must be a positive"),
+    ],
+)
+def test_width_errors_name_the_key(cfg, message):
+    with pytest.raises(UserError, match=message):
+        create_model(cfg)

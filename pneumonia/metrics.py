@@ -33,18 +33,21 @@ class DiagnosisMetrics(nn.Module):
 
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
+        # No argument validation: probabilities and 0/1 targets are valid by construction, and
+        # the checks read tensor values, a host synchronisation per update on a GPU.
+        kw = {"validate_args": False}
         self.scalars = MetricCollection(
             {
-                "accuracy": BinaryAccuracy(threshold),
-                "precision": BinaryPrecision(threshold),
-                "recall": BinaryRecall(threshold),
-                "f1": BinaryF1Score(threshold),
-                "specificity": BinarySpecificity(threshold),
-                "auroc": BinaryAUROC(),
+                "accuracy": BinaryAccuracy(threshold, **kw),
+                "precision": BinaryPrecision(threshold, **kw),
+                "recall": BinaryRecall(threshold, **kw),
+                "f1": BinaryF1Score(threshold, **kw),
+                "specificity": BinarySpecificity(threshold, **kw),
+                "auroc": BinaryAUROC(**kw),
             }
         )
-        self.confusion = BinaryConfusionMatrix(threshold)
-        self.roc = BinaryROC()
+        self.confusion = BinaryConfusionMatrix(threshold, **kw)
+        self.roc = BinaryROC(**kw)
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
         """probs: P(positive) per image; targets: 1 for the positive class, else 0."""

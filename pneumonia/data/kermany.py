@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def list_image_files(folder: str | Path) -> list[ImageFile]:
         raise UserError(f"{folder} lacks class folder(s) {', '.join(missing)}/: add them")
     files = []
     for label, name in enumerate(CLASSES):
-        paths = sorted(
-            p for p in dirs[name].iterdir() if p.is_file() and not p.name.startswith(".")
-        )
+        # scandir's entries know their type without a stat call per file, and sorting names
+        # (not Paths) keeps listing 5,000 files well under a second.
+        with os.scandir(dirs[name]) as entries:
+            names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith("."))
+        paths = [dirs[name] / n for n in names]
         if not paths:
             raise UserError(f"class folder {dirs[name]} is empty: add images or remove the folder")
         files += [ImageFile(p, label, patient_id(p.name)) for p in paths]

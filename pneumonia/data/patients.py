@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import PurePath
 
 # Kermany names carry the patient before the per-image counters:
 #   person1000_bacteria_2931.jpeg, person447_virus_921_1.jpeg      -> person1000, person447
@@ -18,7 +18,7 @@ _PATTERNS = (
 
 def patient_id(filename: str) -> str:
     """The patient a Kermany image belongs to; the file stem when the name has no known pattern."""
-    stem = PurePath(filename).stem
+    stem = os.path.splitext(os.path.basename(filename))[0]
     for pattern in _PATTERNS:
         match = pattern.match(stem)
         if match:

@@ -1,0 +1,88 @@
+"""What every benchmark shares: the machine line, repeated timings and their summary.
+
+Benchmarks print figures measured side by side in one process run, so a ratio compares
+like with like on a shared, noisy machine; absolute figures are for the README's record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/x.py` from a clone without `pip install -e`
+    sys.path.insert(0, str(ROOT))
+# Benchmarks print figures; Lightning's banners and tips would bury them.
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", module="lightning")
+warnings.filterwarnings("ignore", module="torch")
+
+
+def machine() -> str:
+    """One line: date, device, cores, thread count and library versions."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}), no GPU"
+    return (
+        f"{date.today()} | {device} | {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()} | torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a clock reading covers it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds `fn()` takes, GPU work included."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+class Samples:
+    """Repeated measurements of one quantity: median and spread (min-max)."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit, self.values = unit, []
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def __str__(self) -> str:
+        lo, hi = min(self.values), max(self.values)
+        return f"{self.median:.3g} {self.unit} (min {lo:.3g}, max {hi:.3g}, n={len(self.values)})"
+
+
+def ratio_line(name: str, value: float, goal: str, met: bool) -> str:
+    return f"{name}: {value:.3f} (goal {goal}: {'met' if met else 'NOT met'})"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

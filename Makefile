@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 COMPARE ?= configs/compare/paper_table3_cpu.yaml
 ARGS   ?=
+ROOT   ?= ../shared/data/chest_xray/train
 
-.PHONY: help install fit compare test test-fast lint tensorboard clean
+.PHONY: help install fit compare bench test test-fast lint tensorboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,15 +27,20 @@ fit: $(STAMP)  ## train on the embedded synthetic data (CONFIG=..., ARGS='--data
 compare: $(STAMP)  ## run a comparison (COMPARE=configs/compare/NAME.yaml, ARGS='--data.root DIR')
 	$(BIN)/python -m pneumonia.compare --config $(COMPARE) $(ARGS)
 
+bench: $(STAMP)  ## CPU benchmarks, about 25 min (ROOT=a Kermany train folder, for bench/data.py)
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/federated.py
+	$(BIN)/python bench/data.py --root $(ROOT)
+
 test: $(STAMP)  ## lint, then the whole test suite
-	$(BIN)/ruff check pneumonia tests
+	$(BIN)/ruff check pneumonia tests bench
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check pneumonia tests
+	$(BIN)/ruff check pneumonia tests bench
 
 tensorboard: $(STAMP)  ## serve the runs folder on http://localhost:6006
 	$(BIN)/tensorboard --logdir runs --port 6006

@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/x.py` from a clone without `pip install -e`
     sys.path.insert(0, str(ROOT))
+import lightning  # noqa: E402, F401  (sets its loggers' levels on import: override after it)
+
 # Benchmarks print figures; Lightning's banners and tips would bury them.
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)

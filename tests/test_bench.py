@@ -1,0 +1,79 @@
+"""The benchmarks still run: each on tiny inputs, checking the lines it must print.
+
+Their figures are not checked (timings belong in bench/ output, not in tests); what is
+checked is that every script reaches its ratio line, so a refactor cannot quietly break them.
+The scripts run in this process (importing torch again per script would cost more than the
+runs), except data.py's measurements, which it always runs in fresh processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def run_bench(script: str, args: list[str], capsys, monkeypatch) -> str:
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    importlib.import_module(script).main()
+    return capsys.readouterr().out
+
+
+def test_train_step_bench_compares_lightning_with_a_plain_loop(capsys, monkeypatch):
+    args = ["--sizes", "32", "--norms", "gn", "--width", "16", "--batch", "8"]
+    out = run_bench(
+        "train_step",
+        [*args, "--steps", "2", "--warmup", "1", "--repeats", "1"],
+        capsys,
+        monkeypatch,
+    )
+    assert "SE-ResNet-18-GN 32 px: Lightning" in out and "| plain " in out
+    assert "worst median ratio Lightning/plain: " in out and "(goal >= 0.95: " in out
+
+
+def test_data_bench_compares_the_cache_with_imagefolder(kermany_root, capsys, monkeypatch):
+    args = ["--root", str(kermany_root), "--size", "32", "--workers", "0", "--repeats", "1"]
+    out = run_bench("data", [*args, "--cache_size", "48"], capsys, monkeypatch)
+    assert "cache, each later epoch: " in out and "ImageFolder + PIL, every epoch (27 images" in out
+    assert "speed-up per image, later epoch, median: " in out
+    # The size check decodes the folder at 48 px: 27 images of 48 x 48 bytes and a small header.
+    line = next(x for x in out.splitlines() if x.startswith("48 px cache of 27 images"))
+    assert float(line.split("MB: ")[1].split()[0]) == pytest.approx(27 * 48 * 48 / 1e6, abs=0.05)
+
+
+def test_data_bench_names_a_wrong_root(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        run_bench("data", ["--root", str(tmp_path)], capsys, monkeypatch)
+    assert (
+        exit_.value.code
+        == f"--root {tmp_path}: no NORMAL/ folder there; pass a Kermany train folder"
+    )
+
+
+def test_federated_bench_times_both_runs(capsys, monkeypatch):
+    args = ["--patients", "30", "--size", "32", "--width", "16", "--rounds", "1"]
+    out = run_bench(
+        "federated", [*args, "--local_epochs", "1", "--repeats", "1"], capsys, monkeypatch
+    )
+    assert "3 clients x 1 rounds x 1 local epochs vs 1 centralized epochs" in out
+    assert "FedAvg / centralized wall time, median: " in out
+
+
+def test_paper_protocol_bench_refuses_a_machine_without_gpu(kermany_root, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        run_bench("paper_protocol", ["--root", str(kermany_root)], capsys, monkeypatch)
+    assert "no CUDA GPU here" in exit_.value.code
+
+
+def test_paper_protocol_bench_runs_a_shrunken_protocol_on_cpu(kermany_root, capsys, monkeypatch):
+    args = ["--root", str(kermany_root), "--allow_cpu", "--federated.rounds", "1"]
+    args += ["--federated.local_epochs", "1", "--data.image_size", "32", "--model.width", "16"]
+    out = run_bench("paper_protocol", [*args, "--data.val_fraction", "0.3"], capsys, monkeypatch)
+    assert "3 clients x 1 rounds x 1 local epochs, 32 px, batch 32" in out
+    assert "minutes for the protocol: " in out and "val accuracy" in out

@@ -5,7 +5,8 @@ and precision, with the same optimizer and class-weighted loss. Our side is what
 `build_module`, `build_datamodule`, `build_trainer` (TensorBoard and CSV loggers, checkpoints,
 metrics). Steady-state images per second are timed from the end of the warm-up steps to the
 end of the last step, so start-up (which `bench/federated.py` covers) stays out. The two loops
-alternate within each repeat, so drift on a shared machine hits both alike.
+alternate within each repeat, and which goes first alternates between repeats, so drift on a
+shared machine hits both alike.
 
     python bench/train_step.py                       # 64 and 224 px, GN and BN, batch 32
     python bench/train_step.py --sizes 64 --profile  # plus the profiler's top operators
@@ -156,10 +157,15 @@ def main() -> None:
             ours, plain = Samples("img/s"), Samples("img/s")
             with tempfile.TemporaryDirectory() as tmp:
                 for r in range(args.repeats):
-                    plain.add(plain_rate(cfg, splits, args.warmup))
                     run_dir = Path(tmp) / f"run{r}"
                     profile = args.profile and r == args.repeats - 1
-                    ours.add(lightning_rate(cfg, splits, args.warmup, run_dir, profile))
+                    # Alternate which goes first: a process that slows as it ages (memory
+                    # fragmentation, a neighbour's job) must not always hit the same side.
+                    for lightning in (r % 2 == 1, r % 2 == 0):
+                        if lightning:
+                            ours.add(lightning_rate(cfg, splits, args.warmup, run_dir, profile))
+                        else:
+                            plain.add(plain_rate(cfg, splits, args.warmup))
             ratios = [a / b for a, b in zip(ours.values, plain.values, strict=True)]
             ratio = sorted(ratios)[len(ratios) // 2]
             worst = min(worst, ratio)

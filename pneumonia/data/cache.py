@@ -37,10 +37,9 @@ def cache_key(files: list[ImageFile], image_size: int) -> str:
     folders: dict[Path, str] = {}
     for f in files:
         stat = f.path.stat()
-        folder = folders.get(f.path.parent) or folders.setdefault(
-            f.path.parent, os.path.realpath(f.path.parent)
-        )
-        path = os.path.join(folder, f.path.name)
+        if f.path.parent not in folders:
+            folders[f.path.parent] = os.path.realpath(f.path.parent)
+        path = os.path.join(folders[f.path.parent], f.path.name)
         digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
     return digest.hexdigest()[:24]
 

@@ -107,14 +107,13 @@ def measure(which: str, args: argparse.Namespace) -> dict:
 
 def cache_file_size(root: str, size: int) -> tuple[float, int]:
     """(MB on disk, images) of the cache at `size`, decoding it first if need be."""
-    from pneumonia.data.cache import default_cache_dir
+    from pneumonia.data.cache import cache_path, default_cache_dir
+    from pneumonia.data.kermany import find_splits, list_image_files
     from pneumonia.data.sources import DataConfig, load_images
 
     n = len(load_images(DataConfig(root=root, image_size=size), seed=0)["train"])
-    files = sorted(
-        default_cache_dir().glob(f"images-{size}px-*.pt"), key=lambda p: p.stat().st_mtime
-    )
-    return files[-1].stat().st_size / 1e6, n
+    files = list_image_files(find_splits(root)["train"])
+    return cache_path(files, size, default_cache_dir()).stat().st_size / 1e6, n
 
 
 def main() -> None:
@@ -155,7 +154,7 @@ def main() -> None:
     print(f"cache, each later epoch: {later}; peak memory {a['peak_mb']:.0f} MB")
     print(
         f"ImageFolder + PIL, every epoch ({b['images']} images, {args.workers} workers): {theirs}; "
-        f"peak memory {b['peak_mb']:.0f} MB + workers {b['peak_worker_mb']:.0f} MB each"
+        f"peak memory {b['peak_mb']:.0f} MB, largest worker {b['peak_worker_mb']:.0f} MB"
     )
     for name, ratios in (("first", first_ratio), ("later", later_ratio)):
         r = statistics.median(ratios)

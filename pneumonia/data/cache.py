@@ -44,6 +44,11 @@ def cache_key(files: list[ImageFile], image_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
+def cache_path(files: list[ImageFile], image_size: int, cache_dir: Path) -> Path:
+    """Where the decoded tensors of `files` at `image_size` are (or will be) kept."""
+    return Path(cache_dir) / f"images-{image_size}px-{cache_key(files, image_size)}.pt"
+
+
 def _to_payload(imageset: ImageSet, skipped: list[str]) -> dict:
     return {
         "images": imageset.images,
@@ -67,7 +72,7 @@ def load_or_decode(
     desc: str = "decode",
 ) -> ImageSet:
     """The decoded images of `files`: from the cache when present, else decoded and cached."""
-    path = Path(cache_dir) / f"images-{image_size}px-{cache_key(files, image_size)}.pt"
+    path = cache_path(files, image_size, cache_dir)
     cached = _read_cache(path)
     if cached is None:
         cached = decode_files(files, image_size, skip_corrupt=skip_corrupt, desc=desc)

@@ -6,15 +6,15 @@ like with like on a shared, noisy machine; absolute figures are for the README's
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -54,15 +54,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds `fn()` takes, GPU work included."""
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 class Samples:
     """Repeated measurements of one quantity: median and spread (min-max)."""
 
@@ -85,6 +76,17 @@ def ratio_line(name: str, value: float, goal: str, met: bool) -> str:
     return f"{name}: {value:.3f} (goal {goal}: {'met' if met else 'NOT met'})"
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports kB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def run_fit(argv: list[str]) -> tuple[float, dict]:
+    """(seconds, summary) of one `python -m pneumonia.fit` run, its report lines silenced."""
+    from pneumonia import fit
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = fit.run(argv)
+    return time.perf_counter() - start, summary
+
+
+def train_images(run_dir: Path) -> int:
+    """Training images of a fit run, from its split.csv."""
+    rows = (run_dir / "split.csv").read_text().splitlines()
+    return sum(row.startswith("train,") for row in rows)

@@ -29,6 +29,8 @@ from pathlib import Path
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import Samples, machine, ratio_line
 
+from pneumonia.errors import exit_on_user_error
+
 BATCH = 32
 EPOCHS = 2  # the first pays for loading (ours) or worker start-up; later ones are steady state
 
@@ -116,6 +118,7 @@ def cache_file_size(root: str, size: int) -> tuple[float, int]:
     return cache_path(files, size, default_cache_dir()).stat().st_size / 1e6, n
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(

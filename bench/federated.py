@@ -16,16 +16,13 @@ Goal: FedAvg / centralized <= 1.10.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import tempfile
-import time
 from pathlib import Path
 
 import common
-from common import Samples, machine, ratio_line
+from common import Samples, machine, ratio_line, run_fit, train_images
 
-from pneumonia import fit
+from pneumonia.errors import exit_on_user_error
 
 
 def fit_args(args: argparse.Namespace, run_dir: Path, federated: bool) -> list[str]:
@@ -45,13 +42,7 @@ def fit_args(args: argparse.Namespace, run_dir: Path, federated: bool) -> list[s
     return argv + ["--trainer.check_val_every_n_epoch", str(args.local_epochs)]
 
 
-def timed_fit(argv: list[str]) -> float:
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # fit's own report lines
-        fit.run(argv)
-    return time.perf_counter() - start
-
-
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", help="a Kermany train folder (default: synthetic images)")
@@ -73,12 +64,11 @@ def main() -> None:
             times = {}
             for federated in order:
                 run_dir = Path(tmp) / f"{'fed' if federated else 'central'}{r}"
-                times[federated] = timed_fit(fit_args(args, run_dir, federated))
+                times[federated], _ = run_fit(fit_args(args, run_dir, federated))
             fed.add(times[True])
             central.add(times[False])
             ratios.append(times[True] / times[False])
-        rows = (run_dir / "split.csv").read_text().splitlines()
-        train = sum(row.startswith("train,") for row in rows)
+        train = train_images(run_dir)
     print(
         f"{args.clients} clients x {args.rounds} rounds x {args.local_epochs} local epochs vs "
         f"{args.rounds * args.local_epochs} centralized epochs; {args.size} px, batch {args.batch}"

@@ -14,23 +14,20 @@ Goal: the whole protocol in at most 10 minutes on one H100.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import common
 import torch
 import yaml
-from common import machine, ratio_line
+from common import machine, ratio_line, run_fit, train_images
 
-from pneumonia import fit
+from pneumonia.errors import exit_on_user_error
 
 GOAL_S = 600
 
@@ -65,6 +62,7 @@ class GpuSampler(threading.Thread):
         )
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="the Kermany train folder")
@@ -81,15 +79,13 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         argv = ["--config", args.config, "--data.root", args.root, "--run_dir", str(run_dir)]
         argv += ["--trainer.enable_progress_bar", "false", *overrides]
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            summary = fit.run(argv)
-        wall = time.perf_counter() - start
-        sampler.done.set()
+        try:
+            wall, summary = run_fit(argv)
+        finally:
+            sampler.done.set()
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        rows = (run_dir / "split.csv").read_text().splitlines()
+        train = train_images(run_dir)
     fed = config["federated"]
-    train = sum(row.startswith("train,") for row in rows)
     # Every client trains every round (C = 1 in the paper), so each epoch passes the whole set.
     images = train * fed["rounds"] * fed["local_epochs"] * fed["fraction"]
     print(

@@ -31,6 +31,7 @@ from pneumonia.centralized import build_datamodule, build_module, build_trainer
 from pneumonia.config import build_fit_parser, parse_args, trainer_arguments
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sources import Splits
+from pneumonia.errors import exit_on_user_error
 from pneumonia.models.registry import ModelConfig, create_model
 from pneumonia.module import make_optimizer
 
@@ -127,6 +128,7 @@ def plain_rate(cfg, splits: Splits, warmup: int) -> float:
     return done / (time.perf_counter() - start)
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])

@@ -77,3 +77,14 @@ def test_paper_protocol_bench_runs_a_shrunken_protocol_on_cpu(kermany_root, caps
     out = run_bench("paper_protocol", [*args, "--data.val_fraction", "0.3"], capsys, monkeypatch)
     assert "3 clients x 1 rounds x 1 local epochs, 32 px, batch 32" in out
     assert "minutes for the protocol: " in out and "val accuracy" in out
+
+
+def test_a_bad_fit_option_in_a_bench_is_one_line(capsys, monkeypatch):
+    args = ["--patients", "30", "--size", "32", "--width", "24", "--repeats", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        run_bench("federated", args, capsys, monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert err == [
+        "error: model.se_reduction 16 must divide model.width 24 (at width 64: 4, 8, 16)"
+    ]

@@ -107,7 +107,7 @@ def train_federated(
         "federated": {
             "strategy": fed.strategy,
             "partition": fed.partition,
-            "clients": len(run.clients),
+            "clients": len(run.cohort),
             "rounds": len(run.history),
             "local_epochs": fed.local_epochs,
             "partition_table": run.table,

@@ -1,10 +1,9 @@
 """The federated rounds (the paper's Algorithms 1 and 2). It calls the stages, it holds none:
-partition (data.partition), clients (client), aggregation (server, strategies), evaluation,
-the round checkpoint (state) and the monitoring (monitor)."""
+the clients (cohort: simulated in this process, or SuperNodes over Flower), aggregation
+(server, strategies), evaluation, the round checkpoint (state) and the monitoring (monitor)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -15,11 +14,11 @@ from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.centralized import Progress
-from pneumonia.data.partition import format_table, partition, partition_table
+from pneumonia.data.partition import format_table
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
 from pneumonia.evaluation import evaluate_imageset
-from pneumonia.federated.client import Client, ClientSettings
+from pneumonia.federated.cohort import Cohort, LocalCohort, Moments, RoundTask
 from pneumonia.federated.config import check_federated, clients_per_round, round_lr_scale
 from pneumonia.federated.monitor import log_round, progress_line, round_row
 from pneumonia.federated.server import Server
@@ -28,53 +27,13 @@ from pneumonia.federated.strategies import create_strategy
 from pneumonia.module import ClassifierModule
 from pneumonia.rundir import save_atomic, write_csv
 
-# Options the loop sets on every client Trainer itself.
-CLIENT_MANAGED = {
-    "max_epochs",
-    "min_epochs",
-    "max_steps",
-    "limit_val_batches",
-    "num_sanity_val_steps",
-    "val_check_interval",
-    "check_val_every_n_epoch",
-}
 
-
-def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict):
-    """One Client per partition, and the partition table."""
-    fed = cfg.federated
-    parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
-    settings = ClientSettings(
-        batch_size=cfg.data.batch_size,
-        balanced_sampling=cfg.data.balance == "sampler",
-        loss_weights=cfg.data.balance == "loss_weights",
-        augment=cfg.data.augment,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        # The model summary would repeat for every client and round; the loop prints the table.
-        trainer_args={k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED}
-        | {"enable_model_summary": False},
-        keep_optimizer_state=fed.keep_optimizer_state,
-    )
-    clients = [Client(j, splits.train.subset(idx), settings) for j, idx in enumerate(parts)]
-    return clients, partition_table(splits.train, parts)
-
-
-def agreed_normalisation(clients: list[Client]) -> tuple[float, float]:
+def agreed_normalisation(moments: list[Moments]) -> tuple[float, float]:
     """Pixel mean and std of all clients' images from each client's own moments."""
-    moments = [c.pixel_moments() for c in clients]
     total = sum(n for n, _, _ in moments)
     mean = sum(n * m for n, m, _ in moments) / total
     mean_sq = sum(n * s for n, _, s in moments) / total
     return round(mean, 4), round(max(mean_sq - mean * mean, 0.0) ** 0.5, 4)
-
-
-def fingerprint(clients: list[Client]) -> str:
-    """Which images each client holds: a resumed run must see the same partition."""
-    digest = hashlib.sha256()
-    for client in clients:
-        digest.update(("\n".join(client.data.names) + "\0").encode())
-    return digest.hexdigest()
 
 
 def save_global(path: Path, state: dict, hparams: dict, round_number: int) -> None:
@@ -86,15 +45,20 @@ def save_global(path: Path, state: dict, hparams: dict, round_number: int) -> No
 class FederatedRun:
     """The state of one federated run between rounds."""
 
-    def __init__(self, cfg: Namespace, splits: Splits, trainer_args: dict):
+    def __init__(
+        self, cfg: Namespace, splits: Splits, trainer_args: dict, cohort: Cohort | None = None
+    ):
         """Partition, clients, agreed normalisation, global model, strategy and server: every
-        configuration error surfaces here, before a run directory exists."""
+        configuration error surfaces here, before a run directory exists. The clients are
+        simulated in this process unless a `cohort` (e.g. SuperNodes over Flower) is given;
+        the server evaluates on `splits.val` (and `splits.test`)."""
         fed = cfg.federated
         check_federated(fed)
         self.cfg, self.splits = cfg, splits
-        self.clients, self.table = build_clients(cfg, splits, trainer_args)
-        self.fingerprint = fingerprint(self.clients)
-        mean, std = agreed_normalisation(self.clients)
+        self.cohort = cohort if cohort is not None else LocalCohort(cfg, splits, trainer_args)
+        self.table = self.cohort.table
+        self.fingerprint = self.cohort.fingerprint()
+        mean, std = agreed_normalisation(self.cohort.moments())
         self.hparams = {
             "model": dict(vars(cfg.model)),
             "optim": dict(vars(cfg.optim)),
@@ -107,11 +71,11 @@ class FederatedRun:
         # The global model first: its initialisation is the run's (the seed's) initialisation.
         self.module = ClassifierModule(**self.hparams)
         self.strategy = create_strategy(fed, self.module)
-        per_round = clients_per_round(fed.fraction, len(self.clients))
+        per_round = clients_per_round(fed.fraction, len(self.cohort))
         self.server = Server(
             self.module.state_dict(),
             self.strategy,
-            len(self.clients),
+            len(self.cohort),
             per_round,
             fed.min_clients,
             cfg.seed,
@@ -127,10 +91,8 @@ class FederatedRun:
         self.progress: Progress | None = None
 
     def attach(self, run_dir: Path) -> None:
-        """Give every client its module and Trainer, logging under run_dir/clients/."""
         self.run_dir = run_dir
-        for client in self.clients:
-            client.build(self.hparams, run_dir / "clients")
+        self.cohort.attach(self.hparams, run_dir, self.strategy)
 
     def resume(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
@@ -139,33 +101,17 @@ class FederatedRun:
                 f"(data.root changed?): resume needs the same images"
             )
         self.server.load_state_dict(state["server"])
-        for client, client_state in zip(self.clients, state["clients"], strict=True):
-            client.load_state_dict(client_state)
+        self.cohort.load_state_dict(state["clients"])
         self.history, self.best = list(state["history"]), tuple(state["best"])
         self.next_round, self.elapsed_before = int(state["round"]), float(state["elapsed_s"])
         set_rng_state(state["rng"])
 
     def train_clients(self, round_index: int) -> tuple[list, dict[int, str]]:
-        """Each sampled client trains from the global state; a client that raises is noted."""
+        """The sampled clients train from the global state; failures are noted, not raised."""
         fed = self.cfg.federated
-        updates, failures = [], {}
-        callbacks = self.strategy.client_callbacks(self.server.global_state)
         lr = self.cfg.optim.lr * round_lr_scale(fed.round_lr, round_index, fed.rounds)
-        for j in self.server.sample_clients():
-            try:
-                updates.append(
-                    self.clients[j].train_round(
-                        self.server.global_state,
-                        round_index,
-                        fed.local_epochs,
-                        self.strategy.local_keys,
-                        callbacks,
-                        lr,
-                    )
-                )
-            except Exception as err:  # one hospital's failure must not end the federation
-                failures[j] = f"raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        return updates, failures
+        task = RoundTask(self.server.global_state, round_index, fed.local_epochs, lr)
+        return self.cohort.train(self.server.sample_clients(), task)
 
     def evaluate(self) -> dict[str, dict]:
         """Global model metrics on the validation (and test) images after a round."""
@@ -201,7 +147,7 @@ class FederatedRun:
             {
                 "round": round_number,
                 "server": self.server.state_dict(),
-                "clients": [c.state_dict() for c in self.clients],
+                "clients": self.cohort.state_dict(),
                 "history": self.history,
                 "best": list(self.best),
                 "elapsed_s": row["elapsed_s"],
@@ -229,7 +175,7 @@ class FederatedRun:
             now = time.time()
             row = round_row(
                 r + 1,
-                len(self.clients),
+                len(self.cohort),
                 updates,
                 excluded,
                 evaluations,

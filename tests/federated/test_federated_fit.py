@@ -246,12 +246,12 @@ def test_fedbn_keeps_each_clients_norm_layers(tmp_path):
     run_federated(run, tmp_path / "fedbn", resume=False)
     norm = normalization_keys(run.module)
     assert norm and run.strategy.local_keys == norm
-    locals_ = [c.local_state for c in run.clients]
+    locals_ = [c.local_state for c in run.cohort.clients]
     assert all(s.keys() == norm for s in locals_)
     key = "model.bn1.weight"
     assert not torch.equal(locals_[0][key], locals_[1][key])  # each client's own
     # The next round starts each client from its own norm layers, the rest from the server.
-    module = run.clients[0].module
+    module = run.cohort.clients[0].module
     start = dict(run.server.global_state) | locals_[0]
     module.load_state_dict(start)
     assert torch.equal(module.state_dict()[key], locals_[0][key])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +30,8 @@ from pneumonia.config import (
     with_default_config,
 )
 from pneumonia.data.sources import Splits, load_splits
-from pneumonia.errors import exit_on_user_error
+from pneumonia.errors import UserError, exit_on_user_error
+from pneumonia.federated.cohort import Cohort
 from pneumonia.federated.config import check_federated
 from pneumonia.federated.loop import FederatedRun, run_federated
 from pneumonia.models.registry import count_parameters, create_model
@@ -127,9 +129,15 @@ def preflight(cfg: Namespace) -> int:
     return parameters
 
 
-def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict:
+def run(
+    argv: list[str] | None = None,
+    progress: Progress | None = None,
+    cohort: Callable[[Namespace, str], Cohort] | None = None,
+) -> dict:
     """Parse the config, train, evaluate the best checkpoint, write the run directory.
     `progress(done, total)` is called after every epoch (centralized) or round (federated).
+    `cohort(cfg, config_yaml)` supplies federated clients from elsewhere (Flower's
+    SuperNodes) instead of simulating them here.
     Raises UserError; `main` is the command line's version, which prints it as one line."""
     cfg, raw, config_yaml, resume = parse_config(sys.argv[1:] if argv is None else argv)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -141,7 +149,11 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
     splits = load_splits(cfg.data, cfg.seed, sites=sites)
     print(describe_splits(splits), flush=True)
     args = trainer_arguments(cfg)
-    run = FederatedRun(cfg, splits, args) if federated else None  # partition errors surface here
+    if cohort is not None and not federated:
+        raise UserError("a deployment across hospitals is federated: set federated.enabled true")
+    clients = cohort(cfg, config_yaml) if cohort is not None else None
+    # Partition and node errors surface here.
+    run = FederatedRun(cfg, splits, args, clients) if federated else None
     # Created only now: a config or data error above leaves no half-made run behind.
     run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)

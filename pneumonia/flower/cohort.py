@@ -1,0 +1,143 @@
+"""The server's view of the SuperNodes: `FlowerCohort` answers the round loop's calls
+(`pneumonia.federated.cohort.Cohort`) with messages over Flower's Grid, so a deployment runs
+the very loop, strategies and checks of the simulated run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from pneumonia.errors import UserError
+from pneumonia.federated.cohort import Moments, RoundTask, combined_digest
+from pneumonia.federated.strategies import FedAvg
+from pneumonia.flower import wire
+
+
+def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> list[int]:
+    """The ids of `expected` connected SuperNodes, waiting up to `wait_s` seconds."""
+    deadline = time.time() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) == expected:
+            return nodes
+        if len(nodes) > expected:
+            raise UserError(
+                f"{len(nodes)} SuperNodes are connected but federated.clients is {expected}: "
+                f"set federated.clients to the number of hospitals"
+            )
+        if time.time() > deadline:
+            raise UserError(
+                f"only {len(nodes)} of {expected} SuperNodes connected within {wait_s:.0f} s: "
+                f"start the others (flower-supernode ...) or lower federated.clients"
+            )
+        time.sleep(0.5)
+
+
+POLL_S = 0.5  # Grid.send_and_receive polls every 3 s; a round's replies come in sooner
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message | None]:
+    """Each message's reply (None: none within `timeout` s), in the order of `messages`.
+    A reply is matched by the id of the message it answers: an error reply Flower makes for
+    a vanished node does not carry that node's id."""
+    ids = list(grid.push_messages(messages))
+    replies: dict[str, Message] = {}
+    pending = {i for i in ids if i is not None}
+    deadline = time.time() + timeout
+    while pending and time.time() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            replies[reply.metadata.reply_to_message_id] = reply
+            pending.discard(reply.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(POLL_S)
+    return [replies.get(i) if i is not None else None for i in ids]
+
+
+def reason(reply: Message) -> str:
+    return f"its node replied with an error: {reply.error.reason.splitlines()[0][:300]}"
+
+
+class FlowerCohort:
+    """One client per SuperNode, in the order of the nodes' keys (partition id or name)."""
+
+    def __init__(
+        self, grid: Grid, config_yaml: str, expected: int, wait_s: float, round_timeout: float
+    ) -> None:
+        self.grid, self.config_yaml, self.round_timeout = grid, config_yaml, round_timeout
+        self.hparams: dict = {}
+        self.timings: list[dict[int, dict[str, float]]] = []  # per round: client -> seconds
+        infos = self._query(wait_for_nodes(grid, expected, wait_s))
+        keys = [info.key for _, info in infos]
+        if len(set(keys)) != len(keys):
+            raise UserError(
+                f"two SuperNodes share a partition-id or name ({sorted(keys)}): give each "
+                f"hospital its own --node-config"
+            )
+        infos.sort(key=lambda pair: pair[1].key)
+        self.nodes = [node_id for node_id, _ in infos]
+        self.infos = [info for _, info in infos]
+        self.table = [{"client": j} | info.counts for j, info in enumerate(self.infos)]
+
+    def _query(self, nodes: list[int]):
+        messages = [
+            Message(wire.query_request(self.config_yaml), dst_node_id=n, message_type="query")
+            for n in nodes
+        ]
+        replies = exchange(self.grid, messages, self.round_timeout)
+        problems = [
+            f"node {n}: " + (reason(r) if r is not None else "no reply")
+            for n, r in zip(nodes, replies, strict=True)
+            if r is None or r.has_error()
+        ]
+        if problems:
+            raise UserError("SuperNodes could not describe their data: " + "; ".join(problems))
+        return [(n, wire.read_query_reply(r.content)) for n, r in zip(nodes, replies, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def moments(self) -> list[Moments]:
+        return [info.moments for info in self.infos]
+
+    def fingerprint(self) -> str:
+        return combined_digest([info.digest for info in self.infos])
+
+    def attach(self, hparams: dict, run_dir: Path, strategy: FedAvg) -> None:
+        # Each node builds its own strategy half from the config it receives.
+        self.hparams = hparams
+
+    def train(self, chosen: Sequence[int], task: RoundTask):
+        """Send the round to the chosen nodes; a node that errs or stays silent is a failure."""
+        messages = [
+            Message(
+                wire.train_request(task, j, self.config_yaml, self.hparams),
+                dst_node_id=self.nodes[j],
+                message_type="train",
+                group_id=str(task.round_index + 1),
+            )
+            for j in chosen
+        ]
+        replies = exchange(self.grid, messages, self.round_timeout)
+        updates, failures, timings = [], {}, {}
+        # In client order, as the simulated run averages (float sums depend on the order).
+        for j, reply in sorted(zip(chosen, replies, strict=True), key=lambda p: p[0]):
+            if reply is None:
+                failures[j] = f"no reply within {self.round_timeout:.0f} s"
+            elif reply.has_error():
+                failures[j] = reason(reply)
+            else:
+                update, timings[j] = wire.read_train_reply(reply.content, j)
+                updates.append(update)
+        self.timings.append(timings)
+        return updates, failures
+
+    def state_dict(self) -> list:
+        return []  # each client's own state stays on its node
+
+    def load_state_dict(self, states: list) -> None:
+        pass

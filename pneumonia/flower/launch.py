@@ -1,0 +1,208 @@
+"""A SuperLink and SuperNodes as local processes over TLS, for the demo, the tests and the
+benchmark: every process it starts is stopped when the `Federation` closes, also on Ctrl-C or
+an error. Real hospitals start the same commands by hand (README "Deploying across hospitals").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tomli_w
+
+from pneumonia.errors import UserError
+from pneumonia.flower import tls
+
+APP_DIR = Path(__file__).parent / "app"  # the Flower App `flwr run` submits
+CONNECTION = "local-tls"
+FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\s*(\x1b\[0m)?\s*:")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def executable(name: str) -> str:
+    """A Flower command from this Python's environment (or PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise UserError(
+            f"{name} not found: install the Flower extra, pip install 'pneumonia[flower]'"
+        )
+    return found
+
+
+def node_config_text(node_config: dict) -> str:
+    """--node-config's "key=value ..." form, strings quoted as TOML wants them."""
+    return " ".join(
+        f"{k}={v}" if isinstance(v, int | float) else f'{k}="{v}"' for k, v in node_config.items()
+    )
+
+
+class Federation:
+    """SuperLink + SuperNodes on `host`, logs and certificates under `workdir`."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.workdir, self.host = Path(workdir).resolve(), host
+        self.logs = self.workdir / "logs"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.certs: tls.Certificates | None = None
+        self.port = 0
+        self.env = os.environ | {
+            "FLWR_HOME": str(self.workdir / "flwr-home"),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        # Its own session: stopping it stops its children too (flwr-serverapp, flwr-clientapp).
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        process.log = log  # type: ignore[attr-defined]
+        self.processes[name] = process
+        return process
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
+        process = self.processes.pop(name)
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+        if hasattr(process, "log"):
+            process.log.close()
+
+    def close(self) -> None:
+        """Stop every process this federation started: nodes first, then the SuperLink."""
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+            self.stop_process(name)
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- SuperLink and SuperNodes ----------------------------------------------------------
+
+    def start_superlink(self, certs: tls.Certificates | None = None, wait_s: float = 60) -> None:
+        """The SuperLink with TLS, and the `flwr` CLI's connection to it."""
+        self.certs = certs or tls.generate(self.workdir / "certs", [self.host, "localhost"])
+        self.port = free_port(self.host)
+        self._spawn(
+            "superlink",
+            [
+                executable("flower-superlink"),
+                *("--host", self.host, "--port", str(self.port)),
+                *("--ssl-ca-certfile", str(self.certs.ca)),
+                *("--ssl-certfile", str(self.certs.server_cert)),
+                *("--ssl-keyfile", str(self.certs.server_key)),
+            ],
+        )
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        connection = {"address": self.address, "root-certificates": str(self.certs.ca)}
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (home / "config.toml").write_text(tomli_w.dumps(config))
+        self._wait_for_port("superlink", self.port, wait_s)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _wait_for_port(self, name: str, port: int, wait_s: float) -> None:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if self.processes[name].poll() is not None:
+                raise UserError(f"{name} exited at start: see {self.logs / name}.log")
+            with socket.socket() as s:
+                if s.connect_ex((self.host, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise UserError(f"{name} did not listen on port {port} within {wait_s:.0f} s")
+
+    def start_supernode(
+        self, name: str, node_config: dict, root_certificates: Path | None = None, *extra: str
+    ) -> subprocess.Popen:
+        """A SuperNode that trusts `root_certificates` (default: this federation's CA)."""
+        ca = root_certificates or self.certs.ca
+        return self._spawn(
+            name,
+            [
+                executable("flower-supernode"),
+                *("--superlink", self.address, "--root-certificates", str(ca)),
+                *("--host", self.host, "--port", str(free_port(self.host))),
+                *("--node-config", node_config_text(node_config)),
+                *extra,
+            ],
+        )
+
+    def _relay(self, run: subprocess.Popen, echo: Callable[[str], None]) -> None:
+        with open(self.logs / "flwr-run.log", "a") as log:
+            for line in run.stdout:
+                log.write(line)
+                log.flush()
+                if not FLOWER_LOG.match(line):
+                    echo(line.rstrip("\n"))
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def submit(
+        self, run_config: dict, echo: Callable[[str], None] = print, timeout_s: float = 3600
+    ) -> dict:
+        """`flwr run` the app with `run_config` and wait for it; its status (ok, run_dir or
+        error). Flower's own INFO lines go to logs/flwr-run.log only; the rest to `echo`."""
+        import json
+
+        status_file = self.workdir / f"status-{time.time_ns()}.json"
+        overrides = self.workdir / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(run_config | {"status-file": str(status_file)}))
+        argv = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream"]
+        argv += ["--run-config", str(overrides)]
+        self.logs.mkdir(parents=True, exist_ok=True)
+        run = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        self.processes["flwr-run"] = run
+        reader = threading.Thread(target=self._relay, args=(run, echo), daemon=True)
+        reader.start()
+        deadline = time.time() + timeout_s
+        while run.poll() is None and time.time() < deadline and not status_file.exists():
+            time.sleep(0.2)
+        if status_file.exists():  # let it print the ServerApp's last lines and end itself
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.wait(10)
+        self.stop_process("flwr-run", grace_s=5)
+        reader.join(5)
+        if not status_file.exists() and time.time() >= deadline:
+            raise UserError(
+                f"the Flower run did not finish within {timeout_s:.0f} s: see {self.logs}"
+            )
+        if not status_file.exists():
+            raise UserError(f"the Flower run ended without a result: see {self.logs}")
+        return json.loads(status_file.read_text())

@@ -1,0 +1,95 @@
+"""A SuperNode's side: which images it holds, the `Client` that trains on them, and the client
+state it keeps between rounds. Nothing here talks to the network (that is `client_app`).
+
+Node config (`flower-supernode --node-config "..."`):
+    data-root=DIR         the hospital's own images (class folders, or train/ with them);
+                          without it, the run's data.root (or the synthetic images)
+    partition-id=J        demo mode: split the data as the simulated run does, keep part J
+    num-partitions=N      optional check that N equals the run's federated.clients
+    name=NAME             orders hospitals into client indices (default: partition id)
+    log-dir=DIR           the client's TensorBoard events (default: flower-node-logs)
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+
+from pneumonia.config import trainer_arguments
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.partition import partition, partition_table
+from pneumonia.data.sources import load_images, load_splits
+from pneumonia.errors import UserError
+from pneumonia.federated.client import Client
+from pneumonia.federated.cohort import client_settings, names_digest
+from pneumonia.flower.wire import NodeInfo
+
+STATE_RECORD = "pneumonia"  # context.state key; it never leaves the node
+
+
+def parse_run_config(config_yaml: str) -> Namespace:
+    """The server's resolved config, parsed as `fit` parses it."""
+    from pneumonia.fit import parse_config  # fit imports the whole training stack
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(config_yaml)
+        f.flush()
+        cfg, _, _, _ = parse_config(["--config", f.name])
+    return cfg
+
+
+def node_images(cfg: Namespace, node_config: dict) -> tuple[ImageSet, str]:
+    """This node's training images and its sort key."""
+    data = cfg.data
+    if "data-root" in node_config:
+        data = replace(data, root=str(node_config["data-root"]))
+    if "partition-id" not in node_config:
+        if "data-root" not in node_config:
+            raise UserError("the SuperNode's --node-config needs data-root=DIR or partition-id=J")
+        name = str(node_config.get("name", node_config["data-root"]))
+        return load_images(data, cfg.seed)["train"], name
+    j = int(node_config["partition-id"])
+    fed = cfg.federated
+    expected = int(node_config.get("num-partitions", fed.clients))
+    if expected != fed.clients or not 0 <= j < fed.clients:
+        raise UserError(
+            f"node-config partition-id={j} num-partitions={expected} does not fit the run's "
+            f"federated.clients {fed.clients}"
+        )
+    train = load_splits(data, cfg.seed, sites=fed.partition == "sites").train
+    parts = partition(train, fed.partition, fed.clients, fed.alpha, cfg.seed)
+    return train.subset(parts[j]), str(node_config.get("name", f"{j:06d}"))
+
+
+def describe(cfg: Namespace, node_config: dict) -> NodeInfo:
+    """The query's answer: counts, moments and a digest; no image leaves."""
+    images, key = node_images(cfg, node_config)
+    mean, std = images.pixel_mean_std()
+    row = partition_table(images, [torch.arange(len(images))])[0]
+    del row["client"]
+    return NodeInfo(
+        key, (len(images), mean, std * std + mean * mean), names_digest(images.names), row
+    )
+
+
+def build_client(cfg: Namespace, node_config: dict, index: int, hparams: dict) -> Client:
+    """The node's Client with its module and Trainer, as the simulated run builds it."""
+    images, _ = node_images(cfg, node_config)
+    client = Client(index, images, client_settings(cfg, trainer_arguments(cfg)))
+    client.build(hparams, Path(str(node_config.get("log-dir", "flower-node-logs"))))
+    return client
+
+
+def pack_state(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def unpack_state(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), weights_only=True)

@@ -8,7 +8,7 @@ COMPARE ?= configs/compare/paper_table3_cpu.yaml
 ARGS   ?=
 ROOT   ?= ../shared/data/chest_xray/train
 
-.PHONY: help install fit compare bench test test-fast lint tensorboard clean
+.PHONY: help install fit compare flower-demo bench test test-fast lint tensorboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,7 +16,7 @@ help:  ## list targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,flower]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its test tools
@@ -26,6 +26,9 @@ fit: $(STAMP)  ## train on the embedded synthetic data (CONFIG=..., ARGS='--data
 
 compare: $(STAMP)  ## run a comparison (COMPARE=configs/compare/NAME.yaml, ARGS='--data.root DIR')
 	$(BIN)/python -m pneumonia.compare --config $(COMPARE) $(ARGS)
+
+flower-demo: $(STAMP)  ## a SuperLink + 3 SuperNodes on 127.0.0.1 with TLS, a short federation (~3 min)
+	$(BIN)/python -m pneumonia.flower.demo $(ARGS)
 
 bench: $(STAMP)  ## CPU benchmarks, about 25 min (ROOT=a Kermany train folder, for bench/data.py)
 	$(BIN)/python bench/train_step.py

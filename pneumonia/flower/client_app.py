@@ -59,10 +59,15 @@ def train(msg: Message, context: Context) -> Message:
     context.state[node.STATE_RECORD] = ConfigRecord(
         {"client": node.pack_state(client.state_dict())}
     )
+    # Wall-clock instants (seconds since the epoch): the server lines them up with its own
+    # send and receive times to say where a round's time goes (bench/flower.py).
     timings = {
-        "process-start": PROCESS_LOADED - process_started(),  # Python and Flower
-        "imports": IMPORTED - PROCESS_LOADED,  # torch, Lightning, pneumonia
-        "setup": ready - started,
-        "train": trained - ready,
+        "process": process_started(),
+        "loaded": PROCESS_LOADED,  # Python, Flower, the message pulled
+        "imported": IMPORTED,  # torch, Lightning, pneumonia
+        "handler": started,
+        "ready": ready,  # config, images, module and Trainer built
+        "trained": trained,
+        "replied": time.time(),  # state packed for Flower
     }
     return Message(wire.train_reply(update, timings), reply_to=msg)

@@ -41,16 +41,19 @@ def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> list[int]:
 POLL_S = 0.5  # Grid.send_and_receive polls every 3 s; a round's replies come in sooner
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message | None]:
-    """Each message's reply (None: none within `timeout` s), in the order of `messages`.
-    A reply is matched by the id of the message it answers: an error reply Flower makes for
-    a vanished node does not carry that node's id."""
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, received: dict[str, float]
+) -> list[Message | None]:
+    """Each message's reply (None: none within `timeout` s), in the order of `messages`; the
+    time each arrived goes into `received` by reply id. A reply is matched by the id of the
+    message it answers: an error reply Flower makes for a vanished node lacks the node's id."""
     ids = list(grid.push_messages(messages))
     replies: dict[str, Message] = {}
     pending = {i for i in ids if i is not None}
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
         for reply in grid.pull_messages(list(pending)):
+            received[reply.metadata.message_id] = time.time()
             replies[reply.metadata.reply_to_message_id] = reply
             pending.discard(reply.metadata.reply_to_message_id)
         if pending:
@@ -70,7 +73,8 @@ class FlowerCohort:
     ) -> None:
         self.grid, self.config_yaml, self.round_timeout = grid, config_yaml, round_timeout
         self.hparams: dict = {}
-        self.timings: list[dict[int, dict[str, float]]] = []  # per round: client -> seconds
+        self.timings: list[dict[int, dict[str, float]]] = []  # per round: client -> instants
+        self.received: dict[str, float] = {}  # reply id -> when it arrived
         infos = self._query(wait_for_nodes(grid, expected, wait_s))
         keys = [info.key for _, info in infos]
         if len(set(keys)) != len(keys):
@@ -88,7 +92,7 @@ class FlowerCohort:
             Message(wire.query_request(self.config_yaml), dst_node_id=n, message_type="query")
             for n in nodes
         ]
-        replies = exchange(self.grid, messages, self.round_timeout)
+        replies = exchange(self.grid, messages, self.round_timeout, self.received)
         problems = [
             f"node {n}: " + (reason(r) if r is not None else "no reply")
             for n, r in zip(nodes, replies, strict=True)
@@ -122,7 +126,8 @@ class FlowerCohort:
             )
             for j in chosen
         ]
-        replies = exchange(self.grid, messages, self.round_timeout)
+        sent = time.time()
+        replies = exchange(self.grid, messages, self.round_timeout, self.received)
         updates, failures, timings = [], {}, {}
         # In client order, as the simulated run averages (float sums depend on the order).
         for j, reply in sorted(zip(chosen, replies, strict=True), key=lambda p: p[0]):
@@ -132,6 +137,7 @@ class FlowerCohort:
                 failures[j] = reason(reply)
             else:
                 update, timings[j] = wire.read_train_reply(reply.content, j)
+                timings[j] |= {"sent": sent, "received": self.received[reply.metadata.message_id]}
                 updates.append(update)
         self.timings.append(timings)
         return updates, failures

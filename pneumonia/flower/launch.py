@@ -28,6 +28,11 @@ CONNECTION = "local-tls"
 FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\s*(\x1b\[0m)?\s*:")
 
 
+def threads_per_node(nodes: int) -> int:
+    """This machine's cores shared among `nodes` SuperNodes."""
+    return max(1, (os.cpu_count() or 1) // nodes)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -68,12 +73,16 @@ class Federation:
 
     # -- processes -------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         # Its own session: stopping it stops its children too (flwr-serverapp, flwr-clientapp).
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env | (env or {}),
+            start_new_session=True,
         )
         process.log = log  # type: ignore[attr-defined]
         self.processes[name] = process
@@ -142,10 +151,18 @@ class Federation:
         raise UserError(f"{name} did not listen on port {port} within {wait_s:.0f} s")
 
     def start_supernode(
-        self, name: str, node_config: dict, root_certificates: Path | None = None, *extra: str
+        self,
+        name: str,
+        node_config: dict,
+        root_certificates: Path | None = None,
+        *extra: str,
+        threads: int | None = None,
     ) -> subprocess.Popen:
-        """A SuperNode that trusts `root_certificates` (default: this federation's CA)."""
+        """A SuperNode that trusts `root_certificates` (default: this federation's CA). Nodes
+        sharing one machine should split its cores (`threads`): several torch processes each
+        spinning on every core run many times slower than one."""
         ca = root_certificates or self.certs.ca
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         return self._spawn(
             name,
             [
@@ -155,6 +172,7 @@ class Federation:
                 *("--node-config", node_config_text(node_config)),
                 *extra,
             ],
+            env,
         )
 
     def _relay(self, run: subprocess.Popen, echo: Callable[[str], None]) -> None:

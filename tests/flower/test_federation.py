@@ -1,0 +1,149 @@
+"""A real federation on loopback: a SuperLink and two SuperNodes as processes, over TLS.
+
+One scenario (module fixture) drives every acceptance point, because each Flower round costs
+seconds of process start-up: rounds 1-2 run normally; in round 3 SuperNode 1 is killed and the
+round completes with client 0 (min_clients 1); in round 4 SuperNode 0 is killed too and the
+round fails; both nodes are restarted and the run resumes round 4.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pneumonia import fit
+from pneumonia.flower.launch import Federation, threads_per_node
+
+TINY = [
+    "--config", str(Path(__file__).resolve().parents[2] / "configs" / "default.yaml"),
+    "--federated.clients", "2",
+    "--federated.rounds", "4",
+    "--federated.local_epochs", "1",
+    "--federated.min_clients", "1",
+    "--data.image_size", "32",
+    "--model.width", "16",
+    "--data.synthetic.n_patients", "60",
+]  # fmt: skip
+GLOBAL = ["train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"]
+GLOBAL += ["val_specificity", "val_auroc", "client0_n", "client0_loss", "client1_n"]
+ROUND_TIMEOUT_S = 240
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    path = run_dir / "rounds.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for_rounds(run_dir: Path, n: int, thread: threading.Thread) -> None:
+    deadline = time.time() + ROUND_TIMEOUT_S
+    while len(read_rounds(run_dir)) < n:
+        assert thread.is_alive(), f"the run ended before round {n}"
+        assert time.time() < deadline, f"round {n} did not finish in {ROUND_TIMEOUT_S} s"
+        time.sleep(0.2)
+
+
+def start_nodes(federation: Federation, which=(0, 1)) -> None:
+    for j in which:
+        federation.start_supernode(
+            f"supernode-{j}", {"partition-id": j, "num-partitions": 2}, threads=threads_per_node(2)
+        )
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flower")
+    local = fit.run([*TINY, "--runs_root", str(root / "local")])
+    run_dir = root / "runs" / "default" / "version_0"
+    lines: list[str] = []
+    out: dict = {"local": local, "run_dir": run_dir, "lines": lines}
+    run_config = {
+        "config": "",
+        "overrides": " ".join([*TINY, "--runs_root", str(root / "runs")]),
+        "wait-for-nodes": 60,
+    }
+    federation = Federation(root / "federation")
+    federation.env["PNEUMONIA_CACHE"] = str(root / "cache")
+    with federation:
+        federation.start_superlink()
+        start_nodes(federation)
+        result: dict = {}
+        thread = threading.Thread(
+            target=lambda: result.update(federation.submit(run_config, lines.append, 900))
+        )
+        thread.start()
+        wait_for_rounds(run_dir, 2, thread)
+        out["rows_before_kill"] = read_rounds(run_dir)
+        federation.stop_process("supernode-1", signal.SIGKILL)  # dies in round 3
+        wait_for_rounds(run_dir, 3, thread)
+        federation.stop_process("supernode-0", signal.SIGKILL)  # dies in round 4
+        thread.join(ROUND_TIMEOUT_S)
+        out["failed"] = dict(result)
+        out["rows_after_failure"] = read_rounds(run_dir)
+        start_nodes(federation)
+        out["resumed"] = federation.submit({"resume": str(run_dir)}, lines.append, 600)
+        out["pids"] = [p.pid for p in federation.processes.values()]
+    out["rows"] = read_rounds(run_dir)
+    return out
+
+
+def test_run_directory_is_that_of_a_simulated_run(scenario):
+    run_dir = scenario["run_dir"]
+    for name in ["config.yaml", "rounds.csv", "partition.csv", "split.csv", "summary.json",
+                 "predictions.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "checkpoints/federated_state.pt"]:  # fmt: skip
+        assert (run_dir / name).stat().st_size > 0, name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "federated:" in (run_dir / "config.yaml").read_text()
+    assert any(line.startswith("round 1/4") for line in scenario["lines"])
+
+
+def test_rounds_equal_the_in_process_loop(scenario):
+    """Same seed and partitions: rounds 1 and 2 (all clients present) are bit-identical to the
+    simulated run's: each node trains with the seed of its (round, client), the updates come
+    back as exact float32 arrays, and the server averages them in client order."""
+    local = read_rounds(Path(scenario["local"]["run_dir"]))
+    flower = scenario["rows_before_kill"]
+    assert len(flower) == 2
+    for ours, theirs in zip(flower, local[:2], strict=True):
+        assert {k: ours[k] for k in GLOBAL} == {k: theirs[k] for k in GLOBAL}
+        assert ours["clients"] == "0;1" and ours["excluded"] == ""
+
+
+def test_dead_node_round_completes_with_the_others(scenario):
+    third = scenario["rows"][2]
+    assert third["clients"] == "0;1" and third["excluded"] == "1"
+    assert third["client0_n"] and not third["client1_n"]
+    assert any("client 1 left out" in line for line in scenario["lines"])
+
+
+def test_too_few_live_nodes_fail_the_round_clearly(scenario):
+    failed = scenario["failed"]
+    assert failed["ok"] is False
+    assert failed["error"].startswith("round 4 failed: 0 valid update(s), federated.min_clients")
+    assert "--resume" in failed["error"]
+    assert len(scenario["rows_after_failure"]) == 3  # rounds 1-3 kept
+
+
+def test_resume_continues_from_the_last_completed_round(scenario):
+    assert scenario["resumed"]["ok"] is True, scenario["resumed"]
+    rows = scenario["rows"]
+    assert [r["round"] for r in rows] == ["1", "2", "3", "4"]
+    assert rows[3]["clients"] == "0;1" and rows[3]["excluded"] == ""
+    state = torch.load(scenario["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["round"] == 4
+
+
+def test_every_process_is_stopped(scenario):
+    for pid in scenario["pids"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

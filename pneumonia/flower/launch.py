@@ -162,12 +162,13 @@ class Federation:
         sharing one machine should split its cores (`threads`): several torch processes each
         spinning on every core run many times slower than one."""
         ca = root_certificates or self.certs.ca
+        trust = [] if "--insecure" in extra else ["--root-certificates", str(ca)]
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         return self._spawn(
             name,
             [
                 executable("flower-supernode"),
-                *("--superlink", self.address, "--root-certificates", str(ca)),
+                *("--superlink", self.address, *trust),
                 *("--host", self.host, "--port", str(free_port(self.host))),
                 *("--node-config", node_config_text(node_config)),
                 *extra,

@@ -1,9 +1,10 @@
 """A real federation on loopback: a SuperLink and two SuperNodes as processes, over TLS.
 
 One scenario (module fixture) drives every acceptance point, because each Flower round costs
-seconds of process start-up: rounds 1-2 run normally; in round 3 SuperNode 1 is killed and the
-round completes with client 0 (min_clients 1); in round 4 SuperNode 0 is killed too and the
-round fails; both nodes are restarted and the run resumes round 4.
+seconds of process start-up: rounds 1-2 run normally; in round 3 SuperNode 1 is killed (SIGKILL,
+a crash: Flower notices the missed heartbeats, up to 60 s) and the round completes with client
+0 (min_clients 1); in round 4 SuperNode 0 is stopped too (SIGTERM) and the round fails; both
+nodes are restarted and the run resumes round 4.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def scenario(tmp_path_factory):
         out["rows_before_kill"] = read_rounds(run_dir)
         federation.stop_process("supernode-1", signal.SIGKILL)  # dies in round 3
         wait_for_rounds(run_dir, 3, thread)
-        federation.stop_process("supernode-0", signal.SIGKILL)  # dies in round 4
+        federation.stop_process("supernode-0", signal.SIGTERM)  # shut down in round 4
         thread.join(ROUND_TIMEOUT_S)
         out["failed"] = dict(result)
         out["rows_after_failure"] = read_rounds(run_dir)

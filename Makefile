@@ -30,10 +30,11 @@ compare: $(STAMP)  ## run a comparison (COMPARE=configs/compare/NAME.yaml, ARGS=
 flower-demo: $(STAMP)  ## a SuperLink + 3 SuperNodes on 127.0.0.1 with TLS, a short federation (~3 min)
 	$(BIN)/python -m pneumonia.flower.demo $(ARGS)
 
-bench: $(STAMP)  ## CPU benchmarks, about 25 min (ROOT=a Kermany train folder, for bench/data.py)
+bench: $(STAMP)  ## CPU benchmarks, about 30 min (ROOT=a Kermany train folder, for bench/data.py)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/federated.py
 	$(BIN)/python bench/data.py --root $(ROOT)
+	$(BIN)/python bench/flower.py
 
 test: $(STAMP)  ## lint, then the whole test suite
 	$(BIN)/ruff check pneumonia tests bench

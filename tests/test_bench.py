@@ -88,3 +88,29 @@ def test_a_bad_fit_option_in_a_bench_is_one_line(capsys, monkeypatch):
     assert err == [
         "error: model.se_reduction 16 must divide model.width 24 (at width 64: 4, 8, 16)"
     ]
+
+
+def test_flower_bench_splits_a_round_from_the_nodes_instants(monkeypatch):
+    """bench/flower.py's whole run is a Flower federation (minutes), so only its arithmetic is
+    checked here: two clients of one round, against hand-computed segment means."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    flower = importlib.import_module("flower")
+    node = dict(process=11, loaded=13, imported=20, handler=20, ready=21, trained=24, received=25)
+    status = {
+        "timings": [
+            {"0": {"sent": 10, **node}, "1": {"sent": 10, **{k: v + 1 for k, v in node.items()}}}
+        ]
+    }
+    lines = flower.breakdown(status, [17.5])
+    values = {line.split()[0]: float(line.split()[1]) for line in lines}
+    # client 0: delivery 1, start-up 2, imports 7, setup 1, training 3, reply 1; client 1
+    # starts and ends every step 1 s later, so only its delivery (2) differs.
+    assert values == {
+        "delivery": 1.5,
+        "start-up": 2.0,
+        "imports": 7.0,
+        "setup": 1.0,
+        "training": 3.0,
+        "reply": 1.0,
+        "server": 1.5,  # the round took 17.5 s; the last reply came 16 s after sending
+    }

@@ -1,0 +1,65 @@
+"""`make flower-demo`'s script stops every process it started: on Ctrl-C, and when the run
+fails. (Its full run takes minutes; tests/flower/test_federation.py covers a whole federation.)"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO = [sys.executable, "-m", "pneumonia.flower.demo"]
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Processes whose command line names the demo's folder (SuperLink and SuperNodes do)."""
+    found = subprocess.run(["pgrep", "-af", str(workdir)], capture_output=True, text=True)
+    return found.stdout.splitlines()
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    workdir = tmp_path / "work"
+    demo = subprocess.Popen(
+        [*DEMO, "--workdir", str(workdir), "--runs_root", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        if "SuperNodes started" in line:
+            break
+    assert leftovers(workdir), "the SuperLink and SuperNodes should be running now"
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(60) == 130
+    assert "interrupted" in demo.stdout.read()
+    time.sleep(0.5)
+    assert leftovers(workdir) == []
+
+
+def test_a_failing_run_ends_in_one_line_and_stops_everything(tmp_path):
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        [*DEMO, "--workdir", str(workdir), "--nodes", "2", "--model.name", "resnet99"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown model.name 'resnet99'")
+    assert str(workdir / "logs") in last
+    assert leftovers(workdir) == []
+
+
+def test_demo_arguments_are_checked_before_anything_starts(tmp_path):
+    for args, message in [
+        (["--nodes", "0"], "error: --nodes 0 must be at least 1"),
+        (["--config", str(tmp_path / "nope.yaml")], f"error: {tmp_path / 'nope.yaml'} not found"),
+    ]:
+        result = subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.strip().startswith(message)
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ from pneumonia.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.cohort import RoundTask
 from pneumonia.flower import node, wire
+from pneumonia.flower.cohort import wait_for_nodes
 from pneumonia.flower.launch import FLOWER_LOG, node_config_text
 from pneumonia.flower.server_app import fit_arguments
 from pneumonia.models.registry import ModelConfig, create_model
@@ -114,3 +115,23 @@ def test_launcher_quotes_node_config_and_filters_flower_logs():
     assert FLOWER_LOG.match("\x1b[92mINFO \x1b[0m:      Starting logstream")
     assert not FLOWER_LOG.match("round 1/2  clients 0,1  19s  train loss 0.744")
     assert not FLOWER_LOG.match("\x1b[91mERROR \x1b[0m:     ServerApp raised")
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_waiting_for_nodes_ends_in_one_line_naming_what_to_do():
+    assert wait_for_nodes(FakeGrid([7, 3]), 2, 0) == [3, 7]
+    with pytest.raises(UserError) as err:
+        wait_for_nodes(FakeGrid([5]), 3, 0.1)
+    assert str(err.value) == (
+        "only 1 of 3 SuperNodes connected within 0 s: start the others (flower-supernode ...) "
+        "or lower federated.clients"
+    )
+    with pytest.raises(UserError, match="3 SuperNodes are connected but federated.clients is 2"):
+        wait_for_nodes(FakeGrid([1, 2, 3]), 2, 0)

@@ -66,8 +66,12 @@ class Federation:
         self.processes: dict[str, subprocess.Popen] = {}
         self.certs: tls.Certificates | None = None
         self.port = 0
+        # Flower's processes start more of Flower's commands by name (flower-superexec,
+        # flwr-clientapp): they must find this environment's, venv activated or not.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = os.environ | {
-            "FLWR_HOME": str(self.workdir / "flwr-home"),
+            "FLWR_HOME": str(self.workdir / "flwr-home"),  # not the user's ~/.flwr
+            "PATH": path,
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -161,6 +165,8 @@ class Federation:
         """A SuperNode that trusts `root_certificates` (default: this federation's CA). Nodes
         sharing one machine should split its cores (`threads`): several torch processes each
         spinning on every core run many times slower than one."""
+        # The node's own client curves stay with its logs, not in the working directory.
+        node_config = {"log-dir": str(self.logs / f"{name}-tensorboard")} | node_config
         ca = root_certificates or self.certs.ca
         trust = [] if "--insecure" in extra else ["--root-certificates", str(ca)]
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None

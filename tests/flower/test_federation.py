@@ -63,7 +63,14 @@ def start_nodes(federation: Federation, which=(0, 1)) -> None:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
-    local = fit.run([*TINY, "--runs_root", str(root / "local")])
+    # Each node runs threads_per_node(2) torch threads; oneDNN's float sums depend on the
+    # thread count, so the reference runs with as many.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_node(2))
+    try:
+        local = fit.run([*TINY, "--runs_root", str(root / "local")])
+    finally:
+        torch.set_num_threads(threads)
     run_dir = root / "runs" / "default" / "version_0"
     lines: list[str] = []
     out: dict = {"local": local, "run_dir": run_dir, "lines": lines}

@@ -27,7 +27,7 @@ fit: $(STAMP)  ## train on the embedded synthetic data (CONFIG=..., ARGS='--data
 compare: $(STAMP)  ## run a comparison (COMPARE=configs/compare/NAME.yaml, ARGS='--data.root DIR')
 	$(BIN)/python -m pneumonia.compare --config $(COMPARE) $(ARGS)
 
-flower-demo: $(STAMP)  ## a SuperLink + 3 SuperNodes on 127.0.0.1 with TLS, a short federation (~3 min)
+flower-demo: $(STAMP)  ## a SuperLink + 3 SuperNodes on 127.0.0.1 with TLS, a short federation (about 4 min)
 	$(BIN)/python -m pneumonia.flower.demo $(ARGS)
 
 bench: $(STAMP)  ## CPU benchmarks, about 30 min (ROOT=a Kermany train folder, for bench/data.py)

@@ -8,6 +8,7 @@ stopped at the end, on Ctrl-C and on failure.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import tempfile
@@ -44,7 +45,8 @@ def demo(args: argparse.Namespace, fit_options: list[str]) -> dict:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pneumonia-flower-"))
     run_config = {
         "config": str(args.config.resolve()),
-        "overrides": " ".join(
+        # The ServerApp splits this with shlex: quoted, an option value may hold spaces.
+        "overrides": shlex.join(
             ["--federated.clients", str(args.nodes), "--runs_root", str(args.runs_root.resolve())]
             + fit_options
         ),

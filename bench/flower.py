@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import statistics
 import tempfile
 import time
@@ -64,7 +65,7 @@ def over_flower(args: argparse.Namespace, tmp: Path) -> tuple[float, dict]:
                 threads=threads_per_node(args.nodes),
             )
         started = time.perf_counter()
-        overrides = " ".join(fit_argv(args, tmp / "flower")[2:])  # all but --config
+        overrides = shlex.join(fit_argv(args, tmp / "flower")[2:])  # all but --config
         status = federation.submit(
             {"config": str(args.config.resolve()), "overrides": overrides, "wait-for-nodes": 120},
             echo=lambda line: None,

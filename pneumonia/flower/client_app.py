@@ -68,6 +68,5 @@ def train(msg: Message, context: Context) -> Message:
         "handler": started,
         "ready": ready,  # config, images, module and Trainer built
         "trained": trained,
-        "replied": time.time(),  # state packed for Flower
     }
     return Message(wire.train_reply(update, timings), reply_to=msg)

@@ -6,6 +6,7 @@ an error. Real hospitals start the same commands by hand (README "Deploying acro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -197,8 +198,6 @@ class Federation:
     ) -> dict:
         """`flwr run` the app with `run_config` and wait for it; its status (ok, run_dir or
         error). Flower's own INFO lines go to logs/flwr-run.log only; the rest to `echo`."""
-        import json
-
         status_file = self.workdir / f"status-{time.time_ns()}.json"
         overrides = self.workdir / "run-config.toml"
         overrides.write_text(tomli_w.dumps(run_config | {"status-file": str(status_file)}))

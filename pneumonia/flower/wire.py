@@ -32,7 +32,7 @@ class NodeInfo:
     counts: dict  # images, patients and images per class
 
 
-def to_arrays(state: State) -> ArrayRecord:
+def to_arrays(state: State) -> tuple[ArrayRecord, str]:
     """A state dict as one flat array per dtype, plus the layout to rebuild it. Flower moves
     every Array as its own object, each with a request or two: one array per tensor made
     a round of SE-ResNet-18 cost seconds of messaging (bench/flower.py)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -17,8 +16,9 @@ def safe_load(path: str | Path) -> object:
         raise UserError(f"{path} does not exist: check the checkpoint or weights path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    # Junk bytes surface as any of these (a legacy-format read of garbage raises KeyError).
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError):
+    # Junk bytes surface as nearly any exception type: UnpicklingError, KeyError,
+    # IndexError, UnicodeDecodeError, EOFError, ... Every one means the same to the user.
+    except Exception:
         raise UserError(
             f"cannot read {path}: not a PyTorch checkpoint, or it holds pickled objects beyond "
             f"tensors and plain containers (refused: loading them could run code)"

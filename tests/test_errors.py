@@ -1,5 +1,7 @@
 """Bad input: one line naming the file or key and what to do, exit code 2, nothing written."""
 
+import random
+import re
 import subprocess
 import sys
 
@@ -7,6 +9,8 @@ import pytest
 import torch
 
 from pneumonia import evaluate, fit
+from pneumonia.errors import UserError
+from pneumonia.safeload import safe_load
 
 
 def run_fit_expecting_error(argv, capsys, tmp_path):
@@ -150,3 +154,12 @@ def test_file_that_is_not_a_fit_checkpoint(tmp_path, kermany_root, capsys):
     torch.save({"w": torch.zeros(2)}, path)
     line = _evaluate_error(["--ckpt", str(path), "--data.root", str(kermany_root)], capsys)
     assert "is not a checkpoint written by pneumonia.fit" in line
+
+
+@pytest.mark.parametrize("seed", [0, 2, 20])
+def test_junk_checkpoint_bytes_are_one_user_error(tmp_path, seed):
+    # Unpickling these bytes raises UnpicklingError, IndexError and KeyError in turn.
+    path = tmp_path / "junk.ckpt"
+    path.write_bytes(random.Random(seed).randbytes(4096))
+    with pytest.raises(UserError, match=f"cannot read {re.escape(str(path))}: not a PyTorch"):
+        safe_load(path)

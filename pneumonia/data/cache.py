@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -91,6 +90,9 @@ def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
         return None
     try:
         return _from_payload(torch.load(path, weights_only=True))
-    except (RuntimeError, OSError, KeyError, EOFError, ValueError, pickle.UnpicklingError):
+    # Unpickling damaged bytes can raise nearly any exception type (IndexError,
+    # KeyError, UnicodeDecodeError, ...), and a foreign payload a TypeError. The cache
+    # is disposable, so whatever it raises means: decode again.
+    except Exception:
         warnings.warn(f"ignoring unreadable cache file {path}; decoding again", stacklevel=2)
         return None

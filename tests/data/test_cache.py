@@ -1,4 +1,6 @@
+import io
 import os
+import random
 import re
 import warnings
 
@@ -101,7 +103,21 @@ def test_other_image_size_gives_new_cache_and_decode(kermany_root, cache_dir, de
     assert len(cache_files(cache_dir)) == 2
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def _damaged(data: bytes, damage: str) -> bytes:
+    if damage.startswith("garbage"):
+        # Fixed seeds: unpickling seed 0's bytes raises UnpicklingError, seed 2's an
+        # IndexError, seed 20's a KeyError (torch 2.x's weights-only unpickler).
+        return random.Random(int(damage.split("-")[1])).randbytes(4096)
+    if damage == "foreign":
+        buffer = io.BytesIO()
+        torch.save([1, 2, 3], buffer)  # a readable torch file that is not our payload
+        return buffer.getvalue()
+    return {"truncated": data[: len(data) // 2], "empty": b""}[damage]
+
+
+@pytest.mark.parametrize(
+    "damage", ["garbage-0", "garbage-2", "garbage-20", "truncated", "empty", "foreign"]
+)
 def test_corrupt_cache_file_is_ignored_with_warning_and_rebuilt(
     kermany_root, cache_dir, decodes, damage
 ):
@@ -109,9 +125,7 @@ def test_corrupt_cache_file_is_ignored_with_warning_and_rebuilt(
     first = load_or_decode(files, S, cache_dir)
     (path,) = cache_files(cache_dir)
     data = path.read_bytes()
-    path.write_bytes(
-        {"garbage": os.urandom(4096), "truncated": data[: len(data) // 2], "empty": b""}[damage]
-    )
+    path.write_bytes(_damaged(data, damage))
     with pytest.warns(UserWarning, match="ignoring unreadable cache file"):
         rebuilt = load_or_decode(files, S, cache_dir)
     assert len(decodes) == 2

@@ -30,7 +30,7 @@ import common
 from common import machine, run_fit
 
 from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.flower.launch import Federation, threads_per_node
+from pneumonia.flower.launch import Federation
 
 SEGMENTS = {  # name: (from, to) instants
     "delivery": ("sent", "process"),
@@ -58,12 +58,7 @@ def over_flower(args: argparse.Namespace, tmp: Path) -> tuple[float, dict]:
     """(seconds from submit to result, status) of the job over Flower."""
     with Federation(tmp / "federation") as federation:
         federation.start_superlink()
-        for j in range(args.nodes):
-            federation.start_supernode(
-                f"node-{j}",
-                {"partition-id": j, "num-partitions": args.nodes},
-                threads=threads_per_node(args.nodes),
-            )
+        federation.start_partition_nodes(args.nodes)
         started = time.perf_counter()
         overrides = shlex.join(fit_argv(args, tmp / "flower")[2:])  # all but --config
         status = federation.submit(

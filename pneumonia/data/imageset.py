@@ -59,6 +59,12 @@ class ImageSet:
         mean = total / count
         return mean, max(total_sq / count - mean * mean, 0.0) ** 0.5
 
+    def pixel_moments(self) -> tuple[int, float, float]:
+        """(images, mean, mean of squares) of the pixels in [0, 1]: enough for a federation to
+        agree on one normalisation without pooling images."""
+        mean, std = self.pixel_mean_std()
+        return len(self), mean, std * std + mean * mean
+
     def class_counts(self) -> list[int]:
         """Images per class, in `classes` order."""
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()

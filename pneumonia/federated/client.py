@@ -80,12 +80,6 @@ class Client:
         self.optimizer_state: dict | None = None
         self.steps_before = 0  # optimizer steps of Trainers before this one (resume)
 
-    def pixel_moments(self) -> tuple[int, float, float]:
-        """(images, mean, mean of squares) of the pixels in [0, 1]: enough for the federation to
-        agree on one normalisation without pooling images."""
-        mean, std = self.data.pixel_mean_std()
-        return len(self.data), mean, std * std + mean * mean
-
     def build(self, hparams: dict, log_dir: Path) -> None:
         """Create the client's module (with its own class weights) and its Trainer, which logs
         to log_dir/client_<index>."""

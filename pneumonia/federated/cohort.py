@@ -118,13 +118,11 @@ class LocalCohort:
         return len(self.clients)
 
     def moments(self) -> list[Moments]:
-        return [c.pixel_moments() for c in self.clients]
+        return [c.data.pixel_moments() for c in self.clients]
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for client in self.clients:
-            digest.update(("\n".join(client.data.names) + "\0").encode())
-        return digest.hexdigest()
+        # As FlowerCohort computes it from the nodes' digests: one format for both.
+        return combined_digest([names_digest(c.data.names) for c in self.clients])
 
     def attach(self, hparams: dict, run_dir: Path, strategy: FedAvg) -> None:
         """Give every client its module and Trainer, logging under run_dir/clients/."""

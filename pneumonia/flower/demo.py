@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.flower.launch import Federation, threads_per_node
+from pneumonia.flower.launch import Federation
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "flower_demo.yaml"
 
@@ -56,12 +56,7 @@ def demo(args: argparse.Namespace, fit_options: list[str]) -> dict:
     with Federation(workdir) as federation:
         federation.start_superlink()
         print(f"SuperLink on {federation.address} (TLS, CA {federation.certs.ca})", flush=True)
-        for j in range(args.nodes):
-            federation.start_supernode(
-                f"supernode-{j}",
-                {"partition-id": j, "num-partitions": args.nodes},
-                threads=threads_per_node(args.nodes),
-            )
+        federation.start_partition_nodes(args.nodes)
         print(f"{args.nodes} SuperNodes started; logs in {federation.logs}", flush=True)
         status = federation.submit(run_config, echo=lambda line: print(line, flush=True))
     if not status["ok"]:

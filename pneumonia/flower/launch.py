@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import tomli_w
@@ -182,6 +182,16 @@ class Federation:
             ],
             env,
         )
+
+    def start_partition_nodes(self, nodes: int, which: Iterable[int] | None = None) -> None:
+        """Demo SuperNodes `supernode-J`, each holding partition J of the run's data (all
+        `nodes` of them, or those in `which`), sharing this machine's cores."""
+        for j in range(nodes) if which is None else which:
+            self.start_supernode(
+                f"supernode-{j}",
+                {"partition-id": j, "num-partitions": nodes},
+                threads=threads_per_node(nodes),
+            )
 
     def _relay(self, run: subprocess.Popen, echo: Callable[[str], None]) -> None:
         with open(self.logs / "flwr-run.log", "a") as log:

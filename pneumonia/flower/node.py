@@ -69,12 +69,9 @@ def node_images(cfg: Namespace, node_config: dict) -> tuple[ImageSet, str]:
 def describe(cfg: Namespace, node_config: dict) -> NodeInfo:
     """The query's answer: counts, moments and a digest; no image leaves."""
     images, key = node_images(cfg, node_config)
-    mean, std = images.pixel_mean_std()
     row = partition_table(images, [torch.arange(len(images))])[0]
     del row["client"]
-    return NodeInfo(
-        key, (len(images), mean, std * std + mean * mean), names_digest(images.names), row
-    )
+    return NodeInfo(key, images.pixel_moments(), names_digest(images.names), row)
 
 
 def build_client(cfg: Namespace, node_config: dict, index: int, hparams: dict) -> Client:

@@ -53,13 +53,6 @@ def wait_for_rounds(run_dir: Path, n: int, thread: threading.Thread) -> None:
         time.sleep(0.2)
 
 
-def start_nodes(federation: Federation, which=(0, 1)) -> None:
-    for j in which:
-        federation.start_supernode(
-            f"supernode-{j}", {"partition-id": j, "num-partitions": 2}, threads=threads_per_node(2)
-        )
-
-
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
@@ -83,7 +76,7 @@ def scenario(tmp_path_factory):
     federation.env["PNEUMONIA_CACHE"] = str(root / "cache")
     with federation:
         federation.start_superlink()
-        start_nodes(federation)
+        federation.start_partition_nodes(2)
         result: dict = {}
         thread = threading.Thread(
             target=lambda: result.update(federation.submit(run_config, lines.append, 900))
@@ -97,7 +90,7 @@ def scenario(tmp_path_factory):
         thread.join(ROUND_TIMEOUT_S)
         out["failed"] = dict(result)
         out["rows_after_failure"] = read_rounds(run_dir)
-        start_nodes(federation)
+        federation.start_partition_nodes(2)
         out["resumed"] = federation.submit({"resume": str(run_dir)}, lines.append, 600)
         out["pids"] = [p.pid for p in federation.processes.values()]
     out["rows"] = read_rounds(run_dir)

@@ -72,6 +72,22 @@ def test_a_node_with_a_partition_id_holds_the_simulated_clients_images():
     assert torch.equal(images.images, expected.images)
 
 
+def test_nodes_describe_what_the_simulated_clients_hold():
+    """Same moments and the same run fingerprint as LocalCohort: a run resumes over either."""
+    from pneumonia.config import trainer_arguments
+    from pneumonia.data.sources import load_splits
+    from pneumonia.federated.cohort import LocalCohort, combined_digest
+
+    cfg = parse("--data.image_size", "32", "--data.synthetic.n_patients", "40")
+    infos = [node.describe(cfg, {"partition-id": j}) for j in (0, 1)]
+    local = LocalCohort(cfg, load_splits(cfg.data, cfg.seed), trainer_arguments(cfg))
+    assert [i.moments for i in infos] == local.moments()
+    assert combined_digest([i.digest for i in infos]) == local.fingerprint()
+    assert [i.counts for i in infos] == [
+        {k: v for k, v in row.items() if k != "client"} for row in local.table
+    ]
+
+
 def test_a_hospital_node_holds_its_whole_folder(kermany_root):
     cfg = parse("--data.image_size", "32")
     info = node.describe(cfg, {"data-root": str(kermany_root), "name": "st-marys"})

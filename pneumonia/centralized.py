@@ -8,7 +8,12 @@ from pathlib import Path
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    EMAWeightAveraging,
+    ModelCheckpoint,
+    WeightAveraging,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weights
@@ -30,6 +35,27 @@ class ReportEpochs(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.progress(trainer.current_epoch + 1, trainer.max_epochs)
+
+
+class EpochAveraging(WeightAveraging):
+    """SWA: the equal average of the weights at the end of each epoch from `start` on."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__()
+        self.start = start
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return epoch_idx is not None and epoch_idx >= self.start
+
+
+def weight_averaging(optim, max_epochs: int) -> list[Callback]:
+    """The callback of `optim.weight_averaging`: Lightning's own (it validates and saves the
+    averaged weights; the checkpoint keeps the raw ones as current_model_state)."""
+    if optim.weight_averaging == "ema":
+        return [EMAWeightAveraging(decay=optim.ema_decay)]
+    if optim.weight_averaging == "swa":
+        return [EpochAveraging(int(optim.swa_start * max_epochs))]
+    return []
 
 
 def build_module(cfg: Namespace, splits: Splits) -> ClassifierModule:
@@ -63,6 +89,7 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
         balanced_sampling=d.balance == "sampler",
         augment=d.augment,
         seed=cfg.seed,
+        val_shift=splits.val_shift,
         num_workers=d.num_workers,
     )
 
@@ -85,6 +112,7 @@ def build_trainer(
         CSVLogger(run_dir, name="", version=""),
     ]
     callbacks = [checkpoint, last] + ([ReportEpochs(progress)] if progress else [])
+    callbacks += weight_averaging(cfg.optim, int(trainer_args.get("max_epochs") or 1))
     trainer = L.Trainer(
         **trainer_args, logger=loggers, callbacks=callbacks, default_root_dir=run_dir
     )
@@ -118,4 +146,15 @@ def train_centralized(
         cfg.threshold,
         run_dir / "predictions.csv",
     )
-    return {"epochs": trainer.current_epoch, "best_epoch": int(best["epoch"]), **results}
+    return {
+        "epochs": trainer.current_epoch,
+        "best_epoch": int(best["epoch"]),
+        "selected_by": selection_rule(cfg),
+        **results,
+    }
+
+
+def selection_rule(cfg: Namespace) -> str:
+    """How best.ckpt was chosen, in words, for summary.json and the reports."""
+    averaged = {"ema": "EMA weights", "swa": "SWA weights", "none": "weights"}
+    return f"the epoch whose {averaged[cfg.optim.weight_averaging]} had the best {cfg.monitor}"

@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.transforms import tta_views
+from pneumonia.intervals import bootstrap_intervals
 from pneumonia.metrics import DiagnosisMetrics
 from pneumonia.module import ClassifierModule
 
@@ -19,8 +21,10 @@ def predict_probabilities(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    tta: bool = False,
 ) -> torch.Tensor:
-    """P(positive class) for uint8 images [N, 1, S, S], on `device` (default: the module's)."""
+    """P(positive class) for uint8 images [N, 1, S, S], on `device` (default: the module's).
+    With `tta`, the mean probability over a fixed set of small zooms and shifts."""
     device = torch.device(device) if device is not None else module.device
     module = module.to(device).eval()
     # Mixed precision only where it pays and is safe: CUDA.
@@ -34,7 +38,9 @@ def predict_probabilities(
     with autocast:
         for start in tqdm(starts, desc="evaluate", unit="batch", leave=False, disable=not progress):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
-            out.append(module.positive_probability(module(batch)).float().cpu())
+            views = tta_views(batch.float() / 255.0) if tta else [batch]
+            probs = [module.positive_probability(module(view)).float() for view in views]
+            out.append(torch.stack(probs).mean(0).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -44,10 +50,11 @@ def evaluate_imageset(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    tta: bool = False,
 ) -> tuple[dict, DiagnosisMetrics]:
     """Metrics of `module` on `imageset` (unweighted cross-entropy "loss", every scalar, the
     confusion matrix and n), and the filled metric object for figures."""
-    probs = predict_probabilities(module, imageset.images, batch_size, device, progress)
+    probs = predict_probabilities(module, imageset.images, batch_size, device, progress, tta)
     return score(module, probs, imageset.labels)
 
 
@@ -59,6 +66,17 @@ def score(
     metrics = DiagnosisMetrics(module.hparams.threshold)
     metrics.update(probs, targets)
     return {"loss": cross_entropy(probs, targets)} | metrics.compute(), metrics
+
+
+def score_with_intervals(
+    module: ClassifierModule, probs: torch.Tensor, imageset: ImageSet, seed: int = 0
+) -> tuple[dict, DiagnosisMetrics]:
+    """`score`, plus "ci95": a 95% bootstrap interval of each metric, resampled by patient."""
+    values, metrics = score(module, probs, imageset.labels)
+    targets = imageset.labels == module.positive
+    threshold = float(module.hparams.threshold)
+    values["ci95"] = bootstrap_intervals(probs, targets, threshold, imageset.patients, seed=seed)
+    return values, metrics
 
 
 def cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> float:

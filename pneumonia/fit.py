@@ -22,6 +22,7 @@ from jsonargparse import Namespace
 from pneumonia.centralized import Progress, train_centralized
 from pneumonia.config import (
     build_fit_parser,
+    check_monitor,
     check_threshold,
     parse_args,
     resume_dir,
@@ -32,7 +33,7 @@ from pneumonia.config import (
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.federated.cohort import Cohort
-from pneumonia.federated.config import check_federated
+from pneumonia.federated.config import check_averaging, check_federated
 from pneumonia.federated.loop import FederatedRun, run_federated
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.rundir import new_run_dir, write_json, write_split_table, write_text_atomic
@@ -115,6 +116,7 @@ def train_federated(
             "partition_table": run.table,
         },
         "best_round": int(best["round"]),
+        "selected_by": run.selection_rule(),
         **results,
     }
 
@@ -124,6 +126,8 @@ def preflight(cfg: Namespace) -> int:
     settings) and return the model's parameter count. Raises UserError."""
     parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
     check_threshold(cfg.threshold)
+    check_monitor(cfg.monitor, cfg.data.shift.enabled)
+    check_averaging(cfg.optim, cfg.federated)
     if cfg.federated.enabled:
         check_federated(cfg.federated)
     return parameters

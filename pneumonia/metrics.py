@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection  # noqa: E402
 from torchmetrics.classification import (  # noqa: E402
     BinaryAccuracy,
     BinaryAUROC,
+    BinaryCalibrationError,
     BinaryConfusionMatrix,
     BinaryF1Score,
     BinaryPrecision,
@@ -24,8 +25,11 @@ from torchmetrics.classification import (  # noqa: E402
     BinaryROC,
     BinarySpecificity,
 )
+from torchmetrics.utilities.data import dim_zero_cat  # noqa: E402
 
-SCALARS = ("accuracy", "precision", "recall", "f1", "specificity", "auroc")
+SCALARS = ("accuracy", "precision", "recall", "f1", "specificity", "auroc", "ece")
+# Bins of the expected calibration error and of the reliability diagram.
+CALIBRATION_BINS = 10
 
 
 class DiagnosisMetrics(nn.Module):
@@ -44,6 +48,8 @@ class DiagnosisMetrics(nn.Module):
                 "f1": BinaryF1Score(threshold, **kw),
                 "specificity": BinarySpecificity(threshold, **kw),
                 "auroc": BinaryAUROC(**kw),
+                # |observed - predicted| frequency of the positive class, over 10 equal bins.
+                "ece": BinaryCalibrationError(n_bins=CALIBRATION_BINS, norm="l1", **kw),
             }
         )
         self.confusion = BinaryConfusionMatrix(threshold, **kw)
@@ -71,7 +77,13 @@ class DiagnosisMetrics(nn.Module):
         ax.set_ylabel("true")
         fig_roc, ax = self.roc.plot(score=True)
         ax.set_title("ROC (positive: " + class_names[1] + ")")
-        return {"confusion_matrix": fig_cm, "roc": fig_roc}
+        probs, targets = dim_zero_cat(self.roc.preds), dim_zero_cat(self.roc.target)
+        fig_rel = reliability_figure(probs, targets, class_names[1])
+        return {"confusion_matrix": fig_cm, "roc": fig_roc, "reliability": fig_rel}
+
+    def has_updates(self) -> bool:
+        """Whether any image was scored since the last reset."""
+        return self.confusion.update_called
 
     def reset(self) -> None:
         self.scalars.reset()
@@ -89,3 +101,69 @@ def youden_threshold(probs: torch.Tensor, targets: torch.Tensor) -> float:
     best = torch.nonzero(j == j.max()).flatten()
     # thresholds descend; the first is 1 by convention (nothing called positive).
     return float(thresholds[best[0]].clamp(0.0, 1.0))
+
+
+def reliability_bins(
+    probs: torch.Tensor, targets: torch.Tensor, n_bins: int = CALIBRATION_BINS
+) -> list[dict]:
+    """Equal-width bins of P(positive): each bin's image count, mean predicted probability
+    and observed positive fraction (empty bins left out)."""
+    probs, targets = probs.detach().float().cpu(), targets.detach().float().cpu()
+    index = (probs * n_bins).long().clamp(0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        inside = index == b
+        n = int(inside.sum())
+        if n:
+            rows.append(
+                {
+                    "bin": b,
+                    "n": n,
+                    "predicted": float(probs[inside].mean()),
+                    "observed": float(targets[inside].mean()),
+                }
+            )
+    return rows
+
+
+def reliability_figure(probs: torch.Tensor, targets: torch.Tensor, positive: str) -> Figure:
+    """Reliability diagram: observed against predicted frequency per bin, bar width by count."""
+    rows = reliability_bins(probs, targets)
+    fig = Figure(figsize=(4.2, 4.2))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    if rows:
+        ax.plot(
+            [r["predicted"] for r in rows],
+            [r["observed"] for r in rows],
+            marker="o",
+            label=f"model (ECE {calibration_error(probs, targets):.3f})",
+        )
+        ax2 = ax.twinx()
+        ax2.bar(
+            [(r["bin"] + 0.5) / CALIBRATION_BINS for r in rows],
+            [r["n"] for r in rows],
+            width=0.9 / CALIBRATION_BINS,
+            alpha=0.15,
+            color="C0",
+        )
+        ax2.set_ylabel("images per bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"predicted P({positive})")
+    ax.set_ylabel(f"observed fraction {positive}")
+    ax.set_title("reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The expected calibration error that DiagnosisMetrics reports as "ece"."""
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    return float(
+        binary_calibration_error(
+            probs.float(), targets.long(), n_bins=CALIBRATION_BINS, validate_args=False
+        )
+    )

@@ -34,6 +34,13 @@ class OptimConfig:
     gamma: float = 0.1  # step and plateau: decay factor
     patience: int = 2  # plateau: epochs without val/loss improvement
     label_smoothing: float = 0.0
+    # Centralized runs: validate and checkpoint an average of the weights instead of the
+    # last ones: an exponential moving average over steps (ema, `ema_decay`), or the equal
+    # average of the epoch-end weights from epoch `swa_start` x max_epochs on (swa).
+    # Federated runs average rounds instead: federated.average_rounds.
+    weight_averaging: Literal["none", "ema", "swa"] = "none"
+    ema_decay: float = 0.995
+    swa_start: float = 0.5
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -48,6 +55,12 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
     adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+# What the module scores: training batches, the validation loaders in the DataModule's order
+# (clean, then shifted: `pneumonia.data.shifts`), and the test split.
+STAGES = ("train", "val", "val_shift", "test")
+VALIDATION_STAGES = ("val", "val_shift")
 
 
 class ClassifierModule(L.LightningModule):
@@ -78,7 +91,7 @@ class ClassifierModule(L.LightningModule):
         # Not persistent: client-specific, and must not travel inside aggregated state dicts.
         self.register_buffer("class_weights", weights, persistent=False)
         self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_metrics": DiagnosisMetrics(threshold) for stage in ("train", "val", "test")}
+            {f"{stage}_metrics": DiagnosisMetrics(threshold) for stage in STAGES}
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -118,16 +131,17 @@ class ClassifierModule(L.LightningModule):
             loss,
             on_step=stage == "train",
             on_epoch=True,
-            prog_bar=stage != "test",
+            prog_bar=stage in ("train", "val"),
             batch_size=len(labels),
+            add_dataloader_idx=False,  # val/loss and val_shift/loss, not val/loss/dataloader_idx_0
         )
         return loss
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._step(batch, VALIDATION_STAGES[dataloader_idx])
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
@@ -136,7 +150,9 @@ class ClassifierModule(L.LightningModule):
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
+        for stage in VALIDATION_STAGES:
+            if self.metrics[f"{stage}_metrics"].has_updates():
+                self._log_epoch_metrics(stage)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")

@@ -15,7 +15,7 @@ from torch.utils.data import (
 )
 
 from pneumonia.data.imageset import ImageSet
-from pneumonia.data.transforms import AugmentConfig, random_affine
+from pneumonia.data.transforms import AugmentConfig, augment_batch
 
 
 def class_balanced_weights(labels: torch.Tensor, num_classes: int) -> list[float]:
@@ -33,6 +33,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         train: ImageSet,
         val: ImageSet | None,
         test: ImageSet | None = None,
+        val_shift: ImageSet | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 128,
         balanced_sampling: bool = False,
@@ -41,7 +42,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        self.train, self.val, self.test = train, val, test
+        self.train, self.val, self.test, self.val_shift = train, val, test, val_shift
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.balanced_sampling = balanced_sampling
         self.augment = augment or AugmentConfig()
@@ -80,10 +81,14 @@ class ChestXrayDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, self.batch_size, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Clean validation, then shifted validation when there is one (this order is the
+        module's VALIDATION_STAGES)."""
         if self.val is None:  # a federated client: the global model is validated centrally
             return []
-        return self._loader(self.val, self.eval_batch_size, train=False)
+        sets = [self.val] + ([self.val_shift] if self.val_shift is not None else [])
+        loaders = [self._loader(images, self.eval_batch_size, train=False) for images in sets]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def test_dataloader(self) -> DataLoader:
         if self.test is None:
@@ -93,5 +98,5 @@ class ChestXrayDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.trainer is not None and self.trainer.training and self.augment.enabled:
-            images = random_affine(images.float() / 255.0, self.augment)
+            images = augment_batch(images.float() / 255.0, self.augment)
         return images, labels

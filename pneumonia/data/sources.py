@@ -16,6 +16,7 @@ from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import find_sites, find_splits, list_image_files
 from pneumonia.data.partition import SITE_SEPARATOR
+from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.data.split import split_by_patient
 from pneumonia.data.synthetic import generate_synthetic
 from pneumonia.data.transforms import AugmentConfig
@@ -46,17 +47,25 @@ class DataConfig:
     cache_dir: str | None = None  # default: $PNEUMONIA_CACHE or ~/.cache/pneumonia
     num_workers: int = 0  # tensors are decoded already; workers only add start-up time
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class Splits:
-    """The images of one run, and a line saying where they came from."""
+    """The images of one run, and a line saying where they came from. `val_shift` holds the
+    validation patients under acquisition shifts (`pneumonia.data.shifts`), or None."""
 
     train: ImageSet
     val: ImageSet
     test: ImageSet | None
     source: str
+    val_shift: ImageSet | None = None
+
+    def evaluation_sets(self) -> dict[str, ImageSet]:
+        """The sets a model is scored on after each epoch or round, by name."""
+        named = {"val": self.val, "val_shift": self.val_shift, "test": self.test}
+        return {name: images for name, images in named.items() if images is not None}
 
 
 def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, ImageSet]:
@@ -112,7 +121,9 @@ def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
     pool = images["train"] if "val" not in images else concat(images["train"], images["val"])
     train_idx, val_idx = split_by_patient(pool, cfg.val_fraction, seed)
     source = "SYNTHETIC images (no data.root given)" if cfg.root is None else str(cfg.root)
-    return Splits(pool.subset(train_idx), pool.subset(val_idx), images.get("test"), source)
+    val = pool.subset(val_idx)
+    val_shift = shifted(val, cfg.shift) if cfg.shift.enabled else None
+    return Splits(pool.subset(train_idx), val, images.get("test"), source, val_shift)
 
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:

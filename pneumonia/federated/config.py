@@ -28,6 +28,9 @@ class FederatedConfig:
     keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
     # Client learning rate across rounds: optim.lr throughout, or cosine-decayed by round.
     round_lr: Literal["constant", "cosine"] = "constant"
+    # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
+    # the last K rounds' global models (server-side weight averaging, SWA's counterpart).
+    average_rounds: int = 0
 
 
 def check_federated(cfg: FederatedConfig) -> None:
@@ -39,6 +42,10 @@ def check_federated(cfg: FederatedConfig) -> None:
             raise UserError(f"federated.{key} {getattr(cfg, key)} must be at least 1")
     if cfg.mu < 0:
         raise UserError(f"federated.mu {cfg.mu} must not be negative")
+    if not 0 <= cfg.average_rounds <= cfg.rounds:
+        raise UserError(
+            f"federated.average_rounds {cfg.average_rounds} must lie in [0, rounds={cfg.rounds}]"
+        )
     if cfg.server_lr is not None and cfg.server_lr <= 0:
         raise UserError(f"federated.server_lr {cfg.server_lr} must be positive")
 
@@ -54,3 +61,16 @@ def round_lr_scale(schedule: str, round_index: int, rounds: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * round_index / rounds))
     return 1.0
+
+
+def check_averaging(optim, fed: FederatedConfig) -> None:
+    """Weight averaging is per run kind: steps centrally, rounds in a federation."""
+    if optim.weight_averaging != "none" and fed.enabled:
+        raise UserError(
+            f"optim.weight_averaging {optim.weight_averaging} is for centralized runs: a "
+            f"federated run averages its last rounds' global models (federated.average_rounds)"
+        )
+    if not 0.0 < optim.ema_decay < 1.0:
+        raise UserError(f"optim.ema_decay {optim.ema_decay} must lie strictly between 0 and 1")
+    if not 0.0 <= optim.swa_start < 1.0:
+        raise UserError(f"optim.swa_start {optim.swa_start} must lie in [0, 1)")

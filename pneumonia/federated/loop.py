@@ -85,6 +85,8 @@ class FederatedRun:
         self.device = "cuda" if on_cuda else "cpu"
         self.history: list[dict] = []
         self.best = (0, float("nan"))
+        # Sum of the global states of the rounds averaged so far (federated.average_rounds).
+        self.average_sum: dict[str, torch.Tensor] | None = None
         self.next_round = 0
         self.elapsed_before = 0.0
         self.run_dir: Path | None = None
@@ -103,6 +105,7 @@ class FederatedRun:
         self.server.load_state_dict(state["server"])
         self.cohort.load_state_dict(state["clients"])
         self.history, self.best = list(state["history"]), tuple(state["best"])
+        self.average_sum = state.get("average_sum")
         self.next_round, self.elapsed_before = int(state["round"]), float(state["elapsed_s"])
         set_rng_state(state["rng"])
 
@@ -116,12 +119,11 @@ class FederatedRun:
     def evaluate(self) -> dict[str, dict]:
         """Global model metrics on the validation (and test) images after a round."""
         self.module.load_state_dict(self.server.global_state)
-        out = {}
-        for name in ("val", "test"):
-            imageset = getattr(self.splits, name)
-            if imageset is not None:
-                bs = self.cfg.data.eval_batch_size
-                out[name], _ = evaluate_imageset(self.module, imageset, bs, self.device)
+        bs = self.cfg.data.eval_batch_size
+        out = {
+            name: evaluate_imageset(self.module, imageset, bs, self.device)[0]
+            for name, imageset in self.splits.evaluation_sets().items()
+        }
         self.module.cpu()
         return out
 
@@ -136,11 +138,18 @@ class FederatedRun:
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(parents=True, exist_ok=True)
         value = row[self.cfg.monitor.replace("/", "_")]
+        averaging = self.cfg.federated.average_rounds > 0
         if self.is_better(value):
             self.best = (round_number, value)
-            save_global(
-                checkpoints / "best.ckpt", self.server.global_state, self.hparams, round_number
-            )
+            if not averaging:
+                save_global(
+                    checkpoints / "best.ckpt", self.server.global_state, self.hparams, round_number
+                )
+        if averaging:
+            self.accumulate_average(round_number)
+            if round_number == self.cfg.federated.rounds:
+                averaged = self.averaged_state()
+                save_global(checkpoints / "best.ckpt", averaged, self.hparams, round_number)
         save_global(checkpoints / "last.ckpt", self.server.global_state, self.hparams, round_number)
         save_round_state(
             checkpoints,
@@ -150,10 +159,41 @@ class FederatedRun:
                 "clients": self.cohort.state_dict(),
                 "history": self.history,
                 "best": list(self.best),
+                "average_sum": self.average_sum,
                 "elapsed_s": row["elapsed_s"],
                 "fingerprint": self.fingerprint,
             },
         )
+
+    def selection_rule(self) -> str:
+        """How best.ckpt was chosen, in words, for summary.json and the reports."""
+        fed = self.cfg.federated
+        if fed.average_rounds > 0:
+            first = fed.rounds - fed.average_rounds + 1
+            return f"mean of the global models of rounds {first}-{fed.rounds}"
+        return f"the round with the best {self.cfg.monitor}"
+
+    def accumulate_average(self, round_number: int) -> None:
+        """Add this round's global model to the average if it is one of the last K."""
+        fed = self.cfg.federated
+        if round_number <= fed.rounds - fed.average_rounds:
+            return
+        state = self.server.global_state
+        if self.average_sum is None:
+            self.average_sum = {k: v.double().clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                self.average_sum[k] += v.double()
+
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The mean of the last K rounds' global models; integer buffers from the last round
+        (FedAvg's own rule for them)."""
+        k = self.cfg.federated.average_rounds
+        last = self.server.global_state
+        return {
+            name: (self.average_sum[name] / k).to(v.dtype) if v.is_floating_point() else v
+            for name, v in last.items()
+        }
 
     def run(self, tensorboard) -> None:
         """Every round not yet completed."""

@@ -12,6 +12,7 @@ from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.metrics import SCALARS
 
 GLOBAL_METRICS = ("loss", *SCALARS)
+EVALUATION_SETS = ("val", "val_shift", "test")  # Splits.evaluation_sets, in order
 
 
 def round_row(
@@ -48,10 +49,10 @@ def log_round(tensorboard: SummaryWriter, row: dict) -> None:
     """Global curves with the round as the step: global/train/loss, global/val/<metric>, ..."""
     step = row["round"]
     tensorboard.add_scalar("global/train/loss", row["train_loss"], step)
-    for key, value in row.items():
-        split, _, metric = key.partition("_")
-        if split in ("val", "test") and metric in GLOBAL_METRICS:
-            tensorboard.add_scalar(f"global/{split}/{metric}", value, step)
+    for split in EVALUATION_SETS:
+        for metric in GLOBAL_METRICS:
+            if f"{split}_{metric}" in row:
+                tensorboard.add_scalar(f"global/{split}/{metric}", row[f"{split}_{metric}"], step)
     tensorboard.add_scalar("global/round_seconds", row["round_s"], step)
     tensorboard.flush()
 
@@ -61,13 +62,17 @@ def progress_line(row: dict, rounds: int, best: tuple[int, float], monitor: str)
     done = row["round"]
     per_round = row["elapsed_s"] / max(done, 1)
     eta = per_round * (rounds - done)
-    metric = monitor.split("/")[-1]
     excluded = f" (left out: {row['excluded']})" if row["excluded"] else ""
+    shift = (
+        f"shift acc {row['val_shift_accuracy']:.3f} auroc {row['val_shift_auroc']:.3f}  "
+        if "val_shift_accuracy" in row
+        else ""
+    )
     return (
         f"round {done}/{rounds}  clients {row['clients'].replace(';', ',')}{excluded}  "
         f"{row['round_s']:.0f}s  train loss {row['train_loss']:.3f}  "
-        f"val acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.3f}  "
-        f"best {metric} {best[1]:.3f} @ round {best[0]}  eta {minutes(eta)}"
+        f"val acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.3f}  {shift}"
+        f"best {monitor} {best[1]:.3f} @ round {best[0]}  eta {minutes(eta)}"
     )
 
 

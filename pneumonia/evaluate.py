@@ -2,13 +2,16 @@
 
 The checkpoint alone fixes the preprocessing (image size, one channel, normalisation), so any
 folder with NORMAL/ and PNEUMONIA/ sub-folders (or a split layout, whose test/ is used) can be
-evaluated.
+evaluated. Every metric comes with a 95% bootstrap interval resampled by patient ("ci95");
+`--threshold` scores at another operating point, `--tta true` averages small re-framings,
+`--shift true` also scores the images under the shift validation's acquisition shifts.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import ArgumentParser
 
@@ -16,8 +19,9 @@ from pneumonia.checkpoint import load_module
 from pneumonia.config import parse_args
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.kermany import find_splits, list_image_files
+from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.evaluation import evaluate_imageset
+from pneumonia.evaluation import predict_probabilities, score_with_intervals
 from pneumonia.metrics import SCALARS
 
 
@@ -38,6 +42,18 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--data.skip_corrupt", type=bool, default=False)
     parser.add_argument("--data.cache_dir", type=str | None, default=None)
+    parser.add_argument(
+        "--threshold",
+        type=float | Literal["checkpoint"],
+        default="checkpoint",
+        help="decision threshold on P(positive): a number in (0, 1), or checkpoint (the one "
+        "the run chose, 0.5 unless it was told otherwise)",
+    )
+    parser.add_argument("--tta", type=bool, default=False, help="test-time augmentation")
+    parser.add_argument(
+        "--shift", type=bool, default=False, help="also score under the acquisition shifts"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap intervals")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
     return parser
@@ -58,19 +74,41 @@ def pick_folder(root: str, split: str | None) -> Path:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    """Print one JSON object: accuracy, precision, recall, f1, specificity, auroc,
-    confusion_matrix [[TN, FP], [FN, TP]] and n."""
+    """Print one JSON object: the threshold used and where it came from, loss, accuracy,
+    precision, recall, f1, specificity, auroc, ece, confusion_matrix [[TN, FP], [FN, TP]], n,
+    ci95 {metric: [low, high]}, and with --shift the same under "shift"."""
     args = parse_args(build_parser(), argv)
+    if args.threshold != "checkpoint" and not 0.0 < args.threshold < 1.0:
+        raise UserError(
+            f"--threshold {args.threshold} must lie strictly between 0 and 1, or be checkpoint"
+        )
     module = load_module(args.ckpt)
+    if args.threshold != "checkpoint":
+        module.hparams.threshold = float(args.threshold)
     folder = pick_folder(args.data.root, args.data.split)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else default_cache_dir()
     images = load_or_decode(
         list_image_files(folder), module.hparams.image_size, cache_dir, args.data.skip_corrupt
     )
-    values, _ = evaluate_imageset(module, images, args.batch_size, args.device, progress=True)
-    result = {k: values[k] for k in (*SCALARS, "confusion_matrix", "n")}
+    result = {
+        "threshold": float(module.hparams.threshold),
+        "threshold_source": "checkpoint" if args.threshold == "checkpoint" else "--threshold",
+        "tta": args.tta,
+        **scored(module, images, args, progress=True),
+    }
+    if args.shift:
+        result["shift"] = scored(module, shifted(images, ShiftConfig()), args)
     print(json.dumps(result))
     return result
+
+
+def scored(module, images, args, progress: bool = False) -> dict:
+    """Every metric with its 95% interval, the confusion matrix and n."""
+    probs = predict_probabilities(
+        module, images.images, args.batch_size, args.device, progress, args.tta
+    )
+    values, _ = score_with_intervals(module, probs, images, args.seed)
+    return {k: values[k] for k in ("loss", *SCALARS, "confusion_matrix", "n", "ci95")}
 
 
 if __name__ == "__main__":

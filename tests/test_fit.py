@@ -100,15 +100,25 @@ def test_evaluate_prints_one_json_object(tiny_run, kermany_root, capsys):
     assert len(out) == 1
     result = json.loads(out[0])
     assert set(result) == {
+        "threshold",
+        "threshold_source",
+        "tta",
+        "loss",
         "accuracy",
         "precision",
         "recall",
         "f1",
         "specificity",
         "auroc",
+        "ece",
         "confusion_matrix",
         "n",
+        "ci95",
     }
+    assert result["threshold"] == 0.5 and result["threshold_source"] == "checkpoint"
+    for key, (low, high) in result["ci95"].items():
+        if key != "ece":  # a bootstrap ECE is biased upwards: its interval may miss the value
+            assert low <= result[key] <= high, key
     n_images = sum(1 for p in kermany_root.rglob("*") if p.is_file())
     assert result["n"] == n_images == sum(map(sum, result["confusion_matrix"]))
 
@@ -174,3 +184,97 @@ def test_folder_with_test_split_reports_test_metrics(tmp_path, write_kermany):
     assert summary["test"]["n"] == n_test == sum(map(sum, summary["test"]["confusion_matrix"]))
     rows = (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
     assert sum(row.startswith("test,") for row in rows) == n_test
+
+
+def test_evaluate_threshold_moves_the_confusion_matrix_as_computed_by_hand(
+    tiny_run, kermany_root, capsys
+):
+    from pneumonia.checkpoint import load_module
+    from pneumonia.data.cache import load_or_decode
+    from pneumonia.data.kermany import list_image_files
+    from pneumonia.evaluation import predict_probabilities
+
+    run_dir, _ = tiny_run
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    module = load_module(ckpt)
+    images = load_or_decode(list_image_files(kermany_root), 32, kermany_root.parent / "cache")
+    probs = predict_probabilities(module, images.images)
+    positive = images.labels == module.positive
+    threshold = float(probs.median())  # splits the images in two, whatever the model learnt
+    called = probs > threshold
+    by_hand = [
+        [int((~positive & ~called).sum()), int((~positive & called).sum())],
+        [int((positive & ~called).sum()), int((positive & called).sum())],
+    ]
+    capsys.readouterr()
+    argv = ["--ckpt", str(ckpt), "--data.root", str(kermany_root)]
+    evaluate.main([*argv, "--threshold", str(threshold)])
+    result = json.loads(capsys.readouterr().out)
+    assert result["threshold"] == threshold and result["threshold_source"] == "--threshold"
+    assert result["confusion_matrix"] == by_hand
+    assert by_hand[0][1] + by_hand[1][1] == int(called.sum()) > 0
+
+
+def test_evaluate_rejects_a_threshold_outside_zero_one(tiny_run, kermany_root, capsys):
+    run_dir, _ = tiny_run
+    argv = ["--ckpt", str(run_dir / "checkpoints" / "best.ckpt"), "--data.root", str(kermany_root)]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*argv, "--threshold", "1.5"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threshold 1.5" in err[0]
+
+
+def test_evaluate_with_tta_and_shift(tiny_run, kermany_root, capsys):
+    run_dir, _ = tiny_run
+    capsys.readouterr()
+    argv = ["--ckpt", str(run_dir / "checkpoints" / "best.ckpt"), "--data.root", str(kermany_root)]
+    evaluate.main([*argv, "--tta", "true", "--shift", "true"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta"] is True
+    assert result["shift"]["n"] == result["n"] and "ci95" in result["shift"]
+
+
+RECIPE = [
+    "--data.augment.enabled", "true",
+    "--data.augment.crop_area_min", "0.6",
+    "--data.augment.brightness", "0.1",
+    "--data.augment.contrast", "0.2",
+    "--data.augment.gamma", "0.2",
+    "--data.augment.noise", "0.03",
+    "--data.augment.blur", "0.01",
+    "--optim.label_smoothing", "0.1",
+    "--optim.weight_averaging", "ema",
+    "--monitor", "val_shift/loss",
+]  # fmt: skip
+
+
+def test_the_generalisation_recipe_trains_end_to_end(tmp_path):
+    run_dir = tmp_path / "recipe"
+    summary = fit.main([*TINY, *RECIPE, "--run_dir", str(run_dir)])
+    assert "EMA" in summary["selected_by"] and "val_shift/loss" in summary["selected_by"]
+    for split in ("val", "val_shift"):
+        values = summary[split]
+        for key in ("accuracy", "auroc", "loss"):
+            low, high = values["ci95"][key]
+            assert low <= values[key] <= high, (split, key)
+    assert sum(r["n"] for r in summary["val_shift_by_kind"].values()) == summary["val"]["n"]
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/loss", "val_shift/loss", "val_shift/ece"} <= set(header)
+    # Lightning's EMA callback saves the averaged weights as the model, the raw ones beside.
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert "current_model_state" in ckpt
+    raw, averaged = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in averaged)
+
+
+def test_weight_averaging_is_refused_for_federated_runs(capsys):
+    with pytest.raises(SystemExit):
+        fit.main([*TINY, "--federated.enabled", "true", "--optim.weight_averaging", "ema"])
+    assert "federated.average_rounds" in capsys.readouterr().err
+
+
+def test_monitoring_the_shift_validation_needs_it(capsys):
+    with pytest.raises(SystemExit):
+        fit.main([*TINY, "--data.shift.enabled", "false", "--monitor", "val_shift/loss"])
+    assert "data.shift.enabled" in capsys.readouterr().err

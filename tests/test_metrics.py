@@ -37,7 +37,7 @@ def test_reset_and_figures():
     metrics = DiagnosisMetrics()
     metrics.update(torch.tensor([0.9, 0.1]), torch.tensor([1, 0]))
     figures = metrics.figures(("NORMAL", "PNEUMONIA"))
-    assert set(figures) == {"confusion_matrix", "roc"}
+    assert set(figures) == {"confusion_matrix", "roc", "reliability"}
     metrics.reset()
     metrics.update(torch.tensor([0.9, 0.9]), torch.tensor([0, 0]))
     assert metrics.compute()["confusion_matrix"] == [[0, 2], [0, 0]]
@@ -49,3 +49,19 @@ def test_youden_threshold_by_hand():
     probs = torch.tensor([0.1, 0.3, 0.5, 0.4, 0.6, 0.7, 0.9])
     targets = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     assert youden_threshold(probs, targets) == pytest.approx(0.6)
+
+
+def test_ece_and_reliability_bins_against_hand_values():
+    from pneumonia.metrics import DiagnosisMetrics, reliability_bins, reliability_figure
+
+    probs = torch.tensor([0.1, 0.2, 0.8, 0.9, 0.95, 0.35])
+    targets = torch.tensor([False, True, True, True, False, False])
+    metrics = DiagnosisMetrics(0.5)
+    metrics.update(probs, targets)
+    # Bins |observed - predicted|: 0.1, 0.8, 0.35, 0.2, and two images at |0.5 - 0.925|.
+    assert metrics.compute()["ece"] == pytest.approx((0.1 + 0.8 + 0.35 + 0.2 + 2 * 0.425) / 6)
+    rows = reliability_bins(probs, targets.float())
+    assert [r["n"] for r in rows] == [1, 1, 1, 1, 2]
+    assert rows[-1]["observed"] == 0.5 and rows[-1]["predicted"] == pytest.approx(0.925)
+    figure = reliability_figure(probs, targets, "PNEUMONIA")
+    assert "ECE 0.383" in figure.axes[0].get_legend().get_texts()[1].get_text()

@@ -1,5 +1,6 @@
 """The comparison's figures: learning curves (the paper's Fig. 5 and 6), ROC, confusion
-matrices and a sweep (Table 2 as accuracy against batch size). Files only, never a screen."""
+matrices, reliability diagrams and a sweep (Table 2 as accuracy against batch size). Files
+only, never a screen."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
+
+from pneumonia.metrics import reliability_figure  # noqa: E402
 
 X_LABEL = "passes over the training images\n(centralized: epoch; federated: round x local epochs)"
 TITLES = {
@@ -50,18 +53,17 @@ def curves(series: dict[str, dict], keys: list[str], ylabel: str, path) -> None:
 def roc(predictions: dict[str, list[dict]], aurocs: dict[str, dict], path) -> None:
     """ROC of every entry's best checkpoint; one panel per split the predictions hold. The
     legend's AUROC is the results table's (`aurocs[label][split]`), so the two always agree."""
-    splits = sorted({row["split"] for rows in predictions.values() for row in rows}, reverse=True)
+    # predictions.csv lists val, val_shift, test in that order: keep it for the panels.
+    splits = list(dict.fromkeys(row["split"] for rows in predictions.values() for row in rows))
     fig, axes = plt.subplots(
         1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 4.5), squeeze=False
     )
     for ax, split in zip(axes[0], splits, strict=False):
         for label, rows in predictions.items():
-            chosen = [r for r in rows if r["split"] == split]
-            if not chosen:
+            scored = split_scores(rows, split)
+            if scored is None:
                 continue
-            probs = torch.tensor([float(r["probability"]) for r in chosen])
-            targets = torch.tensor([int(r["positive"]) for r in chosen])
-            fpr, tpr, _ = binary_roc(probs, targets)
+            fpr, tpr, _ = binary_roc(*scored)
             ax.plot(fpr, tpr, label=f"{label} (AUROC {aurocs[label][split]:.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"ROC, {split} split")
@@ -69,6 +71,27 @@ def roc(predictions: dict[str, list[dict]], aurocs: dict[str, dict], path) -> No
         ax.set_ylabel("sensitivity (recall)")
         ax.legend(fontsize=8, loc="lower right")
     save(fig, path)
+
+
+def split_scores(rows: list[dict], split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(P(positive), 1 if positive) of predictions.csv's rows of `split`; None if it has none."""
+    chosen = [r for r in rows if r["split"] == split]
+    if not chosen:
+        return None
+    probs = torch.tensor([float(r["probability"]) for r in chosen])
+    return probs, torch.tensor([int(r["positive"]) for r in chosen])
+
+
+def reliability(rows: list[dict], label: str, positive: str, path) -> None:
+    """Reliability diagram of one entry on the shifted validation images, where calibration
+    matters (a model is deployed on new scanners), or on the clean ones if the run has none."""
+    for split in ("val_shift", "val"):
+        scored = split_scores(rows, split)
+        if scored is not None:
+            fig = reliability_figure(*scored, positive)
+            fig.axes[0].set_title(f"{label}: reliability, {split} split")
+            save(fig, path)
+            return
 
 
 def confusion(matrices: dict[str, list], label: str, threshold: float, positive: str, path) -> None:

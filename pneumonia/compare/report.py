@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from pneumonia.compare import plots
@@ -20,7 +21,10 @@ SHORT = {
     "f1": "F1",
     "specificity": "Spec",
     "auroc": "AUROC",
+    "ece": "ECE",
 }
+# Evaluation sets of summary.json, in the order the report shows them.
+SPLITS = {"val": "Validation split (clean)", "val_shift": "Shift validation", "test": "Test split"}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -49,10 +53,10 @@ def entry_row(entry: Entry, summary: dict) -> dict:
         # Counted from 1 for both kinds (summary.json's best_epoch is Lightning's, from 0).
         "best_epoch_or_round": summary.get("best_round", summary.get("best_epoch", -1) + 1),
         "threshold": summary["threshold"],
+        "selected_by": summary.get("selected_by", ""),
     }
-    for split in ("val", "test"):
-        for key in SCALARS:
-            row[f"{split}_{key}"] = summary[split][key] if split in summary else ""
+    for split in SPLITS:
+        row |= split_columns(summary.get(split), split)
     row |= {
         "parameters": summary["parameters"],
         "wall_time_s": summary["wall_time_s"],
@@ -64,13 +68,38 @@ def entry_row(entry: Entry, summary: dict) -> dict:
     return row
 
 
+def split_columns(values: dict | None, split: str) -> dict:
+    """`{split}_{key}` and its 95% interval `{split}_{key}_low`, `_high` for every scalar;
+    empty cells for a split the run lacks (no test folder) or an interval it lacks (older
+    runs wrote no ci95)."""
+    values = values or {}
+    intervals = values.get("ci95", {})
+    out = {}
+    for key in SCALARS:
+        low, high = intervals.get(key, ("", ""))
+        out |= {f"{split}_{key}": values.get(key, "")}
+        out |= {f"{split}_{key}_low": low, f"{split}_{key}_high": high}
+    return out
+
+
+def metric_cell(row: dict, name: str) -> str:
+    """`0.952 (0.931-0.968)`: the value and its 95% interval, or the value alone when there
+    is no interval (a bootstrap with no positive patient drawn gives NaN)."""
+    value, low, high = row[name], row[f"{name}_low"], row[f"{name}_high"]
+    if value == "":
+        return "-"
+    if low == "" or high == "" or math.isnan(low) or math.isnan(high):
+        return f"{value:.3f}"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
 def markdown_table(rows: list[dict], split: str) -> str:
     """The results as a Markdown table for one split."""
     header = ["Entry", "Training", "Data left site", *SHORT.values(), "Params", "Wall time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], row["training"], row["data_left_site"]]
-        cells += [f"{row[f'{split}_{key}']:.3f}" for key in SHORT]
+        cells += [metric_cell(row, f"{split}_{key}") for key in SHORT]
         cells += [f"{row['parameters'] / 1e6:.1f} M", duration(row["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -82,16 +111,26 @@ def duration(seconds: float) -> str:
 
 def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
     parts = [f"# {comparison.name}", comparison.description.strip()]
-    for split, title in (("val", "Validation split"), ("test", "Test split")):
-        if rows and rows[0][f"{split}_accuracy"] != "":
+    for split, title in SPLITS.items():
+        if any(r[f"{split}_accuracy"] != "" for r in rows):
             parts += [f"## {title}", markdown_table(rows, split)]
     thresholds = sorted({str(r["threshold"]) for r in rows})
     parts.append(
-        "Metrics of each entry's best epoch or round, chosen on the validation split by "
-        f"{comparison.entries[0].cfg.monitor}; decision threshold {', '.join(thresholds)}. "
+        "Intervals are 95% bootstrap intervals resampled by patient. The validation split is "
+        "cut from the training pool (same hospitals, same acquisition), so it overstates "
+        f"accuracy on new patients; shift validation is a harder check. {selection(rows)}; "
+        f"decision threshold {', '.join(thresholds)}. "
         "Budget: passes over the training images (federated: rounds x local epochs x C)."
     )
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def selection(rows: list[dict]) -> str:
+    """Which rule chose the reported models: one sentence when every entry used the same."""
+    rules = {r["selected_by"] for r in rows}
+    if len(rules) == 1 and "" not in rules:
+        return f"Each entry's reported model is {rules.pop()}"
+    return "The rule that chose each entry's model is in results.csv (selected_by)"
 
 
 def curve(entry: Entry) -> dict[str, list[tuple[float, float]]]:
@@ -138,13 +177,17 @@ def write_report(comparison: Comparison) -> Path:
     curves = {e.label: curve(e) for e in entries}
     plots.curves(curves, ["val_accuracy"], "accuracy", out / "curves_accuracy.png")
     plots.curves(curves, ["train_loss", "val_loss"], "loss", out / "curves_loss.png")
-    aurocs = {r["label"]: {s: r[f"{s}_auroc"] for s in ("val", "test")} for r in rows}
-    plots.roc({e.label: predictions(e) for e in entries}, aurocs, out / "roc.png")
+    aurocs = {r["label"]: {s: r[f"{s}_auroc"] for s in SPLITS} for r in rows}
+    scored = {e.label: predictions(e) for e in entries}  # read once: ROC and reliability
+    plots.roc(scored, aurocs, out / "roc.png")
     for entry, row, summary in zip(entries, rows, summaries, strict=True):
-        matrices = {s: summary[s]["confusion_matrix"] for s in ("val", "test") if s in summary}
+        matrices = {s: summary[s]["confusion_matrix"] for s in SPLITS if s in summary}
         classes = entry.cfg.positive_class
         plots.confusion(
             matrices, entry.label, row["threshold"], classes, out / f"confusion_{entry.name}.png"
+        )
+        plots.reliability(
+            scored[entry.label], entry.label, classes, out / f"reliability_{entry.name}.png"
         )
     if comparison.sweep:
         sweep_figure(comparison, rows)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from pneumonia.compare import runner
 from pneumonia.compare.__main__ import main
 from pneumonia.compare.plan import deep_merge, load_comparison
-from pneumonia.compare.report import curve
+from pneumonia.compare.report import SPLITS, curve, selection
 from pneumonia.metrics import SCALARS
 from pneumonia.models.registry import ModelConfig, count_parameters, create_model
 
@@ -45,7 +46,11 @@ TINY = {
 COLUMNS = [
     "entry", "label", "training", "model", "norm", "batch_size", "budget_passes",
     *(f"val_{k}" for k in SCALARS), "parameters", "wall_time_s", "data_left_site", "config_hash",
+    "selected_by",
+    *(f"{s}_{k}{end}" for s in SPLITS for k in SCALARS for end in ("", "_low", "_high")),
 ]  # fmt: skip
+END = ("_low", "", "_high")
+ENTRIES = [e["name"] for e in TINY["entries"]]
 FILES = ["results.csv", "results.md", "curves_accuracy.png", "curves_loss.png", "roc.png"]
 
 
@@ -78,18 +83,55 @@ def tiny_report(tmp_path_factory):
 
 def test_report_holds_every_file_with_one_row_per_entry(tiny_report):
     _, _, report = tiny_report
-    for name in [*FILES, "confusion_central_bn.png", "confusion_fl_gn.png", "batch_size.png"]:
+    per_entry = [f"{kind}_{e}.png" for kind in ("confusion", "reliability") for e in ENTRIES]
+    for name in [*FILES, *per_entry, "batch_size.png"]:
         assert (report / name).stat().st_size > 1000 or name.endswith((".csv", ".md")), name
     rows = read_rows(report)
     assert [r["entry"] for r in rows] == ["central_bn", "fl_gn"]
     assert set(COLUMNS) <= set(rows[0])
     assert [r["training"] for r in rows] == ["centralized", "federated"]
     assert [r["data_left_site"] for r in rows] == ["yes", "no"]
-    assert rows[0]["test_accuracy"] == ""  # synthetic data has no test split
+    # synthetic data has no test split
+    assert rows[0]["test_accuracy"] == rows[0]["test_accuracy_low"] == ""
     markdown = (report / "results.md").read_text()
     assert "| ResNet-18-BN | centralized | yes |" in markdown
     assert "| FL ResNet-18-GN | federated | no |" in markdown
+    assert "## Validation split (clean)" in markdown and "## Shift validation" in markdown
     assert "## Test split" not in markdown
+    assert "95% bootstrap intervals resampled by patient" in markdown
+    assert "overstates accuracy on new patients" in markdown
+
+
+def test_metrics_carry_their_bootstrap_intervals(tiny_report):
+    """results.csv holds each metric's 95% interval by patient around it, results.md shows
+    it as `value (low-high)`, and the selection rule comes from summary.json."""
+    _, _, report = tiny_report
+    rows = read_rows(report)
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert row["selected_by"] == summary["selected_by"] != ""
+        for split in ("val", "val_shift"):
+            for key in ("accuracy", "auroc", "ece"):
+                low, value, high = (float(row[f"{split}_{key}{end}"]) for end in END)
+                assert [low, high] == summary[split]["ci95"][key]
+                # Not ECE: its bootstrap is biased upwards, the value may fall under `low`.
+                if key != "ece":
+                    assert low <= value + 1e-4 and value <= high + 1e-4, (split, key)
+    markdown = (report / "results.md").read_text()
+    accuracy = rows[0]["val_accuracy"], rows[0]["val_accuracy_low"], rows[0]["val_accuracy_high"]
+    value, low, high = (float(v) for v in accuracy)
+    assert f"| {value:.3f} ({low:.3f}-{high:.3f}) |" in markdown
+    assert re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|", markdown.split("## Shift")[1])
+    assert "| ECE |" in markdown
+    # A centralized entry picks an epoch, a federated one a round: the rules differ.
+    assert "The rule that chose each entry's model is in results.csv" in markdown
+
+
+def test_one_selection_rule_is_named_in_the_report():
+    rule = "the epoch whose weights had the best val/loss"
+    same = selection([{"selected_by": rule}, {"selected_by": rule}])
+    assert same == f"Each entry's reported model is {rule}"
+    assert "results.csv" in selection([{"selected_by": rule}, {"selected_by": ""}])
 
 
 def test_rows_are_the_entries_own_summaries(tiny_report):
@@ -106,7 +148,8 @@ def test_rows_are_the_entries_own_summaries(tiny_report):
         # The entry's run directory is a complete fit run, predictions included.
         predictions = (Path(row["run_dir"]) / "predictions.csv").read_text().splitlines()
         assert predictions[0] == "split,image,patient,positive,probability"
-        assert len(predictions) - 1 == summary["val"]["n"]
+        val_rows = [line for line in predictions if line.startswith("val,")]
+        assert len(val_rows) == summary["val"]["n"]
 
 
 def test_each_entry_trained_with_its_own_options(tiny_report):

@@ -372,3 +372,34 @@ def test_resume_from_a_corrupt_round_state_is_one_line(fl_run, tmp_path, capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot read {broken}")
+
+
+def test_average_rounds_reports_the_mean_of_the_last_global_models(tmp_path):
+    globals_by_round: list[dict] = []
+    original = FederatedRun.checkpoint
+
+    def spy(self, round_number, row):
+        globals_by_round.append({k: v.clone() for k, v in self.server.global_state.items()})
+        return original(self, round_number, row)
+
+    argv = [*FEDERATED, "--federated.rounds", "3", "--federated.average_rounds", "2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FederatedRun, "checkpoint", spy)
+        summary = fit.main([*argv, "--run_dir", str(tmp_path / "run")])
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert summary["selected_by"] == "mean of the global models of rounds 2-3"
+    assert len(globals_by_round) == 3
+    for key, value in best["state_dict"].items():
+        if value.is_floating_point():
+            mean = (globals_by_round[1][key].double() + globals_by_round[2][key].double()) / 2
+            assert torch.allclose(value.double(), mean, atol=1e-6), key
+        else:
+            assert torch.equal(value, globals_by_round[2][key]), key
+    rows = (tmp_path / "run" / "rounds.csv").read_text().splitlines()
+    assert "val_shift_accuracy" in rows[0].split(",")
+
+
+def test_average_rounds_beyond_the_rounds_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        fit.main([*FEDERATED, "--federated.rounds", "2", "--federated.average_rounds", "3"])
+    assert "federated.average_rounds 3" in capsys.readouterr().err

@@ -29,7 +29,8 @@ class FederatedConfig:
     # Client learning rate across rounds: optim.lr throughout, or cosine-decayed by round.
     round_lr: Literal["constant", "cosine"] = "constant"
     # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
-    # the last K rounds' global models (server-side weight averaging, SWA's counterpart).
+    # the last K rounds' global models (server-side weight averaging, SWA's counterpart; all
+    # rounds when there are fewer, so a shortened run keeps its config's rule).
     average_rounds: int = 0
 
 
@@ -42,12 +43,18 @@ def check_federated(cfg: FederatedConfig) -> None:
             raise UserError(f"federated.{key} {getattr(cfg, key)} must be at least 1")
     if cfg.mu < 0:
         raise UserError(f"federated.mu {cfg.mu} must not be negative")
-    if not 0 <= cfg.average_rounds <= cfg.rounds:
+    if cfg.average_rounds < 0:
         raise UserError(
-            f"federated.average_rounds {cfg.average_rounds} must lie in [0, rounds={cfg.rounds}]"
+            f"federated.average_rounds {cfg.average_rounds} must not be negative: 0 reports the "
+            f"best round, K the mean of the last K rounds"
         )
     if cfg.server_lr is not None and cfg.server_lr <= 0:
         raise UserError(f"federated.server_lr {cfg.server_lr} must be positive")
+
+
+def averaged_rounds(cfg: FederatedConfig) -> int:
+    """How many final rounds the reported model averages (0: none)."""
+    return min(cfg.average_rounds, cfg.rounds)
 
 
 def clients_per_round(fraction: float, clients: int) -> int:

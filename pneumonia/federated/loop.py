@@ -19,7 +19,12 @@ from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
 from pneumonia.evaluation import evaluate_imageset
 from pneumonia.federated.cohort import Cohort, LocalCohort, Moments, RoundTask
-from pneumonia.federated.config import check_federated, clients_per_round, round_lr_scale
+from pneumonia.federated.config import (
+    averaged_rounds,
+    check_federated,
+    clients_per_round,
+    round_lr_scale,
+)
 from pneumonia.federated.monitor import log_round, progress_line, round_row
 from pneumonia.federated.server import Server
 from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
@@ -138,7 +143,7 @@ class FederatedRun:
         checkpoints = self.run_dir / "checkpoints"
         checkpoints.mkdir(parents=True, exist_ok=True)
         value = row[self.cfg.monitor.replace("/", "_")]
-        averaging = self.cfg.federated.average_rounds > 0
+        averaging = averaged_rounds(self.cfg.federated) > 0
         if self.is_better(value):
             self.best = (round_number, value)
             if not averaging:
@@ -168,15 +173,15 @@ class FederatedRun:
     def selection_rule(self) -> str:
         """How best.ckpt was chosen, in words, for summary.json and the reports."""
         fed = self.cfg.federated
-        if fed.average_rounds > 0:
-            first = fed.rounds - fed.average_rounds + 1
+        if averaged_rounds(fed) > 0:
+            first = fed.rounds - averaged_rounds(fed) + 1
             return f"mean of the global models of rounds {first}-{fed.rounds}"
         return f"the round with the best {self.cfg.monitor}"
 
     def accumulate_average(self, round_number: int) -> None:
         """Add this round's global model to the average if it is one of the last K."""
         fed = self.cfg.federated
-        if round_number <= fed.rounds - fed.average_rounds:
+        if round_number <= fed.rounds - averaged_rounds(fed):
             return
         state = self.server.global_state
         if self.average_sum is None:
@@ -188,7 +193,7 @@ class FederatedRun:
     def averaged_state(self) -> dict[str, torch.Tensor]:
         """The mean of the last K rounds' global models; integer buffers from the last round
         (FedAvg's own rule for them)."""
-        k = self.cfg.federated.average_rounds
+        k = averaged_rounds(self.cfg.federated)
         last = self.server.global_state
         return {
             name: (self.average_sum[name] / k).to(v.dtype) if v.is_floating_point() else v

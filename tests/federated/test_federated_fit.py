@@ -399,7 +399,15 @@ def test_average_rounds_reports_the_mean_of_the_last_global_models(tmp_path):
     assert "val_shift_accuracy" in rows[0].split(",")
 
 
-def test_average_rounds_beyond_the_rounds_is_refused(capsys):
+def test_negative_average_rounds_is_refused(capsys):
     with pytest.raises(SystemExit):
-        fit.main([*FEDERATED, "--federated.rounds", "2", "--federated.average_rounds", "3"])
-    assert "federated.average_rounds 3" in capsys.readouterr().err
+        fit.main([*FEDERATED, "--federated.rounds", "2", "--federated.average_rounds", "-1"])
+    assert "federated.average_rounds -1" in capsys.readouterr().err
+
+
+def test_average_rounds_beyond_the_rounds_averages_them_all():
+    from pneumonia.federated.config import FederatedConfig, averaged_rounds
+
+    assert averaged_rounds(FederatedConfig(rounds=2, average_rounds=5)) == 2
+    assert averaged_rounds(FederatedConfig(rounds=8, average_rounds=3)) == 3
+    assert averaged_rounds(FederatedConfig(rounds=8, average_rounds=0)) == 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.transforms import gaussian_blur, reframe
 
 KINDS = ("contrast", "gamma", "brightness", "blur", "noise", "lowres", "zoom", "scanner")
 
@@ -40,23 +41,6 @@ def _signed(g: torch.Generator, low: float, high: float) -> float:
     return sign * _uniform(g, low, high)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(int(math.ceil(3 * sigma)), 1)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-(t * t) / (2 * sigma * sigma))
-    k = (k / k.sum()).view(1, 1, 1, -1)
-    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, k)
-    return F.conv2d(x, k.transpose(-1, -2))
-
-
-def _zoom(x: torch.Tensor, scale: float, dx: float, dy: float) -> torch.Tensor:
-    """scale > 1 zooms in (a tighter crop), < 1 zooms out (a wider field, black border)."""
-    theta = torch.tensor([[[1 / scale, 0.0, dx], [0.0, 1 / scale, dy]]], dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 def apply_shift(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     """One shift of `kind` on one float image [1, 1, S, S] in [0, 1], severity drawn from `g`."""
     size = x.shape[-1]
@@ -68,7 +52,7 @@ def apply_shift(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     if kind == "brightness":
         return x + _signed(g, 0.08, 0.15)
     if kind == "blur":
-        return _gaussian_blur(x, _uniform(g, 0.012, 0.025) * size)
+        return gaussian_blur(x, torch.tensor([_uniform(g, 0.012, 0.025) * size]))
     if kind == "noise":
         sigma = _uniform(g, 0.03, 0.06)
         return x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
@@ -78,7 +62,7 @@ def apply_shift(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
         return F.interpolate(down, size=(size, size), mode="bilinear", align_corners=False)
     if kind == "zoom":
         scale = _uniform(g, 1.12, 1.3) if float(torch.rand((), generator=g)) < 0.6 else 0.85
-        return _zoom(x, scale, _signed(g, 0.0, 0.08), _signed(g, 0.0, 0.08))
+        return reframe(x, scale, _signed(g, 0.0, 0.08), _signed(g, 0.0, 0.08))
     if kind == "scanner":
         # Another detector's window: a compressed, offset intensity range, coarser levels.
         low, high = _uniform(g, 0.05, 0.15), _uniform(g, 0.78, 0.9)

@@ -71,11 +71,18 @@ def random_intensity(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 
 def _random_blur(x: torch.Tensor, blur: float) -> torch.Tensor:
-    """Separable gaussian blur with a per-image sigma in [0, blur * side] pixels, as one
-    grouped convolution over the batch."""
-    b, c, h, w = x.shape
+    """Gaussian blur with a per-image sigma in [0, blur * side] pixels."""
+    b, w = x.shape[0], x.shape[-1]
     sigma = (torch.rand(b, device=x.device, dtype=x.dtype) * blur * w).clamp(min=1e-3)
-    radius = max(int(math.ceil(3 * blur * w)), 1)
+    # The kernel's reach from the largest sigma allowed, not drawn: one size for every batch.
+    return gaussian_blur(x, sigma, radius=int(math.ceil(3 * blur * w)))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Separable gaussian blur of a batch [B, C, H, W], image b with sigma[b] pixels, as one
+    grouped convolution (replicated borders); the kernel reaches 3 sigma unless `radius`."""
+    b, c, h, w = x.shape
+    radius = max(radius or int(math.ceil(3 * float(sigma.max()))), 1)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
@@ -83,6 +90,17 @@ def _random_blur(x: torch.Tensor, blur: float) -> torch.Tensor:
     flat = F.conv2d(flat, kernel.view(b * c, 1, 1, -1), groups=b * c)
     flat = F.conv2d(flat, kernel.view(b * c, 1, -1, 1), groups=b * c)
     return flat.view(b, c, h, w)
+
+
+def reframe(
+    images: torch.Tensor, scale: float, dx: float, dy: float, padding: str = "zeros"
+) -> torch.Tensor:
+    """The whole batch zoomed by `scale` (> 1 zooms in) and moved by (dx, dy) in grid units
+    (the image spans [-1, 1])."""
+    theta = torch.tensor([[1 / scale, 0.0, dx], [0.0, 1 / scale, dy]], dtype=images.dtype)
+    theta = theta.to(images.device).expand(len(images), 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def random_affine(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -132,12 +150,4 @@ TTA_FRAMES = (
 
 def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
     """The TTA_FRAMES views of a float batch [B, C, H, W] in [0, 1]."""
-    views = []
-    for scale, dx, dy in TTA_FRAMES:
-        theta = torch.tensor([[1 / scale, 0.0, dx], [0.0, 1 / scale, dy]], dtype=images.dtype)
-        theta = theta.to(images.device).expand(len(images), 2, 3)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        views.append(
-            F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        )
-    return views
+    return [reframe(images, *frame, padding="border") for frame in TTA_FRAMES]

@@ -31,6 +31,7 @@ from pneumonia.config import (
     with_default_config,
 )
 from pneumonia.data.sources import Splits, load_splits
+from pneumonia.data.transforms import check_augment
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.federated.cohort import Cohort
 from pneumonia.federated.config import check_averaging, check_federated
@@ -128,6 +129,7 @@ def preflight(cfg: Namespace) -> int:
     check_threshold(cfg.threshold)
     check_monitor(cfg.monitor, cfg.data.shift.enabled)
     check_averaging(cfg.optim, cfg.federated)
+    check_augment(cfg.data.augment)
     if cfg.federated.enabled:
         check_federated(cfg.federated)
     return parameters

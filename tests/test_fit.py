@@ -278,3 +278,13 @@ def test_monitoring_the_shift_validation_needs_it(capsys):
     with pytest.raises(SystemExit):
         fit.main([*TINY, "--data.shift.enabled", "false", "--monitor", "val_shift/loss"])
     assert "data.shift.enabled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("crop_area_min", "0"), ("crop_area_min", "1.5"), ("blur", "-0.1")]
+)
+def test_bad_augmentation_settings_are_one_line(capsys, key, value):
+    with pytest.raises(SystemExit):
+        fit.main([*TINY, f"--data.augment.{key}", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"data.augment.{key} {float(value)}" in err[0]

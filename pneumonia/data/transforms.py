@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pneumonia.errors import UserError
+
 
 @dataclass
 class AugmentConfig:
@@ -29,6 +31,19 @@ class AugmentConfig:
     noise: float = 0.0  # gaussian noise of standard deviation uniform [0, n]
     blur: float = 0.0  # gaussian blur of sigma uniform [0, blur] x the image side
     intensity_p: float = 0.8  # probability that an image gets the intensity changes at all
+
+
+def check_augment(cfg: AugmentConfig) -> None:
+    """One-line errors for augmentation settings that would break or blank the images."""
+    if not 0.0 < cfg.crop_area_min <= 1.0:
+        raise UserError(
+            f"data.augment.crop_area_min {cfg.crop_area_min} must lie in (0, 1]: 1 is no crop"
+        )
+    for key in ("brightness", "contrast", "gamma", "noise", "blur", "rotation", "translate"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"data.augment.{key} {getattr(cfg, key)} must not be negative")
+    if not 0.0 <= cfg.intensity_p <= 1.0:
+        raise UserError(f"data.augment.intensity_p {cfg.intensity_p} must lie in [0, 1]")
 
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:

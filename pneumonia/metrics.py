@@ -25,6 +25,7 @@ from torchmetrics.classification import (  # noqa: E402
     BinaryROC,
     BinarySpecificity,
 )
+from torchmetrics.functional.classification import binary_calibration_error  # noqa: E402
 from torchmetrics.utilities.data import dim_zero_cat  # noqa: E402
 
 SCALARS = ("accuracy", "precision", "recall", "f1", "specificity", "auroc", "ece")
@@ -160,8 +161,6 @@ def reliability_figure(probs: torch.Tensor, targets: torch.Tensor, positive: str
 
 def calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> float:
     """The expected calibration error that DiagnosisMetrics reports as "ece"."""
-    from torchmetrics.functional.classification import binary_calibration_error
-
     return float(
         binary_calibration_error(
             probs.float(), targets.long(), n_bins=CALIBRATION_BINS, validate_args=False

@@ -103,6 +103,10 @@ def prediction_rows(split: str, imageset, probs, positive: int) -> list[dict]:
     ]
 
 
+# Short names for the one-line summary, so a line with intervals fits a terminal.
+SHORT = {"accuracy": "acc", "precision": "prec", "specificity": "spec"}
+
+
 def format_metrics(values: dict) -> str:
     """One line of the scalar metrics, each with its 95% interval when there is one."""
     intervals = values.get("ci95", {})
@@ -113,9 +117,6 @@ def format_metrics(values: dict) -> str:
         return f"{SHORT.get(key, key)} {values[key]:.3f}{ci}"
 
     return "  ".join(one(k) for k in SCALARS) + f"  (n={values['n']})"
-
-
-SHORT = {"accuracy": "acc", "precision": "prec", "specificity": "spec"}
 
 
 def print_summary(summary: dict, best_key: str, summary_path: Path) -> None:

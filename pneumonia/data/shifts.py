@@ -92,10 +92,10 @@ def shift_images(images: torch.Tensor, kinds: list[str], seed: int) -> torch.Ten
     return out
 
 
-def shifted(imageset: ImageSet, cfg: ShiftConfig, kind: str | None = None) -> ImageSet:
-    """`imageset` re-imaged: each image under its seeded kind, or all under `kind`. Names get
-    the kind as a suffix so predictions can be grouped by shift."""
-    kinds = [kind] * len(imageset) if kind else shift_kinds(len(imageset), cfg.seed)
+def shifted(imageset: ImageSet, cfg: ShiftConfig) -> ImageSet:
+    """`imageset` re-imaged, each image under its seeded kind. Names get the kind as a suffix
+    ("name#kind") so predictions can be grouped by shift."""
+    kinds = shift_kinds(len(imageset), cfg.seed)
     images = shift_images(imageset.images, kinds, cfg.seed)
     names = [f"{n}#{k}" for n, k in zip(imageset.names, kinds, strict=True)]
     return replace(imageset, images=images, names=names)

@@ -5,9 +5,8 @@ Both are the same `fit` config (the Flower run is bit-identical in its metrics).
 round is split, per client, with the instants each node reports and the server's send and
 receive times (one machine, one clock):
 
-    delivery    server sends -> the node's ClientApp process starts (SuperNode polling, spawn)
-    start-up    Python, Flower, pulling the message and the FAB
-    imports     torch, Lightning, pneumonia (a fresh process every round)
+    start       server sends -> the node's handler runs: SuperNode polling, a fresh ClientApp
+                process, Python, Flower, torch, Lightning and pneumonia imports, the message
     setup       config parse, images, LightningModule, Trainer
     training    the local epochs (what the in-process round spends too)
     reply       state dict to Flower, pushed, pulled by the server
@@ -33,9 +32,7 @@ from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.flower.launch import Federation
 
 SEGMENTS = {  # name: (from, to) instants
-    "delivery": ("sent", "process"),
-    "start-up": ("process", "loaded"),
-    "imports": ("loaded", "imported"),
+    "start": ("sent", "handler"),
     "setup": ("handler", "ready"),
     "training": ("ready", "trained"),
     "reply": ("trained", "received"),  # includes the ClientApp process's exit
@@ -62,7 +59,12 @@ def over_flower(args: argparse.Namespace, tmp: Path) -> tuple[float, dict]:
         started = time.perf_counter()
         overrides = shlex.join(fit_argv(args, tmp / "flower")[2:])  # all but --config
         status = federation.submit(
-            {"config": str(args.config.resolve()), "overrides": overrides, "wait-for-nodes": 120},
+            {
+                "config": str(args.config.resolve()),
+                "overrides": overrides,
+                "wait-for-nodes": 120,
+                "timings": True,  # the nodes time their steps only when asked
+            },
             echo=lambda line: None,
         )
         seconds = time.perf_counter() - started

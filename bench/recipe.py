@@ -79,11 +79,11 @@ def rescore(run_dir: Path, root: str, checkpoint: str = "best.ckpt", tta: bool =
     """A run's checkpoint on its own validation patients (clean and shifted), with 95%
     intervals: e.g. with TTA, or a federated run's last round instead of its average."""
     from pneumonia.checkpoint import load_module
+    from pneumonia.config import parse_fit_config
     from pneumonia.data.sources import load_splits
-    from pneumonia.evaluation import predict_probabilities, score_with_intervals
-    from pneumonia.fit import parse_config
+    from pneumonia.scoring import predict_probabilities, score_with_intervals
 
-    cfg = parse_config(["--config", str(run_dir / "config.yaml"), "--data.root", root])[0]
+    cfg = parse_fit_config(["--config", str(run_dir / "config.yaml"), "--data.root", root])[0]
     module = load_module(run_dir / "checkpoints" / checkpoint)
     splits = load_splits(cfg.data, cfg.seed)
     out = {}

@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from common import Samples, device, machine, ratio_line, sync
 
-from pneumonia.centralized import build_datamodule, build_module, build_trainer
-from pneumonia.config import build_fit_parser, parse_args, trainer_arguments
+from pneumonia.config import build_fit_parser, parse_args
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sources import Splits
 from pneumonia.errors import exit_on_user_error
 from pneumonia.models.registry import ModelConfig, create_model
 from pneumonia.module import make_optimizer
+from pneumonia.recipe import build_module, loss_weights, make_recipe
+from pneumonia.run.centralized import build_datamodule, build_trainer
 
 
 def random_images(n: int, size: int, seed: int = 0) -> ImageSet:
@@ -79,8 +80,10 @@ class StepClock(L.Callback):
 def lightning_rate(cfg, splits: Splits, warmup: int, run_dir: Path, profile: bool) -> float:
     """Images per second of `fit`'s own module, data module and Trainer."""
     L.seed_everything(0, verbose=False)
-    module, datamodule = build_module(cfg, splits), build_datamodule(cfg, splits)
-    trainer, _ = build_trainer(cfg, run_dir, trainer_arguments(cfg))
+    recipe = make_recipe(cfg, splits.train.classes, [splits.train.pixel_moments()])
+    module = build_module(recipe, loss_weights(cfg.data.balance, splits.train))
+    datamodule = build_datamodule(cfg, splits)
+    trainer, _ = build_trainer(cfg, run_dir)
     clock = StepClock(warmup)
     trainer.callbacks.append(clock)
     if profile:

@@ -147,12 +147,34 @@ def resume_dir(argv: list[str]) -> Path | None:
     return path
 
 
+def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
+    """`python -m pneumonia.fit`'s arguments as (the instantiated config, its resolved YAML,
+    the run directory to resume or None). `--config` takes a file or YAML text."""
+    parser = build_fit_parser()
+    resume = resume_dir(argv)
+    if resume is not None:
+        argv = ["--config", str(resume / "config.yaml")]
+    raw = parse_args(parser, with_default_config(argv))
+    # Groups become their dataclasses; trainer.* stays a namespace.
+    return parser.instantiate(raw), to_yaml(parser, raw), resume
+
+
+def uses_cuda(trainer_args: dict) -> bool:
+    """Whether Lightning will train on a CUDA device with these trainer.* options."""
+    accelerator = trainer_args.get("accelerator", "auto")
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+
+def monitor_mode(monitor: str) -> str:
+    """"min" for a loss, "max" for every other monitored metric."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
 def trainer_arguments(cfg: Namespace) -> dict:
     """The user's trainer.* options, with mixed precision by default on CUDA only."""
     args = dict(cfg.trainer)
-    on_cuda = torch.cuda.is_available() and args.get("accelerator") in ("auto", "gpu", "cuda")
     if args.get("precision") is None:
-        if on_cuda:
+        if uses_cuda(args):
             args["precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         else:
             args["precision"] = "32-true"

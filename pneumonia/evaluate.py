@@ -21,8 +21,8 @@ from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.kermany import find_splits, list_image_files
 from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.evaluation import predict_probabilities, score_with_intervals
 from pneumonia.metrics import SCALARS
+from pneumonia.scoring import predict_probabilities, score_with_intervals
 
 
 def build_parser() -> ArgumentParser:

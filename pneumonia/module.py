@@ -43,18 +43,17 @@ class OptimConfig:
     swa_start: float = 0.5
 
 
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer `cfg` names over `params` (on their device already)."""
+def make_optimizer(params, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names over `params` (on their device already), at `lr` if given."""
     params = list(params)
+    lr = cfg.lr if lr is None else lr
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # One fused kernel per step instead of a dozen ops per tensor: the AdamW step of
     # SE-ResNet-18 took 95 ms on 2 CPU cores, 14 ms fused.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
     adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 # What the module scores: training batches, the validation loaders in the DataModule's order
@@ -79,13 +78,17 @@ class ClassifierModule(L.LightningModule):
         threshold: float = 0.5,
     ) -> None:
         super().__init__()
-        # Plain dicts and lists only: checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters()
+        # The recipe (pneumonia.recipe) is the checkpoint's hyper-parameters; class weights
+        # belong to one trainer's images (one client's, in a federation), not to the model.
+        self.save_hyperparameters(ignore=["class_weights"])
         if positive_class not in classes:
             raise UserError(f"positive_class {positive_class!r} is not one of {', '.join(classes)}")
         self.classes = tuple(classes)
         self.positive = self.classes.index(positive_class)
         self.optim_cfg = OptimConfig(**optim)
+        # Where the next fit's optimizer starts (Lightning's LR finder sets this attribute too);
+        # a federated client sets its round's rate here (federated.round_lr).
+        self.learning_rate = self.optim_cfg.lr
         self.model = create_model(ModelConfig(**model), image_size)
         weights = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         # Not persistent: client-specific, and must not travel inside aggregated state dicts.
@@ -179,7 +182,8 @@ class ClassifierModule(L.LightningModule):
                     logger.experiment.add_figure(f"{stage}/{name}", figure, self.current_epoch)
 
     def configure_optimizers(self):
-        return self._with_scheduler(make_optimizer(self.model.parameters(), self.optim_cfg))
+        optimizer = make_optimizer(self.model.parameters(), self.optim_cfg, self.learning_rate)
+        return self._with_scheduler(optimizer)
 
     def _with_scheduler(self, optimizer):
         cfg = self.optim_cfg

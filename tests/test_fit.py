@@ -192,7 +192,7 @@ def test_evaluate_threshold_moves_the_confusion_matrix_as_computed_by_hand(
     from pneumonia.checkpoint import load_module
     from pneumonia.data.cache import load_or_decode
     from pneumonia.data.kermany import list_image_files
-    from pneumonia.evaluation import predict_probabilities
+    from pneumonia.scoring import predict_probabilities
 
     run_dir, _ = tiny_run
     ckpt = run_dir / "checkpoints" / "best.ckpt"

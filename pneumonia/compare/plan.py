@@ -22,9 +22,10 @@ from pathlib import Path
 import yaml
 from jsonargparse import Namespace
 
+from pneumonia.config import parse_fit_config
 from pneumonia.errors import UserError
-from pneumonia.fit import parse_config, preflight
 from pneumonia.metrics import SCALARS
+from pneumonia.run.job import preflight
 
 TOP_KEYS = {"name", "description", "shared", "entries", "sweep"}
 ENTRY_KEYS = {"name", "label", "set"}
@@ -157,7 +158,7 @@ def build_entry(
     argv = ["--config", yaml.safe_dump(merged, sort_keys=False), *overrides]
     argv += ["--run_dir", str(run_dir)]
     try:
-        cfg, _, resolved, _ = parse_config(argv)
+        cfg, resolved, _ = parse_fit_config(argv)
         parameters = preflight(cfg)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pneumonia.compare import plots
 from pneumonia.compare.plan import Comparison, Entry, option
+from pneumonia.files import write_csv, write_text_atomic
 from pneumonia.metrics import SCALARS
-from pneumonia.rundir import write_csv, write_text_atomic
+from pneumonia.run.progress import duration
 
 SHORT = {
     "accuracy": "ACC",
@@ -103,10 +104,6 @@ def markdown_table(rows: list[dict], split: str) -> str:
         cells += [f"{row['parameters'] / 1e6:.1f} M", duration(row["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def results_markdown(comparison: Comparison, rows: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Run a comparison's entries one after another through `fit`, skipping those already finished
+"""Run a comparison's entries one after another as training jobs, skipping those already finished
 with the same resolved config and resuming one that was interrupted."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pneumonia import fit
 from pneumonia.compare.plan import Comparison, Entry, config_hash
+from pneumonia.config import parse_fit_config
 from pneumonia.errors import UserError
-from pneumonia.federated.monitor import minutes
 from pneumonia.federated.state import STATE_FILE
+from pneumonia.run.job import run_job
+from pneumonia.run.progress import duration
 
 DONE, PARTIAL, STALE, NEW = "done", "partial", "stale", "new"
 
@@ -54,7 +55,7 @@ class ComparisonProgress:
         print(f"\n{self.prefix()}: {entry.label}, {kind}, {entry.steps} {unit}{note}", flush=True)
 
     def __call__(self, done: int, total: int) -> None:
-        """fit's progress hook: `done` of `total` epochs or rounds of the current entry."""
+        """The run's progress hook: `done` of `total` epochs or rounds of the current entry."""
         assert self.entry is not None
         passes = self.entry.budget * done / total
         self.trained += passes - self.entry_done
@@ -78,7 +79,7 @@ class ComparisonProgress:
         rate = elapsed / self.trained if self.trained else float("nan")
         return (
             f"[{self.comparison.name} {i}/{len(entries)} {self.entry.name if self.entry else ''}"
-            f" | {minutes(elapsed)} elapsed, about {minutes(rate * max(self.left, 0))} left]"
+            f" | {duration(elapsed)} elapsed, about {duration(rate * max(self.left, 0))} left]"
         )
 
 
@@ -109,7 +110,8 @@ def run_entry(entry: Entry, status: str, progress: ComparisonProgress) -> None:
         progress.start(entry)
         argv = entry.argv
     try:
-        fit.run(argv, progress=progress)  # UserErrors reach us, to name the entry
+        cfg, config_yaml, resume = parse_fit_config(argv)
+        run_job(cfg, config_yaml, resume, progress)  # UserErrors reach us, to name the entry
     except UserError as err:
         raise UserError(f"entry {entry.name!r}: {err}") from None
     except (KeyboardInterrupt, SystemExit):

@@ -17,7 +17,7 @@ import torch
 from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import ImageFile
-from pneumonia.rundir import save_atomic
+from pneumonia.files import save_atomic
 
 CACHE_VERSION = 2  # bump when decoding changes, to orphan old cache files
 

@@ -14,10 +14,10 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weights
+from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.imageset import ImageSet
 from pneumonia.federated.aggregate import ClientUpdate, State
-from pneumonia.module import ClassifierModule
+from pneumonia.recipe import Recipe, build_module, loss_weights
 from pneumonia.seeding import seed_training
 
 
@@ -51,8 +51,7 @@ class ClientSettings:
     """What every client shares: loader and training settings, and where it logs."""
 
     batch_size: int
-    balanced_sampling: bool
-    loss_weights: bool
+    balance: str  # data.balance: loss_weights, sampler or none
     augment: object
     num_workers: int
     seed: int
@@ -61,46 +60,40 @@ class ClientSettings:
 
 
 class Client:
-    """A hospital's half of federated training. It trains; it never sends images or labels."""
+    """A hospital's half of federated training: its images, its module (built from the run's
+    recipe, with its own class weights) and its Trainer, which logs to log_dir/client_<index>.
+    It trains; it never sends images or labels."""
 
-    def __init__(self, index: int, data: ImageSet, settings: ClientSettings) -> None:
+    def __init__(
+        self, index: int, data: ImageSet, settings: ClientSettings, recipe: Recipe, log_dir: Path
+    ) -> None:
         self.index, self.data, self.settings = index, data, settings
         self.datamodule = ChestXrayDataModule(
             data,
             None,
             batch_size=settings.batch_size,
-            balanced_sampling=settings.balanced_sampling,
+            balanced_sampling=settings.balance == "sampler",
             augment=settings.augment,
             seed=settings.seed,
             num_workers=settings.num_workers,
         )
-        self.module: ClassifierModule | None = None
-        self.trainer: L.Trainer | None = None
-        self.local_state: State = {}  # keys the strategy keeps on the client (FedBN: norms)
-        self.optimizer_state: dict | None = None
-        self.steps_before = 0  # optimizer steps of Trainers before this one (resume)
-
-    def build(self, hparams: dict, log_dir: Path) -> None:
-        """Create the client's module (with its own class weights) and its Trainer, which logs
-        to log_dir/client_<index>."""
-        weights = None
-        if self.settings.loss_weights:
-            weights = class_balanced_weights(self.data.labels, len(self.data.classes))
-        self.module = ClassifierModule(**hparams, class_weights=weights)
+        self.module = build_module(recipe, loss_weights(settings.balance, data))
         self.logger = OffsetTensorBoardLogger(
-            log_dir, name="", version=f"client_{self.index}", default_hp_metric=False
+            log_dir, name="", version=f"client_{index}", default_hp_metric=False
         )
-        self.logger.step_offset = self.steps_before
         self.trainer = L.Trainer(
-            **self.settings.trainer_args,
+            **settings.trainer_args,
             max_epochs=0,
             logger=self.logger,
             callbacks=[],
             enable_checkpointing=False,
             limit_val_batches=0,
             num_sanity_val_steps=0,
-            default_root_dir=log_dir / f"client_{self.index}",
+            default_root_dir=log_dir / f"client_{index}",
         )
+        self.local_state: State = {}  # keys the strategy keeps on the client (FedBN: norms)
+        self.optimizer_state: dict | None = None
+        self.steps_before = 0  # optimizer steps of Trainers before this one (resume)
 
     def train_round(
         self,
@@ -115,8 +108,7 @@ class Client:
         learning rate `lr` (default optim.lr), return the update."""
         start = dict(global_state) | {k: v for k, v in self.local_state.items() if k in local_keys}
         self.module.load_state_dict(start)
-        # configure_optimizers reads optim_cfg when each fit call starts.
-        self.module.optim_cfg.lr = self.module.hparams.optim["lr"] if lr is None else lr
+        self.module.learning_rate = self.module.optim_cfg.lr if lr is None else lr
         seed_training(self.datamodule.generator, self.settings.seed, round_index, self.index)
         callbacks = list(callbacks or [])
         if self.settings.keep_optimizer_state and self.optimizer_state is not None:
@@ -147,12 +139,11 @@ class Client:
         return {
             "local_state": self.local_state,
             "optimizer_state": self.optimizer_state,
-            "steps": self.steps_before + (self.trainer.global_step if self.trainer else 0),
+            "steps": self.steps_before + self.trainer.global_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.local_state = state["local_state"]
         self.optimizer_state = state["optimizer_state"]
         self.steps_before = int(state["steps"])
-        if self.trainer is not None:
-            self.logger.step_offset = self.steps_before - self.trainer.global_step
+        self.logger.step_offset = self.steps_before - self.trainer.global_step

@@ -1,9 +1,10 @@
 """The clients of a federated run as the server sees them: how many, what each holds (counts
-and pixel moments, never images), and `train`, one round of local training on the sampled ones.
+and pixel moments, never images), `start` (the run's recipe reaches them) and `train_round`,
+one round of local training on the sampled ones.
 
 `LocalCohort` holds the simulated hospitals in this process and calls their `Client`s directly.
 `pneumonia.flower.cohort.FlowerCohort` answers the same calls by messages to SuperNodes, so the
-round loop (`loop.FederatedRun`) is one implementation for both.
+round loop (`pneumonia.run.federated`) is one implementation for both.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Protocol
 
 from jsonargparse import Namespace
 
+from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import partition, partition_table
 from pneumonia.data.sources import Splits
+from pneumonia.errors import first_line
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.client import Client, ClientSettings
-from pneumonia.federated.strategies import FedAvg
+from pneumonia.federated.strategies import Strategy, create_strategy
+from pneumonia.recipe import Moments, Recipe
 
 # Options the loop sets on every client Trainer itself.
 CLIENT_MANAGED = {
@@ -32,8 +36,6 @@ CLIENT_MANAGED = {
     "val_check_interval",
     "check_val_every_n_epoch",
 }
-
-Moments = tuple[int, float, float]  # images, mean pixel, mean squared pixel
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class Cohort(Protocol):
     def __len__(self) -> int: ...
     def moments(self) -> list[Moments]: ...
     def fingerprint(self) -> str: ...
-    def attach(self, hparams: dict, run_dir: Path, strategy: FedAvg) -> None: ...
-    def train(
+    def start(self, recipe: Recipe, log_dir: Path) -> None: ...
+    def train_round(
         self, chosen: Sequence[int], task: RoundTask
     ) -> tuple[list[ClientUpdate], dict[int, str]]: ...
     def state_dict(self) -> list: ...
@@ -64,25 +66,24 @@ def client_settings(cfg: Namespace, trainer_args: dict) -> ClientSettings:
     """What every client of a run shares, from the run's config."""
     return ClientSettings(
         batch_size=cfg.data.batch_size,
-        balanced_sampling=cfg.data.balance == "sampler",
-        loss_weights=cfg.data.balance == "loss_weights",
+        balance=cfg.data.balance,
         augment=cfg.data.augment,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        # The model summary would repeat for every client and round; the loop prints the table.
-        trainer_args={k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED}
-        | {"enable_model_summary": False},
+        trainer_args=client_trainer_arguments(trainer_args),
         keep_optimizer_state=cfg.federated.keep_optimizer_state,
     )
 
 
-def build_clients(cfg: Namespace, splits: Splits, trainer_args: dict):
-    """One Client per partition of the training split, and the partition table."""
-    fed = cfg.federated
-    parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
-    settings = client_settings(cfg, trainer_args)
-    clients = [Client(j, splits.train.subset(idx), settings) for j, idx in enumerate(parts)]
-    return clients, partition_table(splits.train, parts)
+def client_trainer_arguments(trainer_args: dict) -> dict:
+    """A client Trainer's arguments: the run's, less what the round loop sets itself. Neither
+    a model summary nor a progress bar per client and round: the run prints one line per round
+    (trainer.enable_progress_bar true brings the bars back)."""
+    kept = {k: v for k, v in trainer_args.items() if k not in CLIENT_MANAGED}
+    return kept | {
+        "enable_model_summary": False,
+        "enable_progress_bar": bool(trainer_args.get("enable_progress_bar")),
+    }
 
 
 def names_digest(names: Sequence[str]) -> str:
@@ -94,7 +95,7 @@ def combined_digest(digests: Sequence[str]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def run_client_round(client: Client, strategy: FedAvg, task: RoundTask) -> ClientUpdate:
+def run_client_round(client: Client, strategy: Strategy, task: RoundTask) -> ClientUpdate:
     """One client's local training for a round, as the strategy shapes it. The same call runs
     in this process (LocalCohort) and on a SuperNode (pneumonia.flower.node)."""
     return client.train_round(
@@ -108,36 +109,46 @@ def run_client_round(client: Client, strategy: FedAvg, task: RoundTask) -> Clien
 
 
 class LocalCohort:
-    """The simulated hospitals, one `Client` per partition, in this process."""
+    """The simulated hospitals, one per partition of the training split, in this process.
+    Partitioning happens here, so its errors surface before a run directory exists; each
+    hospital's `Client` (module and Trainer) is built by `start`."""
 
     def __init__(self, cfg: Namespace, splits: Splits, trainer_args: dict) -> None:
-        self.clients, self.table = build_clients(cfg, splits, trainer_args)
-        self.strategy: FedAvg | None = None
+        fed = cfg.federated
+        parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
+        self.data: list[ImageSet] = [splits.train.subset(idx) for idx in parts]
+        self.table = partition_table(splits.train, parts)
+        self.settings = client_settings(cfg, trainer_args)
+        self.federated = fed
+        self.clients: list[Client] = []
+        self.strategy: Strategy | None = None
 
     def __len__(self) -> int:
-        return len(self.clients)
+        return len(self.data)
 
     def moments(self) -> list[Moments]:
-        return [c.data.pixel_moments() for c in self.clients]
+        return [data.pixel_moments() for data in self.data]
 
     def fingerprint(self) -> str:
         # As FlowerCohort computes it from the nodes' digests: one format for both.
-        return combined_digest([names_digest(c.data.names) for c in self.clients])
+        return combined_digest([names_digest(data.names) for data in self.data])
 
-    def attach(self, hparams: dict, run_dir: Path, strategy: FedAvg) -> None:
-        """Give every client its module and Trainer, logging under run_dir/clients/."""
-        self.strategy = strategy
-        for client in self.clients:
-            client.build(hparams, run_dir / "clients")
+    def start(self, recipe: Recipe, log_dir: Path) -> None:
+        """Every client's module and Trainer, logging under log_dir/client_J; the strategy's
+        client half, built from the config as each Flower node builds its own."""
+        self.clients = [
+            Client(j, data, self.settings, recipe, log_dir) for j, data in enumerate(self.data)
+        ]
+        self.strategy = create_strategy(self.federated, self.clients[0].module)
 
-    def train(self, chosen: Sequence[int], task: RoundTask):
+    def train_round(self, chosen: Sequence[int], task: RoundTask):
         """Each chosen client trains from the global state; a client that raises is noted."""
         updates, failures = [], {}
         for j in chosen:
             try:
                 updates.append(run_client_round(self.clients[j], self.strategy, task))
             except Exception as err:  # one hospital's failure must not end the federation
-                failures[j] = f"raised {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                failures[j] = f"raised {type(err).__name__}: {first_line(err)}"
         return updates, failures
 
     def state_dict(self) -> list:

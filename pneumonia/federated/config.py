@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pneumonia.errors import UserError
+from pneumonia.federated.strategies import list_strategies
 
 
 @dataclass
@@ -20,7 +21,8 @@ class FederatedConfig:
     local_epochs: int = 10  # E
     partition: Literal["iid", "dirichlet", "quantity", "sites"] = "iid"
     alpha: float = 0.5  # dirichlet (label skew) and quantity (size skew) concentration
-    strategy: Literal["fedavg", "fedprox", "fedbn", "fedavgm", "fedadam"] = "fedavg"
+    # A name in pneumonia.federated.strategies: fedavg, fedprox, fedbn, fedavgm, fedadam.
+    strategy: str = "fedavg"
     mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float | None = None  # fedavgm / fedadam; None: 1.0 / 0.01
     server_momentum: float = 0.9  # fedavgm
@@ -36,6 +38,11 @@ class FederatedConfig:
 
 def check_federated(cfg: FederatedConfig) -> None:
     """One-line errors for settings no run could use."""
+    if cfg.strategy not in list_strategies():
+        raise UserError(
+            f"unknown federated.strategy {cfg.strategy!r}: choose one of "
+            f"{', '.join(list_strategies())}"
+        )
     if not 0.0 < cfg.fraction <= 1.0:
         raise UserError(f"federated.fraction {cfg.fraction} must lie in (0, 1]: 1 samples all")
     for key in ("rounds", "local_epochs", "clients", "min_clients"):

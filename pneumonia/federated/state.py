@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumonia.rundir import save_atomic
+from pneumonia.files import save_atomic
 from pneumonia.safeload import safe_load
 
 STATE_FILE = "federated_state.pt"

@@ -1,22 +1,51 @@
-"""How client updates become the next global model. A new strategy is one class.
+"""How client updates become the next global model: the strategies, by name.
 
 A strategy has a server half (`aggregate`, and any state of its own, saved with every round)
 and says what clients do differently: which keys they keep local (`local_keys`) and which
 callbacks shape their training (`client_callbacks`). It never sees data, only state dicts.
+
+A new strategy is one class and one registry line: subclass `Strategy`, override what differs,
+build it from the config in `from_config`, and decorate it with `@register("name")`;
+`federated.strategy name` then selects it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from pneumonia.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate, State, weighted_average
-from pneumonia.federated.config import FederatedConfig
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    """Class decorator: make a strategy selectable as `federated.strategy name`."""
+
+    def add(cls: type[Strategy]) -> type[Strategy]:
+        _STRATEGIES[name] = cls
+        return cls
+
+    return add
+
+
+def list_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def create_strategy(cfg, module: nn.Module) -> Strategy:
+    """The strategy `cfg.strategy` (a FederatedConfig) names, for a model shaped like `module`."""
+    if cfg.strategy not in _STRATEGIES:
+        raise UserError(
+            f"unknown federated.strategy {cfg.strategy!r}: choose one of "
+            f"{', '.join(list_strategies())}"
+        )
+    return _STRATEGIES[cfg.strategy].from_config(cfg, module)
 
 
 def normalization_keys(module: nn.Module) -> set[str]:
@@ -28,10 +57,16 @@ def normalization_keys(module: nn.Module) -> set[str]:
     return keys
 
 
-class FedAvg:
-    """McMahan et al.: the sample-count-weighted average of the clients' state dicts."""
+class Strategy:
+    """The base: clients train alike and send everything; the server takes the
+    sample-count-weighted average of their state dicts (FedAvg's rule)."""
 
     local_keys: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, cfg, module: nn.Module) -> Strategy:
+        """Build it from the `federated.*` config, for a model shaped like `module`."""
+        return cls()
 
     def client_callbacks(self, global_state: State) -> list[Callback]:
         return []
@@ -44,6 +79,11 @@ class FedAvg:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+@register("fedavg")
+class FedAvg(Strategy):
+    """McMahan et al.: the sample-count-weighted average of the clients' state dicts."""
 
 
 class ProximalTerm(Callback):
@@ -66,17 +106,23 @@ class ProximalTerm(Callback):
             param.grad.add_(param.detach() - self._on_device[name], alpha=self.mu)
 
 
-class FedProx(FedAvg):
+@register("fedprox")
+class FedProx(Strategy):
     """Li et al.: FedAvg with a proximal term that keeps local training near the global model."""
 
     def __init__(self, mu: float) -> None:
         self.mu = mu
 
+    @classmethod
+    def from_config(cls, cfg, module: nn.Module) -> FedProx:
+        return cls(cfg.mu)
+
     def client_callbacks(self, global_state: State) -> list[Callback]:
         return [ProximalTerm(self.mu, global_state)]
 
 
-class FedBN(FedAvg):
+@register("fedbn")
+class FedBN(Strategy):
     """Li et al. 2021: normalisation layers never leave their client. Clients train with their
     own norm layers; the server still averages them, and evaluates the global model with those
     averaged norm layers (it has no client's own statistics)."""
@@ -84,13 +130,20 @@ class FedBN(FedAvg):
     def __init__(self, norm_keys: Iterable[str]) -> None:
         self.local_keys = frozenset(norm_keys)
 
+    @classmethod
+    def from_config(cls, cfg, module: nn.Module) -> FedBN:
+        return cls(normalization_keys(module))
 
-class ServerOptimizer(FedAvg):
+
+class ServerOptimizer(Strategy):
     """Reddi et al.'s FedOpt: the averaged update, global - average, is a pseudo-gradient for
-    a server optimizer: SGD with momentum (FedAvgM) or Adam (FedAdam). Buffers are averaged."""
+    a server optimizer (`make_optimizer`, and `default_lr` without federated.server_lr).
+    Buffers are averaged."""
 
-    def __init__(self, kind: str, parameter_keys: Iterable[str], lr: float, momentum: float):
-        self.kind, self.lr, self.momentum = kind, lr, momentum
+    default_lr = 1.0
+
+    def __init__(self, parameter_keys: Iterable[str], lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
         self.parameter_keys = sorted(parameter_keys)
         self.params: dict[str, torch.Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -98,15 +151,18 @@ class ServerOptimizer(FedAvg):
 
     def _build(self, global_state: State) -> None:
         self.params = {k: global_state[k].detach().clone().float() for k in self.parameter_keys}
-        tensors = list(self.params.values())
-        if self.kind == "fedadam":
-            # tau = 1e-3 as the adaptivity constant, as in Reddi et al.
-            self.optimizer = torch.optim.Adam(tensors, lr=self.lr, betas=(0.9, 0.99), eps=1e-3)
-        else:
-            self.optimizer = torch.optim.SGD(tensors, lr=self.lr, momentum=self.momentum)
+        self.optimizer = self.make_optimizer(list(self.params.values()))
         if self._pending is not None:
             self.optimizer.load_state_dict(self._pending)
             self._pending = None
+
+    @classmethod
+    def from_config(cls, cfg, module: nn.Module) -> ServerOptimizer:
+        lr = cfg.server_lr if cfg.server_lr is not None else cls.default_lr
+        return cls([name for name, _ in module.named_parameters()], lr, cfg.server_momentum)
+
+    def make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        raise NotImplementedError
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         average = super().aggregate(global_state, updates)
@@ -127,15 +183,20 @@ class ServerOptimizer(FedAvg):
         self._pending = state or None
 
 
-def create_strategy(cfg: FederatedConfig, module: nn.Module) -> FedAvg:
-    """The strategy `federated.strategy` names, for a model shaped like `module`."""
-    if cfg.strategy == "fedprox":
-        return FedProx(cfg.mu)
-    if cfg.strategy == "fedbn":
-        return FedBN(normalization_keys(module))
-    if cfg.strategy in ("fedavgm", "fedadam"):
-        default_lr = 1.0 if cfg.strategy == "fedavgm" else 0.01
-        lr = cfg.server_lr if cfg.server_lr is not None else default_lr
-        keys = [name for name, _ in module.named_parameters()]
-        return ServerOptimizer(cfg.strategy, keys, lr, cfg.server_momentum)
-    return FedAvg()
+@register("fedavgm")
+class FedAvgM(ServerOptimizer):
+    """Hsu et al.: server SGD with momentum on the averaged update (server_lr default 1)."""
+
+    def make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(tensors, lr=self.lr, momentum=self.momentum)
+
+
+@register("fedadam")
+class FedAdam(ServerOptimizer):
+    """Reddi et al.: server Adam on the averaged update (server_lr default 0.01)."""
+
+    default_lr = 0.01
+
+    def make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        # tau = 1e-3 as the adaptivity constant, as in Reddi et al.
+        return torch.optim.Adam(tensors, lr=self.lr, betas=(0.9, 0.99), eps=1e-3)

@@ -8,31 +8,14 @@ The SuperNode starts a fresh process per message, so the client's own state betw
 
 from __future__ import annotations
 
-import os
 import time
 
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
 
-def process_started() -> float:
-    """When this process started (Linux /proc), or NaN: the node's share of bench/flower.py."""
-    try:
-        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-            up = float(uptime.read().split()[0])
-        return time.time() - up + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-PROCESS_LOADED = time.time()  # before torch and Lightning are imported: for bench/flower.py
-
-from flwr.app import ConfigRecord, Context, Message  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-
-from pneumonia.federated.cohort import run_client_round  # noqa: E402
-from pneumonia.federated.strategies import create_strategy  # noqa: E402
-from pneumonia.flower import node, wire  # noqa: E402
-
-IMPORTED = time.time()
+from pneumonia.federated.cohort import run_client_round
+from pneumonia.federated.strategies import create_strategy
+from pneumonia.flower import node, wire
 
 app = ClientApp()
 
@@ -47,26 +30,19 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
-    task, index, config_yaml, hparams = wire.read_train_request(msg.content)
-    cfg = node.parse_run_config(config_yaml)
-    client = node.build_client(cfg, dict(context.node_config), index, hparams)
+    request = wire.read_train_request(msg.content)
+    cfg = node.parse_run_config(request.config_yaml)
+    client = node.build_client(cfg, dict(context.node_config), request.client, request.recipe)
     if node.STATE_RECORD in context.state:
         client.load_state_dict(node.unpack_state(context.state[node.STATE_RECORD]["client"]))
     strategy = create_strategy(cfg.federated, client.module)
     ready = time.time()
-    update = run_client_round(client, strategy, task)
+    update = run_client_round(client, strategy, request.task)
     trained = time.time()
     context.state[node.STATE_RECORD] = ConfigRecord(
         {"client": node.pack_state(client.state_dict())}
     )
-    # Wall-clock instants (seconds since the epoch): the server lines them up with its own
-    # send and receive times to say where a round's time goes (bench/flower.py).
-    timings = {
-        "process": process_started(),
-        "loaded": PROCESS_LOADED,  # Python, Flower, the message pulled
-        "imported": IMPORTED,  # torch, Lightning, pneumonia
-        "handler": started,
-        "ready": ready,  # config, images, module and Trainer built
-        "trained": trained,
-    }
+    # Only when the run asked (bench/flower.py): wall-clock instants the server lines up with
+    # its own send and receive times to say where a round's time goes.
+    timings = {"handler": started, "ready": ready, "trained": trained} if request.timings else None
     return Message(wire.train_reply(update, timings), reply_to=msg)

@@ -12,10 +12,10 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from pneumonia.errors import UserError
-from pneumonia.federated.cohort import Moments, RoundTask, combined_digest
-from pneumonia.federated.strategies import FedAvg
+from pneumonia.errors import UserError, first_line
+from pneumonia.federated.cohort import RoundTask, combined_digest
 from pneumonia.flower import wire
+from pneumonia.recipe import Moments, Recipe
 
 
 def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> list[int]:
@@ -45,15 +45,15 @@ def exchange(
     grid: Grid, messages: list[Message], timeout: float, received: dict[str, float]
 ) -> list[Message | None]:
     """Each message's reply (None: none within `timeout` s), in the order of `messages`; the
-    time each arrived goes into `received` by reply id. A reply is matched by the id of the
-    message it answers: an error reply Flower makes for a vanished node lacks the node's id."""
+    time each arrived goes into `received` by the id of the message it answers (an error
+    reply Flower makes for a vanished node lacks the node's id)."""
     ids = list(grid.push_messages(messages))
     replies: dict[str, Message] = {}
     pending = {i for i in ids if i is not None}
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
         for reply in grid.pull_messages(list(pending)):
-            received[reply.metadata.message_id] = time.time()
+            received[reply.metadata.reply_to_message_id] = time.time()
             replies[reply.metadata.reply_to_message_id] = reply
             pending.discard(reply.metadata.reply_to_message_id)
         if pending:
@@ -62,19 +62,27 @@ def exchange(
 
 
 def reason(reply: Message) -> str:
-    return f"its node replied with an error: {reply.error.reason.splitlines()[0][:300]}"
+    return f"its node replied with an error: {first_line(reply.error.reason, 300)}"
 
 
 class FlowerCohort:
-    """One client per SuperNode, in the order of the nodes' keys (partition id or name)."""
+    """One client per SuperNode, in the order of the nodes' keys (partition id or name).
+    With `record_timings`, each round's send, receive and node instants are kept in
+    `timings` (bench/flower.py); otherwise nothing is timed."""
 
     def __init__(
-        self, grid: Grid, config_yaml: str, expected: int, wait_s: float, round_timeout: float
+        self,
+        grid: Grid,
+        config_yaml: str,
+        expected: int,
+        wait_s: float,
+        round_timeout: float,
+        record_timings: bool = False,
     ) -> None:
         self.grid, self.config_yaml, self.round_timeout = grid, config_yaml, round_timeout
-        self.hparams: dict = {}
+        self.record_timings = record_timings
+        self.recipe: Recipe | None = None
         self.timings: list[dict[int, dict[str, float]]] = []  # per round: client -> instants
-        self.received: dict[str, float] = {}  # reply id -> when it arrived
         infos = self._query(wait_for_nodes(grid, expected, wait_s))
         keys = [info.key for _, info in infos]
         if len(set(keys)) != len(keys):
@@ -92,7 +100,7 @@ class FlowerCohort:
             Message(wire.query_request(self.config_yaml), dst_node_id=n, message_type="query")
             for n in nodes
         ]
-        replies = exchange(self.grid, messages, self.round_timeout, self.received)
+        replies = exchange(self.grid, messages, self.round_timeout, {})
         problems = [
             f"node {n}: " + (reason(r) if r is not None else "no reply")
             for n, r in zip(nodes, replies, strict=True)
@@ -111,23 +119,27 @@ class FlowerCohort:
     def fingerprint(self) -> str:
         return combined_digest([info.digest for info in self.infos])
 
-    def attach(self, hparams: dict, run_dir: Path, strategy: FedAvg) -> None:
-        # Each node builds its own strategy half from the config it receives.
-        self.hparams = hparams
+    def start(self, recipe: Recipe, log_dir: Path) -> None:
+        """The recipe travels with every round's request; each node builds its own module,
+        Trainer and strategy half from it and logs on its own machine (node-config log-dir),
+        so `log_dir`, the server's, is not theirs."""
+        self.recipe = recipe
 
-    def train(self, chosen: Sequence[int], task: RoundTask):
+    def train_round(self, chosen: Sequence[int], task: RoundTask):
         """Send the round to the chosen nodes; a node that errs or stays silent is a failure."""
         messages = [
             Message(
-                wire.train_request(task, j, self.config_yaml, self.hparams),
+                wire.train_request(
+                    wire.TrainRequest(task, j, self.config_yaml, self.recipe, self.record_timings)
+                ),
                 dst_node_id=self.nodes[j],
                 message_type="train",
                 group_id=str(task.round_index + 1),
             )
             for j in chosen
         ]
-        sent = time.time()
-        replies = exchange(self.grid, messages, self.round_timeout, self.received)
+        sent, received = time.time(), {}
+        replies = exchange(self.grid, messages, self.round_timeout, received)
         updates, failures, timings = [], {}, {}
         # In client order, as the simulated run averages (float sums depend on the order).
         for j, reply in sorted(zip(chosen, replies, strict=True), key=lambda p: p[0]):
@@ -136,10 +148,13 @@ class FlowerCohort:
             elif reply.has_error():
                 failures[j] = reason(reply)
             else:
-                update, timings[j] = wire.read_train_reply(reply.content, j)
-                timings[j] |= {"sent": sent, "received": self.received[reply.metadata.message_id]}
+                update, node_times = wire.read_train_reply(reply.content, j)
+                if self.record_timings:
+                    answered = reply.metadata.reply_to_message_id
+                    timings[j] = node_times | {"sent": sent, "received": received[answered]}
                 updates.append(update)
-        self.timings.append(timings)
+        if self.record_timings:
+            self.timings.append(timings)
         return updates, failures
 
     def state_dict(self) -> list:

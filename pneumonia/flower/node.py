@@ -13,14 +13,13 @@ Node config (`flower-supernode --node-config "..."`):
 from __future__ import annotations
 
 import io
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
 
-from pneumonia.config import trainer_arguments
+from pneumonia.config import parse_fit_config, trainer_arguments
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import partition, partition_table
 from pneumonia.data.sources import load_images, load_splits
@@ -28,19 +27,14 @@ from pneumonia.errors import UserError
 from pneumonia.federated.client import Client
 from pneumonia.federated.cohort import client_settings, names_digest
 from pneumonia.flower.wire import NodeInfo
+from pneumonia.recipe import Recipe
 
 STATE_RECORD = "pneumonia"  # context.state key; it never leaves the node
 
 
 def parse_run_config(config_yaml: str) -> Namespace:
-    """The server's resolved config, parsed as `fit` parses it."""
-    from pneumonia.fit import parse_config  # fit imports the whole training stack
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(config_yaml)
-        f.flush()
-        cfg, _, _, _ = parse_config(["--config", f.name])
-    return cfg
+    """The server's resolved config, parsed as `fit` parses its own."""
+    return parse_fit_config(["--config", config_yaml])[0]
 
 
 def node_images(cfg: Namespace, node_config: dict) -> tuple[ImageSet, str]:
@@ -74,12 +68,12 @@ def describe(cfg: Namespace, node_config: dict) -> NodeInfo:
     return NodeInfo(key, images.pixel_moments(), names_digest(images.names), row)
 
 
-def build_client(cfg: Namespace, node_config: dict, index: int, hparams: dict) -> Client:
+def build_client(cfg: Namespace, node_config: dict, index: int, recipe: Recipe) -> Client:
     """The node's Client with its module and Trainer, as the simulated run builds it."""
     images, _ = node_images(cfg, node_config)
-    client = Client(index, images, client_settings(cfg, trainer_arguments(cfg)))
-    client.build(hparams, Path(str(node_config.get("log-dir", "flower-node-logs"))))
-    return client
+    settings = client_settings(cfg, trainer_arguments(cfg))
+    log_dir = Path(str(node_config.get("log-dir", "flower-node-logs")))
+    return Client(index, images, settings, recipe, log_dir)
 
 
 def pack_state(state: dict) -> bytes:

@@ -1,8 +1,9 @@
 """The ServerApp the SuperLink runs: `fit`'s federated run, with the SuperNodes as its clients.
 
-It reads the run config (`flwr run ... --run-config`), trains with `pneumonia.fit.run` and a
-`FlowerCohort`, and writes the run directory a simulated run writes (config.yaml, rounds.csv,
-TensorBoard events, checkpoints, summary.json) on the SuperLink's machine. Run config keys:
+It reads the run config (`flwr run ... --run-config`), runs the job (`pneumonia.run.job`) with
+a `FlowerCohort` as its clients, and writes the run directory a simulated run writes
+(config.yaml, rounds.csv, TensorBoard events, checkpoints, summary.json) on the SuperLink's
+machine. Run config keys:
 
     config           fit YAML (path on the SuperLink's machine); empty: configs/default.yaml
     overrides        more fit options, as on the command line ("--federated.rounds 5 ...")
@@ -10,6 +11,8 @@ TensorBoard events, checkpoints, summary.json) on the SuperLink's machine. Run c
     status-file      where to write {"ok": ..., "run_dir" or "error": ...} when it ends
     wait-for-nodes   seconds to wait for federated.clients SuperNodes
     round-timeout    seconds to wait for a round's replies
+    timings          true: time every round's steps on every node, into the status file
+                     (bench/flower.py); off by default
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from pneumonia import fit
+from pneumonia.config import parse_fit_config
 from pneumonia.errors import UserError
+from pneumonia.files import write_text_atomic
 from pneumonia.flower.cohort import FlowerCohort
-from pneumonia.rundir import write_text_atomic
+from pneumonia.run.job import run_job
 
 app = ServerApp()
 
@@ -39,7 +43,7 @@ def fit_arguments(run_config: dict) -> list[str]:
 
 
 def serve(grid: Grid, run_config: dict) -> tuple[dict, list]:
-    """Train over the connected SuperNodes; (summary, per-round node timings)."""
+    """Train over the connected SuperNodes; (summary, per-round node timings if asked)."""
     cohorts: list[FlowerCohort] = []
 
     def connect(cfg, config_yaml: str) -> FlowerCohort:
@@ -49,11 +53,13 @@ def serve(grid: Grid, run_config: dict) -> tuple[dict, list]:
             cfg.federated.clients,
             float(run_config.get("wait-for-nodes", 600)),
             float(run_config.get("round-timeout", 86400)),
+            record_timings=bool(run_config.get("timings", False)),
         )
         cohorts.append(cohort)
         return cohort
 
-    summary = fit.run(fit_arguments(run_config), cohort=connect)
+    cfg, config_yaml, resume = parse_fit_config(fit_arguments(run_config))
+    summary = run_job(cfg, config_yaml, resume, cohort=connect)
     return summary, cohorts[0].timings
 
 
@@ -75,4 +81,5 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as err:
         write_status(status_file, {"ok": False, "error": f"{type(err).__name__}: {err}"})
         raise
-    write_status(status_file, {"ok": True, "run_dir": summary["run_dir"], "timings": timings})
+    status = {"ok": True, "run_dir": summary["run_dir"]}
+    write_status(status_file, status | ({"timings": timings} if timings else {}))

@@ -4,9 +4,9 @@ query  server -> node: the run's resolved config (YAML text)
        node -> server: its sort key, image count, pixel moments, per-class counts and a hash
                        of its image names (for resume), never an image or a label
 train  server -> node: the global state dict, round, local epochs, learning rate, the node's
-                       client index, the config and the agreed hyper-parameters
+                       client index, the config, the agreed recipe, and whether to time itself
        node -> server: its trained state dict, image count, mean training loss and accuracy,
-                       and when each of its steps ended (for bench/flower.py)
+                       and, when asked, when each of its steps ended (bench/flower.py asks)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pneumonia.federated.aggregate import ClientUpdate, State
-from pneumonia.federated.cohort import Moments, RoundTask
+from pneumonia.federated.cohort import RoundTask
+from pneumonia.recipe import Moments, Recipe
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,17 @@ class NodeInfo:
     moments: Moments
     digest: str
     counts: dict  # images, patients and images per class
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A round's work for one node."""
+
+    task: RoundTask
+    client: int  # the node's client index
+    config_yaml: str  # the run's resolved fit config
+    recipe: Recipe  # agreed by the server (normalisation from every node's moments)
+    timings: bool  # report when each step ended (bench/flower.py)
 
 
 def to_arrays(state: State) -> tuple[ArrayRecord, str]:
@@ -84,8 +96,9 @@ def read_query_reply(content: RecordDict) -> NodeInfo:
     return NodeInfo(str(node["key"]), moments, str(node["digest"]), json.loads(node["counts"]))
 
 
-def train_request(task: RoundTask, client: int, config_yaml: str, hparams: dict) -> RecordDict:
-    arrays, layout = to_arrays(task.global_state)
+def train_request(request: TrainRequest) -> RecordDict:
+    arrays, layout = to_arrays(request.task.global_state)
+    task = request.task
     return RecordDict(
         {
             "global": arrays,
@@ -95,29 +108,30 @@ def train_request(task: RoundTask, client: int, config_yaml: str, hparams: dict)
                     "round": task.round_index,
                     "local-epochs": task.local_epochs,
                     "lr": task.lr,
-                    "client": client,
-                    "config": config_yaml,
-                    "hparams": json.dumps(hparams),
+                    "client": request.client,
+                    "config": request.config_yaml,
+                    "hparams": json.dumps(request.recipe.hparams()),
+                    "timings": request.timings,
                 }
             ),
         }
     )
 
 
-def read_train_request(content: RecordDict) -> tuple[RoundTask, int, str, dict]:
-    """(task, client index, config YAML, hyper-parameters)."""
+def read_train_request(content: RecordDict) -> TrainRequest:
     t = content["task"]
     state = from_arrays(content["global"], str(t["layout"]))
     task = RoundTask(state, int(t["round"]), int(t["local-epochs"]), float(t["lr"]))
-    return task, int(t["client"]), str(t["config"]), json.loads(t["hparams"])
+    recipe = Recipe.from_hparams(json.loads(t["hparams"]))
+    return TrainRequest(task, int(t["client"]), str(t["config"]), recipe, bool(t["timings"]))
 
 
-def train_reply(update: ClientUpdate, timings: dict[str, float]) -> RecordDict:
+def train_reply(update: ClientUpdate, timings: dict[str, float] | None = None) -> RecordDict:
     metrics = {
         "num-examples": update.n,
         "train-loss": update.train_loss,
         "train-accuracy": update.train_accuracy,
-    } | {f"time-{k}": v for k, v in timings.items()}
+    } | {f"time-{k}": v for k, v in (timings or {}).items()}
     arrays, layout = to_arrays(update.state)
     return RecordDict(
         {
@@ -129,7 +143,8 @@ def train_reply(update: ClientUpdate, timings: dict[str, float]) -> RecordDict:
 
 
 def read_train_reply(content: RecordDict, client: int) -> tuple[ClientUpdate, dict[str, float]]:
-    """The update, and the node's timings (instants, seconds since the epoch)."""
+    """The update, and the node's timings if it was asked for them (instants, seconds since
+    the epoch; else empty)."""
     m = content["metrics"]
     update = ClientUpdate(
         client=client,

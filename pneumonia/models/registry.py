@@ -1,5 +1,9 @@
 """Models by name: our registered builders, plus any timm model as `timm/<name>`.
 
+As in timm, the registry imports no model: each model module registers its builders with
+`@register`, and `pneumonia.models` imports those modules, so importing any part of the
+package fills the registry.
+
 Every model takes 1-channel images and returns 2 logits (NORMAL, PNEUMONIA).
 """
 
@@ -12,7 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.errors import UserError, first_line
+from pneumonia.models.pretrained import load_pretrained
 
 IN_CHANS = 1
 NUM_CLASSES = 2
@@ -58,10 +63,6 @@ def list_models() -> list[str]:
 
 def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
     """Build the model `cfg` names; with `image_size`, check it can take images that small."""
-    # Importing here registers the builders without a cycle (they import `register` from us).
-    from pneumonia.models import baselines, se_resnet  # noqa: F401
-    from pneumonia.models.pretrained import load_pretrained
-
     if not cfg.name.startswith("timm/") and cfg.name not in _BUILDERS:
         raise UserError(
             f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}"
@@ -101,7 +102,7 @@ def check_image_size(model: nn.Module, name: str, image_size: int) -> None:
     except RuntimeError as err:
         raise UserError(
             f"data.image_size {image_size} is too small for model {name}: use a larger size "
-            f"({str(err).splitlines()[0][:80]})"
+            f"({first_line(err, 80)})"
         ) from None
     finally:
         model.train(was_training)

@@ -10,13 +10,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pneumonia import fit
 from pneumonia.checkpoint import load_module
+from pneumonia.config import parse_fit_config
 from pneumonia.data.sources import load_splits
-from pneumonia.evaluation import evaluate_imageset
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.client import Client
-from pneumonia.federated.loop import FederatedRun
 from pneumonia.federated.server import ClientExcludedWarning, Server
 from pneumonia.federated.strategies import normalization_keys
+from pneumonia.run.federated import FederatedTraining
+from pneumonia.scoring import evaluate_imageset
 
 TINY = [
     "--data.image_size", "32",
@@ -91,7 +92,7 @@ def test_run_directory_has_rounds_partition_checkpoints_and_summary(fl_run):
 
 def test_best_checkpoint_reproduces_the_summary_metrics(fl_run):
     run_dir, summary, _ = fl_run
-    cfg = fit.parse_config(TWO_ROUNDS)[0]
+    cfg = parse_fit_config(TWO_ROUNDS)[0]
     val = load_splits(cfg.data, cfg.seed).val
     values, _ = evaluate_imageset(load_module(run_dir / "checkpoints" / "best.ckpt"), val)
     assert values["n"] == summary["val"]["n"] == len(val)
@@ -236,14 +237,17 @@ def test_too_few_valid_updates_fail_the_round_with_one_line(tmp_path, capsys):
 
 
 def test_fedbn_keeps_each_clients_norm_layers(tmp_path):
-    cfg, _, _, _ = fit.parse_config([*TWO_ROUNDS, "--federated.strategy", "fedbn"])
+    cfg, _, _ = parse_fit_config([*TWO_ROUNDS, "--federated.strategy", "fedbn"])
     from pneumonia.config import trainer_arguments
-    from pneumonia.data.sources import load_splits
-    from pneumonia.federated.loop import run_federated
+    from pneumonia.federated.cohort import LocalCohort
+    from pneumonia.recipe import make_recipe
 
-    run = FederatedRun(cfg, load_splits(cfg.data, cfg.seed), trainer_arguments(cfg))
+    splits = load_splits(cfg.data, cfg.seed)
+    cohort = LocalCohort(cfg, splits, trainer_arguments(cfg))
+    recipe = make_recipe(cfg, splits.train.classes, cohort.moments())
     (tmp_path / "fedbn").mkdir()
-    run_federated(run, tmp_path / "fedbn", resume=False)
+    run = FederatedTraining(cfg, recipe, splits, tmp_path / "fedbn", None, False, cohort)
+    run.train()
     norm = normalization_keys(run.module)
     assert norm and run.strategy.local_keys == norm
     locals_ = [c.local_state for c in run.cohort.clients]
@@ -376,7 +380,7 @@ def test_resume_from_a_corrupt_round_state_is_one_line(fl_run, tmp_path, capsys)
 
 def test_average_rounds_reports_the_mean_of_the_last_global_models(tmp_path):
     globals_by_round: list[dict] = []
-    original = FederatedRun.checkpoint
+    original = FederatedTraining.checkpoint
 
     def spy(self, round_number, row):
         globals_by_round.append({k: v.clone() for k, v in self.server.global_state.items()})
@@ -384,7 +388,7 @@ def test_average_rounds_reports_the_mean_of_the_last_global_models(tmp_path):
 
     argv = [*FEDERATED, "--federated.rounds", "3", "--federated.average_rounds", "2"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FederatedRun, "checkpoint", spy)
+        mp.setattr(FederatedTraining, "checkpoint", spy)
         summary = fit.main([*argv, "--run_dir", str(tmp_path / "run")])
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     assert summary["selected_by"] == "mean of the global models of rounds 2-3"

@@ -14,6 +14,7 @@ from pneumonia.flower.cohort import wait_for_nodes
 from pneumonia.flower.launch import FLOWER_LOG, node_config_text
 from pneumonia.flower.server_app import fit_arguments
 from pneumonia.models.registry import ModelConfig, create_model
+from pneumonia.recipe import Recipe
 
 
 def bn_state() -> dict:
@@ -34,16 +35,19 @@ def test_state_dict_crosses_as_one_array_per_dtype_and_comes_back_exactly():
 def test_train_request_and_reply_round_trip():
     state = bn_state()
     task = RoundTask(state, round_index=2, local_epochs=3, lr=0.0015)
-    got, client, config, hparams = wire.read_train_request(
-        wire.train_request(task, 1, "seed: 4\n", {"mean": 0.5})
+    recipe = Recipe(model={"name": "se_resnet18"}, optim={"lr": 0.002}, image_size=32, mean=0.5)
+    request = wire.read_train_request(
+        wire.train_request(wire.TrainRequest(task, 1, "seed: 4\n", recipe, timings=False))
     )
+    got, client, config = request.task, request.client, request.config_yaml
     assert (got.round_index, got.local_epochs, got.lr, client) == (2, 3, 0.0015, 1)
-    assert config == "seed: 4\n" and hparams == {"mean": 0.5}
+    assert config == "seed: 4\n" and request.recipe == recipe and not request.timings
     assert all(torch.equal(got.global_state[k], v) for k, v in state.items())
     update = ClientUpdate(client=1, state=state, n=46, train_loss=0.75, train_accuracy=0.5)
     back, timings = wire.read_train_reply(wire.train_reply(update, {"ready": 12.5}), 1)
     assert (back.client, back.n, back.train_loss, back.train_accuracy) == (1, 46, 0.75, 0.5)
     assert timings == {"ready": 12.5}
+    assert wire.read_train_reply(wire.train_reply(update), 1)[1] == {}  # timed only if asked
 
 
 def test_query_reply_carries_counts_and_moments_only():
@@ -54,10 +58,10 @@ def test_query_reply_carries_counts_and_moments_only():
 
 
 def parse(*extra: str):
-    from pneumonia import fit
+    from pneumonia.config import parse_fit_config
 
     argv = ["--config", "configs/default.yaml", "--federated.clients", "2", *extra]
-    return fit.parse_config(argv)[0]
+    return parse_fit_config(argv)[0]
 
 
 def test_a_node_with_a_partition_id_holds_the_simulated_clients_images():

@@ -1,23 +1,37 @@
-"""The end of a run: metrics of its best checkpoint on validation (and test), for summary.json
-and TensorBoard's best/* tags. Centralized and federated runs end here alike."""
+"""The end of every run, centralized or federated alike: score the reported model (best.ckpt)
+on validation (and test), choose its decision threshold and write it into the checkpoint,
+write every image's probability, and log best/* to TensorBoard; then print the summary."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from pneumonia.checkpoint import load_module, read_checkpoint, set_threshold
 from pneumonia.data.sources import Splits
-from pneumonia.evaluation import (
+from pneumonia.files import write_csv
+from pneumonia.metrics import SCALARS, youden_threshold
+from pneumonia.module import ClassifierModule
+from pneumonia.scoring import (
     evaluate_imageset,
     predict_probabilities,
     score,
     score_with_intervals,
 )
-from pneumonia.metrics import SCALARS, youden_threshold
-from pneumonia.module import ClassifierModule
-from pneumonia.rundir import save_atomic, write_csv
-from pneumonia.safeload import safe_load
+
+
+@dataclass
+class Trained:
+    """What `train_centralized` and `train_federated` both return."""
+
+    unit: str  # "epoch" or "round": what best.ckpt's step counts
+    checkpoint: Path  # the reported model
+    selected_by: str  # how it was chosen, in words
+    logger: TensorBoardLogger  # the run's own events file
+    details: dict = field(default_factory=dict)  # summary keys of this kind of run
+    hparams_metrics: dict = field(default_factory=dict)  # for TensorBoard's HPARAMS tab
 
 
 def choose_threshold(module: ClassifierModule, splits: Splits, rule: float | str, bs: int) -> float:
@@ -28,29 +42,28 @@ def choose_threshold(module: ClassifierModule, splits: Splits, rule: float | str
     return youden_threshold(probs, splits.val.labels == module.positive)
 
 
-def best_checkpoint_metrics(
-    module: ClassifierModule,
-    checkpoint: str | Path,
+def finalize(
+    trained: Trained,
     splits: Splits,
-    tensorboard: SummaryWriter,
     batch_size: int,
-    threshold: float | str = 0.5,
-    predictions_csv: Path | None = None,
-) -> tuple[dict, dict]:
-    """Load `checkpoint` into `module`; choose the decision threshold (written back into the
-    checkpoint, so `pneumonia.evaluate` uses it); return (the checkpoint dict, {"threshold",
-    "val", "test", and "val_at_0.5" when the threshold moved}); log best/<split>/* to
-    TensorBoard; with `predictions_csv`, write every image's P(positive) there (ROC curves and
-    error analysis need no re-run of the model)."""
-    best = safe_load(checkpoint)
-    module.load_state_dict(best["state_dict"])
+    threshold: float | str,
+    run_dir: Path,
+    config: dict,
+) -> dict:
+    """Score best.ckpt and choose its threshold (written back into the checkpoint, so
+    everything that loads it decides alike); the summary's training part: the kind's details,
+    best_<unit>, selected_by, threshold, val, val_shift, test, ("val_at_0.5" when the threshold
+    moved). Writes predictions.csv: every image's P(positive), for ROC curves and error
+    analysis without re-running the model."""
+    _, _, ckpt = read_checkpoint(trained.checkpoint)
+    module = load_module(trained.checkpoint)
     chosen = choose_threshold(module, splits, threshold, batch_size)
     results: dict = {"threshold": round(chosen, 6), "threshold_rule": str(threshold)}
     if chosen != module.hparams.threshold:
         results["val_at_0.5"], _ = evaluate_imageset(module, splits.val, batch_size)
-        module.hparams.threshold = chosen
-        best["hyper_parameters"]["threshold"] = chosen
-        save_atomic(best, Path(checkpoint))
+        set_threshold(trained.checkpoint, chosen)
+        module = load_module(trained.checkpoint)
+    tensorboard = trained.logger.experiment
     rows = []
     for name, imageset in splits.evaluation_sets().items():
         probs = predict_probabilities(module, imageset.images, batch_size)
@@ -65,9 +78,11 @@ def best_checkpoint_metrics(
         for fig_name, figure in metrics.figures(module.negative_and_positive).items():
             tensorboard.add_figure(f"best/{name}/{fig_name}", figure, 0)
     tensorboard.flush()
-    if predictions_csv is not None:
-        write_csv(predictions_csv, rows)
-    return best, results
+    write_csv(run_dir / "predictions.csv", rows)
+    if trained.hparams_metrics:
+        trained.logger.log_hyperparams(config, trained.hparams_metrics)
+    best = {f"best_{trained.unit}": int(ckpt[trained.unit]), "selected_by": trained.selected_by}
+    return trained.details | best | results
 
 
 def by_shift_kind(module: ClassifierModule, imageset, probs) -> dict[str, dict]:

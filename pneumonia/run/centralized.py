@@ -1,9 +1,10 @@
-"""Centralized training: one Lightning Trainer over all training images (the baselines)."""
+"""Centralized training: one Lightning Trainer over all training images (the baselines); the
+mirror image of `pneumonia.run.federated`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -16,15 +17,14 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from pneumonia.data.datamodule import ChestXrayDataModule, class_balanced_weights
+from pneumonia.config import monitor_mode, trainer_arguments
+from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
-from pneumonia.module import ClassifierModule
+from pneumonia.recipe import Recipe, build_module, loss_weights
+from pneumonia.run.finalize import Trained
+from pneumonia.run.progress import Progress, duration
 from pneumonia.seeding import seed_training
-from pneumonia.summary import best_checkpoint_metrics
-
-# Called with (done, total) after each epoch or round, e.g. by a comparison's progress display.
-Progress = Callable[[int, int], None]
 
 
 class ReportEpochs(Callback):
@@ -35,6 +35,40 @@ class ReportEpochs(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.progress(trainer.current_epoch + 1, trainer.max_epochs)
+
+
+class EpochLines(Callback):
+    """One line per epoch where no progress bar is drawn (a log, CI, a notebook's output): the
+    federated run's round line, for epochs."""
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.started = time.time()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        done, total = trainer.current_epoch + 1, trainer.max_epochs
+        elapsed = time.time() - self.started
+        shift = (
+            f" | shift acc {m['val_shift/accuracy']:.3f} auroc {m['val_shift/auroc']:.3f}"
+            if "val_shift/accuracy" in m
+            else ""
+        )
+        val = (
+            f" | val acc {m['val/accuracy']:.3f} auroc {m['val/auroc']:.3f}{shift}"
+            if "val/accuracy" in m
+            else ""
+        )
+        best = self.checkpoint.best_model_score
+        best_text = (
+            f" | best {self.checkpoint.monitor} {float(best):.3f}" if best is not None else ""
+        )
+        left = duration(elapsed / done * (total - done))
+        print(
+            f"epoch {done:{len(str(total))}d}/{total}  train loss "
+            f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left",
+            flush=True,
+        )
 
 
 class EpochAveraging(WeightAveraging):
@@ -58,26 +92,6 @@ def weight_averaging(optim, max_epochs: int) -> list[Callback]:
     return []
 
 
-def build_module(cfg: Namespace, splits: Splits) -> ClassifierModule:
-    """The LightningModule the config describes, normalised with the training images' stats."""
-    mean, std = splits.train.pixel_mean_std()
-    weights = (
-        class_balanced_weights(splits.train.labels, len(splits.train.classes))
-        if cfg.data.balance == "loss_weights"
-        else None
-    )
-    return ClassifierModule(
-        model=asdict(cfg.model),
-        optim=asdict(cfg.optim),
-        image_size=cfg.data.image_size,
-        classes=splits.train.classes,
-        positive_class=cfg.positive_class,
-        class_weights=weights,
-        mean=round(mean, 4),
-        std=round(std, 4),
-    )
-
-
 def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
     d = cfg.data
     return ChestXrayDataModule(
@@ -95,13 +109,18 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
 
 
 def build_trainer(
-    cfg: Namespace, run_dir: Path, trainer_args: dict, progress: Progress | None = None
+    cfg: Namespace, run_dir: Path, progress: Progress | None = None
 ) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The run's Trainer: TensorBoard and CSV loggers, best and last checkpoints, weight
+    averaging, and Lightning's progress bar on a terminal only (unless trainer.* says)."""
+    trainer_args = trainer_arguments(cfg)
+    if trainer_args.get("enable_progress_bar") is None:
+        trainer_args["enable_progress_bar"] = sys.stdout.isatty()
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=cfg.monitor,
-        mode="min" if cfg.monitor.endswith("loss") else "max",
+        mode=monitor_mode(cfg.monitor),
         auto_insert_metric_name=False,
     )
     # Its own callback: Lightning 2.6's save_last writes last.ckpt only in epochs that also
@@ -112,6 +131,8 @@ def build_trainer(
         CSVLogger(run_dir, name="", version=""),
     ]
     callbacks = [checkpoint, last] + ([ReportEpochs(progress)] if progress else [])
+    if not trainer_args["enable_progress_bar"]:
+        callbacks.append(EpochLines(checkpoint))
     callbacks += weight_averaging(cfg.optim, int(trainer_args.get("max_epochs") or 1))
     trainer = L.Trainer(
         **trainer_args, logger=loggers, callbacks=callbacks, default_root_dir=run_dir
@@ -121,37 +142,30 @@ def build_trainer(
 
 def train_centralized(
     cfg: Namespace,
+    recipe: Recipe,
     splits: Splits,
     run_dir: Path,
-    trainer_args: dict,
+    progress: Progress | None,
     resume: bool,
-    progress: Progress | None = None,
-) -> dict:
-    """Fit, then evaluate the best checkpoint; the summary's training part."""
-    module = build_module(cfg, splits)
+) -> Trained:
+    """Fit (or continue fitting) `recipe`'s module on the training images in `run_dir`;
+    `progress(done, total)` hears of every completed epoch."""
+    module = build_module(recipe, loss_weights(cfg.data.balance, splits.train))
     datamodule = build_datamodule(cfg, splits)
-    trainer, checkpoint = build_trainer(cfg, run_dir, trainer_args, progress)
+    trainer, checkpoint = build_trainer(cfg, run_dir, progress)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
     # The same seed a single federated client trains round 1 with: see pneumonia.seeding.
     seed_training(datamodule.generator, cfg.seed)
     trainer.fit(module, datamodule, ckpt_path=last if resume else None)
-    best, results = best_checkpoint_metrics(
-        module,
-        checkpoint.best_model_path or run_dir / "checkpoints" / "last.ckpt",
-        splits,
-        trainer.loggers[0].experiment,
-        cfg.data.eval_batch_size,
-        cfg.threshold,
-        run_dir / "predictions.csv",
+    return Trained(
+        unit="epoch",
+        checkpoint=Path(checkpoint.best_model_path or last),
+        selected_by=selection_rule(cfg),
+        logger=trainer.loggers[0],
+        details={"epochs": trainer.current_epoch},
     )
-    return {
-        "epochs": trainer.current_epoch,
-        "best_epoch": int(best["epoch"]),
-        "selected_by": selection_rule(cfg),
-        **results,
-    }
 
 
 def selection_rule(cfg: Namespace) -> str:

@@ -3,16 +3,24 @@ and the rows of rounds.csv (each client's n and loss, global metrics, wall time)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch.utils.tensorboard import SummaryWriter
 
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.metrics import SCALARS
+from pneumonia.run.progress import duration
 
 GLOBAL_METRICS = ("loss", *SCALARS)
 EVALUATION_SETS = ("val", "val_shift", "test")  # Splits.evaluation_sets, in order
+
+
+class Best(NamedTuple):
+    """The best round so far by the monitored metric (step 0: none yet)."""
+
+    step: int
+    value: float
 
 
 def round_row(
@@ -57,26 +65,24 @@ def log_round(tensorboard: SummaryWriter, row: dict) -> None:
     tensorboard.flush()
 
 
-def progress_line(row: dict, rounds: int, best: tuple[int, float], monitor: str) -> str:
-    """round r/T, clients, time, global validation metrics, best so far and time left."""
+def progress_line(row: dict, rounds: int, best: Best, monitor: str) -> str:
+    """One line per round: round r/T and its time, the clients' training loss, the global
+    model on the clean and shifted validation images, the best round so far, time left. The
+    clients are named only when not all of them took part."""
     done = row["round"]
-    per_round = row["elapsed_s"] / max(done, 1)
-    eta = per_round * (rounds - done)
-    excluded = f" (left out: {row['excluded']})" if row["excluded"] else ""
+    eta = row["elapsed_s"] / max(done, 1) * (rounds - done)
+    width = len(str(rounds))
+    sampled = row["clients"].count(";") + 1 < len([k for k in row if k.endswith("_n")])
+    clients = f"clients {row['clients'].replace(';', ',')}  " if sampled else ""
+    excluded = f"left out {row['excluded'].replace(';', ',')}  " if row["excluded"] else ""
     shift = (
-        f"shift acc {row['val_shift_accuracy']:.3f} auroc {row['val_shift_auroc']:.3f}  "
+        f" | shift acc {row['val_shift_accuracy']:.3f} auroc {row['val_shift_auroc']:.3f}"
         if "val_shift_accuracy" in row
         else ""
     )
     return (
-        f"round {done}/{rounds}  clients {row['clients'].replace(';', ',')}{excluded}  "
-        f"{row['round_s']:.0f}s  train loss {row['train_loss']:.3f}  "
-        f"val acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.3f}  {shift}"
-        f"best {monitor} {best[1]:.3f} @ round {best[0]}  eta {minutes(eta)}"
+        f"round {done:{width}d}/{rounds} {row['round_s']:4.0f}s  {clients}{excluded}"
+        f"train loss {row['train_loss']:.3f} | val acc {row['val_accuracy']:.3f} "
+        f"auroc {row['val_auroc']:.3f}{shift} | best {monitor} {best.value:.3f} (round "
+        f"{best.step}) | {duration(eta)} left"
     )
-
-
-def minutes(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -1,10 +1,13 @@
-"""Evaluate a model on decoded images: probabilities in large batches, then every metric."""
+"""Scoring a model on decoded images: probabilities in large batches, then every metric (with
+intervals by patient). The library under `python -m pneumonia.evaluate`, the round-by-round
+evaluation of a federation and the final report of every run."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pneumonia.data.imageset import ImageSet
@@ -58,6 +61,16 @@ def evaluate_imageset(
     return score(module, probs, imageset.labels)
 
 
+def evaluate_sets(
+    module: ClassifierModule,
+    sets: dict[str, ImageSet],
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> dict[str, dict]:
+    """`evaluate_imageset`'s metrics on each named image set (val, val_shift, test)."""
+    return {name: evaluate_imageset(module, s, batch_size, device)[0] for name, s in sets.items()}
+
+
 def score(
     module: ClassifierModule, probs: torch.Tensor, labels: torch.Tensor
 ) -> tuple[dict, DiagnosisMetrics]:
@@ -80,6 +93,9 @@ def score_with_intervals(
 
 
 def cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean unweighted cross-entropy of P(positive) against boolean targets."""
+    """Mean unweighted cross-entropy of P(positive) against boolean targets. Probabilities are
+    clipped to [1e-7, 1 - 1e-7]: one confident mistake costs 16 nats, not torch's cap of 100."""
+    if not len(probs):
+        return float("nan")
     p = probs.double().clamp(1e-7, 1 - 1e-7)
-    return float(-torch.where(targets, p.log(), (1 - p).log()).mean()) if len(p) else float("nan")
+    return float(F.binary_cross_entropy(p, targets.double()))

@@ -1,0 +1,85 @@
+"""The recipe: the run's config plus statistics of its training images, turned into the
+hyper-parameters a `ClassifierModule` is built from.
+
+Centralized runs, simulated clients, Flower nodes, evaluation and prediction all build their
+module from a `Recipe` (the last two read it back from a checkpoint: `pneumonia.checkpoint`).
+A new hyper-parameter is one field here, or one field of the config dataclass it belongs to
+(`OptimConfig`, `ModelConfig`), which travels inside `optim` or `model` untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from pneumonia.data.datamodule import class_balanced_weights
+from pneumonia.data.imageset import CLASSES, ImageSet
+from pneumonia.module import ClassifierModule
+
+Moments = tuple[int, float, float]  # images, mean pixel, mean squared pixel (in [0, 1])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a module is built from; saved in every checkpoint as its `hyper_parameters`.
+    Plain values only: checkpoints must load with torch.load(weights_only=True)."""
+
+    model: dict  # ModelConfig as a dict
+    optim: dict  # OptimConfig as a dict
+    image_size: int
+    classes: tuple[str, ...] = CLASSES
+    positive_class: str = "PNEUMONIA"
+    mean: float = 0.5  # pixel normalisation, agreed on the training images
+    std: float = 0.25
+    threshold: float = 0.5  # decision threshold on P(positive)
+
+    def hparams(self) -> dict:
+        """The keyword arguments of `ClassifierModule`, as plain dicts and lists."""
+        return asdict(self) | {"classes": list(self.classes)}
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> Recipe:
+        """The recipe a checkpoint's hyper-parameters describe (extra keys, such as the class
+        weights older checkpoints carried, are training details and are dropped)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in hparams.items() if k in known}
+        return cls(**values | {"classes": tuple(values.get("classes", CLASSES))})
+
+    def with_threshold(self, threshold: float) -> Recipe:
+        return replace(self, threshold=float(threshold))
+
+
+def normalisation(moments: list[Moments]) -> tuple[float, float]:
+    """Pixel mean and std of the union of several image sets, from each one's moments: how a
+    federation agrees on one normalisation without pooling images (one set: a central run)."""
+    total = sum(n for n, _, _ in moments)
+    mean = sum(n * m for n, m, _ in moments) / total
+    mean_sq = sum(n * s for n, _, s in moments) / total
+    return round(mean, 4), round(max(mean_sq - mean * mean, 0.0) ** 0.5, 4)
+
+
+def make_recipe(cfg, classes: tuple[str, ...], moments: list[Moments]) -> Recipe:
+    """The recipe of a fit config (`pneumonia.config`) for training images whose pixel moments
+    are `moments` (one entry per client, or one for all)."""
+    mean, std = normalisation(moments)
+    return Recipe(
+        model=asdict(cfg.model),
+        optim=asdict(cfg.optim),
+        image_size=cfg.data.image_size,
+        classes=tuple(classes),
+        positive_class=cfg.positive_class,
+        mean=mean,
+        std=std,
+    )
+
+
+def loss_weights(balance: str, images: ImageSet) -> list[float] | None:
+    """Class weights of the training loss for `data.balance` (loss_weights: N / (K n_c) on the
+    images this trainer sees), or None."""
+    if balance != "loss_weights":
+        return None
+    return class_balanced_weights(images.labels, len(images.classes))
+
+
+def build_module(recipe: Recipe, class_weights: list[float] | None = None) -> ClassifierModule:
+    """The LightningModule of `recipe`, training with `class_weights` if given."""
+    return ClassifierModule(**recipe.hparams(), class_weights=class_weights)

@@ -1,0 +1,256 @@
+"""Federated training (the paper's Algorithms 1 and 2): the mirror image of
+`pneumonia.run.centralized`. It calls the stages, it holds none: the clients (a cohort:
+simulated in this process, or SuperNodes over Flower), aggregation (server, strategies),
+evaluation (scoring), the round checkpoint (state) and what the run shows (monitor)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pneumonia.checkpoint import write_checkpoint
+from pneumonia.config import monitor_mode, trainer_arguments, uses_cuda
+from pneumonia.data.partition import format_table
+from pneumonia.data.sources import Splits
+from pneumonia.errors import UserError
+from pneumonia.federated.cohort import Cohort, RoundTask
+from pneumonia.federated.config import averaged_rounds, clients_per_round, round_lr_scale
+from pneumonia.federated.server import Server
+from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
+from pneumonia.federated.strategies import create_strategy
+from pneumonia.files import write_csv
+from pneumonia.recipe import Recipe, build_module
+from pneumonia.run.finalize import Trained
+from pneumonia.run.monitor import Best, log_round, progress_line, round_row
+from pneumonia.run.progress import Progress
+from pneumonia.scoring import evaluate_sets
+
+
+class FederatedTraining:
+    """One federated run in its run directory: the global model, the server, the clients and
+    the rounds done so far (restored from the run directory when resuming)."""
+
+    def __init__(
+        self,
+        cfg: Namespace,
+        recipe: Recipe,
+        splits: Splits,
+        run_dir: Path,
+        progress: Progress | None,
+        resume: bool,
+        cohort: Cohort,
+    ) -> None:
+        fed = cfg.federated
+        self.cfg, self.recipe, self.splits, self.run_dir = cfg, recipe, splits, run_dir
+        self.progress, self.cohort = progress, cohort
+        # The global model first: its initialisation is the run's (the seed's) initialisation.
+        self.module = build_module(recipe)
+        self.strategy = create_strategy(fed, self.module)
+        per_round = clients_per_round(fed.fraction, len(cohort))
+        self.server = Server(
+            self.module.state_dict(),
+            self.strategy,
+            len(cohort),
+            per_round,
+            fed.min_clients,
+            cfg.seed,
+        )
+        self.device = "cuda" if uses_cuda(trainer_arguments(cfg)) else "cpu"
+        self.history: list[dict] = []
+        self.best = Best(0, float("nan"))
+        # Sum of the global states of the rounds averaged so far (federated.average_rounds).
+        self.average_sum: dict[str, torch.Tensor] | None = None
+        self.next_round = 0
+        self.elapsed_before = 0.0
+        cohort.start(recipe, run_dir / "clients")
+        if resume:
+            self.restore()
+        self.tensorboard = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
+
+    def restore(self) -> None:
+        """Continue after the last completed round saved in the run directory."""
+        state = load_round_state(self.run_dir)
+        if state is None:
+            raise UserError(
+                f"{self.run_dir} has no completed round to resume from: start a new run"
+            )
+        if state["fingerprint"] != self.cohort.fingerprint():
+            raise UserError(
+                f"{self.run_dir}: the data or partition differs from when the run started "
+                f"(data.root changed?): resume needs the same images"
+            )
+        self.server.load_state_dict(state["server"])
+        self.cohort.load_state_dict(state["clients"])
+        self.history, self.best = list(state["history"]), Best(*state["best"])
+        self.average_sum = state.get("average_sum")
+        self.next_round, self.elapsed_before = int(state["round"]), float(state["elapsed_s"])
+        set_rng_state(state["rng"])
+        rounds = self.cfg.federated.rounds
+        print(f"resuming {self.run_dir} after round {self.next_round}/{rounds}", flush=True)
+
+    def train_clients(self, round_index: int) -> tuple[list, dict[int, str]]:
+        """The sampled clients train from the global state; failures are noted, not raised."""
+        fed = self.cfg.federated
+        lr = self.cfg.optim.lr * round_lr_scale(fed.round_lr, round_index, fed.rounds)
+        task = RoundTask(self.server.global_state, round_index, fed.local_epochs, lr)
+        return self.cohort.train_round(self.server.sample_clients(), task)
+
+    def evaluate(self) -> dict[str, dict]:
+        """Global model metrics on the validation (and test) images after a round."""
+        self.module.load_state_dict(self.server.global_state)
+        bs = self.cfg.data.eval_batch_size
+        out = evaluate_sets(self.module, self.splits.evaluation_sets(), bs, self.device)
+        self.module.cpu()
+        return out
+
+    def is_better(self, value: float) -> bool:
+        if self.best.step == 0:
+            return True
+        lower = monitor_mode(self.cfg.monitor) == "min"
+        return value < self.best.value if lower else value > self.best.value
+
+    def checkpoint(self, round_number: int, row: dict) -> None:
+        """best.ckpt, last.ckpt, then the resume state: all atomic, the state last."""
+        checkpoints = self.run_dir / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        value = row[self.cfg.monitor.replace("/", "_")]
+        averaging = averaged_rounds(self.cfg.federated) > 0
+        state = self.server.global_state
+        if self.is_better(value):
+            self.best = Best(round_number, value)
+            if not averaging:
+                write_checkpoint(checkpoints / "best.ckpt", state, self.recipe, round_number)
+        if averaging:
+            self.accumulate_average(round_number)
+            if round_number == self.cfg.federated.rounds:
+                averaged = self.averaged_state()
+                write_checkpoint(checkpoints / "best.ckpt", averaged, self.recipe, round_number)
+        write_checkpoint(checkpoints / "last.ckpt", state, self.recipe, round_number)
+        save_round_state(
+            checkpoints,
+            {
+                "round": round_number,
+                "server": self.server.state_dict(),
+                "clients": self.cohort.state_dict(),
+                "history": self.history,
+                "best": list(self.best),
+                "average_sum": self.average_sum,
+                "elapsed_s": row["elapsed_s"],
+                "fingerprint": self.cohort.fingerprint(),
+            },
+        )
+
+    def selection_rule(self) -> str:
+        """How best.ckpt was chosen, in words, for summary.json and the reports."""
+        fed = self.cfg.federated
+        if averaged_rounds(fed) > 0:
+            first = fed.rounds - averaged_rounds(fed) + 1
+            return f"mean of the global models of rounds {first}-{fed.rounds}"
+        return f"the round with the best {self.cfg.monitor}"
+
+    def accumulate_average(self, round_number: int) -> None:
+        """Add this round's global model to the average if it is one of the last K."""
+        fed = self.cfg.federated
+        if round_number <= fed.rounds - averaged_rounds(fed):
+            return
+        state = self.server.global_state
+        if self.average_sum is None:
+            self.average_sum = {k: v.double().clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                self.average_sum[k] += v.double()
+
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The mean of the last K rounds' global models; integer buffers from the last round
+        (FedAvg's own rule for them)."""
+        k = averaged_rounds(self.cfg.federated)
+        last = self.server.global_state
+        return {
+            name: (self.average_sum[name] / k).to(v.dtype) if v.is_floating_point() else v
+            for name, v in last.items()
+        }
+
+    def train(self) -> None:
+        """Every round not yet completed."""
+        table = format_table(self.cohort.table)
+        print(f"clients ({self.cfg.federated.partition} partition):\n{table}", flush=True)
+        write_csv(self.run_dir / "partition.csv", self.cohort.table)
+        self.tensorboard.experiment.add_text("partition", table, 0)
+        started = time.time()
+        for r in range(self.next_round, self.cfg.federated.rounds):
+            self.round(r, started)
+
+    def round(self, r: int, started: float) -> None:
+        """Round r + 1: train, aggregate, evaluate, checkpoint, report."""
+        fed = self.cfg.federated
+        round_started = time.time()
+        try:
+            updates, failures = self.train_clients(r)
+        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
+            print(
+                f"round {r + 1} interrupted; rounds 1-{r} are saved: continue with "
+                f"python -m pneumonia.fit --resume {self.run_dir}",
+                file=sys.stderr,
+            )
+            raise
+        excluded = self.server.aggregate(r, updates, failures)
+        evaluations = self.evaluate()
+        now = time.time()
+        row = round_row(
+            r + 1,
+            len(self.cohort),
+            updates,
+            excluded,
+            evaluations,
+            now - round_started,
+            self.elapsed_before + now - started,
+        )
+        self.history.append(row)
+        self.checkpoint(r + 1, row)
+        write_csv(self.run_dir / "rounds.csv", self.history)
+        log_round(self.tensorboard.experiment, row)
+        print(progress_line(row, fed.rounds, self.best, self.cfg.monitor), flush=True)
+        if self.progress is not None:
+            self.progress(r + 1, fed.rounds)
+
+
+def train_federated(
+    cfg: Namespace,
+    recipe: Recipe,
+    splits: Splits,
+    run_dir: Path,
+    progress: Progress | None,
+    resume: bool,
+    cohort: Cohort,
+) -> Trained:
+    """Train (or continue) a federation of `cohort`'s clients from `recipe` in `run_dir`;
+    `progress(done, total)` hears of every completed round."""
+    # Each client's fit would announce "max_epochs reached": one line per client per round.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    training = FederatedTraining(cfg, recipe, splits, run_dir, progress, resume, cohort)
+    training.train()
+    fed = cfg.federated
+    return Trained(
+        unit="round",
+        checkpoint=run_dir / "checkpoints" / "best.ckpt",
+        selected_by=training.selection_rule(),
+        logger=training.tensorboard,
+        # Centrally, Lightning logs the module's hyper-parameters; here, the run's config.
+        hparams_metrics={f"hparams/best_{cfg.monitor.replace('/', '_')}": training.best.value},
+        details={
+            "federated": {
+                "strategy": fed.strategy,
+                "partition": fed.partition,
+                "clients": len(cohort),
+                "rounds": len(training.history),
+                "local_epochs": fed.local_epochs,
+                "partition_table": cohort.table,
+            }
+        },
+    )

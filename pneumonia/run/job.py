@@ -1,0 +1,135 @@
+"""One training job from a parsed config to a complete run directory, centralized or
+federated alike:
+
+    preflight -> load_splits -> (cohort) -> recipe -> run directory
+      -> train_centralized | train_federated -> finalize -> summary.json
+
+`python -m pneumonia.fit`, a comparison's entries and Flower's ServerApp all run jobs here.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import yaml
+from jsonargparse import Namespace
+
+from pneumonia.config import check_monitor, check_threshold, trainer_arguments
+from pneumonia.data.sources import Splits, load_splits
+from pneumonia.data.transforms import check_augment
+from pneumonia.errors import UserError
+from pneumonia.federated.cohort import Cohort, LocalCohort
+from pneumonia.federated.config import check_averaging, check_federated
+from pneumonia.files import write_json, write_text_atomic
+from pneumonia.models.registry import count_parameters, create_model
+from pneumonia.recipe import make_recipe
+from pneumonia.run.centralized import train_centralized
+from pneumonia.run.federated import train_federated
+from pneumonia.run.finalize import finalize, print_summary
+from pneumonia.run.progress import Progress
+from pneumonia.run.rundir import new_run_dir, write_split_table
+
+# Lightning advice that does not apply here: the run directory holds config.yaml before the
+# loggers start, and in-memory tensors need no loader workers.
+warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+# Supplies a federation's clients from elsewhere (Flower's SuperNodes), given the config and
+# its resolved YAML; without one, the clients are simulated here (LocalCohort).
+CohortFactory = Callable[[Namespace, str], Cohort]
+
+
+def preflight(cfg: Namespace) -> int:
+    """Check what can be checked without data (model, image size, threshold, federated
+    settings) and return the model's parameter count. Raises UserError."""
+    parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
+    check_threshold(cfg.threshold)
+    check_monitor(cfg.monitor, cfg.data.shift.enabled)
+    check_averaging(cfg.optim, cfg.federated)
+    check_augment(cfg.data.augment)
+    if cfg.federated.enabled:
+        check_federated(cfg.federated)
+    return parameters
+
+
+def describe_splits(splits: Splits) -> str:
+    """A few lines on what the run trains on, naming synthetic data plainly."""
+    lines = [f"data: {splits.source}"]
+    for name in ("train", "val", "test"):
+        part = getattr(splits, name)
+        if part is not None:
+            pairs = zip(part.classes, part.class_counts(), strict=True)
+            counts = ", ".join(f"{c} {n}" for c, n in pairs)
+            lines.append(
+                f"  {name:5s} {len(part):5d} images, {len(set(part.patients)):5d} "
+                f"patients ({counts})"
+            )
+    return "\n".join(lines)
+
+
+def prepare_run_dir(cfg: Namespace, config_yaml: str, splits: Splits) -> Path:
+    """runs/<experiment>/version_N with config.yaml and split.csv."""
+    run_dir = new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
+    write_text_atomic(run_dir / "config.yaml", config_yaml)
+    write_split_table(
+        run_dir / "split.csv", {"train": splits.train, "val": splits.val, "test": splits.test}
+    )
+    return run_dir
+
+
+def run_job(
+    cfg: Namespace,
+    config_yaml: str,
+    resume: Path | None = None,
+    progress: Progress | None = None,
+    cohort: CohortFactory | None = None,
+) -> dict:
+    """Train, evaluate the reported model, write the run directory; return the summary.
+    `resume`: a run directory to continue. `progress(done, total)` is called after every
+    epoch or round. Raises UserError."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    started = time.time()
+    # A bad model, size or federated setting fails now, not after minutes of decoding images.
+    parameters = preflight(cfg)
+    federated = cfg.federated.enabled
+    if cohort is not None and not federated:
+        raise UserError("a deployment across hospitals is federated: set federated.enabled true")
+    splits = load_splits(cfg.data, cfg.seed, sites=federated and cfg.federated.partition == "sites")
+    print(describe_splits(splits), flush=True)
+    if federated:
+        # Partition and node errors surface here, before a run directory exists.
+        clients = (
+            cohort(cfg, config_yaml) if cohort else LocalCohort(cfg, splits, trainer_arguments(cfg))
+        )
+        recipe = make_recipe(cfg, splits.train.classes, clients.moments())
+    else:
+        recipe = make_recipe(cfg, splits.train.classes, [splits.train.pixel_moments()])
+    run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
+    print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
+    trained = (
+        train_federated(cfg, recipe, splits, run_dir, progress, bool(resume), clients)
+        if federated
+        else train_centralized(cfg, recipe, splits, run_dir, progress, bool(resume))
+    )
+    config = yaml.safe_load(config_yaml)
+    results = finalize(trained, splits, cfg.data.eval_batch_size, cfg.threshold, run_dir, config)
+    summary = {
+        "data": splits.source,
+        "synthetic": cfg.data.root is None,
+        "model": cfg.model.name,
+        "norm": cfg.model.norm,
+        "parameters": parameters,
+        "image_size": cfg.data.image_size,
+        **results,
+        "wall_time_s": round(time.time() - started, 1),
+        "run_dir": str(run_dir),
+    }
+    write_json(run_dir / "summary.json", summary)
+    print_summary(summary, f"best_{trained.unit}", run_dir / "summary.json")
+    return summary

@@ -7,13 +7,13 @@ federated.* (FederatedConfig), trainer.* (Lightning Trainer arguments). Any key 
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from pneumonia.data.sources import DataConfig
@@ -110,11 +110,45 @@ def _one_line(parser: ArgumentParser, message: str, argv: list[str]) -> str:
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     if files and "parsing config" in text:
         text = f"{', '.join(files)}: {text}"
-    group = re.search(r"Group '([\w.]+)'|--([\w.]+)\.\w+ ", text + " ")
-    if "unrecognized arguments" in text or "does not accept" in text:
-        prefix = (group.group(1) or group.group(2)) if group else ""
-        text += f". Valid keys: {_valid_keys(parser, prefix)}"
+    unknown = _unknown_key(parser, argv)
+    if unknown is not None:
+        group = unknown.rsplit(".", 1)[0] if "." in unknown else ""
+        text += f". Valid keys: {_valid_keys(parser, group)}"
     return text
+
+
+def _unknown_key(parser: ArgumentParser, argv: list[str]) -> str | None:
+    """The first option on the command line or in a --config YAML that the parser does not
+    know: found from the keys themselves, not from the wording of jsonargparse's message."""
+    known = set(parser.get_defaults().keys())  # noqa: SIM118 (a Namespace iterates no keys)
+    groups = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    keys = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--config":
+            keys += _yaml_keys(argv[i + 1], groups)
+    for key in keys:
+        if key not in known | groups | {"config", "help", "print_config", "resume"}:
+            return key
+    return None
+
+
+def _yaml_keys(source: str, groups: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys of a config (a file or YAML text), descending only into known groups."""
+    try:
+        tree = yaml.safe_load(Path(source).read_text() if Path(source).is_file() else source)
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    return _flatten(tree, groups, prefix)
+
+
+def _flatten(tree: object, groups: set[str], prefix: str) -> list[str]:
+    if not isinstance(tree, dict):
+        return []
+    keys = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        keys += _flatten(value, groups, f"{key}.") if key in groups else [key]
+    return keys
 
 
 def _valid_keys(parser: ArgumentParser, group: str) -> str:

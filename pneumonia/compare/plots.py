@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torchmetrics.classification import BinaryConfusionMatrix  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
 
 from pneumonia.metrics import reliability_figure  # noqa: E402
@@ -100,14 +101,8 @@ def confusion(matrices: dict[str, list], label: str, threshold: float, positive:
     names = [negative, positive]
     fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.6), squeeze=False)
     for ax, (split, matrix) in zip(axes[0], matrices.items(), strict=True):
-        ax.imshow(matrix, cmap="Blues")
-        top = max(max(r) for r in matrix)
-        for i in range(2):
-            for j in range(2):
-                colour = "white" if matrix[i][j] > top / 2 else "black"
-                ax.text(j, i, str(matrix[i][j]), ha="center", va="center", color=colour)
-        ax.set_xticks([0, 1], names)
-        ax.set_yticks([0, 1], names)
+        # torchmetrics draws it as the training's TensorBoard figures do.
+        BinaryConfusionMatrix().plot(val=torch.tensor(matrix), ax=ax, labels=names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{split} split")

@@ -65,6 +65,13 @@ class ImageSet:
         mean, std = self.pixel_mean_std()
         return len(self), mean, std * std + mean * mean
 
+    def images_by_patient(self) -> dict[str, list[int]]:
+        """patient -> indices of their images, patients in order of first appearance."""
+        out: dict[str, list[int]] = {}
+        for i, patient in enumerate(self.patients):
+            out.setdefault(patient, []).append(i)
+        return out
+
     def class_counts(self) -> list[int]:
         """Images per class, in `classes` order."""
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()

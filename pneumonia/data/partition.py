@@ -21,9 +21,7 @@ SITE_SEPARATOR = "/"  # sites: patient ids are "<site>/<patient>", unique only w
 
 def patients_by_class(imageset: ImageSet) -> dict[int, dict[str, list[int]]]:
     """class -> patient -> image indices (a patient's class is that of its first image)."""
-    images_of: dict[str, list[int]] = defaultdict(list)
-    for i, patient in enumerate(imageset.patients):
-        images_of[patient].append(i)
+    images_of = imageset.images_by_patient()
     grouped: dict[int, dict[str, list[int]]] = defaultdict(dict)
     for patient in sorted(images_of):
         grouped[int(imageset.labels[images_of[patient][0]])][patient] = images_of[patient]
@@ -94,7 +92,10 @@ def partition_quantity(
 
 
 def _dirichlet(clients: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
-    # Gamma(alpha) draws normalised: torch's Dirichlet takes no generator, so build it from one.
+    """Dirichlet(alpha) proportions from `generator`'s stream: Gamma(alpha) draws, normalised.
+    torch._standard_gamma is private, but it is the only torch sampler of Gamma that takes a
+    Generator (torch.distributions draw from the global RNG); a public replacement changes
+    every seeded dirichlet and quantity partition, so it stays until torch offers one."""
     gamma = torch._standard_gamma(torch.full((clients,), float(alpha)), generator=generator)
     return gamma.double() / gamma.double().sum() + 1e-12
 

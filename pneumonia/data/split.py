@@ -17,9 +17,7 @@ def split_by_patient(
     `val_fraction` of its images there. The same seed gives the same split."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"data.val_fraction {val_fraction} must lie strictly between 0 and 1")
-    images_of: dict[str, list[int]] = defaultdict(list)
-    for i, patient in enumerate(imageset.patients):
-        images_of[patient].append(i)
+    images_of = imageset.images_by_patient()
     # A patient's class is that of its first image (Kermany patients have a single class).
     by_class: dict[int, list[str]] = defaultdict(list)
     for patient, idx in images_of.items():

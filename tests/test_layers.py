@@ -1,0 +1,81 @@
+"""Imports flow one way: data and models at the bottom, the run layer above them, entry points
+on top. Read from the source with `ast`, so a lazy import inside a function counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "pneumonia"
+# Bottom to top; a module belongs to the longest prefix that names it.
+LAYERS = [
+    ["pneumonia.errors", "pneumonia.files", "pneumonia.safeload", "pneumonia.seeding"],
+    ["pneumonia.data", "pneumonia.models"],
+    ["pneumonia.metrics", "pneumonia.intervals"],
+    ["pneumonia.module", "pneumonia.scoring"],
+    ["pneumonia.recipe", "pneumonia.checkpoint"],
+    ["pneumonia.federated"],
+    ["pneumonia.config"],
+    ["pneumonia.run"],
+    ["pneumonia.flower", "pneumonia.compare"],
+    ["pneumonia.fit", "pneumonia.evaluate", "pneumonia.compare.__main__", "pneumonia.flower.demo"],
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of a module, by the longest matching prefix; None if it has none."""
+    matches = [
+        (len(prefix), level)
+        for level, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if name == prefix or name.startswith(prefix + ".")
+    ]
+    return max(matches)[1] if matches else None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every pneumonia module `path` imports (`from pneumonia import fit` counts as fit)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "pneumonia":
+                names |= {f"pneumonia.{a.name}" for a in node.names}
+            else:
+                names.add(node.module)
+    return {n for n in names if n.startswith("pneumonia.")}
+
+
+SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if module_name(p) != "pneumonia")
+
+
+def test_the_layering_itself_is_what_the_checker_reads():
+    assert layer_of("pneumonia.data.cache") == 1
+    assert layer_of("pneumonia.compare.report") == 8
+    assert layer_of("pneumonia.compare.__main__") == 9  # the longer prefix wins
+    assert layer_of("pneumonia.run.job") > layer_of("pneumonia.federated.cohort")
+    assert layer_of("pneumonia.elsewhere") is None
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_every_module_has_a_layer_and_imports_only_from_its_own_or_lower(path):
+    name = module_name(path)
+    own = layer_of(name)
+    assert own is not None, f"{name}: add it to a layer in tests/test_layers.py"
+    upward = sorted(m for m in imported_modules(path) if (layer_of(m) or 0) > own)
+    assert not upward, f"{name} (layer {own}) imports from above: {upward}"
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    fake = tmp_path / "x.py"
+    fake.write_text("def f():\n    from pneumonia.run.job import run_job\n")
+    assert imported_modules(fake) == {"pneumonia.run.job"}
+    assert layer_of("pneumonia.run.job") > layer_of("pneumonia.data.cache")

@@ -180,3 +180,26 @@ def test_round_learning_rate_schedule_by_hand():
     # 0.5 (1 + cos(pi r / 4)) for r = 0..3: 1, 0.854, 0.5, 0.146
     expected = [1.0, 0.8535534, 0.5, 0.1464466]
     assert [round_lr_scale("cosine", r, 4) for r in range(4)] == pytest.approx(expected)
+
+
+def test_a_new_strategy_is_one_class_and_one_registry_line(monkeypatch):
+    from pneumonia.federated import strategies
+    from pneumonia.federated.config import check_federated
+
+    monkeypatch.setattr(strategies, "_STRATEGIES", dict(strategies._STRATEGIES))
+
+    @strategies.register("halfway")
+    class Halfway(strategies.Strategy):
+        """Moves the global model half way to the clients' average."""
+
+        def aggregate(self, global_state, updates):
+            average = super().aggregate(global_state, updates)
+            return {k: (global_state[k] + average[k]) / 2 for k in average}
+
+    cfg = FederatedConfig(strategy="halfway")
+    check_federated(cfg)  # known by name, with no other file touched
+    strategy = create_strategy(cfg, nn.Linear(1, 1, bias=False))
+    update = ClientUpdate(0, {"weight": torch.full((1, 1), 4.0)}, 3, 0.5, 0.5)
+    assert strategy.aggregate({"weight": torch.zeros(1, 1)}, [update])["weight"].item() == 2.0
+    with pytest.raises(UserError, match="unknown federated.strategy 'nope': choose one of"):
+        check_federated(FederatedConfig(strategy="nope"))

@@ -21,8 +21,9 @@ from pneumonia.config import monitor_mode, trainer_arguments
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
-from pneumonia.recipe import Recipe, build_module, loss_weights
+from pneumonia.recipe import build_module, loss_weights
 from pneumonia.run.finalize import Trained
+from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress, duration
 from pneumonia.seeding import seed_training
 
@@ -140,19 +141,13 @@ def build_trainer(
     return trainer, checkpoint
 
 
-def train_centralized(
-    cfg: Namespace,
-    recipe: Recipe,
-    splits: Splits,
-    run_dir: Path,
-    progress: Progress | None,
-    resume: bool,
-) -> Trained:
-    """Fit (or continue fitting) `recipe`'s module on the training images in `run_dir`;
-    `progress(done, total)` hears of every completed epoch."""
-    module = build_module(recipe, loss_weights(cfg.data.balance, splits.train))
+def train_centralized(run: RunInputs) -> Trained:
+    """Fit (or continue fitting) the recipe's module on the training images in the run
+    directory; the progress hook hears of every completed epoch."""
+    cfg, splits, run_dir, resume = run.cfg, run.splits, run.run_dir, run.resume
+    module = build_module(run.recipe, loss_weights(cfg.data.balance, splits.train))
     datamodule = build_datamodule(cfg, splits)
-    trainer, checkpoint = build_trainer(cfg, run_dir, progress)
+    trainer, checkpoint = build_trainer(cfg, run_dir, run.progress)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")

@@ -8,16 +8,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
-from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.checkpoint import write_checkpoint
 from pneumonia.config import monitor_mode, trainer_arguments, uses_cuda
 from pneumonia.data.partition import format_table
-from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
 from pneumonia.federated.cohort import Cohort, RoundTask
 from pneumonia.federated.config import averaged_rounds, clients_per_round, round_lr_scale
@@ -25,10 +22,10 @@ from pneumonia.federated.server import Server
 from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
 from pneumonia.federated.strategies import create_strategy
 from pneumonia.files import write_csv
-from pneumonia.recipe import Recipe, build_module
+from pneumonia.recipe import build_module
 from pneumonia.run.finalize import Trained
+from pneumonia.run.inputs import RunInputs
 from pneumonia.run.monitor import Best, log_round, progress_line, round_row
-from pneumonia.run.progress import Progress
 from pneumonia.scoring import evaluate_sets
 
 
@@ -36,19 +33,10 @@ class FederatedTraining:
     """One federated run in its run directory: the global model, the server, the clients and
     the rounds done so far (restored from the run directory when resuming)."""
 
-    def __init__(
-        self,
-        cfg: Namespace,
-        recipe: Recipe,
-        splits: Splits,
-        run_dir: Path,
-        progress: Progress | None,
-        resume: bool,
-        cohort: Cohort,
-    ) -> None:
-        fed = cfg.federated
-        self.cfg, self.recipe, self.splits, self.run_dir = cfg, recipe, splits, run_dir
-        self.progress, self.cohort = progress, cohort
+    def __init__(self, run: RunInputs, cohort: Cohort) -> None:
+        cfg, recipe, fed = run.cfg, run.recipe, run.cfg.federated
+        self.cfg, self.recipe, self.splits, self.run_dir = cfg, recipe, run.splits, run.run_dir
+        self.progress, self.cohort = run.progress, cohort
         # The global model first: its initialisation is the run's (the seed's) initialisation.
         self.module = build_module(recipe)
         self.strategy = create_strategy(fed, self.module)
@@ -68,10 +56,12 @@ class FederatedTraining:
         self.average_sum: dict[str, torch.Tensor] | None = None
         self.next_round = 0
         self.elapsed_before = 0.0
-        cohort.start(recipe, run_dir / "clients")
-        if resume:
+        cohort.start(recipe, run.run_dir / "clients")
+        if run.resume:
             self.restore()
-        self.tensorboard = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
+        self.tensorboard = TensorBoardLogger(
+            run.run_dir, name="", version="", default_hp_metric=False
+        )
 
     def restore(self) -> None:
         """Continue after the last completed round saved in the run directory."""
@@ -220,25 +210,17 @@ class FederatedTraining:
             self.progress(r + 1, fed.rounds)
 
 
-def train_federated(
-    cfg: Namespace,
-    recipe: Recipe,
-    splits: Splits,
-    run_dir: Path,
-    progress: Progress | None,
-    resume: bool,
-    cohort: Cohort,
-) -> Trained:
-    """Train (or continue) a federation of `cohort`'s clients from `recipe` in `run_dir`;
-    `progress(done, total)` hears of every completed round."""
+def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
+    """Train (or continue) a federation of `cohort`'s clients from the recipe in the run
+    directory; the progress hook hears of every completed round."""
     # Each client's fit would announce "max_epochs reached": one line per client per round.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    training = FederatedTraining(cfg, recipe, splits, run_dir, progress, resume, cohort)
+    training = FederatedTraining(run, cohort)
     training.train()
-    fed = cfg.federated
+    cfg, fed = run.cfg, run.cfg.federated
     return Trained(
         unit="round",
-        checkpoint=run_dir / "checkpoints" / "best.ckpt",
+        checkpoint=run.run_dir / "checkpoints" / "best.ckpt",
         selected_by=training.selection_rule(),
         logger=training.tensorboard,
         # Centrally, Lightning logs the module's hyper-parameters; here, the run's config.

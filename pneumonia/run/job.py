@@ -30,6 +30,7 @@ from pneumonia.recipe import make_recipe
 from pneumonia.run.centralized import train_centralized
 from pneumonia.run.federated import train_federated
 from pneumonia.run.finalize import finalize, print_summary
+from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress
 from pneumonia.run.rundir import new_run_dir, write_split_table
 
@@ -112,11 +113,8 @@ def run_job(
         recipe = make_recipe(cfg, splits.train.classes, [splits.train.pixel_moments()])
     run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
-    trained = (
-        train_federated(cfg, recipe, splits, run_dir, progress, bool(resume), clients)
-        if federated
-        else train_centralized(cfg, recipe, splits, run_dir, progress, bool(resume))
-    )
+    run = RunInputs(cfg, recipe, splits, run_dir, progress, resume=bool(resume))
+    trained = train_federated(run, clients) if federated else train_centralized(run)
     config = yaml.safe_load(config_yaml)
     results = finalize(trained, splits, cfg.data.eval_batch_size, cfg.threshold, run_dir, config)
     summary = {

@@ -241,12 +241,13 @@ def test_fedbn_keeps_each_clients_norm_layers(tmp_path):
     from pneumonia.config import trainer_arguments
     from pneumonia.federated.cohort import LocalCohort
     from pneumonia.recipe import make_recipe
+    from pneumonia.run.inputs import RunInputs
 
     splits = load_splits(cfg.data, cfg.seed)
     cohort = LocalCohort(cfg, splits, trainer_arguments(cfg))
     recipe = make_recipe(cfg, splits.train.classes, cohort.moments())
     (tmp_path / "fedbn").mkdir()
-    run = FederatedTraining(cfg, recipe, splits, tmp_path / "fedbn", None, False, cohort)
+    run = FederatedTraining(RunInputs(cfg, recipe, splits, tmp_path / "fedbn"), cohort)
     run.train()
     norm = normalization_keys(run.module)
     assert norm and run.strategy.local_keys == norm

@@ -1,0 +1,25 @@
+"""What centralized and federated training both start from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonargparse import Namespace
+
+from pneumonia.data.sources import Splits
+from pneumonia.recipe import Recipe
+from pneumonia.run.progress import Progress
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The parsed config, the recipe, the splits, the run directory (which exists and holds
+    config.yaml), the progress hook, and whether to continue the run saved there."""
+
+    cfg: Namespace
+    recipe: Recipe
+    splits: Splits
+    run_dir: Path
+    progress: Progress | None = None
+    resume: bool = False

@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(
             f"--threshold {args.threshold} must lie strictly between 0 and 1, or be checkpoint"
         )
-    module = load_module(args.ckpt)
-    if args.threshold != "checkpoint":
-        module.hparams.threshold = float(args.threshold)
+    override = None if args.threshold == "checkpoint" else float(args.threshold)
+    module = load_module(args.ckpt, threshold=override)
     folder = pick_folder(args.data.root, args.data.split)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else default_cache_dir()
     images = load_or_decode(

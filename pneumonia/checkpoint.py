@@ -43,6 +43,11 @@ def load_module(path: str | Path, threshold: float | None = None) -> ClassifierM
     recipe, state, _ = read_checkpoint(path)
     if threshold is not None:
         recipe = recipe.with_threshold(threshold)
+    return module_from(recipe, state, path)
+
+
+def module_from(recipe: Recipe, state: dict, path: str | Path) -> ClassifierModule:
+    """The module of a checkpoint already read (`path` names it in errors)."""
     module = build_module(recipe)
     try:
         module.load_state_dict(state)
@@ -54,9 +59,8 @@ def load_module(path: str | Path, threshold: float | None = None) -> ClassifierM
     return module
 
 
-def set_threshold(path: Path, threshold: float) -> None:
-    """Write the run's chosen decision threshold into a checkpoint, so that everything that
-    loads it decides as the run reported."""
-    _, _, ckpt = read_checkpoint(path)
+def set_threshold(path: Path, ckpt: dict, threshold: float) -> None:
+    """Write the run's chosen decision threshold into a checkpoint (`ckpt`, as read from
+    `path`), so that everything that loads it decides as the run reported."""
     ckpt["hyper_parameters"]["threshold"] = float(threshold)
     save_atomic(ckpt, Path(path))

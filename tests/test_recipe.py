@@ -44,7 +44,7 @@ def test_the_checkpoint_carries_the_recipe_and_its_threshold(tmp_path):
     recipe, state, ckpt = read_checkpoint(path)
     assert recipe == RECIPE and ckpt["epoch"] == ckpt["round"] == 3
     assert "class_weights" not in ckpt["hyper_parameters"]  # a trainer's, not the model's
-    set_threshold(path, 0.3)
+    set_threshold(path, ckpt, 0.3)
     assert load_module(path).hparams.threshold == 0.3
     assert load_module(path, threshold=0.7).hparams.threshold == 0.7
     loaded = load_module(path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pneumonia.errors import UserError
-from pneumonia.federated.strategies import list_strategies
+from pneumonia.federated.strategies import strategy_class
 
 
 @dataclass
@@ -38,11 +38,7 @@ class FederatedConfig:
 
 def check_federated(cfg: FederatedConfig) -> None:
     """One-line errors for settings no run could use."""
-    if cfg.strategy not in list_strategies():
-        raise UserError(
-            f"unknown federated.strategy {cfg.strategy!r}: choose one of "
-            f"{', '.join(list_strategies())}"
-        )
+    strategy_class(cfg.strategy)  # an unknown name is a one-line error listing the known ones
     if not 0.0 < cfg.fraction <= 1.0:
         raise UserError(f"federated.fraction {cfg.fraction} must lie in (0, 1]: 1 samples all")
     for key in ("rounds", "local_epochs", "clients", "min_clients"):

@@ -38,14 +38,18 @@ def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
+def strategy_class(name: str) -> type[Strategy]:
+    """The strategy registered as `name`, or a one-line error listing the names."""
+    if name not in _STRATEGIES:
+        raise UserError(
+            f"unknown federated.strategy {name!r}: choose one of {', '.join(list_strategies())}"
+        )
+    return _STRATEGIES[name]
+
+
 def create_strategy(cfg, module: nn.Module) -> Strategy:
     """The strategy `cfg.strategy` (a FederatedConfig) names, for a model shaped like `module`."""
-    if cfg.strategy not in _STRATEGIES:
-        raise UserError(
-            f"unknown federated.strategy {cfg.strategy!r}: choose one of "
-            f"{', '.join(list_strategies())}"
-        )
-    return _STRATEGIES[cfg.strategy].from_config(cfg, module)
+    return strategy_class(cfg.strategy).from_config(cfg, module)
 
 
 def normalization_keys(module: nn.Module) -> set[str]:

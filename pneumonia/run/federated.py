@@ -37,6 +37,7 @@ class FederatedTraining:
         cfg, recipe, fed = run.cfg, run.recipe, run.cfg.federated
         self.cfg, self.recipe, self.splits, self.run_dir = cfg, recipe, run.splits, run.run_dir
         self.progress, self.cohort = run.progress, cohort
+        self.fingerprint = cohort.fingerprint()  # which images: a resume must see the same
         # The global model first: its initialisation is the run's (the seed's) initialisation.
         self.module = build_module(recipe)
         self.strategy = create_strategy(fed, self.module)
@@ -70,7 +71,7 @@ class FederatedTraining:
             raise UserError(
                 f"{self.run_dir} has no completed round to resume from: start a new run"
             )
-        if state["fingerprint"] != self.cohort.fingerprint():
+        if state["fingerprint"] != self.fingerprint:
             raise UserError(
                 f"{self.run_dir}: the data or partition differs from when the run started "
                 f"(data.root changed?): resume needs the same images"
@@ -132,7 +133,7 @@ class FederatedTraining:
                 "best": list(self.best),
                 "average_sum": self.average_sum,
                 "elapsed_s": row["elapsed_s"],
-                "fingerprint": self.cohort.fingerprint(),
+                "fingerprint": self.fingerprint,
             },
         )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.checkpoint import load_module, read_checkpoint, set_threshold
+from pneumonia.checkpoint import module_from, read_checkpoint, set_threshold
 from pneumonia.data.sources import Splits
 from pneumonia.files import write_csv
 from pneumonia.metrics import SCALARS, youden_threshold
@@ -55,14 +55,14 @@ def finalize(
     best_<unit>, selected_by, threshold, val, val_shift, test, ("val_at_0.5" when the threshold
     moved). Writes predictions.csv: every image's P(positive), for ROC curves and error
     analysis without re-running the model."""
-    _, _, ckpt = read_checkpoint(trained.checkpoint)
-    module = load_module(trained.checkpoint)
+    recipe, state, ckpt = read_checkpoint(trained.checkpoint)
+    module = module_from(recipe, state, trained.checkpoint)
     chosen = choose_threshold(module, splits, threshold, batch_size)
     results: dict = {"threshold": round(chosen, 6), "threshold_rule": str(threshold)}
-    if chosen != module.hparams.threshold:
+    if chosen != recipe.threshold:
         results["val_at_0.5"], _ = evaluate_imageset(module, splits.val, batch_size)
-        set_threshold(trained.checkpoint, chosen)
-        module = load_module(trained.checkpoint)
+        set_threshold(trained.checkpoint, ckpt, chosen)
+        module = module_from(recipe.with_threshold(chosen), state, trained.checkpoint)
     tensorboard = trained.logger.experiment
     rows = []
     for name, imageset in splits.evaluation_sets().items():

@@ -7,20 +7,37 @@ A checkpoint is a dict loadable with torch.load(weights_only=True):
                       normalisation, threshold
     epoch             the epoch (centralized) or round (federated) it was taken at
     round             federated runs only: the round again
-Centralized runs have Lightning write it (ModelCheckpoint, which adds the Trainer's state);
-federated runs write the same keys with `write_checkpoint`. Everything reads it with
-`read_checkpoint` or `load_module`.
+Centralized runs have Lightning write it (ModelCheckpoint, which adds the Trainer's state)
+through `CheckpointIO`, so that Lightning too writes atomically and reads back weights-only
+(Lightning's own reader honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which would let a crafted
+last.ckpt run code on --resume); federated runs write the same keys with `write_checkpoint`.
+Everything else reads it with `read_checkpoint` or `load_module`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pneumonia.errors import UserError, first_line
 from pneumonia.files import save_atomic
 from pneumonia.module import ClassifierModule
 from pneumonia.recipe import Recipe, build_module
 from pneumonia.safeload import safe_load
+
+
+class CheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reads and writes, through the package's one weights-only loader
+    and its atomic writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
+        save_atomic(checkpoint, Path(path))
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: Any = None) -> dict:
+        return safe_load(path)
 
 
 def write_checkpoint(path: Path, state: dict, recipe: Recipe, round_number: int) -> None:
@@ -35,7 +52,34 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict]:
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or "model" not in hparams or "state_dict" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by pneumonia.fit (no model hparams)")
-    return Recipe.from_hparams(hparams), ckpt["state_dict"], ckpt
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: its state_dict is not a dict of tensors")
+    return _recipe(hparams, path), state, ckpt
+
+
+def _recipe(hparams: dict, path: str | Path) -> Recipe:
+    """The checkpoint's recipe, checked as far as building a module needs."""
+    try:
+        recipe = Recipe.from_hparams(hparams)
+        valid = (
+            isinstance(recipe.model, dict)
+            and isinstance(recipe.model.get("name"), str)
+            and isinstance(recipe.optim, dict)
+            and isinstance(recipe.image_size, int)
+            and float(recipe.std) > 0
+            and 0 < float(recipe.threshold) < 1
+            and len(recipe.classes) == 2
+            and recipe.positive_class in recipe.classes
+        )
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise UserError(
+            f"{path}: its hyper-parameters are not those of a pneumonia.fit model (model, "
+            f"image_size, classes, normalisation, threshold): was it written by another program?"
+        )
+    return recipe
 
 
 def load_module(path: str | Path, threshold: float | None = None) -> ClassifierModule:
@@ -48,7 +92,19 @@ def load_module(path: str | Path, threshold: float | None = None) -> ClassifierM
 
 def module_from(recipe: Recipe, state: dict, path: str | Path) -> ClassifierModule:
     """The module of a checkpoint already read (`path` names it in errors)."""
-    module = build_module(recipe)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(
+            f"checkpoint {path} holds non-finite weights ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): it cannot be scored; "
+            f"use an earlier checkpoint of the run"
+        )
+    try:
+        module = build_module(recipe)
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(
+            f"checkpoint {path}: cannot build its model: {first_line(err, 120)}"
+        ) from None
     try:
         module.load_state_dict(state)
     except RuntimeError as err:

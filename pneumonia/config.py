@@ -200,7 +200,7 @@ def uses_cuda(trainer_args: dict) -> bool:
 
 
 def monitor_mode(monitor: str) -> str:
-    """"min" for a loss, "max" for every other monitored metric."""
+    """ "min" for a loss, "max" for every other monitored metric."""
     return "min" if monitor.endswith("loss") else "max"
 
 

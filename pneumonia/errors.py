@@ -1,4 +1,6 @@
-"""User-facing errors: one line naming the file or key and what to do, no traceback."""
+"""User-facing errors: one line naming the file or key and what to do, no traceback; and the
+entry points' exit codes: 2 for bad input, 1 for a file-system failure, 130/143 for an
+interruption (pneumonia.interrupt)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import functools
 import sys
 from collections.abc import Callable
 from typing import TypeVar
+
+from pneumonia.interrupt import Interrupted, interrupted, signals_interrupt
 
 T = TypeVar("T")
 
@@ -21,18 +25,45 @@ def first_line(err: BaseException | str, limit: int = 200) -> str:
     return lines[0][:limit] if lines else type(err).__name__
 
 
+def os_error_line(err: OSError) -> str:
+    """One line for a failed read or write: the path, the reason, what to do."""
+    path = err.filename or "a file"
+    reason = err.strerror or first_line(err, 160)
+    hint = {
+        28: "free some space, then continue the run with --resume RUN_DIR",
+        13: "choose a folder you may write to (runs_root, data.cache_dir)",
+        30: "choose a folder you may write to (runs_root, data.cache_dir)",
+        20: "a file stands where a folder is expected: move it or choose another path",
+        21: "a folder stands where a file is expected: choose another path",
+    }.get(err.errno or 0, "check the path and its permissions")
+    return f"{path}: {reason}: {hint}"
+
+
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point so a UserError prints `error: ...` and exits 2 instead of a traceback."""
+    """Wrap an entry point: a UserError prints `error: ...` and exits 2, a failed read or
+    write (OSError) exits 1 with one line naming the path, and SIGINT / SIGTERM exit 130 / 143
+    with what is saved; never a traceback for any of these."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            with signals_interrupt():
+                return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+            _exit(f"error: {err}", 2)
+        except OSError as err:
+            _exit(f"error: {os_error_line(err)}", 1)
+        except Interrupted as err:
+            _exit(str(err), err.exit_code)
+        except (KeyboardInterrupt, SystemExit) as err:
+            stopped = interrupted(err, "before any run directory was complete", "start again")
+            if stopped is None:
+                raise
+            _exit(str(stopped), stopped.exit_code)
 
     return wrapper
+
+
+def _exit(line: str, code: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(code) from None

@@ -11,7 +11,13 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "pneumonia"
 # Bottom to top; a module belongs to the longest prefix that names it.
 LAYERS = [
-    ["pneumonia.errors", "pneumonia.files", "pneumonia.safeload", "pneumonia.seeding"],
+    [
+        "pneumonia.interrupt",
+        "pneumonia.errors",
+        "pneumonia.files",
+        "pneumonia.safeload",
+        "pneumonia.seeding",
+    ],
     ["pneumonia.data", "pneumonia.models"],
     ["pneumonia.metrics", "pneumonia.intervals"],
     ["pneumonia.module", "pneumonia.scoring"],

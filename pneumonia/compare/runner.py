@@ -14,6 +14,7 @@ from pneumonia.compare.plan import Comparison, Entry, config_hash
 from pneumonia.config import parse_fit_config
 from pneumonia.errors import UserError
 from pneumonia.federated.state import STATE_FILE
+from pneumonia.interrupt import Interrupted
 from pneumonia.run.job import run_job
 from pneumonia.run.progress import duration
 
@@ -114,13 +115,12 @@ def run_entry(entry: Entry, status: str, progress: ComparisonProgress) -> None:
         run_job(cfg, config_yaml, resume, progress)  # UserErrors reach us, to name the entry
     except UserError as err:
         raise UserError(f"entry {entry.name!r}: {err}") from None
-    except (KeyboardInterrupt, SystemExit):
-        print(
-            f"comparison interrupted in entry {entry.name!r}: run the same command again to "
-            "continue from the last finished epoch or round",
-            file=sys.stderr,
-        )
-        raise
+    except Interrupted as err:
+        raise Interrupted(
+            err.signum,
+            f"entry {entry.name!r}: {err.saved}",
+            "run the same command again to continue from there",
+        ) from None
     progress.finish()
 
 

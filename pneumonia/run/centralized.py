@@ -3,11 +3,14 @@ mirror image of `pneumonia.run.federated`."""
 
 from __future__ import annotations
 
+import csv
+import io
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import (
     Callback,
@@ -16,15 +19,20 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from pneumonia.checkpoint import CheckpointIO
 from pneumonia.config import monitor_mode, trainer_arguments
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
+from pneumonia.federated.state import rng_state, set_rng_state
+from pneumonia.files import write_text_atomic
 from pneumonia.recipe import build_module, loss_weights
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress, duration
+from pneumonia.safeload import safe_load
 from pneumonia.seeding import seed_training
 
 
@@ -72,6 +80,70 @@ class EpochLines(Callback):
         )
 
 
+class RandomState(Callback):
+    """Keeps the random state (augmentation, dropout, batch order) in every checkpoint and
+    restores it on --resume, so that a resumed run draws what the uninterrupted one drew and
+    ends with the same weights (the federated round checkpoint does the same)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"process": rng_state(), "loader": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state["process"])
+        self.generator.set_state(state["loader"])
+
+
+class HistoryWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it never deletes metrics.csv: on --resume it keeps
+    the rows of the `epochs` the checkpoint holds (Lightning's writer deletes the file, and
+    with it the history of the epochs before the interruption)."""
+
+    def __init__(self, log_dir: str, epochs: int) -> None:
+        self.epochs = epochs
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            rows = [row for row in reader if int(row["epoch"] or 0) < self.epochs]
+            self.metrics_keys = sorted(reader.fieldnames or [])
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.metrics_keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(path, out.getvalue())
+
+
+class HistoryCSVLogger(CSVLogger):
+    """The CSV logger of a run that may be resumed after `epochs` completed epochs."""
+
+    def __init__(self, run_dir: Path, epochs: int) -> None:
+        super().__init__(run_dir, name="", version="")
+        self.epochs = epochs
+
+    @property
+    def experiment(self) -> HistoryWriter:
+        if self._experiment is None:
+            self._experiment = HistoryWriter(self.log_dir, self.epochs)
+        return self._experiment
+
+
+class FlushEachEpoch(Callback):
+    """Writes the CSV rows of each epoch before the next starts, so that metrics.csv holds
+    every epoch that last.ckpt holds even after a kill no handler sees (SIGKILL)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+
+
 class EpochAveraging(WeightAveraging):
     """SWA: the equal average of the weights at the end of each epoch from `start` on."""
 
@@ -110,7 +182,11 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
 
 
 def build_trainer(
-    cfg: Namespace, run_dir: Path, progress: Progress | None = None
+    cfg: Namespace,
+    run_dir: Path,
+    progress: Progress | None = None,
+    generator: torch.Generator | None = None,
+    epochs_done: int = 0,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The run's Trainer: TensorBoard and CSV loggers, best and last checkpoints, weight
     averaging, and Lightning's progress bar on a terminal only (unless trainer.* says)."""
@@ -129,14 +205,22 @@ def build_trainer(
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None)
     loggers = [
         TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
-        CSVLogger(run_dir, name="", version=""),
+        HistoryCSVLogger(run_dir, epochs_done),
     ]
-    callbacks = [checkpoint, last] + ([ReportEpochs(progress)] if progress else [])
+    callbacks = [checkpoint, last, FlushEachEpoch()]
+    callbacks += [ReportEpochs(progress)] if progress else []
+    if generator is not None:
+        callbacks.append(RandomState(generator))
     if not trainer_args["enable_progress_bar"]:
         callbacks.append(EpochLines(checkpoint))
     callbacks += weight_averaging(cfg.optim, int(trainer_args.get("max_epochs") or 1))
+    plugins = [*(trainer_args.pop("plugins", None) or []), CheckpointIO()]
     trainer = L.Trainer(
-        **trainer_args, logger=loggers, callbacks=callbacks, default_root_dir=run_dir
+        **trainer_args,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+        plugins=plugins,
     )
     return trainer, checkpoint
 
@@ -147,10 +231,11 @@ def train_centralized(run: RunInputs) -> Trained:
     cfg, splits, run_dir, resume = run.cfg, run.splits, run.run_dir, run.resume
     module = build_module(run.recipe, loss_weights(cfg.data.balance, splits.train))
     datamodule = build_datamodule(cfg, splits)
-    trainer, checkpoint = build_trainer(cfg, run_dir, run.progress)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
+    done = int(safe_load(last)["epoch"]) + 1 if resume else 0
+    trainer, checkpoint = build_trainer(cfg, run_dir, run.progress, datamodule.generator, done)
     # The same seed a single federated client trains round 1 with: see pneumonia.seeding.
     seed_training(datamodule.generator, cfg.seed)
     trainer.fit(module, datamodule, ckpt_path=last if resume else None)

@@ -6,7 +6,6 @@ evaluation (scoring), the round checkpoint (state) and what the run shows (monit
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import torch
@@ -181,15 +180,7 @@ class FederatedTraining:
         """Round r + 1: train, aggregate, evaluate, checkpoint, report."""
         fed = self.cfg.federated
         round_started = time.time()
-        try:
-            updates, failures = self.train_clients(r)
-        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
-            print(
-                f"round {r + 1} interrupted; rounds 1-{r} are saved: continue with "
-                f"python -m pneumonia.fit --resume {self.run_dir}",
-                file=sys.stderr,
-            )
-            raise
+        updates, failures = self.train_clients(r)
         excluded = self.server.aggregate(r, updates, failures)
         evaluations = self.evaluate()
         now = time.time()

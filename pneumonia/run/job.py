@@ -24,7 +24,9 @@ from pneumonia.data.transforms import check_augment
 from pneumonia.errors import UserError
 from pneumonia.federated.cohort import Cohort, LocalCohort
 from pneumonia.federated.config import check_averaging, check_federated
+from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import write_json, write_text_atomic
+from pneumonia.interrupt import interrupted
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.recipe import make_recipe
 from pneumonia.run.centralized import train_centralized
@@ -32,7 +34,15 @@ from pneumonia.run.federated import train_federated
 from pneumonia.run.finalize import finalize, print_summary
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress
-from pneumonia.run.rundir import new_run_dir, write_split_table
+from pneumonia.run.rundir import (
+    check_experiment_name,
+    check_resume_config,
+    new_run_dir,
+    record_config,
+    remove_temporary_files,
+    write_split_table,
+)
+from pneumonia.safeload import safe_load
 
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.
@@ -49,6 +59,7 @@ CohortFactory = Callable[[Namespace, str], Cohort]
 def preflight(cfg: Namespace) -> int:
     """Check what can be checked without data (model, image size, threshold, federated
     settings) and return the model's parameter count. Raises UserError."""
+    check_experiment_name(cfg.experiment)
     parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
     check_threshold(cfg.threshold)
     check_monitor(cfg.monitor, cfg.data.shift.enabled)
@@ -78,10 +89,34 @@ def prepare_run_dir(cfg: Namespace, config_yaml: str, splits: Splits) -> Path:
     """runs/<experiment>/version_N with config.yaml and split.csv."""
     run_dir = new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
     write_text_atomic(run_dir / "config.yaml", config_yaml)
+    record_config(run_dir, config_yaml)
     write_split_table(
         run_dir / "split.csv", {"train": splits.train, "val": splits.val, "test": splits.test}
     )
     return run_dir
+
+
+def saved_so_far(run_dir: Path, federated: bool) -> str:
+    """What an interrupted run keeps, read from the files `--resume` reads."""
+    if federated:
+        state = run_dir / "checkpoints" / STATE_FILE
+        done = int(safe_load(state)["round"]) if state.is_file() else 0
+        unit = "round"
+    else:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        done = int(safe_load(last)["epoch"]) + 1 if last.is_file() else 0
+        unit = "epoch"
+    if done == 0:
+        return f"no {unit} was completed in {run_dir}"
+    return (
+        f"{unit} 1 is saved in {run_dir}"
+        if done == 1
+        else f"{unit}s 1-{done} are saved in {run_dir}"
+    )
+
+
+def resume_hint(run_dir: Path) -> str:
+    return f"continue with python -m pneumonia.fit --resume {run_dir}"
 
 
 def run_job(
@@ -98,6 +133,12 @@ def run_job(
     started = time.time()
     # A bad model, size or federated setting fails now, not after minutes of decoding images.
     parameters = preflight(cfg)
+    if resume:
+        for change in check_resume_config(resume, config_yaml):
+            print(f"resuming with {change} (safe to change)", flush=True)
+        removed = remove_temporary_files(resume)
+        if removed:
+            print(f"removed {removed} temporary file(s) an interrupted write left", flush=True)
     federated = cfg.federated.enabled
     if cohort is not None and not federated:
         raise UserError("a deployment across hospitals is federated: set federated.enabled true")
@@ -114,7 +155,13 @@ def run_job(
     run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
     run = RunInputs(cfg, recipe, splits, run_dir, progress, resume=bool(resume))
-    trained = train_federated(run, clients) if federated else train_centralized(run)
+    try:
+        trained = train_federated(run, clients) if federated else train_centralized(run)
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into exit(1)
+        stopped = interrupted(err, saved_so_far(run_dir, federated), resume_hint(run_dir))
+        if stopped is None:
+            raise
+        raise stopped from None
     config = yaml.safe_load(config_yaml)
     results = finalize(trained, splits, cfg.data.eval_batch_size, cfg.threshold, run_dir, config)
     summary = {

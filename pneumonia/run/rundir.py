@@ -6,6 +6,8 @@ runs/<experiment>/version_N/
   events.out.tfevents.*   TensorBoard: curves, figures, and best/* of the reported model
   checkpoints/best.ckpt   the reported model, with its threshold (pneumonia.checkpoint)
   checkpoints/last.ckpt   the latest epoch's or round's model
+  checkpoints/config.yaml the config the checkpoints were trained under: --resume refuses
+                          a config.yaml edited since, except for the keys in SAFE_CHANGES
   predictions.csv         P(positive) of best.ckpt for every validation (and test) image
   summary.json            metrics of best.ckpt with 95% intervals, and how it was chosen
 centralized runs add
@@ -19,13 +21,31 @@ federated runs add
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.errors import UserError
-from pneumonia.files import write_csv
+from pneumonia.files import write_csv, write_text_atomic
+
+TRAINED_UNDER = "config.yaml"  # in checkpoints/
+# Keys a resumed run may take from an edited config.yaml: how the run is shown and how fast
+# it loads change nothing it computes.
+SAFE_CHANGES = {"trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers"}
+# Keys that may grow, to train longer, where no schedule depends on them (checked below).
+LONGER = {"federated.rounds", "trainer.max_epochs"}
+
+
+def check_experiment_name(name: str) -> None:
+    """An experiment is a folder name inside runs_root, never a path out of it."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", name) or ".." in name:
+        raise UserError(
+            f"experiment {name!r} must be a plain folder name (letters, digits, _ . = + -): "
+            f"runs are written to runs_root/<experiment>/; use --run_dir for another place"
+        )
 
 
 def new_run_dir(runs_root: str | Path, experiment: str, run_dir: str | None = None) -> Path:
@@ -47,6 +67,64 @@ def new_run_dir(runs_root: str | Path, experiment: str, run_dir: str | None = No
             return path
         except FileExistsError:
             continue
+
+
+def record_config(run_dir: Path, config_yaml: str) -> None:
+    """Keep the config the checkpoints are trained under, for `check_resume_config`."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "checkpoints" / TRAINED_UNDER, config_yaml)
+
+
+def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
+    """Refuse a resume whose config.yaml was edited since the run started, naming the keys;
+    return the safe changes accepted ("key old -> new"). Runs from before the record was kept
+    are not checked."""
+    recorded = run_dir / "checkpoints" / TRAINED_UNDER
+    if not recorded.is_file():
+        return []
+    old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(yaml.safe_load(config_yaml))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    unsafe = [k for k in changed if k not in SAFE_CHANGES and not _longer_ok(k, old, new)]
+    if unsafe:
+        shown = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in unsafe[:4])
+        raise UserError(
+            f"{run_dir / 'config.yaml'} was edited since the run started ({shown}): a resumed "
+            f"run trains under its own config; undo the edit, or start a new run with it "
+            f"(a resume may change only {', '.join(sorted(SAFE_CHANGES))}, and raise "
+            f"federated.rounds or trainer.max_epochs where no schedule depends on them)"
+        )
+    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in changed]
+
+
+def _longer_ok(key: str, old: dict, new: dict) -> bool:
+    """More rounds or epochs, where neither the learning-rate schedule nor the reported
+    model's averaging depends on their number."""
+    if key not in LONGER or not isinstance(new.get(key), int) or new[key] < (old.get(key) or 0):
+        return False
+    if key == "federated.rounds":
+        return new.get("federated.round_lr") == "constant" and not new.get(
+            "federated.average_rounds"
+        )
+    return new.get("optim.scheduler") in ("none", "step", "plateau") and new.get(
+        "optim.weight_averaging"
+    ) in ("none", "ema")
+
+
+def _flat(tree: object, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.")
+    return out
+
+
+def remove_temporary_files(run_dir: Path) -> int:
+    """Delete what writes killed mid-way left (`.NAME.tmp`, `.NAME.PID.tmp`); their count."""
+    stale = [p for p in run_dir.rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_split_table(path: Path, parts: dict[str, ImageSet | None]) -> None:

@@ -228,9 +228,12 @@ def test_an_interrupted_comparison_continues_where_it_stopped(tiny_report, tmp_p
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner.ComparisonProgress, "__call__", killed_in_round_1_of_entry_2)
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             compare(tmp_path, config)
-    assert "continue from the last finished epoch or round" in capsys.readouterr().err
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted by SIGINT: entry 'fl_gn': round 1 is saved in ")
+    assert err.endswith("run the same command again to continue from there")
     assert not (tmp_path / "reports" / "tiny" / "results.csv").exists()
     compare(tmp_path, config)
     out = capsys.readouterr().out

@@ -1,0 +1,77 @@
+"""Interruptions that end a run honestly: Ctrl-C (SIGINT) and SIGTERM (what `kill`, schedulers,
+`docker stop` and CI send) stop training at once and exit 130 or 143, never 0, with the command
+that continues the run.
+
+The handler only records the signal and raises KeyboardInterrupt, so Lightning takes its own
+graceful-shutdown path (it turns that into `sys.exit(1)`, and a SIGTERM it sees alone into a
+SystemExit of code 0). The run layer then asks `received()` which signal it was and raises
+`Interrupted`, which the entry points print as one line and exit 128 + the signal number with.
+Every file a run writes is written atomically, so stopping at any instruction is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+_received: list[int] = []
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal: `saved` says what is kept, `resume` how to continue."""
+
+    def __init__(self, signum: int, saved: str, resume: str) -> None:
+        super().__init__(f"interrupted by {name(signum)}: {saved}: {resume}")
+        self.signum, self.saved, self.resume = signum, saved, resume
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _record(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def received() -> int | None:
+    """The signal that interrupted this process (SIGINT for a bare Ctrl-C), or None."""
+    return _received[-1] if _received else None
+
+
+def name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt while inside, and are remembered."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _received.clear()
+    for s in previous:
+        signal.signal(s, _record)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def interrupted(err: BaseException, saved: str, resume: str) -> Interrupted | None:
+    """The `Interrupted` that `err` (caught around training) stands for, or None when it is
+    not an interruption (a SystemExit of the program's own)."""
+    signum = received()
+    if signum is None and isinstance(err, KeyboardInterrupt):
+        signum = signal.SIGINT  # a KeyboardInterrupt raised without our handler
+    if signum is None:
+        return None
+    return Interrupted(int(signum), saved, resume)

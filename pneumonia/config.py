@@ -7,7 +7,11 @@ federated.* (FederatedConfig), trainer.* (Lightning Trainer arguments). Any key 
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import warnings
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,8 +20,9 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from pneumonia.bounds import OpenUnitInterval, Seed
 from pneumonia.data.sources import DataConfig
-from pneumonia.errors import UserError
+from pneumonia.errors import UserError, first_line
 from pneumonia.federated.config import FederatedConfig
 from pneumonia.models.registry import ModelConfig
 from pneumonia.module import OptimConfig
@@ -50,7 +55,7 @@ def build_fit_parser() -> ArgumentParser:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of any options below")
     parser.add_argument("--experiment", type=str, default="default", help="runs/<experiment>/")
-    parser.add_argument("--seed", type=int, default=0, help="fixes split, sampling and init")
+    parser.add_argument("--seed", type=Seed, default=0, help="fixes split, sampling and init")
     parser.add_argument(
         "--run_dir",
         type=str | None,
@@ -72,7 +77,7 @@ def build_fit_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--threshold",
-        type=float | Literal["youden"],
+        type=OpenUnitInterval | Literal["youden"],
         default=0.5,
         help="decision threshold on P(positive): a number, or youden (the best-checkpoint's "
         "threshold maximising sensitivity + specificity on the validation images)",
@@ -105,8 +110,89 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> Namespa
         raise UserError(_one_line(parser, str(err), argv)) from None
 
 
+def check_config_sources(parser: ArgumentParser, argv: list[str]) -> None:
+    """Each `--config` must be YAML text holding a mapping of keys, groups holding mappings:
+    one line naming the file otherwise (jsonargparse would say "Unexpected config", or take a
+    group given as a number for its defaults)."""
+    groups = _groups(parser)
+    for i, arg in enumerate(argv[:-1]):
+        if arg != "--config":
+            continue
+        source = argv[i + 1]
+        path = Path(source)
+        if not path.is_file() and "\n" not in source and ":" not in source:
+            raise UserError(f"config file {source} not found: --config takes a YAML file")
+        name = str(path) if path.is_file() else "the --config text"
+        try:
+            text = path.read_text() if path.is_file() else source
+            tree = yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise UserError(f"{name} is not text: --config takes a YAML file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or first_line(err, 120)
+            raise UserError(f"{name} is not valid YAML{where}: {problem}") from None
+        if not isinstance(tree, dict) or not tree:
+            what = "empty" if tree is None else f"a {type(tree).__name__}"
+            raise UserError(f"{name} is {what}: a config is a mapping of keys, e.g. 'seed: 0'")
+        for key, value in _group_values(tree, groups):
+            if not isinstance(value, dict):
+                raise UserError(
+                    f"{name}: {key} is a group of keys, not {value!r}: e.g. {key}: {{...}}"
+                )
+
+
+def _groups(parser: ArgumentParser) -> set[str]:
+    known = set(parser.get_defaults().keys())  # noqa: SIM118 (a Namespace iterates no keys)
+    return {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+
+
+def _group_values(tree: dict, groups: set[str], prefix: str = "") -> list[tuple[str, object]]:
+    """(group key, its value) for every group named in a config tree."""
+    out = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in groups:
+            out.append((key, value))
+            if isinstance(value, dict):
+                out += _group_values(value, groups, f"{key}.")
+    return out
+
+
+# jsonargparse's words for a value outside a range of pneumonia.bounds.
+_OUT_OF_RANGE = re.compile(
+    r'Parser key "(?P<key>[\w.]+)":\s+Not of type \w+: (?P<value>\S+) does not conform to '
+    r"restriction (?P<rule>.+)"
+)
+
+
+_UNION = re.compile(
+    r'Parser key "(?P<key>[\w.]+)": Does not validate against any of the Union subtypes.*'
+    r"Given value: (?P<value>\S+)$"
+)
+_UNION_RULE = re.compile(r"does not conform to restriction (?P<rule>.+?) - ")
+
+
+def _rule(rule: str) -> str:
+    """jsonargparse's "v>0 and v<=1" as "> 0 and <= 1"."""
+    return re.sub(r"\bv\s*([<>]=?)\s*", r"\1 ", rule)
+
+
 def _one_line(parser: ArgumentParser, message: str, argv: list[str]) -> str:
     text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    match = _OUT_OF_RANGE.search(text)
+    if match:  # the key, the value, the range: "data.batch_size 0 must be > 0"
+        return f"{match['key']} {match['value']} must be {_rule(match['rule'])}"
+    match = _UNION.search(text)
+    if match:  # a range or null (or a word): "federated.server_lr -1 must be > 0, or null"
+        rule = _UNION_RULE.search(text)
+        alternatives = ["null" if "NoneType" in text else ""]
+        alternatives += re.findall(r"Literal\['(\w+)'\]", text)
+        words = ", or ".join(a for a in dict.fromkeys(alternatives) if a)
+        if rule:
+            return f"{match['key']} {match['value']} must be {_rule(rule['rule'])}, or {words}"
+        return f"{match['key']} {match['value']} must be a number, or {words}"
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     if files and "parsing config" in text:
         text = f"{', '.join(files)}: {text}"
@@ -121,7 +207,7 @@ def _unknown_key(parser: ArgumentParser, argv: list[str]) -> str | None:
     """The first option on the command line or in a --config YAML that the parser does not
     know: found from the keys themselves, not from the wording of jsonargparse's message."""
     known = set(parser.get_defaults().keys())  # noqa: SIM118 (a Namespace iterates no keys)
-    groups = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    groups = _groups(parser)
     keys = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
     for i, arg in enumerate(argv[:-1]):
         if arg == "--config":
@@ -188,9 +274,30 @@ def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
     resume = resume_dir(argv)
     if resume is not None:
         argv = ["--config", str(resume / "config.yaml")]
-    raw = parse_args(parser, with_default_config(argv))
+    argv = with_default_config(argv)
+    check_config_sources(parser, argv)
+    raw = parse_args(parser, argv)
     # Groups become their dataclasses; trainer.* stays a namespace.
-    return parser.instantiate(raw), to_yaml(parser, raw), resume
+    cfg = parser.instantiate(raw)
+    for group in ("data", "model", "optim", "federated"):
+        plain_numbers(cfg[group])
+    cfg.seed = int(cfg.seed)
+    cfg.threshold = cfg.threshold if isinstance(cfg.threshold, str) else float(cfg.threshold)
+    return cfg, to_yaml(parser, raw), resume
+
+
+def plain_numbers(config: object) -> None:
+    """Turn the parser's range-checked numbers (pneumonia.bounds: subclasses of int and float)
+    back into int and float, in place, through nested dataclasses: checkpoints carry these
+    values and must load with torch.load(weights_only=True), which knows only the builtins."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            plain_numbers(value)
+        elif isinstance(value, int) and type(value) not in (int, bool):
+            setattr(config, f.name, int(value))
+        elif isinstance(value, float) and type(value) is not float:
+            setattr(config, f.name, float(value))
 
 
 def uses_cuda(trainer_args: dict) -> bool:
@@ -221,6 +328,36 @@ def check_monitor(monitor: str, shift_enabled: bool) -> None:
             f"monitor {monitor} needs the shift validation: set data.shift.enabled true or "
             f"monitor val/loss"
         )
+
+
+def check_trainer(cfg: Namespace) -> None:
+    """trainer.* options that Lightning would accept and a run cannot use, and the ones it
+    would refuse only later (an accelerator that is not there): one line each, now."""
+    args = trainer_arguments(cfg)
+    epochs = args.get("max_epochs")
+    if epochs is None or epochs < 1:
+        raise UserError(
+            f"trainer.max_epochs {epochs} must be at least 1: a run trains for a fixed number "
+            f"of epochs (federated runs: federated.local_epochs per round)"
+        )
+    if args.get("log_every_n_steps") is not None and args["log_every_n_steps"] < 1:
+        raise UserError(f"trainer.log_every_n_steps {args['log_every_n_steps']} must be >= 1")
+    accelerator = str(args.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator {accelerator}: this machine has no CUDA device: use auto or cpu"
+        )
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    try:  # Lightning's own checks: accelerator, devices, precision, limits
+        quiet.setLevel(logging.WARNING)  # its "GPU available" lines come with the real Trainer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(**args, logger=False, enable_checkpointing=False)
+    except Exception as err:  # MisconfigurationException, ValueError, RuntimeError, ...
+        raise UserError(f"trainer.*: {first_line(err, 200)}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_threshold(threshold: float | str) -> None:

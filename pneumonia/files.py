@@ -11,12 +11,30 @@ from pathlib import Path
 
 import torch
 
+from pneumonia.errors import UserError, first_line
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable_folder(key: str, folder: str | Path) -> None:
+    """A one-line error now, rather than a failed write later, when `folder` (the value of
+    config key `key`) is a file, or cannot be created or written to."""
+    path = Path(folder)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{key} {path}: {existing} is a file, not a folder: choose another path")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{key} {path}: {existing} is not writable: choose a folder you may write to"
+        )
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -26,6 +44,8 @@ def save_atomic(obj: object, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except RuntimeError as err:  # torch's writer reports a full disk as "file write failed"
+        raise OSError(None, f"could not be written ({first_line(err, 100)})", str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
 

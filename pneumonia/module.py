@@ -15,6 +15,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from pneumonia.bounds import (
+    FractionBelowOne,
+    FractionUpToOne,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+)
 from pneumonia.data.imageset import CLASSES
 from pneumonia.errors import UserError
 from pneumonia.metrics import DiagnosisMetrics
@@ -26,21 +35,21 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (the `optim.*` config group)."""
 
     name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-4
+    lr: PositiveFloat = 1e-3
+    momentum: FractionBelowOne = 0.9  # sgd only
+    weight_decay: NonNegativeFloat = 1e-4
     scheduler: Literal["none", "step", "cosine", "plateau"] = "cosine"
-    step_size: int = 10  # step: epochs between decays
-    gamma: float = 0.1  # step and plateau: decay factor
-    patience: int = 2  # plateau: epochs without val/loss improvement
-    label_smoothing: float = 0.0
+    step_size: PositiveInt = 10  # step: epochs between decays
+    gamma: FractionUpToOne = 0.1  # step and plateau: decay factor
+    patience: NonNegativeInt = 2  # plateau: epochs without val/loss improvement
+    label_smoothing: FractionBelowOne = 0.0
     # Centralized runs: validate and checkpoint an average of the weights instead of the
     # last ones: an exponential moving average over steps (ema, `ema_decay`), or the equal
     # average of the epoch-end weights from epoch `swa_start` x max_epochs on (swa).
     # Federated runs average rounds instead: federated.average_rounds.
     weight_averaging: Literal["none", "ema", "swa"] = "none"
-    ema_decay: float = 0.995
-    swa_start: float = 0.5
+    ema_decay: OpenUnitInterval = 0.995
+    swa_start: FractionBelowOne = 0.5
 
 
 def make_optimizer(params, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:

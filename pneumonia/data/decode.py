@@ -16,22 +16,35 @@ from pneumonia.errors import UserError
 
 
 class CorruptImageError(Exception):
-    """A file that is not a readable image."""
+    """A file that is not a readable image (args: its path, and why if known)."""
 
 
-def corrupt_image_error(path: str) -> UserError:
+def corrupt_image_error(path: str, reason: str = "") -> UserError:
     """The one-line error for an unreadable image file."""
+    why = f" ({reason})" if reason else ""
     return UserError(
-        f"cannot decode image {path}: remove it, or set data.skip_corrupt true to skip such files"
+        f"cannot decode image {path}{why}: remove it, or set data.skip_corrupt true to skip "
+        f"such files"
     )
 
 
 def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
-    """Grey-scale or RGB JPEG/PNG of any size -> uint8 [1, image_size, image_size]."""
+    """A grey-scale, palette or colour JPEG/PNG/GIF/WebP of any size -> uint8
+    [1, image_size, image_size]. Multi-frame files are refused: which frame is the radiograph
+    is not ours to guess."""
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
     except (RuntimeError, ValueError) as err:
         raise CorruptImageError(str(path)) from err
+    if image.ndim == 4:  # GIF (and other animations) decode frame by frame
+        if image.shape[0] != 1:
+            raise CorruptImageError(str(path), f"{image.shape[0]} frames, expected one image")
+        image = image[0]
+    # GIF and WebP ignore the grey mode and come back as RGB: make them grey here.
+    if image.shape[0] in (3, 4):
+        image = TF.rgb_to_grayscale(image[:3])
+    elif image.shape[0] == 2:  # grey + alpha
+        image = image[:1]
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: rescale to 0..255
         image = TF.to_dtype(image, torch.uint8, scale=True)
     # Kermany originals vary in aspect ratio; the paper squashes them to a square, so do we.
@@ -68,7 +81,7 @@ def decode_files(
             ):
                 pass
         except CorruptImageError as err:
-            raise corrupt_image_error(str(err)) from None
+            raise corrupt_image_error(*err.args) from None
     keep = [i for i, image in enumerate(images) if image is not None]
     if not keep:
         raise UserError(f"no readable image among {len(files)} files, e.g. {files[0].path}")

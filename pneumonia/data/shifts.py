@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from pneumonia.bounds import Seed
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import gaussian_blur, reframe
 
@@ -28,7 +29,7 @@ class ShiftConfig:
     """Shift validation (the `data.shift.*` config group)."""
 
     enabled: bool = True
-    seed: int = 20221  # fixed, independent of the run's seed: the same shifts in every run
+    seed: Seed = 20221  # fixed, independent of the run's seed: the same shifts in every run
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:

@@ -12,6 +12,13 @@ from typing import Literal
 
 import torch
 
+from pneumonia.bounds import (
+    ImageSide,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveInt,
+    SyntheticPatients,
+)
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import find_sites, find_splits, list_image_files
@@ -29,8 +36,8 @@ MIN_IMAGE_SIZE = 16
 class SyntheticConfig:
     """The embedded synthetic radiographs (used when `data.root` is not set)."""
 
-    n_patients: int = 600
-    pneumonia_fraction: float = 0.6
+    n_patients: SyntheticPatients = 600
+    pneumonia_fraction: OpenUnitInterval = 0.6  # both classes, or no two-class model
 
 
 @dataclass
@@ -38,14 +45,14 @@ class DataConfig:
     """Data source, split, batching and augmentation (the `data.*` config group)."""
 
     root: str | None = None  # Kermany-style folder; None trains on synthetic images
-    image_size: int = 224
-    val_fraction: float = 0.15
-    batch_size: int = 32
-    eval_batch_size: int = 128
+    image_size: ImageSide = 224
+    val_fraction: OpenUnitInterval = 0.15
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 128
     balance: Literal["none", "loss_weights", "sampler"] = "loss_weights"
     skip_corrupt: bool = False
     cache_dir: str | None = None  # default: $PNEUMONIA_CACHE or ~/.cache/pneumonia
-    num_workers: int = 0  # tensors are decoded already; workers only add start-up time
+    num_workers: NonNegativeInt = 0  # tensors are decoded already; workers only add start-up time
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

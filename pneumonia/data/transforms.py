@@ -8,6 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pneumonia.bounds import (
+    ClosedUnitInterval,
+    Degrees,
+    FractionBelowOne,
+    FractionUpToOne,
+    NonNegativeFloat,
+    PositiveFloat,
+)
 from pneumonia.errors import UserError
 
 
@@ -17,33 +25,31 @@ class AugmentConfig:
     Every intensity option is off at 0."""
 
     enabled: bool = True
-    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
-    translate: float = 0.08  # fraction of the image side, per axis
-    scale_min: float = 0.9
-    scale_max: float = 1.1
+    rotation: Degrees = 10.0  # degrees, uniform in [-rotation, rotation]
+    translate: FractionBelowOne = 0.08  # fraction of the image side, per axis
+    scale_min: PositiveFloat = 0.9
+    scale_max: PositiveFloat = 1.1
     hflip: bool = False  # off by default: the heart sits on one side of a radiograph
     # Random-resized-crop zoom: a crop of area in [crop_area_min, 1] of the image and aspect
     # ratio in [3/4, 4/3], resized back to the full side. 1.0: off.
-    crop_area_min: float = 1.0
-    brightness: float = 0.0  # add uniform [-b, b]
-    contrast: float = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
-    gamma: float = 0.0  # x ** exp(uniform [-g, g])
-    noise: float = 0.0  # gaussian noise of standard deviation uniform [0, n]
-    blur: float = 0.0  # gaussian blur of sigma uniform [0, blur] x the image side
-    intensity_p: float = 0.8  # probability that an image gets the intensity changes at all
+    crop_area_min: FractionUpToOne = 1.0
+    brightness: NonNegativeFloat = 0.0  # add uniform [-b, b]
+    contrast: FractionBelowOne = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
+    gamma: NonNegativeFloat = 0.0  # x ** exp(uniform [-g, g])
+    noise: NonNegativeFloat = 0.0  # gaussian noise of standard deviation uniform [0, n]
+    blur: NonNegativeFloat = 0.0  # gaussian blur of sigma uniform [0, blur] x the image side
+    intensity_p: ClosedUnitInterval = (
+        0.8  # probability that an image gets the intensity changes at all
+    )
 
 
 def check_augment(cfg: AugmentConfig) -> None:
-    """One-line errors for augmentation settings that would break or blank the images."""
-    if not 0.0 < cfg.crop_area_min <= 1.0:
+    """What the parser's ranges (pneumonia.bounds) cannot say: one field against another."""
+    if cfg.scale_min > cfg.scale_max:
         raise UserError(
-            f"data.augment.crop_area_min {cfg.crop_area_min} must lie in (0, 1]: 1 is no crop"
+            f"data.augment.scale_min {cfg.scale_min} is above data.augment.scale_max "
+            f"{cfg.scale_max}: the scale is drawn from [scale_min, scale_max]"
         )
-    for key in ("brightness", "contrast", "gamma", "noise", "blur", "rotation", "translate"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"data.augment.{key} {getattr(cfg, key)} must not be negative")
-    if not 0.0 <= cfg.intensity_p <= 1.0:
-        raise UserError(f"data.augment.intensity_p {cfg.intensity_p} must lie in [0, 1]")
 
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Weighted averages of whole state dicts, and the checks a client's update must pass.
+"""Weighted averages of whole state dicts, and the checks a client's update must pass
+(`UpdateChecks`: its structure, the image count it declared, and its size).
 
 Float tensors (weights, BatchNorm running statistics) are averaged weighted by each client's
 sample count, in float64, then cast back. Integer buffers (BatchNorm's `num_batches_tracked`)
@@ -8,8 +9,9 @@ of the same order as each client's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,3 +65,67 @@ def update_problem(update: ClientUpdate, reference: State) -> str | None:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"{key} holds non-finite values"
     return None
+
+
+def update_norm(update: ClientUpdate, reference: State) -> float:
+    """||w_client - w_global||: the L2 norm of the change to every float tensor."""
+    total = 0.0
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            diff = update.state[key].detach().to("cpu", torch.float64) - ref.to(torch.float64)
+            total += float(diff.pow(2).sum())
+    return total**0.5
+
+
+@dataclass
+class UpdateChecks:
+    """What the server demands of each update before it averages it.
+
+    Beyond a well-formed state dict (`update_problem`): the image count the client declared
+    when the run started (its data query: a client cannot claim 10^9 images to take over the
+    average), and a size bound on the update, relative to the round's others (a norm above
+    `norm_ratio` x the median norm of the other updates; 0: off) and absolute (`max_norm`)."""
+
+    declared: Mapping[int, int] = field(default_factory=dict)  # client -> training images
+    norm_ratio: float = 0.0
+    max_norm: float | None = None
+
+    def problems(self, updates: Sequence[ClientUpdate], reference: State) -> dict[int, str]:
+        """Client -> why its update must be left out, for every update that fails."""
+        out = {}
+        for update in updates:
+            problem = update_problem(update, reference) or self.count_problem(update)
+            if problem is not None:
+                out[update.client] = problem
+        sound = [u for u in updates if u.client not in out]
+        out |= self.norm_problems(sound, reference)
+        return out
+
+    def count_problem(self, update: ClientUpdate) -> str | None:
+        declared = self.declared.get(update.client)
+        if declared is not None and update.n != declared:
+            return (
+                f"it reports {update.n} training images, but declared {declared} when the run "
+                f"started"
+            )
+        return None
+
+    def norm_problems(self, updates: Sequence[ClientUpdate], reference: State) -> dict[int, str]:
+        norms = {u.client: update_norm(u, reference) for u in updates}
+        out = {}
+        for client, norm in norms.items():
+            others = [v for c, v in norms.items() if c != client]
+            if self.max_norm is not None and norm > self.max_norm:
+                out[client] = (
+                    f"its update norm {norm:.3g} exceeds federated.max_update_norm "
+                    f"{self.max_norm:g}"
+                )
+            elif self.norm_ratio > 0 and others:
+                typical = statistics.median(others)
+                if norm > self.norm_ratio * typical:
+                    out[client] = (
+                        f"its update norm {norm:.3g} is {norm / max(typical, 1e-30):.3g} x the "
+                        f"median of the others' ({typical:.3g}), above "
+                        f"federated.update_norm_ratio {self.norm_ratio:g}"
+                    )
+        return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -108,6 +108,19 @@ def run_client_round(client: Client, strategy: Strategy, task: RoundTask) -> Cli
     )
 
 
+def misbehave(update: ClientUpdate, global_state: State, hostile) -> ClientUpdate:
+    """The update a simulated hostile client sends instead (federated.hostile): global +
+    scale x its change, and the image count it claims."""
+    if update.client != hostile.client:
+        return update
+    state = dict(update.state)
+    for key, start in global_state.items():
+        if start.is_floating_point():
+            state[key] = (start + hostile.scale * (state[key] - start)).to(start.dtype)
+    n = hostile.claimed_images if hostile.claimed_images is not None else update.n
+    return replace(update, state=state, n=n)
+
+
 class LocalCohort:
     """The simulated hospitals, one per partition of the training split, in this process.
     Partitioning happens here, so its errors surface before a run directory exists; each
@@ -146,7 +159,8 @@ class LocalCohort:
         updates, failures = [], {}
         for j in chosen:
             try:
-                updates.append(run_client_round(self.clients[j], self.strategy, task))
+                update = run_client_round(self.clients[j], self.strategy, task)
+                updates.append(misbehave(update, task.global_state, self.federated.hostile))
             except Exception as err:  # one hospital's failure must not end the federation
                 failures[j] = f"raised {type(err).__name__}: {first_line(err)}"
         return updates, failures

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from pneumonia.bounds import (
+    FractionBelowHalf,
+    FractionBelowOne,
+    FractionUpToOne,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from pneumonia.errors import UserError
 from pneumonia.federated.strategies import strategy_class
+
+
+@dataclass
+class HostileConfig:
+    """Makes one simulated client (`client`; None: none) send global + `scale` x its true
+    update (a model-replacement attack, or a broken client) and claim `claimed_images`
+    training images (None: its true count). Simulated runs only: a real hospital is not told
+    to misbehave."""
+
+    client: NonNegativeInt | None = None
+    scale: float = 1.0
+    claimed_images: PositiveInt | None = None
 
 
 @dataclass
@@ -15,25 +36,37 @@ class FederatedConfig:
     """FedAvg and its variants across simulated hospitals (off: centralized training)."""
 
     enabled: bool = False
-    clients: int = 3  # J; ignored by partition=sites (one client per site folder)
-    fraction: float = 1.0  # C: each round samples max(round(C*J), 1) clients
-    rounds: int = 20  # T
-    local_epochs: int = 10  # E
+    clients: PositiveInt = 3  # J; ignored by partition=sites (one client per site folder)
+    fraction: FractionUpToOne = 1.0  # C: each round samples max(round(C*J), 1) clients
+    rounds: PositiveInt = 20  # T
+    local_epochs: PositiveInt = 10  # E
     partition: Literal["iid", "dirichlet", "quantity", "sites"] = "iid"
-    alpha: float = 0.5  # dirichlet (label skew) and quantity (size skew) concentration
-    # A name in pneumonia.federated.strategies: fedavg, fedprox, fedbn, fedavgm, fedadam.
+    alpha: PositiveFloat = 0.5  # dirichlet (label skew) and quantity (size skew) concentration
+    # A name in pneumonia.federated.strategies: fedavg, fedprox, fedbn, fedavgm, fedadam, and
+    # the robust aggregators median and trimmed_mean.
     strategy: str = "fedavg"
-    mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
-    server_lr: float | None = None  # fedavgm / fedadam; None: 1.0 / 0.01
-    server_momentum: float = 0.9  # fedavgm
-    min_clients: int = 1  # a round fails unless at least this many clients return valid updates
+    mu: NonNegativeFloat = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
+    server_lr: PositiveFloat | None = None  # fedavgm / fedadam; None: 1.0 / 0.01
+    server_momentum: FractionBelowOne = 0.9  # fedavgm
+    min_clients: PositiveInt = (
+        1  # a round fails unless at least this many clients return valid updates
+    )
     keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
     # Client learning rate across rounds: optim.lr throughout, or cosine-decayed by round.
     round_lr: Literal["constant", "cosine"] = "constant"
     # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
     # the last K rounds' global models (server-side weight averaging, SWA's counterpart; all
     # rounds when there are fewer, so a shortened run keeps its config's rule).
-    average_rounds: int = 0
+    average_rounds: NonNegativeInt = 0
+    trim_fraction: FractionBelowHalf = 0.1  # trimmed_mean: share of clients cut at each end
+    # Updates the server leaves out besides malformed ones and wrong image counts
+    # (pneumonia.federated.aggregate.UpdateChecks): a norm ||w_j - w_global|| above
+    # update_norm_ratio x the median norm of the round's other updates (0: no such bound),
+    # or above max_update_norm (None: no bound).
+    update_norm_ratio: NonNegativeFloat = 10.0
+    max_update_norm: PositiveFloat | None = None
+    # Simulation only: a hostile or broken hospital, for robustness studies.
+    hostile: HostileConfig = field(default_factory=HostileConfig)
 
 
 def check_federated(cfg: FederatedConfig) -> None:
@@ -50,6 +83,11 @@ def check_federated(cfg: FederatedConfig) -> None:
         raise UserError(
             f"federated.average_rounds {cfg.average_rounds} must not be negative: 0 reports the "
             f"best round, K the mean of the last K rounds"
+        )
+    if cfg.hostile.client is not None and cfg.hostile.client >= cfg.clients:
+        raise UserError(
+            f"federated.hostile.client {cfg.hostile.client} is not one of the "
+            f"{cfg.clients} clients (0-{cfg.clients - 1})"
         )
     if cfg.server_lr is not None and cfg.server_lr <= 0:
         raise UserError(f"federated.server_lr {cfg.server_lr} must be positive")

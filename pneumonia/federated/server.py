@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from pneumonia.errors import UserError
-from pneumonia.federated.aggregate import ClientUpdate, State, update_problem
+from pneumonia.federated.aggregate import ClientUpdate, State, UpdateChecks
 from pneumonia.federated.strategies import FedAvg
 
 
@@ -29,6 +29,7 @@ class Server:
         per_round: int,
         min_clients: int,
         seed: int,
+        checks: UpdateChecks | None = None,
     ) -> None:
         if min_clients > per_round:
             raise UserError(
@@ -39,6 +40,7 @@ class Server:
         self.strategy = strategy
         self.n_clients, self.per_round, self.min_clients = n_clients, per_round, min_clients
         self.sampler = torch.Generator().manual_seed(seed)
+        self.checks = checks or UpdateChecks()
 
     def sample_clients(self) -> list[int]:
         """The clients of the next round, drawn without replacement (sorted)."""
@@ -52,17 +54,12 @@ class Server:
     ) -> list[int]:
         """Average the valid updates into the global state; return the clients left out.
 
-        `failures` names clients that raised, with why. Invalid updates are left out with a
-        warning; fewer than `min_clients` valid ones fail the round, the global state untouched.
+        `failures` names clients that raised, with why. Updates that fail the checks are left
+        out with a warning naming the client; fewer than `min_clients` valid ones fail the
+        round, the global state untouched.
         """
-        excluded = dict(failures)
-        valid = []
-        for update in updates:
-            problem = update_problem(update, self.global_state)
-            if problem is None:
-                valid.append(update)
-            else:
-                excluded[update.client] = problem
+        excluded = dict(failures) | self.checks.problems(updates, self.global_state)
+        valid = [u for u in updates if u.client not in excluded]
         for client, why in sorted(excluded.items()):
             warnings.warn(
                 f"round {round_index + 1}: client {client} left out: {why}",

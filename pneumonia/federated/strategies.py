@@ -11,6 +11,7 @@ build it from the config in `from_config`, and decorate it with `@register("name
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -204,3 +205,59 @@ class FedAdam(ServerOptimizer):
     def make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
         # tau = 1e-3 as the adaptivity constant, as in Reddi et al.
         return torch.optim.Adam(tensors, lr=self.lr, betas=(0.9, 0.99), eps=1e-3)
+
+
+class CoordinateWise(Strategy):
+    """A robust aggregator: each coordinate of the next global state is a statistic of that
+    coordinate across the clients' states, unweighted (a client's image count buys no extra
+    say), so a minority of arbitrary updates cannot move it far. Integer buffers are rounded
+    half up, as in the average."""
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        out: State = {}
+        for key, first in global_state.items():
+            stacked = torch.stack([u.state[key].detach().to("cpu", torch.float64) for u in updates])
+            value = self.statistic(stacked.sort(dim=0).values)
+            out[key] = (
+                value.to(first.dtype)
+                if first.is_floating_point()
+                else (torch.floor(value + 0.5).to(first.dtype))
+            )
+        return out
+
+    def statistic(self, ordered: torch.Tensor) -> torch.Tensor:
+        """The value per coordinate, from the clients' values sorted along dim 0."""
+        raise NotImplementedError
+
+
+@register("median")
+class Median(CoordinateWise):
+    """Yin et al. 2018: the coordinate-wise median (the mean of the two middle values for an
+    even number of clients)."""
+
+    def statistic(self, ordered: torch.Tensor) -> torch.Tensor:
+        k = ordered.shape[0]
+        return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+
+
+@register("trimmed_mean")
+class TrimmedMean(CoordinateWise):
+    """Yin et al. 2018: per coordinate, drop the ceil(trim_fraction x k) largest and as many
+    smallest of the k clients' values (at least one each, while two or more clients remain
+    beside them) and average the rest. With three clients it keeps the middle one."""
+
+    def __init__(self, trim_fraction: float) -> None:
+        self.trim_fraction = trim_fraction
+
+    @classmethod
+    def from_config(cls, cfg, module: nn.Module) -> TrimmedMean:
+        return cls(cfg.trim_fraction)
+
+    def trimmed(self, k: int) -> int:
+        """How many values are cut from each end, of k."""
+        return min(max(math.ceil(self.trim_fraction * k), 1), (k - 1) // 2)
+
+    def statistic(self, ordered: torch.Tensor) -> torch.Tensor:
+        k = ordered.shape[0]
+        cut = self.trimmed(k)
+        return ordered[cut : k - cut].mean(dim=0)

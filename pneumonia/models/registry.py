@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pneumonia.bounds import FractionBelowOne, PositiveInt
 from pneumonia.errors import UserError, first_line
 from pneumonia.models.pretrained import load_pretrained
 
@@ -29,12 +30,12 @@ class ModelConfig:
 
     name: str = "se_resnet18"
     norm: Literal["bn", "gn"] = "gn"
-    gn_groups: int = 16
-    se_reduction: int = 16
+    gn_groups: PositiveInt = 16
+    se_reduction: PositiveInt = 16
     # First-stage channels of the ResNet family (paper: 64). Smaller widths make the quick
     # models the tests and smoke runs use; other models refuse anything but 64.
-    width: int = 64
-    drop_rate: float = 0.0
+    width: PositiveInt = 64
+    drop_rate: FractionBelowOne = 0.0
     pretrained: str | None = None  # local ImageNet weights file; never downloaded
 
 

@@ -15,6 +15,7 @@ from pneumonia.checkpoint import write_checkpoint
 from pneumonia.config import monitor_mode, trainer_arguments, uses_cuda
 from pneumonia.data.partition import format_table
 from pneumonia.errors import UserError
+from pneumonia.federated.aggregate import UpdateChecks
 from pneumonia.federated.cohort import Cohort, RoundTask
 from pneumonia.federated.config import averaged_rounds, clients_per_round, round_lr_scale
 from pneumonia.federated.server import Server
@@ -48,6 +49,11 @@ class FederatedTraining:
             per_round,
             fed.min_clients,
             cfg.seed,
+            UpdateChecks(
+                declared={row["client"]: row["images"] for row in cohort.table},
+                norm_ratio=fed.update_norm_ratio,
+                max_norm=fed.max_update_norm,
+            ),
         )
         self.device = "cuda" if uses_cuda(trainer_arguments(cfg)) else "cpu"
         self.history: list[dict] = []

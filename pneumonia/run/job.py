@@ -18,14 +18,15 @@ import lightning as L
 import yaml
 from jsonargparse import Namespace
 
-from pneumonia.config import check_monitor, check_threshold, trainer_arguments
+from pneumonia.config import check_monitor, check_threshold, check_trainer, trainer_arguments
+from pneumonia.data.cache import default_cache_dir
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.data.transforms import check_augment
 from pneumonia.errors import UserError
 from pneumonia.federated.cohort import Cohort, LocalCohort
 from pneumonia.federated.config import check_averaging, check_federated
 from pneumonia.federated.state import STATE_FILE
-from pneumonia.files import write_json, write_text_atomic
+from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.recipe import make_recipe
@@ -60,8 +61,12 @@ def preflight(cfg: Namespace) -> int:
     """Check what can be checked without data (model, image size, threshold, federated
     settings) and return the model's parameter count. Raises UserError."""
     check_experiment_name(cfg.experiment)
+    check_writable_folder("run_dir" if cfg.run_dir else "runs_root", cfg.run_dir or cfg.runs_root)
+    if cfg.data.root is not None:
+        check_writable_folder("data.cache_dir", cfg.data.cache_dir or default_cache_dir())
     parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
     check_threshold(cfg.threshold)
+    check_trainer(cfg)
     check_monitor(cfg.monitor, cfg.data.shift.enabled)
     check_averaging(cfg.optim, cfg.federated)
     check_augment(cfg.data.augment)
@@ -115,7 +120,9 @@ def saved_so_far(run_dir: Path, federated: bool) -> str:
     )
 
 
-def resume_hint(run_dir: Path) -> str:
+def resume_hint(run_dir: Path, resumable: bool = True) -> str:
+    if not resumable:
+        return "start the run again (its directory can be removed)"
     return f"continue with python -m pneumonia.fit --resume {run_dir}"
 
 
@@ -158,7 +165,8 @@ def run_job(
     try:
         trained = train_federated(run, clients) if federated else train_centralized(run)
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into exit(1)
-        stopped = interrupted(err, saved_so_far(run_dir, federated), resume_hint(run_dir))
+        saved = saved_so_far(run_dir, federated)
+        stopped = interrupted(err, saved, resume_hint(run_dir, " no " not in saved))
         if stopped is None:
             raise
         raise stopped from None

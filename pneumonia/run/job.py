@@ -139,10 +139,11 @@ def run_job(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     # A bad model, size or federated setting fails now, not after minutes of decoding images.
-    parameters = preflight(cfg)
-    if resume:
+    if resume:  # an edited config.yaml is named as such, not by what its values break
         for change in check_resume_config(resume, config_yaml):
             print(f"resuming with {change} (safe to change)", flush=True)
+    parameters = preflight(cfg)
+    if resume:
         removed = remove_temporary_files(resume)
         if removed:
             print(f"removed {removed} temporary file(s) an interrupted write left", flush=True)

@@ -2,7 +2,9 @@
 
 import csv
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -224,15 +226,15 @@ def test_an_interrupted_comparison_continues_where_it_stopped(tiny_report, tmp_p
     def killed_in_round_1_of_entry_2(self, done, total):
         original(self, done, total)
         if self.entry.name == "fl_gn" and done == 1:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler or `kill` sends
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner.ComparisonProgress, "__call__", killed_in_round_1_of_entry_2)
         with pytest.raises(SystemExit) as stopped:
             compare(tmp_path, config)
-    assert stopped.value.code == 130
+    assert stopped.value.code == 143
     err = capsys.readouterr().err.strip()
-    assert err.startswith("interrupted by SIGINT: entry 'fl_gn': round 1 is saved in ")
+    assert err.startswith("interrupted by SIGTERM: entry 'fl_gn': round 1 is saved in ")
     assert err.endswith("run the same command again to continue from there")
     assert not (tmp_path / "reports" / "tiny" / "results.csv").exists()
     compare(tmp_path, config)

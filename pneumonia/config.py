@@ -119,12 +119,12 @@ def check_config_sources(parser: ArgumentParser, argv: list[str]) -> None:
         if arg != "--config":
             continue
         source = argv[i + 1]
-        path = Path(source)
-        if not path.is_file() and "\n" not in source and ":" not in source:
+        path, is_file = Path(source), _is_file(source)
+        if not is_file and "\n" not in source and ":" not in source:
             raise UserError(f"config file {source} not found: --config takes a YAML file")
-        name = str(path) if path.is_file() else "the --config text"
+        name = str(path) if is_file else "the --config text"
         try:
-            text = path.read_text() if path.is_file() else source
+            text = path.read_text() if is_file else source
             tree = yaml.safe_load(text)
         except UnicodeDecodeError:
             raise UserError(f"{name} is not text: --config takes a YAML file") from None
@@ -141,6 +141,14 @@ def check_config_sources(parser: ArgumentParser, argv: list[str]) -> None:
                 raise UserError(
                     f"{name}: {key} is a group of keys, not {value!r}: e.g. {key}: {{...}}"
                 )
+
+
+def _is_file(source: str) -> bool:
+    """Whether a --config value names a file (YAML text can be too long to be a path)."""
+    try:
+        return "\n" not in source and Path(source).is_file()
+    except OSError:
+        return False
 
 
 def _groups(parser: ArgumentParser) -> set[str]:
@@ -221,7 +229,7 @@ def _unknown_key(parser: ArgumentParser, argv: list[str]) -> str | None:
 def _yaml_keys(source: str, groups: set[str], prefix: str = "") -> list[str]:
     """Dotted keys of a config (a file or YAML text), descending only into known groups."""
     try:
-        tree = yaml.safe_load(Path(source).read_text() if Path(source).is_file() else source)
+        tree = yaml.safe_load(Path(source).read_text() if _is_file(source) else source)
     except (OSError, ValueError, yaml.YAMLError):
         return []
     return _flatten(tree, groups, prefix)

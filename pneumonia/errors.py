@@ -56,7 +56,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         except Interrupted as err:
             _exit(str(err), err.exit_code)
         except (KeyboardInterrupt, SystemExit) as err:
-            stopped = interrupted(err, "before any run directory was complete", "start again")
+            stopped = interrupted(err, "nothing was saved", "run the command again")
             if stopped is None:
                 raise
             _exit(str(stopped), stopped.exit_code)

@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import torch
 from jsonargparse import ArgumentParser
 
+from pneumonia.bounds import OpenUnitInterval, PositiveInt, Seed
 from pneumonia.checkpoint import load_module
 from pneumonia.config import parse_args
 from pneumonia.data.cache import default_cache_dir, load_or_decode
@@ -44,7 +46,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data.cache_dir", type=str | None, default=None)
     parser.add_argument(
         "--threshold",
-        type=float | Literal["checkpoint"],
+        type=OpenUnitInterval | Literal["checkpoint"],
         default="checkpoint",
         help="decision threshold on P(positive): a number in (0, 1), or checkpoint (the one "
         "the run chose, 0.5 unless it was told otherwise)",
@@ -53,9 +55,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--shift", type=bool, default=False, help="also score under the acquisition shifts"
     )
-    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap intervals")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=Seed, default=0, help="of the bootstrap intervals")
+    parser.add_argument("--batch_size", type=PositiveInt, default=256)
+    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
     return parser
 
 
@@ -78,10 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     precision, recall, f1, specificity, auroc, ece, confusion_matrix [[TN, FP], [FN, TP]], n,
     ci95 {metric: [low, high]}, and with --shift the same under "shift"."""
     args = parse_args(build_parser(), argv)
-    if args.threshold != "checkpoint" and not 0.0 < args.threshold < 1.0:
-        raise UserError(
-            f"--threshold {args.threshold} must lie strictly between 0 and 1, or be checkpoint"
-        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device: use cpu")
     override = None if args.threshold == "checkpoint" else float(args.threshold)
     module = load_module(args.ckpt, threshold=override)
     folder = pick_folder(args.data.root, args.data.split)

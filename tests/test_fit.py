@@ -222,7 +222,7 @@ def test_evaluate_rejects_a_threshold_outside_zero_one(tiny_run, kermany_root, c
         evaluate.main([*argv, "--threshold", "1.5"])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--threshold 1.5" in err[0]
+    assert len(err) == 1 and "threshold 1.5 must be > 0 and < 1, or checkpoint" in err[0]
 
 
 def test_evaluate_with_tta_and_shift(tiny_run, kermany_root, capsys):

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).parents[1] / "pneumonia"
 LAYERS = [
     [
         "pneumonia.interrupt",
+        "pneumonia.bounds",
         "pneumonia.errors",
         "pneumonia.files",
         "pneumonia.safeload",

@@ -12,12 +12,12 @@ import os
 import warnings
 from pathlib import Path
 
-import torch
-
 from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import ImageFile
+from pneumonia.errors import UserError
 from pneumonia.files import save_atomic
+from pneumonia.safeload import safe_load
 
 CACHE_VERSION = 2  # bump when decoding changes, to orphan old cache files
 
@@ -89,10 +89,9 @@ def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
     if not path.is_file():
         return None
     try:
-        return _from_payload(torch.load(path, weights_only=True))
-    # Unpickling damaged bytes can raise nearly any exception type (IndexError,
-    # KeyError, UnicodeDecodeError, ...), and a foreign payload a TypeError. The cache
-    # is disposable, so whatever it raises means: decode again.
-    except Exception:
+        return _from_payload(safe_load(path))  # the one weights-only loader
+    # safe_load refuses damaged or crafted bytes (UserError); a foreign payload raises a
+    # TypeError or KeyError here. The cache is disposable: either way, decode again.
+    except (UserError, TypeError, KeyError, ValueError):
         warnings.warn(f"ignoring unreadable cache file {path}; decoding again", stacklevel=2)
         return None

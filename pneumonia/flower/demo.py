@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
 import tempfile
 import time
@@ -28,15 +27,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--runs_root", type=Path, default=Path("runs"))
     parser.add_argument("--workdir", type=Path, help="certificates and logs (default: a temp dir)")
     return parser.parse_known_args(argv)
-
-
-def stop_on_sigterm() -> None:
-    """`kill` ends the demo as Ctrl-C does: through the Federation's clean-up."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def demo(args: argparse.Namespace, fit_options: list[str]) -> dict:
@@ -69,8 +59,9 @@ def run(argv: list[str] | None = None) -> dict:
     args, fit_options = parse(sys.argv[1:] if argv is None else argv)
     if args.nodes < 1:
         raise UserError(f"--nodes {args.nodes} must be at least 1")
-    stop_on_sigterm()
-    return demo(args, fit_options)  # Ctrl-C: the Federation stops its processes on the way out
+    # Ctrl-C and `kill` (exit_on_user_error turns both into KeyboardInterrupt): the Federation
+    # stops its processes on the way out.
+    return demo(args, fit_options)
 
 
 main = exit_on_user_error(run)

@@ -266,10 +266,10 @@ def test_fedbn_keeps_each_clients_norm_layers(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--federated.fraction", "0"], "federated.fraction 0.0 must lie in (0, 1]"),
-        (["--federated.fraction", "1.5"], "federated.fraction 1.5 must lie in (0, 1]"),
-        (["--federated.rounds", "0"], "federated.rounds 0 must be at least 1"),
-        (["--threshold", "1.5"], "threshold 1.5 must lie strictly between 0 and 1"),
+        (["--federated.fraction", "0"], "federated.fraction 0 must be > 0 and <= 1"),
+        (["--federated.fraction", "1.5"], "federated.fraction 1.5 must be > 0 and <= 1"),
+        (["--federated.rounds", "0"], "federated.rounds 0 must be > 0"),
+        (["--threshold", "1.5"], "threshold 1.5 must be > 0 and < 1, or youden"),
         (["--federated.clients", "40"], "federated.clients 40 is more than the"),
         (
             ["--federated.partition", "dirichlet", "--federated.clients", "12",

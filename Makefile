@@ -36,9 +36,9 @@ bench: $(STAMP)  ## CPU benchmarks, about 30 min (ROOT=a Kermany train folder, f
 	$(BIN)/python bench/data.py --root $(ROOT)
 	$(BIN)/python bench/flower.py
 
-test: $(STAMP)  ## lint, then the whole test suite
+test: $(STAMP)  ## lint, then the whole test suite (two workers, a file each)
 	$(BIN)/ruff check pneumonia tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

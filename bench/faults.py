@@ -199,8 +199,9 @@ def cases(tmp: Path):
         from PIL import Image
 
         root = images()
-        frame = Image.open(next((root / "NORMAL").iterdir())).convert("L")
-        frame.save(root / "NORMAL" / "IM-0099-0001.gif", save_all=True, append_images=[frame])
+        frame = Image.effect_noise((40, 40), 40)  # two different frames: PIL merges equal ones
+        other = frame.rotate(90)
+        frame.save(root / "NORMAL" / "IM-0099-0001.gif", save_all=True, append_images=[other])
         code, line = fit([*CENTRAL, "--data.root", str(root)], tmp)
         (root / "NORMAL" / "IM-0099-0001.gif").unlink()
         return code, line

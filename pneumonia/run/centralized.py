@@ -3,8 +3,6 @@ mirror image of `pneumonia.run.federated`."""
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -18,20 +16,18 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     WeightAveraging,
 )
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.checkpoint import CheckpointIO
 from pneumonia.config import monitor_mode, trainer_arguments
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
-from pneumonia.federated.state import rng_state, set_rng_state
-from pneumonia.files import write_text_atomic
 from pneumonia.recipe import build_module, loss_weights
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress, duration
+from pneumonia.run.resumable import FlushEachEpoch, HistoryCSVLogger, RandomState
 from pneumonia.safeload import safe_load
 from pneumonia.seeding import seed_training
 
@@ -78,70 +74,6 @@ class EpochLines(Callback):
             f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left",
             flush=True,
         )
-
-
-class RandomState(Callback):
-    """Keeps the random state (augmentation, dropout, batch order) in every checkpoint and
-    restores it on --resume, so that a resumed run draws what the uninterrupted one drew and
-    ends with the same weights (the federated round checkpoint does the same)."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"process": rng_state(), "loader": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        set_rng_state(state["process"])
-        self.generator.set_state(state["loader"])
-
-
-class HistoryWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that it never deletes metrics.csv: on --resume it keeps
-    the rows of the `epochs` the checkpoint holds (Lightning's writer deletes the file, and
-    with it the history of the epochs before the interruption)."""
-
-    def __init__(self, log_dir: str, epochs: int) -> None:
-        self.epochs = epochs
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        with path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            rows = [row for row in reader if int(row["epoch"] or 0) < self.epochs]
-            self.metrics_keys = sorted(reader.fieldnames or [])
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=self.metrics_keys, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(path, out.getvalue())
-
-
-class HistoryCSVLogger(CSVLogger):
-    """The CSV logger of a run that may be resumed after `epochs` completed epochs."""
-
-    def __init__(self, run_dir: Path, epochs: int) -> None:
-        super().__init__(run_dir, name="", version="")
-        self.epochs = epochs
-
-    @property
-    def experiment(self) -> HistoryWriter:
-        if self._experiment is None:
-            self._experiment = HistoryWriter(self.log_dir, self.epochs)
-        return self._experiment
-
-
-class FlushEachEpoch(Callback):
-    """Writes the CSV rows of each epoch before the next starts, so that metrics.csv holds
-    every epoch that last.ckpt holds even after a kill no handler sees (SIGKILL)."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.save()
 
 
 class EpochAveraging(WeightAveraging):

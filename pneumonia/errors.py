@@ -4,6 +4,7 @@ interruption (pneumonia.interrupt)."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -30,11 +31,11 @@ def os_error_line(err: OSError) -> str:
     path = err.filename or "a file"
     reason = err.strerror or first_line(err, 160)
     hint = {
-        28: "free some space, then continue the run with --resume RUN_DIR",
-        13: "choose a folder you may write to (runs_root, data.cache_dir)",
-        30: "choose a folder you may write to (runs_root, data.cache_dir)",
-        20: "a file stands where a folder is expected: move it or choose another path",
-        21: "a folder stands where a file is expected: choose another path",
+        errno.ENOSPC: "free some space, then continue the run with --resume RUN_DIR",
+        errno.EACCES: "choose a folder you may write to (runs_root, data.cache_dir)",
+        errno.EROFS: "choose a folder you may write to (runs_root, data.cache_dir)",
+        errno.ENOTDIR: "a file stands where a folder is expected: move it or choose another path",
+        errno.EISDIR: "a folder stands where a file is expected: choose another path",
     }.get(err.errno or 0, "check the path and its permissions")
     return f"{path}: {reason}: {hint}"
 

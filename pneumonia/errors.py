@@ -36,7 +36,7 @@ def os_error_line(err: OSError) -> str:
         errno.EROFS: "choose a folder you may write to (runs_root, data.cache_dir)",
         errno.ENOTDIR: "a file stands where a folder is expected: move it or choose another path",
         errno.EISDIR: "a folder stands where a file is expected: choose another path",
-    }.get(err.errno or 0, "check the path and its permissions")
+    }.get(err.errno or 0, "check the path, its permissions and the free space")
     return f"{path}: {reason}: {hint}"
 
 

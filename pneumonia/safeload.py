@@ -9,13 +9,15 @@ import torch
 from pneumonia.errors import UserError
 
 
-def safe_load(path: str | Path) -> object:
-    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+def safe_load(path: str | Path, mmap: bool = False) -> object:
+    """torch.load with weights_only=True: tensors and plain containers only, never code.
+    `mmap`: map the tensors instead of reading them, for a glance at a checkpoint's plain
+    values (its epoch or round) that should not cost a read of every weight."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist: check the checkpoint or weights path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     # Junk bytes surface as nearly any exception type: UnpicklingError, KeyError,
     # IndexError, UnicodeDecodeError, EOFError, ... Every one means the same to the user.
     except Exception:

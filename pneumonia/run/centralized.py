@@ -166,7 +166,7 @@ def train_centralized(run: RunInputs) -> Trained:
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
-    done = int(safe_load(last)["epoch"]) + 1 if resume else 0
+    done = int(safe_load(last, mmap=True)["epoch"]) + 1 if resume else 0
     trainer, checkpoint = build_trainer(cfg, run_dir, run.progress, datamodule.generator, done)
     # The same seed a single federated client trains round 1 with: see pneumonia.seeding.
     seed_training(datamodule.generator, cfg.seed)

@@ -105,11 +105,11 @@ def saved_so_far(run_dir: Path, federated: bool) -> str:
     """What an interrupted run keeps, read from the files `--resume` reads."""
     if federated:
         state = run_dir / "checkpoints" / STATE_FILE
-        done = int(safe_load(state)["round"]) if state.is_file() else 0
+        done = int(safe_load(state, mmap=True)["round"]) if state.is_file() else 0
         unit = "round"
     else:
         last = run_dir / "checkpoints" / "last.ckpt"
-        done = int(safe_load(last)["epoch"]) + 1 if last.is_file() else 0
+        done = int(safe_load(last, mmap=True)["epoch"]) + 1 if last.is_file() else 0
         unit = "epoch"
     if done == 0:
         return f"no {unit} was completed in {run_dir}"

@@ -2,7 +2,8 @@
 `docker stop` and CI send) stop training at once and exit 130 or 143, never 0, with the command
 that continues the run.
 
-The handler only records the signal and raises KeyboardInterrupt, so Lightning takes its own
+The handler records the signal and raises KeyboardInterrupt (inside `deferred()`, only at the
+next `check()`: a centralized fit stops between batches), so Lightning takes its own
 graceful-shutdown path (it turns that into `sys.exit(1)`, and a SIGTERM it sees alone into a
 SystemExit of code 0). The run layer then asks `received()` which signal it was and raises
 `Interrupted`, which the entry points print as one line and exit 128 + the signal number with.
@@ -17,6 +18,7 @@ import threading
 from collections.abc import Iterator
 
 _received: list[int] = []
+_deferred: list[bool] = [False]
 
 
 class Interrupted(Exception):
@@ -33,7 +35,26 @@ class Interrupted(Exception):
 
 def _record(signum: int, frame: object) -> None:
     _received.append(signum)
-    raise KeyboardInterrupt
+    if not _deferred[0]:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside, a signal is only recorded; the code stops at the next `check()`, a point where
+    what it has written is consistent (a centralized fit: between batches, not between its
+    checkpoint and the epoch's metrics rows)."""
+    _deferred[0] = True
+    try:
+        yield
+    finally:
+        _deferred[0] = False
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt if a signal arrived while deferred."""
+    if _received:
+        raise KeyboardInterrupt
 
 
 def received() -> int | None:

@@ -5,6 +5,7 @@ process where a signal is involved): the exit code, the one line, the files left
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -201,6 +202,44 @@ def test_sigterm_ends_a_centralized_run_with_143_and_it_resumes_exactly(central_
     fit.main(["--resume", str(run_dir)])
     assert_same_weights(weights(run_dir), weights(central_run))
     assert metrics_rows(run_dir) == metrics_rows(central_run)  # every epoch, once
+
+
+def test_a_signal_between_a_checkpoint_and_its_metrics_rows_loses_no_row(
+    central_run, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM right after epoch 1's last.ckpt is written and before Lightning logs the
+    epoch's training metrics: the run stops between batches instead, and the resumed
+    metrics.csv equals the uninterrupted one."""
+    import lightning as L
+
+    from pneumonia.run import centralized
+
+    class TermAfterCheckpoint(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            if trainer.current_epoch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    build = centralized.build_trainer
+
+    def with_the_signal(*args, **kwargs):
+        trainer, checkpoint = build(*args, **kwargs)
+        trainer.callbacks.insert(0, TermAfterCheckpoint())
+        return trainer, checkpoint
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(centralized, "build_trainer", with_the_signal)
+        code = fit_exit([*CENTRAL, "--trainer.max_epochs", "4", "--run_dir", str(run_dir)])
+    assert code == 143
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("interrupted by SIGTERM: epoch 1 is saved in ")
+    )
+    fit.main(["--resume", str(run_dir)])
+    assert metrics_rows(run_dir) == metrics_rows(central_run)
+    assert_same_weights(weights(run_dir), weights(central_run))
 
 
 def test_sigint_ends_a_federated_run_with_130_and_it_resumes_exactly(fl_run, tmp_path):

@@ -23,11 +23,17 @@ from pneumonia.config import monitor_mode, trainer_arguments
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
+from pneumonia.interrupt import deferred
 from pneumonia.recipe import build_module, loss_weights
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress, duration
-from pneumonia.run.resumable import FlushEachEpoch, HistoryCSVLogger, RandomState
+from pneumonia.run.resumable import (
+    FlushEachEpoch,
+    HistoryCSVLogger,
+    RandomState,
+    StopBetweenBatches,
+)
 from pneumonia.safeload import safe_load
 from pneumonia.seeding import seed_training
 
@@ -139,7 +145,7 @@ def build_trainer(
         TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
         HistoryCSVLogger(run_dir, epochs_done),
     ]
-    callbacks = [checkpoint, last, FlushEachEpoch()]
+    callbacks = [checkpoint, last, FlushEachEpoch(), StopBetweenBatches()]
     callbacks += [ReportEpochs(progress)] if progress else []
     if generator is not None:
         callbacks.append(RandomState(generator))
@@ -170,7 +176,8 @@ def train_centralized(run: RunInputs) -> Trained:
     trainer, checkpoint = build_trainer(cfg, run_dir, run.progress, datamodule.generator, done)
     # The same seed a single federated client trains round 1 with: see pneumonia.seeding.
     seed_training(datamodule.generator, cfg.seed)
-    trainer.fit(module, datamodule, ckpt_path=last if resume else None)
+    with deferred():  # a signal stops the fit between batches: see pneumonia.run.resumable
+        trainer.fit(module, datamodule, ckpt_path=last if resume else None)
     return Trained(
         unit="epoch",
         checkpoint=Path(checkpoint.best_model_path or last),

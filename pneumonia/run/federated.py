@@ -200,8 +200,10 @@ class FederatedTraining:
             self.elapsed_before + now - started,
         )
         self.history.append(row)
-        self.checkpoint(r + 1, row)
+        # rounds.csv before the resume state: a kill between them leaves a row the next
+        # round rewrites, never a saved round without its row.
         write_csv(self.run_dir / "rounds.csv", self.history)
+        self.checkpoint(r + 1, row)
         log_round(self.tensorboard.experiment, row)
         print(progress_line(row, fed.rounds, self.best, self.cfg.monitor), flush=True)
         if self.progress is not None:

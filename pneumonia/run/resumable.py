@@ -1,7 +1,9 @@
 """What makes a centralized run resume exactly, as the federated round checkpoint does: the
 random state travels in every checkpoint, and metrics.csv keeps the rows of every epoch the
 checkpoint holds (Lightning's CSV writer deletes the file when a run continues), flushed
-before each next epoch so that even a kill no handler sees (SIGKILL) loses none of them."""
+before each next epoch so that even a kill no handler sees (SIGKILL) loses none of them.
+A signal stops training between batches (`StopBetweenBatches`), never between an epoch's
+checkpoint and the metrics rows Lightning logs after it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pneumonia.federated.state import rng_state, set_rng_state
 from pneumonia.files import write_text_atomic
+from pneumonia.interrupt import check
 
 
 class RandomState(Callback):
@@ -81,3 +84,17 @@ class FlushEachEpoch(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 logger.save()
+
+
+class StopBetweenBatches(Callback):
+    """Where a signal deferred during `trainer.fit` (pneumonia.interrupt.deferred) stops the
+    run: after a batch, or before an epoch, when everything written so far is consistent."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        check()
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, *rest) -> None:
+        check()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        check()

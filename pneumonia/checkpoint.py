@@ -7,6 +7,9 @@ A checkpoint is a dict loadable with torch.load(weights_only=True):
                       normalisation, threshold
     epoch             the epoch (centralized) or round (federated) it was taken at
     round             federated runs only: the round again
+    model_card        best.ckpt only: what the model was trained on, how it was chosen, its
+                      validation and shift-validation figures with 95% intervals (plain
+                      values; `model_card` reads it, `finish_checkpoint` writes it)
 Centralized runs have Lightning write it (ModelCheckpoint, which adds the Trainer's state)
 through `CheckpointIO`, so that Lightning too writes atomically and reads back weights-only
 (Lightning's own reader honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which would let a crafted
@@ -120,3 +123,15 @@ def set_threshold(path: Path, ckpt: dict, threshold: float) -> None:
     `path`), so that everything that loads it decides as the run reported."""
     ckpt["hyper_parameters"]["threshold"] = float(threshold)
     save_atomic(ckpt, Path(path))
+
+
+def finish_checkpoint(path: Path, ckpt: dict, threshold: float, card: dict) -> None:
+    """The reported model's last write: its decision threshold and its model card."""
+    ckpt["model_card"] = card
+    set_threshold(path, ckpt, threshold)
+
+
+def model_card(ckpt: dict) -> dict:
+    """The checkpoint's model card, or {} when it has none (last.ckpt, older runs)."""
+    card = ckpt.get("model_card")
+    return card if isinstance(card, dict) else {}

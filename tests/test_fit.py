@@ -159,7 +159,24 @@ def test_tensorboard_holds_scalars_and_figures(tiny_run):
         "best/val/f1",
     ):
         assert scalar in tags["scalars"]
-    assert {"val/confusion_matrix", "val/roc", "best/val/roc"} <= tags["images"]
+    assert {"val/confusion_matrix", "val/roc", "best/val/roc", "best/gradcam"} <= tags["images"]
+
+
+def test_best_checkpoint_carries_a_model_card_and_the_run_a_cases_panel(tiny_run):
+    from pneumonia.checkpoint import model_card, read_checkpoint
+
+    run_dir, summary = tiny_run
+    _, _, ckpt = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    card = model_card(ckpt)
+    assert card["trained_on"]["images"] == sum(card["trained_on"]["per_class"].values()) > 0
+    assert card["trained_on"]["source"].startswith("SYNTHETIC")
+    assert card["threshold"] == summary["threshold"]
+    assert card["val"]["accuracy"] == round(summary["val"]["accuracy"], 4)
+    low, high = card["val_shift"]["ci95"]["auroc"]
+    assert low <= card["val_shift"]["auroc"] <= high
+    assert "not a diagnostic device" in card["caveat"]
+    assert model_card(read_checkpoint(run_dir / "checkpoints" / "last.ckpt")[2]) == {}
+    assert (run_dir / "cases.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_folder_with_test_split_reports_test_metrics(tmp_path, write_kermany):

@@ -21,7 +21,7 @@ LAYERS = [
     ],
     ["pneumonia.data", "pneumonia.models"],
     ["pneumonia.metrics", "pneumonia.intervals"],
-    ["pneumonia.module", "pneumonia.scoring"],
+    ["pneumonia.module", "pneumonia.scoring", "pneumonia.explain"],
     ["pneumonia.recipe", "pneumonia.checkpoint"],
     ["pneumonia.federated"],
     ["pneumonia.config"],

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
@@ -28,17 +28,47 @@ def corrupt_image_error(path: str, reason: str = "") -> UserError:
     )
 
 
-def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
-    """A grey-scale, palette or colour JPEG/PNG/GIF/WebP of any size -> uint8
-    [1, image_size, image_size]. Multi-frame files are refused: which frame is the radiograph
-    is not ours to guess."""
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """A DICOM file: the "DICM" mark after the 128-byte preamble, or a .dcm name (some
+    writers leave the preamble out)."""
+    return data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
+
+
+def decode_bytes(data: bytes, name: str) -> torch.Tensor:
+    """An image file's bytes (`name` says where they came from) -> uint8 [1, H, W] at its own
+    size: JPEG, PNG, GIF and WebP by torchvision, DICOM by pydicom (`pneumonia.data.dicom`).
+    Raises CorruptImageError(name, why)."""
+    if is_dicom(data, name):
+        from pneumonia.data.dicom import decode_dicom  # pydicom loads only for DICOM inputs
+
+        return decode_dicom(data, name)
+    if not data:
+        raise CorruptImageError(name, "empty file")
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
+        image = decode_image(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY
+        )
     except (RuntimeError, ValueError) as err:
-        raise CorruptImageError(str(path)) from err
+        raise CorruptImageError(name, _decoder_reason(err)) from err
+    return _grey_uint8(image, name)
+
+
+def _decoder_reason(err: Exception) -> str:
+    """Why a decoder refused a file, in a few words where torchvision says something useful."""
+    text = str(err).lower()
+    if "unknown image" in text or "unsupported" in text or "not recognized" in text:
+        return "not a JPEG, PNG, GIF, WebP or DICOM file"
+    if "premature" in text or "truncated" in text or "corrupt" in text or "invalid" in text:
+        return "truncated or corrupt image data"
+    return ""
+
+
+def _grey_uint8(image: torch.Tensor, name: str) -> torch.Tensor:
+    """A decoder's output as one grey uint8 frame [1, H, W]. Multi-frame files are refused:
+    which frame is the radiograph is not ours to guess."""
     if image.ndim == 4:  # GIF (and other animations) decode frame by frame
         if image.shape[0] != 1:
-            raise CorruptImageError(str(path), f"{image.shape[0]} frames, expected one image")
+            raise CorruptImageError(name, f"{image.shape[0]} frames, expected one image")
         image = image[0]
     # GIF and WebP ignore the grey mode and come back as RGB: make them grey here.
     if image.shape[0] in (3, 4):
@@ -47,8 +77,28 @@ def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
         image = image[:1]
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: rescale to 0..255
         image = TF.to_dtype(image, torch.uint8, scale=True)
-    # Kermany originals vary in aspect ratio; the paper squashes them to a square, so do we.
+    return image
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file -> uint8 [1, H, W] at its own size (see `decode_bytes`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise CorruptImageError(str(path), err.strerror or type(err).__name__) from err
+    return decode_bytes(data, str(path))
+
+
+def square(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """[C, H, W] -> [C, image_size, image_size]. Kermany originals vary in aspect ratio; the
+    paper squashes them to a square, so do we."""
     return TF.resize(image, [image_size, image_size], antialias=True)
+
+
+def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
+    """A grey-scale, palette or colour JPEG/PNG/GIF/WebP, or a DICOM radiograph, of any size
+    -> uint8 [1, image_size, image_size]."""
+    return square(read_image(path), image_size)
 
 
 def decode_files(

@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.checkpoint import module_from, read_checkpoint, set_threshold
+from pneumonia.checkpoint import finish_checkpoint, module_from, read_checkpoint
 from pneumonia.data.sources import Splits
+from pneumonia.explain import cases_panel, seeded_panel
 from pneumonia.files import write_csv
 from pneumonia.metrics import SCALARS, youden_threshold
 from pneumonia.module import ClassifierModule
@@ -61,7 +63,6 @@ def finalize(
     results: dict = {"threshold": round(chosen, 6), "threshold_rule": str(threshold)}
     if chosen != recipe.threshold:
         results["val_at_0.5"], _ = evaluate_imageset(module, splits.val, batch_size)
-        set_threshold(trained.checkpoint, ckpt, chosen)
         module = module_from(recipe.with_threshold(chosen), state, trained.checkpoint)
     tensorboard = trained.logger.experiment
     rows = []
@@ -77,12 +78,73 @@ def finalize(
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)
         for fig_name, figure in metrics.figures(module.negative_and_positive).items():
             tensorboard.add_figure(f"best/{name}/{fig_name}", figure, 0)
+        if name == "val":
+            log_heatmaps(tensorboard, module, imageset, probs, run_dir)
     tensorboard.flush()
     write_csv(run_dir / "predictions.csv", rows)
     if trained.hparams_metrics:
         trained.logger.log_hyperparams(config, trained.hparams_metrics)
     best = {f"best_{trained.unit}": int(ckpt[trained.unit]), "selected_by": trained.selected_by}
-    return trained.details | best | results
+    summary = trained.details | best | results
+    card = model_card_of(summary, splits, config, module.negative_and_positive[1])
+    finish_checkpoint(trained.checkpoint, ckpt, chosen, card)
+    return summary
+
+
+def log_heatmaps(tensorboard, module: ClassifierModule, val, probs, run_dir: Path) -> None:
+    """Grad-CAM of the reported model: a fixed, seeded panel of validation images in
+    TensorBoard (best/gradcam), and its most confident correct and wrong validation decisions
+    in cases.png (comparison reports show it beside each entry)."""
+    tensorboard.add_figure("best/gradcam", seeded_panel(module, val), 0)
+    figure = cases_panel(module, val, probs)
+    figure.savefig(run_dir / "cases.png", dpi=110)
+    plt.close(figure)
+
+
+def model_card_of(summary: dict, splits: Splits, config: dict, positive: str) -> dict:
+    """What a user of the model should know, as plain values (it travels in best.ckpt):
+    the data it learned from, how it was chosen, its figures with intervals, its threshold."""
+    train = splits.train
+    card = {
+        "task": f"{' vs '.join(train.classes)} on chest radiographs; positive class {positive}",
+        "trained_on": {
+            "source": splits.source,
+            "images": len(train),
+            "patients": len(set(train.patients)),
+            "per_class": dict(zip(train.classes, train.class_counts(), strict=True)),
+            "image_size": config["data"]["image_size"],
+        },
+        "training": {k: summary[k] for k in ("selected_by",) if k in summary}
+        | ({"federated": _federation(summary["federated"])} if "federated" in summary else {}),
+        "model": config["model"]["name"],
+        "threshold": summary["threshold"],
+        "threshold_rule": summary["threshold_rule"],
+        "seed": config.get("seed"),
+    }
+    for name in ("val", "val_shift"):
+        if name in summary:
+            card[name] = _figures(summary[name])
+    card["caveat"] = CAVEAT
+    return card
+
+
+CAVEAT = (
+    "A research tool, not a diagnostic device: its figures are measured on validation "
+    "images cut from its own training pool (and on those images under simulated acquisition "
+    "shifts), which new patients and other hospitals can fall well short of."
+)
+
+
+def _federation(fed: dict) -> dict:
+    return {k: fed[k] for k in ("strategy", "partition", "clients", "rounds", "local_epochs")}
+
+
+def _figures(values: dict) -> dict:
+    """Scalar metrics rounded, each with its 95% interval, and n."""
+    ci = values.get("ci95", {})
+    out = {k: round(values[k], 4) for k in SCALARS if k in values}
+    out["ci95"] = {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in ci.items() if k in out}
+    return out | {"n": values["n"]}
 
 
 def by_shift_kind(module: ClassifierModule, imageset, probs) -> dict[str, dict]:

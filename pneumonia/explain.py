@@ -1,0 +1,164 @@
+"""Grad-CAM heatmaps (Selvaraju et al. 2017) by captum's `LayerGradCam`, and the pictures made
+of them: one overlay per image, and panels of several images for TensorBoard and reports.
+
+A heatmap shows where the last residual stage's features pushed the decision the model made
+(the class it predicts), at that stage's coarse resolution (1/32 of the image side) upsampled
+to the image. It says where the model looked, not what is there: a bright region is not a
+finding, and a model can be right for the wrong reasons (text markers, the image border).
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen: figures go to files and TensorBoard
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from captum.attr import LayerGradCam  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pneumonia.data.imageset import ImageSet  # noqa: E402
+from pneumonia.module import ClassifierModule  # noqa: E402
+
+COLORMAP = "jet"  # the convention of Grad-CAM figures: red = most weight
+ALPHA = 0.4  # how much of the heatmap covers the radiograph
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """Where Grad-CAM reads: the last residual stage of the ResNet family (timm's `layer4`), the
+    last convolution of anything else (AlexNet, VGG, most timm models)."""
+    if isinstance(getattr(model, "layer4", None), nn.Module):
+        return model.layer4
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM to read")
+    return convs[-1]
+
+
+def heatmaps(
+    module: ClassifierModule, images: torch.Tensor, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heatmaps [N, S, S] in [0, 1], P(positive) [N]) for uint8 images [N, 1, S, S]: Grad-CAM
+    of the class each image is predicted as, each map scaled to its own maximum (an all-zero
+    map means no region supported the decision)."""
+    module = module.eval()
+    cam = LayerGradCam(module, target_layer(module.model))
+    maps, probs = [], []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(module.device).float() / 255.0
+        with torch.no_grad():
+            p = module.positive_probability(module(batch))
+        decided = (p > float(module.hparams.threshold)).long()
+        target = torch.where(decided == 1, module.positive, 1 - module.positive)
+        with torch.enable_grad():
+            attribution = cam.attribute(batch, target=target, relu_attributions=True)
+        size = images.shape[-2:]
+        up = F.interpolate(attribution.detach(), size=size, mode="bilinear", align_corners=False)
+        maps.append(_unit_scaled(up[:, 0]).cpu())
+        probs.append(p.float().cpu())
+    return torch.cat(maps), torch.cat(probs)
+
+
+def _unit_scaled(maps: torch.Tensor) -> torch.Tensor:
+    """Each map divided by its own maximum (maps that are all zero stay zero)."""
+    peak = maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
+    return (maps / peak).clamp(0, 1)
+
+
+def overlay(image: torch.Tensor, heat: torch.Tensor) -> np.ndarray:
+    """The radiograph (uint8 [1, H, W], any size) with the heatmap ([h, w] in [0, 1],
+    resized to it) blended over it: uint8 RGB [H, W, 3]."""
+    grey = image[0].float().numpy() / 255.0
+    if heat.shape != grey.shape:
+        heat = F.interpolate(heat[None, None], size=grey.shape, mode="bilinear")[0, 0]
+    colour = matplotlib.colormaps[COLORMAP](heat.numpy())[..., :3]
+    blended = (1 - ALPHA) * grey[..., None] + ALPHA * colour
+    return (blended * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB (or grey) uint8 array as PNG file bytes."""
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def panel(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    titles: list[str],
+    columns: int = 4,
+    heading: str = "",
+) -> Figure:
+    """A grid of overlays, one title under each (the figures TensorBoard and reports show)."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heat, title in zip(axes.flat, images, maps, titles, strict=False):
+        ax.imshow(overlay(image, heat))
+        ax.set_title(title, fontsize=8)
+    if heading:
+        fig.suptitle(heading, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def describe(p: float, label: int, module: ClassifierModule) -> str:
+    """A panel title: the image's true class and the model's P(positive)."""
+    negative, positive = module.negative_and_positive
+    truth = positive if label == module.positive else negative
+    return f"{truth}\nP({positive.lower()}) {p:.2f}"
+
+
+def seeded_panel(module: ClassifierModule, imageset: ImageSet, count: int = 8, seed: int = 0):
+    """A fixed set of `count` validation images (the same for every run with this seed and
+    these images) with their heatmaps: what training logs at its reported model."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(imageset), generator=generator)[:count].sort().values
+    maps, probs = heatmaps(module, imageset.images[index])
+    titles = [
+        describe(p, int(imageset.labels[i]), module) for p, i in zip(probs, index, strict=True)
+    ]
+    return panel(imageset.images[index], maps, titles)
+
+
+def cases_panel(
+    module: ClassifierModule, imageset: ImageSet, probs: torch.Tensor, per_kind: int = 4, title=""
+) -> Figure:
+    """The `per_kind` most confident correct and most confident wrong decisions on `imageset`
+    (probabilities `probs`), with their heatmaps: top row correct, bottom row wrong."""
+    threshold = float(module.hparams.threshold)
+    targets = imageset.labels == module.positive
+    decided = probs > threshold
+    confidence = (probs - threshold).abs()
+    rows = []
+    for correct in (True, False):
+        which = torch.nonzero((decided == targets) == correct).flatten()
+        order = confidence[which].argsort(descending=True, stable=True)[:per_kind]
+        rows.append(which[order].tolist())
+    chosen = rows[0] + [None] * (per_kind - len(rows[0])) + rows[1]
+    picked = [i for i in chosen if i is not None]
+    maps, _ = heatmaps(module, imageset.images[picked]) if picked else (torch.empty(0), None)
+    by_index = dict(zip(picked, maps, strict=True))
+    blank = torch.zeros_like(imageset.images[0])
+    images = [imageset.images[i] if i is not None else blank for i in chosen]
+    heat = [by_index[i] if i is not None else torch.zeros(blank.shape[1:]) for i in chosen]
+    titles = [
+        ("correct: " if n < per_kind else "wrong: ")
+        + describe(float(probs[i]), int(imageset.labels[i]), module)
+        if i is not None
+        else ""
+        for n, i in enumerate(chosen)
+    ]
+    heading = title or "most confident correct (top) and wrong (bottom) decisions"
+    if not rows[1]:
+        heading += ": no wrong decisions"
+    return panel(torch.stack(images), torch.stack(heat), titles, per_kind, heading)

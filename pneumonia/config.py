@@ -101,6 +101,30 @@ def with_default_config(argv: list[str]) -> list[str]:
     return ["--config", str(DEFAULT_CONFIG), *argv]
 
 
+def tool_parser(prog: str, doc: str) -> ArgumentParser:
+    """The parser of a `python -m pneumonia.X` tool: errors come back to `parse_args` (one
+    line), no abbreviated options, its module docstring's first line as description."""
+    return ArgumentParser(
+        prog=prog, exit_on_error=False, allow_abbrev=False, description=doc.splitlines()[0]
+    )
+
+
+def add_threshold_option(parser: ArgumentParser) -> None:
+    """--threshold: a number in (0, 1), or "checkpoint" (the run's chosen threshold)."""
+    parser.add_argument(
+        "--threshold",
+        type=OpenUnitInterval | Literal["checkpoint"],
+        default="checkpoint",
+        help="decision threshold on P(positive): a number in (0, 1), or checkpoint (the one "
+        "the run chose, 0.5 unless it was told otherwise)",
+    )
+
+
+def threshold_override(args: Namespace) -> float | None:
+    """The --threshold to decide at, or None for the checkpoint's own."""
+    return None if args.threshold == "checkpoint" else float(args.threshold)
+
+
 def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> Namespace:
     """Parse, turning jsonargparse's multi-line errors into one UserError line."""
     argv = sys.argv[1:] if argv is None else argv

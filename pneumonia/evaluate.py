@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 from jsonargparse import ArgumentParser
 
-from pneumonia.bounds import OpenUnitInterval, PositiveInt, Seed
+from pneumonia.bounds import PositiveInt, Seed
 from pneumonia.checkpoint import load_module
-from pneumonia.config import parse_args
+from pneumonia.config import add_threshold_option, parse_args, threshold_override, tool_parser
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.kermany import find_splits, list_image_files
 from pneumonia.data.shifts import ShiftConfig, shifted
@@ -28,12 +28,7 @@ from pneumonia.scoring import predict_probabilities, score_with_intervals
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m pneumonia.evaluate",
-        exit_on_error=False,
-        allow_abbrev=False,
-        description=__doc__.splitlines()[0],
-    )
+    parser = tool_parser("python -m pneumonia.evaluate", __doc__)
     parser.add_argument("--ckpt", type=str, required=True, help="checkpoint from pneumonia.fit")
     parser.add_argument("--data.root", type=str, required=True, help="folder of class folders")
     parser.add_argument(
@@ -44,13 +39,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--data.skip_corrupt", type=bool, default=False)
     parser.add_argument("--data.cache_dir", type=str | None, default=None)
-    parser.add_argument(
-        "--threshold",
-        type=OpenUnitInterval | Literal["checkpoint"],
-        default="checkpoint",
-        help="decision threshold on P(positive): a number in (0, 1), or checkpoint (the one "
-        "the run chose, 0.5 unless it was told otherwise)",
-    )
+    add_threshold_option(parser)
     parser.add_argument("--tta", type=bool, default=False, help="test-time augmentation")
     parser.add_argument(
         "--shift", type=bool, default=False, help="also score under the acquisition shifts"
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no CUDA device: use cpu")
-    override = None if args.threshold == "checkpoint" else float(args.threshold)
+    override = threshold_override(args)
     module = load_module(args.ckpt, threshold=override)
     folder = pick_folder(args.data.root, args.data.split)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else default_cache_dir()

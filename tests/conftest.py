@@ -107,3 +107,79 @@ def kermany_root(tmp_path) -> Path:
 def write_kermany():
     """`write_kermany_folder`, for tests that build their own (e.g. train/ test/) layouts."""
     return write_kermany_folder
+
+
+TINY_MODEL = {"name": "se_resnet18", "norm": "gn", "gn_groups": 16, "se_reduction": 16,
+              "width": 16, "drop_rate": 0.0, "pretrained": None}  # fmt: skip
+TINY_CARD = {
+    "trained_on": {"source": "SYNTHETIC images", "images": 50, "patients": 30,
+                   "per_class": {"NORMAL": 17, "PNEUMONIA": 33}, "image_size": 32},
+    "training": {"selected_by": "the end of a fixed schedule"},
+    "threshold": 0.5, "threshold_rule": "0.5",
+    "val": {"accuracy": 0.8, "auroc": 0.9, "ci95": {"accuracy": [0.7, 0.9]}, "n": 15},
+    "val_shift": {"accuracy": 0.7, "auroc": 0.8, "ci95": {"auroc": [0.6, 0.9]}, "n": 15},
+    "caveat": "A research tool, not a diagnostic device.",
+}  # fmt: skip
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, threshold: float = 0.5) -> Path:
+    """An untrained SE-ResNet-18 (width 16, 32 px) saved as a run's best.ckpt, model card and
+    all: what predict, serve and export tests load."""
+    import torch
+
+    from pneumonia.checkpoint import finish_checkpoint, read_checkpoint, write_checkpoint
+    from pneumonia.recipe import Recipe, build_module
+
+    torch.manual_seed(seed)
+    recipe = Recipe(model=TINY_MODEL, optim={}, image_size=32, mean=0.45, std=0.22)
+    write_checkpoint(path, build_module(recipe).state_dict(), recipe, round_number=1)
+    finish_checkpoint(path, read_checkpoint(path)[2], threshold, TINY_CARD)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """One `write_tiny_checkpoint` for the whole session (read-only: copy it to change it)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.ckpt")
+
+
+def dicom_dataset(pixels, bits_stored: int | None = None, **elements):
+    """A one-frame grey DX image of `pixels` (numpy uint8, uint16 or int16 [H, W]),
+    uncompressed; extra elements by keyword (PhotometricInterpretation defaults to
+    MONOCHROME2)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_dicom(path: Path, pixels, with_pixels: bool = True) -> Path:
+    """`dicom_dataset` as a file; `with_pixels=False` leaves the pixel data out (what an
+    ill-formed export looks like)."""
+    ds = dicom_dataset(pixels)
+    if not with_pixels:
+        del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -22,12 +22,20 @@ LAYERS = [
     ["pneumonia.data", "pneumonia.models"],
     ["pneumonia.metrics", "pneumonia.intervals"],
     ["pneumonia.module", "pneumonia.scoring", "pneumonia.explain"],
-    ["pneumonia.recipe", "pneumonia.checkpoint"],
+    ["pneumonia.recipe", "pneumonia.checkpoint", "pneumonia.predictor", "pneumonia.onnx_model"],
     ["pneumonia.federated"],
     ["pneumonia.config"],
     ["pneumonia.run"],
-    ["pneumonia.flower", "pneumonia.compare"],
-    ["pneumonia.fit", "pneumonia.evaluate", "pneumonia.compare.__main__", "pneumonia.flower.demo"],
+    ["pneumonia.flower", "pneumonia.compare", "pneumonia.serve"],
+    [
+        "pneumonia.fit",
+        "pneumonia.evaluate",
+        "pneumonia.compare.__main__",
+        "pneumonia.flower.demo",
+        "pneumonia.predict",
+        "pneumonia.export",
+        "pneumonia.serve.__main__",
+    ],
 ]
 
 

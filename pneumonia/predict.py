@@ -1,0 +1,118 @@
+"""`python -m pneumonia.predict --ckpt FILE INPUT...`: P(pneumonia) and a decision for new
+radiographs (JPEG, PNG, GIF, WebP, DICOM; folders are walked recursively).
+
+One row per readable image on stdout (or --output FILE), as CSV, JSON or JSON lines: path,
+probability, decision, threshold, model, image_size, checkpoint. Unreadable files are listed
+on stderr with the reason and skipped. Exit code: 0 when every input was read, 3 when some
+were skipped (the rows of the others are still written), 2 on a usage error (a bad
+checkpoint, no images at all), 1 when a file cannot be written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import ArgumentParser
+
+from pneumonia.bounds import PositiveInt
+from pneumonia.config import add_threshold_option, parse_args, threshold_override, tool_parser
+from pneumonia.errors import UserError, exit_on_user_error
+from pneumonia.files import check_writable_folder, write_text_atomic
+from pneumonia.predictor import COLUMNS, HeatmapWriter, Predictor, find_inputs, predict_files
+
+SOME_SKIPPED = 3  # the exit code when some inputs could not be read
+
+
+def build_parser() -> ArgumentParser:
+    parser = tool_parser("python -m pneumonia.predict", __doc__)
+    parser.add_argument("inputs", nargs="+", help="image or DICOM files, or folders of them")
+    parser.add_argument("--ckpt", type=str | None, default=None, help="best.ckpt of a run")
+    parser.add_argument(
+        "--onnx", type=str | None, default=None, help="a model from pneumonia.export instead"
+    )
+    add_threshold_option(parser)
+    parser.add_argument("--format", type=Literal["csv", "json", "jsonl"], default="csv")
+    parser.add_argument("--output", type=str | None, default=None, help="file (default: stdout)")
+    parser.add_argument(
+        "--cam", type=str | None, default=None, help="folder for one Grad-CAM overlay per image"
+    )
+    parser.add_argument("--batch_size", type=PositiveInt, default=64)
+    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
+    return parser
+
+
+def load_predictor(args):
+    """The torch or the ONNX predictor the arguments name."""
+    if (args.ckpt is None) == (args.onnx is None):
+        raise UserError("give exactly one of --ckpt FILE (a checkpoint) or --onnx FILE")
+    threshold = threshold_override(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device: use cpu")
+    if args.onnx is not None:
+        if args.cam:
+            raise UserError("--cam needs the PyTorch model: use --ckpt instead of --onnx")
+        from pneumonia.onnx_model import OnnxPredictor
+
+        return OnnxPredictor(args.onnx, threshold)
+    return Predictor.from_checkpoint(args.ckpt, threshold, args.device)
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    """The rows as CSV (header first), a JSON array, or JSON lines."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    out = io.StringIO()
+    columns = list(rows[0]) if rows else list(COLUMNS)
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Score the inputs; return the rows (for tests), exit 3 when some were skipped."""
+    args = parse_args(build_parser(), argv)
+    if args.output:
+        check_writable_folder("--output", Path(args.output).parent)
+    if args.cam:
+        check_writable_folder("--cam", args.cam)
+    predictor = load_predictor(args)
+    files, missing = find_inputs(args.inputs)
+    if not files and missing:
+        raise UserError(f"{missing[0][0]}: {missing[0][1]}: give image files or folders")
+    writer = HeatmapWriter(predictor, args.cam) if args.cam else None
+    rows, unreadable = predict_files(predictor, files, args.batch_size, on_batch=writer)
+    if writer is not None:
+        for row in rows:
+            row["heatmap"] = writer.written[row["path"]]
+    text = format_rows(rows, args.format)
+    if args.output:
+        write_text_atomic(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    skipped = missing + unreadable
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        total = len(files) + len(missing)
+        print(
+            f"{len(skipped)} of {total} inputs could not be read (listed above); "
+            f"{len(rows)} scored",
+            file=sys.stderr,
+        )
+        raise SystemExit(SOME_SKIPPED)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""A trained model applied to new radiographs: the checkpoint's preprocessing, its threshold and
+identity, one row per image. `pneumonia.predict` (files), `pneumonia.serve` (uploads) and
+`pneumonia.onnx_model` (the exported graph) all answer in these rows.
+
+A row: path, probability (P(positive class)), decision (a class name: positive when the
+probability is above the threshold, as every metric of the package counts it), threshold,
+model, image_size, checkpoint (the first 16 hex digits of the checkpoint file's SHA-256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from pneumonia.checkpoint import model_card, module_from, read_checkpoint
+from pneumonia.data.decode import CorruptImageError, is_dicom, read_image, square
+from pneumonia.errors import UserError
+from pneumonia.explain import heatmaps, overlay, png_bytes
+from pneumonia.files import write_bytes_atomic
+from pneumonia.module import ClassifierModule
+
+# What a folder walk takes as an image. Files named on the command line are read whatever
+# their name; in folders, files without a suffix are taken when they carry DICOM's mark.
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".gif", ".webp", ".dcm", ".dicom")
+COLUMNS = ("path", "probability", "decision", "threshold", "model", "image_size", "checkpoint")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: which checkpoint answered."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Model:
+    """What every predictor knows of its model: preprocessing, threshold, identity, card."""
+
+    image_size: int
+    threshold: float
+    classes: tuple[str, ...]
+    positive_class: str
+    name: str
+    checkpoint: str  # file_sha256 of the checkpoint
+    card: dict = field(default_factory=dict)
+
+    @property
+    def negative_class(self) -> str:
+        return next(c for c in self.classes if c != self.positive_class)
+
+    def row(self, path: str, probability: float) -> dict:
+        """The answer for one image (see the module docstring)."""
+        positive = probability > self.threshold
+        return {
+            "path": path,
+            "probability": round(float(probability), 6),
+            "decision": self.positive_class if positive else self.negative_class,
+            "threshold": round(self.threshold, 6),
+            "model": self.name,
+            "image_size": self.image_size,
+            "checkpoint": self.checkpoint,
+        }
+
+    def describe(self) -> dict:
+        """GET /model: identity, preprocessing, threshold and the model card."""
+        return {
+            "model": self.name,
+            "checkpoint": self.checkpoint,
+            "image_size": self.image_size,
+            "classes": list(self.classes),
+            "positive_class": self.positive_class,
+            "threshold": self.threshold,
+            "card": self.card,
+        }
+
+
+class Predictor:
+    """A checkpoint ready to score uint8 images [N, 1, S, S] and explain its decisions."""
+
+    def __init__(self, module: ClassifierModule, model: Model, device: str = "cpu") -> None:
+        self.module = module.to(device).eval()
+        self.model = model
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, threshold: float | None = None, device: str = "cpu"
+    ) -> Predictor:
+        """The model of a pneumonia.fit checkpoint, deciding at its threshold or `threshold`."""
+        recipe, state, ckpt = read_checkpoint(path)
+        if threshold is not None:
+            recipe = recipe.with_threshold(threshold)
+        module = module_from(recipe, state, path)
+        model = Model(
+            image_size=recipe.image_size,
+            threshold=float(recipe.threshold),
+            classes=tuple(recipe.classes),
+            positive_class=recipe.positive_class,
+            name=recipe.model["name"],
+            checkpoint=file_sha256(path),
+            card=model_card(ckpt),
+        )
+        return cls(module, model, device)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """P(positive class) of each image."""
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = self.module(images.to(self.device))
+        return self.module.positive_probability(logits).float().cpu()
+
+    def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.explain`."""
+        return heatmaps(self.module, images)
+
+
+def find_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files, [(input, why it was skipped)]): files as given, folders walked recursively
+    for image files (hidden ones left out), in sorted order within each folder."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += _images_under(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append((str(item), "no such file or folder"))
+    return files, missing
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = Path(parent) / name
+            if name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and _has_dicom_mark(path)):
+                found.append(path)
+    return found
+
+
+def _has_dicom_mark(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return is_dicom(f.read(132))
+    except OSError:
+        return False
+
+
+@dataclass
+class Decoded:
+    """One input file: the model's view of it (or why there is none), and with `keep_full`
+    the radiograph at its own size for overlays."""
+
+    path: Path
+    image: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+    error: str = ""
+
+
+# Overlays keep the radiograph's own aspect ratio, at most this many pixels a side.
+OVERLAY_SIDE = 1024
+
+
+def decode_one(path: Path, image_size: int, keep_full: bool = False) -> Decoded:
+    """Decode a file for the model; a file that cannot be read carries its reason instead."""
+    try:
+        full = read_image(path)
+    except CorruptImageError as err:
+        return Decoded(path, error=reason_of(err))
+    return Decoded(path, square(full, image_size), preview(full) if keep_full else None)
+
+
+def reason_of(err: CorruptImageError) -> str:
+    """Why a file could not be read, in a few words."""
+    return err.args[1] if len(err.args) > 1 and err.args[1] else "not a readable image"
+
+
+def preview(full: torch.Tensor) -> torch.Tensor:
+    """The radiograph at its own aspect ratio, at most OVERLAY_SIDE pixels a side: what
+    overlays and the web page show."""
+    scale = min(1.0, OVERLAY_SIDE / max(full.shape[-2:]))
+    if scale == 1.0:
+        return full
+    side = [max(1, round(s * scale)) for s in full.shape[-2:]]
+    return TF.resize(full, side, antialias=True)
+
+
+def decoded_batches(
+    files: list[Path], image_size: int, batch_size: int, keep_full: bool = False
+) -> Iterator[list[Decoded]]:
+    """The files decoded by a pool of threads (the decoders release the GIL) while the caller
+    scores the previous batch; in order, `batch_size` at a time."""
+    workers = max(torch.get_num_threads(), 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            yield list(pool.map(lambda p: decode_one(p, image_size, keep_full), chunk))
+
+
+def predict_files(
+    predictor,
+    files: list[Path],
+    batch_size: int = 64,
+    progress: bool | None = None,
+    on_batch=None,
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(one row per readable file, [(file, why it was skipped)]). `predictor` is a
+    `Predictor` or an `OnnxPredictor`; `on_batch(decoded, probabilities)` sees each batch
+    (the heatmap writer). `progress`: None shows a bar when stderr is a terminal."""
+    if not files:
+        raise UserError("no image files among the inputs: give files or folders of images")
+    model = predictor.model
+    rows: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    keep_full = on_batch is not None
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=progress is False)
+    with bar:
+        batches = decoded_batches(files, model.image_size, batch_size, keep_full)
+        for batch in batches:
+            good = [d for d in batch if d.image is not None]
+            skipped += [(str(d.path), d.error) for d in batch if d.image is None]
+            if good:
+                probs = predictor.probabilities(torch.stack([d.image for d in good]))
+                rows += [model.row(str(d.path), float(p)) for d, p in zip(good, probs, strict=True)]
+                if on_batch is not None:
+                    on_batch(good, probs)
+            bar.update(len(batch))
+    return rows, skipped
+
+
+class HeatmapWriter:
+    """`predict --cam DIR`: one overlay PNG per image, named after the file (made unique when
+    two inputs share a name); each row gets its overlay's path as "heatmap"."""
+
+    def __init__(self, predictor: Predictor, folder: str | Path) -> None:
+        self.predictor = predictor
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.written: dict[str, str] = {}  # input path -> overlay path
+        self._taken: set[str] = set()
+
+    def __call__(self, decoded: list[Decoded], probs: torch.Tensor) -> None:
+        maps, _ = self.predictor.heatmaps(torch.stack([d.image for d in decoded]))
+        for item, heat in zip(decoded, maps, strict=True):
+            target = self.folder / self._unique(item.path.stem)
+            write_bytes_atomic(target, png_bytes(overlay(item.full, heat)))
+            self.written[str(item.path)] = str(target)
+
+    def _unique(self, stem: str) -> str:
+        name, n = f"{stem}.png", 1
+        while name in self._taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        self._taken.add(name)
+        return name

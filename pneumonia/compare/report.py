@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pneumonia.compare import plots
 from pneumonia.compare.plan import Comparison, Entry, option
-from pneumonia.files import write_csv, write_text_atomic
+from pneumonia.files import write_bytes_atomic, write_csv, write_text_atomic
 from pneumonia.metrics import SCALARS
 from pneumonia.run.progress import duration
 
@@ -117,7 +117,9 @@ def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
         "cut from the training pool (same hospitals, same acquisition), so it overstates "
         f"accuracy on new patients; shift validation is a harder check. {selection(rows)}; "
         f"decision threshold {', '.join(thresholds)}. "
-        "Budget: passes over the training images (federated: rounds x local epochs x C)."
+        "Budget: passes over the training images (federated: rounds x local epochs x C). "
+        "cases_<entry>.png: each entry's most confident correct and wrong validation "
+        "decisions with their Grad-CAM heatmaps."
     )
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -186,9 +188,18 @@ def write_report(comparison: Comparison) -> Path:
         plots.reliability(
             scored[entry.label], entry.label, classes, out / f"reliability_{entry.name}.png"
         )
+        copy_cases_panel(entry, out / f"cases_{entry.name}.png")
     if comparison.sweep:
         sweep_figure(comparison, rows)
     return out / "results.md"
+
+
+def copy_cases_panel(entry: Entry, target: Path) -> None:
+    """The entry's Grad-CAM panel of its most confident correct and wrong validation decisions
+    (drawn by the run: `pneumonia.run.finalize`), beside the entry's other figures."""
+    source = entry.run_dir / "cases.png"
+    if source.is_file():  # runs from before heatmaps have none
+        write_bytes_atomic(target, source.read_bytes())
 
 
 def sweep_figure(comparison: Comparison, rows: list[dict]) -> None:

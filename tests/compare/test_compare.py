@@ -85,7 +85,9 @@ def tiny_report(tmp_path_factory):
 
 def test_report_holds_every_file_with_one_row_per_entry(tiny_report):
     _, _, report = tiny_report
-    per_entry = [f"{kind}_{e}.png" for kind in ("confusion", "reliability") for e in ENTRIES]
+    per_entry = [
+        f"{kind}_{e}.png" for kind in ("confusion", "reliability", "cases") for e in ENTRIES
+    ]
     for name in [*FILES, *per_entry, "batch_size.png"]:
         assert (report / name).stat().st_size > 1000 or name.endswith((".csv", ".md")), name
     rows = read_rows(report)

@@ -112,3 +112,13 @@ def test_flower_bench_splits_a_round_from_the_nodes_instants(monkeypatch):
         "reply": 1.0,
         "server": 1.5,  # the round took 17.5 s; the last reply came 16 s after sending
     }
+
+
+def test_predict_serve_bench_reaches_its_ratio_and_latency_lines(tmp_path, capsys, monkeypatch):
+    args = ["--root", str(tmp_path / "none"), "--images", "6", "--size", "32", "--width", "16"]
+    args += ["--batch", "4", "--repeats", "1", "--requests", "4"]
+    out = run_bench("predict_serve", args, capsys, monkeypatch)
+    assert "6 synthetic 1500x1200 JPEGs" in out
+    assert "predict / plain: " in out and "(goal >= 0.9: " in out
+    assert "| 4 concurrent clients, cam=true | " in out
+    assert "what the server adds per request" in out

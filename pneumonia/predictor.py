@@ -234,7 +234,12 @@ def predict_files(
     rows: list[dict] = []
     skipped: list[tuple[str, str]] = []
     keep_full = on_batch is not None
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=progress is False)
+    bar = tqdm(
+        total=len(files),
+        desc="predict",
+        unit="img",
+        disable=None if progress is None else not progress,
+    )
     with bar:
         batches = decoded_batches(files, model.image_size, batch_size, keep_full)
         for batch in batches:

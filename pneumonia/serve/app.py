@@ -16,6 +16,7 @@ that cannot be decoded gets 422 with the reason. Every error is {"detail": "one 
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 from importlib import resources
 from typing import Annotated
@@ -91,29 +92,33 @@ def create_app(predictor: Predictor, max_upload: int = MAX_UPLOAD) -> FastAPI:
     ) -> Prediction:
         """P(pneumonia), the decision at the model's threshold and (with cam) the Grad-CAM
         overlay of one radiograph."""
-        name = file.filename or "upload"
         data = file.file.read()
-        check_type(data, name)
-        try:
-            full = decode_bytes(data, name)
-        except CorruptImageError as err:
-            raise HTTPException(422, f"{name}: {reason_of(err)}") from None
-        image = square(full, model.image_size)[None]
-        with model_lock:
-            if cam:
-                maps, probs = predictor.heatmaps(image)
-            else:
-                probs = predictor.probabilities(image)
-        shown = preview(full)
-        heatmap = _b64(png_bytes(overlay(shown, maps[0]))) if cam else None
-        return Prediction(
-            **model.row(name, float(probs[0])),
-            image_png=_b64(png_bytes(shown[0].numpy())),
-            heatmap_png=heatmap,
-        )
+        return Prediction(**answer(predictor, data, file.filename or "upload", cam, model_lock))
 
     app.add_middleware(LimitBody, limit=max_upload)
     return app
+
+
+def answer(predictor: Predictor, data: bytes, name: str, cam: bool, lock=None) -> dict:
+    """Everything POST /predict computes for an upload's bytes: the row, the radiograph and
+    (with `cam`) its overlay as base64 PNG; HTTPException 400/415/422 for a bad upload.
+    `lock` serialises the model's use across request threads."""
+    check_type(data, name)
+    try:
+        full = decode_bytes(data, name)
+    except CorruptImageError as err:
+        raise HTTPException(422, f"{name}: {reason_of(err)}") from None
+    image = square(full, predictor.model.image_size)[None]
+    with lock or contextlib.nullcontext():
+        if cam:
+            maps, probs = predictor.heatmaps(image)
+        else:
+            probs = predictor.probabilities(image)
+    shown = preview(full)
+    return predictor.model.row(name, float(probs[0])) | {
+        "image_png": _b64(png_bytes(shown[0].numpy())),
+        "heatmap_png": _b64(png_bytes(overlay(shown, maps[0]))) if cam else None,
+    }
 
 
 def _b64(data: bytes) -> str:

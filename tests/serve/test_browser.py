@@ -105,9 +105,10 @@ def test_dropping_an_xray_shows_probability_decision_heatmap_and_card(server, br
     from selenium.webdriver.support.ui import WebDriverWait
 
     chosen = os.environ.get("PNEUMONIA_SCREENSHOT_IMAGE")  # a real radiograph for the README
-    xray = (
-        Path(chosen) if chosen else write_image(tmp_path / "xray.png", 150, (320, 280), fmt="PNG")
-    )
+    if chosen:
+        xray = Path(chosen).resolve()  # chromedriver wants a canonical path
+    else:
+        xray = write_image(tmp_path / "xray.png", 150, (320, 280), fmt="PNG")
     browser.get(server)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: "Validation" in d.find_element(By.ID, "card-body").text)

@@ -115,7 +115,7 @@ def describe(p: float, label: int, module: ClassifierModule) -> str:
     """A panel title: the image's true class and the model's P(positive)."""
     negative, positive = module.negative_and_positive
     truth = positive if label == module.positive else negative
-    return f"{truth}\nP({positive.lower()}) {p:.2f}"
+    return f"true {truth}\nP({positive.lower()}) {p:.2f}"
 
 
 def seeded_panel(module: ClassifierModule, imageset: ImageSet, count: int = 8, seed: int = 0):
@@ -152,7 +152,7 @@ def cases_panel(
     images = [imageset.images[i] if i is not None else blank for i in chosen]
     heat = [by_index[i] if i is not None else torch.zeros(blank.shape[1:]) for i in chosen]
     titles = [
-        ("correct: " if n < per_kind else "wrong: ")
+        ("correct, " if n < per_kind else "wrong, ")
         + describe(float(probs[i]), int(imageset.labels[i]), module)
         if i is not None
         else ""

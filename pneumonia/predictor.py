@@ -209,13 +209,19 @@ def preview(full: torch.Tensor) -> torch.Tensor:
 def decoded_batches(
     files: list[Path], image_size: int, batch_size: int, keep_full: bool = False
 ) -> Iterator[list[Decoded]]:
-    """The files decoded by a pool of threads (the decoders release the GIL) while the caller
-    scores the previous batch; in order, `batch_size` at a time."""
-    workers = max(torch.get_num_threads(), 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            yield list(pool.map(lambda p: decode_one(p, image_size, keep_full), chunk))
+    """The files decoded by a pool of threads (the decoders release the GIL), `batch_size` at a
+    time and in order; the next batch decodes while the caller scores this one."""
+    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
+
+        def submit(chunk: list[Path]) -> list:
+            return [pool.submit(decode_one, p, image_size, keep_full) for p in chunk]
+
+        pending = submit(chunks[0]) if chunks else []
+        for following in [*chunks[1:], []]:
+            ahead = submit(following)
+            yield [future.result() for future in pending]
+            pending = ahead
 
 
 def predict_files(

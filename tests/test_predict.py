@@ -125,3 +125,15 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, inputs, capsy
     torch.save(ckpt, path)
     code, out, err = run(capsys, "--ckpt", str(path), str(inputs[0]))
     assert code == 2 and "non-finite weights (model.fc.weight)" in err and out == ""
+
+
+def test_batches_come_back_in_order_with_the_unreadable_marked(inputs, tmp_path):
+    from pneumonia.predictor import decoded_batches
+
+    folder, broken = inputs
+    files = sorted(folder.glob("*.*g")) * 2 + [broken]  # 5 files: batches of 2, 2, 1
+    batches = list(decoded_batches(files, 16, 2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [d.path for b in batches for d in b] == files
+    assert batches[-1][0].image is None and batches[-1][0].error
+    assert all(d.image.shape == (1, 16, 16) for b in batches[:2] for d in b)

@@ -114,14 +114,14 @@ def model_card_of(summary: dict, splits: Splits, config: dict, positive: str) ->
             "per_class": dict(zip(train.classes, train.class_counts(), strict=True)),
             "image_size": config["data"]["image_size"],
         },
-        "training": {k: summary[k] for k in ("selected_by",) if k in summary}
+        "training": {"selected_by": summary["selected_by"]}
         | ({"federated": _federation(summary["federated"])} if "federated" in summary else {}),
         "model": config["model"]["name"],
         "threshold": summary["threshold"],
         "threshold_rule": summary["threshold_rule"],
         "seed": config.get("seed"),
     }
-    for name in ("val", "val_shift"):
+    for name in ("val", "val_shift", "test"):  # test: a data.root with a test/ folder
         if name in summary:
             card[name] = _figures(summary[name])
     card["caveat"] = CAVEAT

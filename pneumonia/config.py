@@ -120,6 +120,17 @@ def add_threshold_option(parser: ArgumentParser) -> None:
     )
 
 
+def add_device_option(parser: ArgumentParser) -> None:
+    """--device cpu|cuda for the tools that score a trained model."""
+    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
+
+
+def check_device(device: str) -> None:
+    """A one-line error for --device cuda on a machine without CUDA."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device: use cpu")
+
+
 def threshold_override(args: Namespace) -> float | None:
     """The --threshold to decide at, or None for the checkpoint's own."""
     return None if args.threshold == "checkpoint" else float(args.threshold)

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
-import torch
 from jsonargparse import ArgumentParser
 
 from pneumonia.bounds import PositiveInt, Seed
 from pneumonia.checkpoint import load_module
-from pneumonia.config import add_threshold_option, parse_args, threshold_override, tool_parser
+from pneumonia.config import (
+    add_device_option,
+    add_threshold_option,
+    check_device,
+    parse_args,
+    threshold_override,
+    tool_parser,
+)
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.kermany import find_splits, list_image_files
 from pneumonia.data.shifts import ShiftConfig, shifted
@@ -46,7 +51,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--seed", type=Seed, default=0, help="of the bootstrap intervals")
     parser.add_argument("--batch_size", type=PositiveInt, default=256)
-    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
+    add_device_option(parser)
     return parser
 
 
@@ -69,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     precision, recall, f1, specificity, auroc, ece, confusion_matrix [[TN, FP], [FN, TP]], n,
     ci95 {metric: [low, high]}, and with --shift the same under "shift"."""
     args = parse_args(build_parser(), argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no CUDA device: use cpu")
+    check_device(args.device)
     override = threshold_override(args)
     module = load_module(args.ckpt, threshold=override)
     folder = pick_folder(args.data.root, args.data.split)

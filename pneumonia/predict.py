@@ -17,11 +17,17 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
 from jsonargparse import ArgumentParser
 
 from pneumonia.bounds import PositiveInt
-from pneumonia.config import add_threshold_option, parse_args, threshold_override, tool_parser
+from pneumonia.config import (
+    add_device_option,
+    add_threshold_option,
+    check_device,
+    parse_args,
+    threshold_override,
+    tool_parser,
+)
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.files import check_writable_folder, write_text_atomic
 from pneumonia.predictor import COLUMNS, HeatmapWriter, Predictor, find_inputs, predict_files
@@ -43,7 +49,7 @@ def build_parser() -> ArgumentParser:
         "--cam", type=str | None, default=None, help="folder for one Grad-CAM overlay per image"
     )
     parser.add_argument("--batch_size", type=PositiveInt, default=64)
-    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
+    add_device_option(parser)
     return parser
 
 
@@ -52,8 +58,7 @@ def load_predictor(args):
     if (args.ckpt is None) == (args.onnx is None):
         raise UserError("give exactly one of --ckpt FILE (a checkpoint) or --onnx FILE")
     threshold = threshold_override(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no CUDA device: use cpu")
+    check_device(args.device)
     if args.onnx is not None:
         if args.cam:
             raise UserError("--cam needs the PyTorch model: use --ckpt instead of --onnx")

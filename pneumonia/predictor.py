@@ -9,7 +9,6 @@ model, image_size, checkpoint (the first 16 hex digits of the checkpoint file's 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ from pneumonia.errors import UserError
 from pneumonia.explain import heatmaps, overlay, png_bytes
 from pneumonia.files import write_bytes_atomic
 from pneumonia.module import ClassifierModule
+from pneumonia.scoring import predict_probabilities
 
 # What a folder walk takes as an image. Files named on the command line are read whatever
 # their name; in folders, files without a suffix are taken when they carry DICOM's mark.
@@ -113,17 +113,9 @@ class Predictor:
         )
         return cls(module, model, device)
 
-    @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """P(positive class) of each image."""
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            logits = self.module(images.to(self.device))
-        return self.module.positive_probability(logits).float().cpu()
+        """P(positive class) of each image, in one batch (scoring's precision rules)."""
+        return predict_probabilities(self.module, images, max(len(images), 1), self.device)
 
     def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.explain`."""

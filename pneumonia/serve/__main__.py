@@ -7,13 +7,17 @@ authentication, so expose it beyond the machine only behind a proxy that adds it
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
 from jsonargparse import ArgumentParser
 
 from pneumonia.bounds import PositiveInt
-from pneumonia.config import add_threshold_option, parse_args, threshold_override, tool_parser
+from pneumonia.config import (
+    add_device_option,
+    add_threshold_option,
+    check_device,
+    parse_args,
+    threshold_override,
+    tool_parser,
+)
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.predictor import Predictor
 from pneumonia.serve.app import MAX_UPLOAD, create_app
@@ -28,7 +32,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--max_upload_mb", type=PositiveInt, default=MAX_UPLOAD >> 20, help="upload size limit"
     )
-    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
+    add_device_option(parser)
     return parser
 
 
@@ -39,8 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(), argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} must be between 0 and 65535")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no CUDA device: use cpu")
+    check_device(args.device)
     threshold = threshold_override(args)
     predictor = Predictor.from_checkpoint(args.ckpt, threshold, args.device)
     app = create_app(predictor, args.max_upload_mb << 20)

@@ -26,6 +26,7 @@ from pneumonia.errors import UserError, first_line
 from pneumonia.federated.config import FederatedConfig
 from pneumonia.models.registry import ModelConfig
 from pneumonia.module import OptimConfig
+from pneumonia.privacy import PrivacyConfig
 
 # The fit entry point owns these Trainer arguments: where runs are written and how.
 TRAINER_MANAGED = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
@@ -86,6 +87,7 @@ def build_fit_parser() -> ArgumentParser:
     parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
     parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
     parser.add_argument("--federated", type=FederatedConfig, default=FederatedConfig())
+    parser.add_argument("--privacy", type=PrivacyConfig, default=PrivacyConfig())
     parser.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_MANAGED, instantiate=False)
     parser.set_defaults({"trainer.max_epochs": 10})  # Lightning's own default is 1000
     return parser
@@ -322,7 +324,7 @@ def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
     raw = parse_args(parser, argv)
     # Groups become their dataclasses; trainer.* stays a namespace.
     cfg = parser.instantiate(raw)
-    for group in ("data", "model", "optim", "federated"):
+    for group in ("data", "model", "optim", "federated", "privacy"):
         plain_numbers(cfg[group])
     cfg.seed = int(cfg.seed)
     cfg.threshold = cfg.threshold if isinstance(cfg.threshold, str) else float(cfg.threshold)

@@ -105,19 +105,23 @@ class ClassifierModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": DiagnosisMetrics(threshold) for stage in STAGES}
         )
+        # DP-SGD (pneumonia.privacy.DPSGD sets it): the per-image loss, the private optimizer
+        # and NCHW layout. Not a hyper-parameter: a private model's checkpoint is a checkpoint.
+        self.privacy = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits [B, 2] for uint8 images or floats in [0, 1]."""
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
         images = (images - self.hparams.mean) / self.hparams.std
-        if images.is_cuda:
+        if images.is_cuda and self.privacy is None:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
     def on_fit_start(self) -> None:
-        # Tensor cores want NHWC; forward() hands the images over in that layout too.
-        if self.device.type == "cuda":
+        # Tensor cores want NHWC; forward() hands the images over in that layout too. Not
+        # under DP: Opacus's per-sample gradients of 1x1 convolutions assume NCHW strides.
+        if self.device.type == "cuda" and self.privacy is None:
             self.model.to(memory_format=torch.channels_last)
 
     def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
@@ -126,15 +130,9 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        # Class weights and smoothing shape training only; val/test report the plain
-        # cross-entropy, the same loss the federated server and `evaluation` report.
-        training = stage == "train"
-        loss = F.cross_entropy(
-            logits.float(),
-            labels,
-            weight=self.class_weights if training else None,
-            label_smoothing=self.optim_cfg.label_smoothing if training else 0.0,
-        )
+        loss = self._loss(logits, labels, stage == "train")
+        if len(labels) == 0:  # a Poisson batch may be empty: DP-SGD still steps (noise only)
+            return loss
         self.metrics[f"{stage}_metrics"].update(
             self.positive_probability(logits), labels == self.positive
         )
@@ -149,6 +147,28 @@ class ClassifierModule(L.LightningModule):
         )
         return loss
 
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
+        """Class weights and smoothing shape training only; val/test report the plain
+        cross-entropy, the same loss the federated server and `evaluation` report."""
+        if not training:
+            return F.cross_entropy(logits.float(), labels)
+        smoothing = self.optim_cfg.label_smoothing
+        if self.privacy is None:
+            return F.cross_entropy(
+                logits.float(), labels, weight=self.class_weights, label_smoothing=smoothing
+            )
+        # DP-SGD bounds each image's influence, so no image's loss may depend on the others:
+        # the weighted mean divides by the batch's sum of weights, which does. Each image's
+        # own weighted loss, averaged over the batch (Opacus's loss_reduction "mean").
+        per_image = F.cross_entropy(
+            logits.float(),
+            labels,
+            weight=self.class_weights,
+            label_smoothing=smoothing,
+            reduction="none",
+        )
+        return per_image.sum() / max(len(labels), 1)
+
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
@@ -160,6 +180,8 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
+        if self.privacy is not None:  # epsilon beside accuracy: the price of this epoch
+            self.log("train/epsilon", self.privacy.epsilon(), prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         for stage in VALIDATION_STAGES:
@@ -192,6 +214,8 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = make_optimizer(self.model.parameters(), self.optim_cfg, self.learning_rate)
+        if self.privacy is not None:
+            optimizer = self.privacy.wrap(optimizer)
         return self._with_scheduler(optimizer)
 
     def _with_scheduler(self, optimizer):

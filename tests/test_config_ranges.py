@@ -16,12 +16,14 @@ from pneumonia.data.sources import DataConfig
 from pneumonia.federated.config import FederatedConfig
 from pneumonia.models.registry import ModelConfig
 from pneumonia.module import OptimConfig
+from pneumonia.privacy import PrivacyConfig
 
 GROUPS = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
     "federated": FederatedConfig,
+    "privacy": PrivacyConfig,
 }
 # Numeric fields with no range, and why.
 UNBOUNDED = {"federated.hostile.scale": "any factor is an attack worth simulating"}

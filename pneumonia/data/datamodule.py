@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -40,6 +41,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        poisson: bool = False,
     ) -> None:
         super().__init__()
         self.train, self.val, self.test, self.val_shift = train, val, test, val_shift
@@ -49,6 +51,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.generator = torch.Generator().manual_seed(seed)  # batch order
         self.loader_generator = torch.Generator().manual_seed(seed)
         self.num_workers = num_workers
+        # DP-SGD's accounting assumes Poisson sampling: each image joins each training batch
+        # with probability B / N independently, so batch sizes vary (and may be 0).
+        self.poisson = poisson
 
     def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
         dataset = TensorDataset(images.images, images.labels)
@@ -63,11 +68,18 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler = SequentialSampler(dataset)
         # A last batch of one image breaks BatchNorm in training; drop only that case.
         drop_last = train and len(images) % batch_size == 1
+        batches = BatchSampler(sampler, batch_size, drop_last)
+        if train and self.poisson:
+            batches = UniformWithReplacementSampler(
+                num_samples=len(images),
+                sample_rate=min(batch_size / len(images), 1.0),
+                generator=self.generator,
+            )
         return DataLoader(
             dataset,
             # Whole batches of indices: the images are one tensor, so a batch is one indexing
             # operation instead of batch_size item lookups and a collate (twice as fast).
-            sampler=BatchSampler(sampler, batch_size, drop_last),
+            sampler=batches,
             batch_size=None,
             # Not self.generator: Lightning creates an extra, unused iterator in the first epoch
             # of a later fit call, and each iterator draws a seed from the loader's generator.
@@ -97,6 +109,7 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        if self.trainer is not None and self.trainer.training and self.augment.enabled:
+        augment = self.augment.enabled and len(labels) > 0  # an empty Poisson batch stays empty
+        if self.trainer is not None and self.trainer.training and augment:
             images = augment_batch(images.float() / 255.0, self.augment)
         return images, labels

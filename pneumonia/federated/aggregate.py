@@ -27,6 +27,9 @@ class ClientUpdate:
     n: int  # training images the client used (the FedAvg weight)
     train_loss: float  # mean training loss of its last local epoch
     train_accuracy: float
+    # DP-SGD (privacy.enabled): the client's (epsilon, delta) after this round, from its own
+    # accountant; None without differential privacy on the client.
+    epsilon: float | None = None
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:

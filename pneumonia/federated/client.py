@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.imageset import ImageSet
 from pneumonia.federated.aggregate import ClientUpdate, State
+from pneumonia.privacy import DPSGD, PrivacyConfig, planned_steps
 from pneumonia.recipe import Recipe, build_module, loss_weights
 from pneumonia.seeding import seed_training
 
@@ -57,6 +58,8 @@ class ClientSettings:
     seed: int
     trainer_args: dict
     keep_optimizer_state: bool = False
+    privacy: PrivacyConfig | None = None  # DP-SGD on every client (privacy.*)
+    planned_epochs: int = 1  # rounds x local epochs: what a target epsilon is spread over
 
 
 class Client:
@@ -76,8 +79,21 @@ class Client:
             augment=settings.augment,
             seed=settings.seed,
             num_workers=settings.num_workers,
+            poisson=settings.privacy is not None,
         )
         self.module = build_module(recipe, loss_weights(settings.balance, data))
+        # Its own accountant for the whole run: epsilon grows with every round it trains.
+        self.privacy = (
+            DPSGD(
+                self.module,
+                settings.privacy,
+                len(data),
+                settings.batch_size,
+                planned_steps(len(data), settings.batch_size, settings.planned_epochs),
+            )
+            if settings.privacy is not None
+            else None
+        )
         self.logger = OffsetTensorBoardLogger(
             log_dir, name="", version=f"client_{index}", default_hp_metric=False
         )
@@ -132,6 +148,7 @@ class Client:
             n=len(self.data),
             train_loss=float(metrics.get("train/loss_epoch", float("nan"))),
             train_accuracy=float(metrics.get("train/accuracy", float("nan"))),
+            epsilon=self.privacy.epsilon() if self.privacy is not None else None,
         )
 
     def state_dict(self) -> dict:
@@ -140,10 +157,13 @@ class Client:
             "local_state": self.local_state,
             "optimizer_state": self.optimizer_state,
             "steps": self.steps_before + self.trainer.global_step,
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.local_state = state["local_state"]
         self.optimizer_state = state["optimizer_state"]
         self.steps_before = int(state["steps"])
+        if self.privacy is not None:  # the epsilon spent before the interruption still counts
+            self.privacy.load_state_dict(state["privacy"])
         self.logger.step_offset = self.steps_before - self.trainer.global_step

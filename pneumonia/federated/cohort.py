@@ -72,6 +72,8 @@ def client_settings(cfg: Namespace, trainer_args: dict) -> ClientSettings:
         seed=cfg.seed,
         trainer_args=client_trainer_arguments(trainer_args),
         keep_optimizer_state=cfg.federated.keep_optimizer_state,
+        privacy=cfg.privacy if cfg.privacy.enabled else None,
+        planned_epochs=cfg.federated.rounds * cfg.federated.local_epochs,
     )
 
 

@@ -12,6 +12,7 @@ from pneumonia.bounds import (
     FractionUpToOne,
     NonNegativeFloat,
     NonNegativeInt,
+    OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
 )
@@ -29,6 +30,20 @@ class HostileConfig:
     client: NonNegativeInt | None = None
     scale: float = 1.0
     claimed_images: PositiveInt | None = None
+
+
+@dataclass
+class ServerDPConfig:
+    """User-level DP-FedAvg on the server (McMahan et al. 2018): each sampled client's update
+    w_j - w_global is clipped to L2 norm `clip_norm`, the clipped updates are averaged with
+    equal weights and Gaussian noise of std noise_multiplier x clip_norm / m is added to the
+    mean, before the strategy (FedAvg, FedProx, FedAdam, ...) applies it. Its own accountant
+    (RDP, sampling rate m / J per round) states (epsilon, delta) for a whole hospital."""
+
+    enabled: bool = False
+    noise_multiplier: NonNegativeFloat = 1.0
+    clip_norm: PositiveFloat = 1.0
+    delta: OpenUnitInterval = 0.01  # must be below 1 / J: a hospital is the unit protected
 
 
 @dataclass
@@ -65,16 +80,57 @@ class FederatedConfig:
     max_update_norm: PositiveFloat | None = None
     # Simulation only: a hostile or broken hospital, for robustness studies.
     hostile: HostileConfig = field(default_factory=HostileConfig)
+    server_dp: ServerDPConfig = field(default_factory=ServerDPConfig)
+    # Flower deployments only: Flower's SecAgg+ masks every update, so the server learns
+    # only the weighted sum of the round's updates (at least 3 clients; not with the robust
+    # strategies or server_dp, which need each update on its own).
+    secure_aggregation: bool = False
 
 
 def check_federated(cfg: FederatedConfig) -> None:
     """What the parser's ranges (pneumonia.bounds) cannot say: a strategy by its registered
     name, and a hostile client among the clients."""
     strategy_class(cfg.strategy)  # an unknown name is a one-line error listing the known ones
+    robust = cfg.strategy in ROBUST_STRATEGIES
+    if cfg.server_dp.enabled and robust:
+        raise UserError(
+            f"federated.server_dp averages clipped updates and cannot use federated.strategy "
+            f"{cfg.strategy}: use fedavg, fedprox, fedbn, fedavgm or fedadam"
+        )
+    if cfg.server_dp.enabled and cfg.server_dp.delta >= 1 / cfg.clients:
+        raise UserError(
+            f"federated.server_dp.delta {cfg.server_dp.delta:g} must be below 1 / "
+            f"federated.clients ({1 / cfg.clients:.3g}): a hospital is the unit protected"
+        )
+    if cfg.secure_aggregation:
+        check_secure_aggregation(cfg)
     if cfg.hostile.client is not None and cfg.hostile.client >= cfg.clients:
         raise UserError(
             f"federated.hostile.client {cfg.hostile.client} is not one of the "
             f"{cfg.clients} clients (0-{cfg.clients - 1})"
+        )
+
+
+# Aggregators that need every update on its own (order statistics per coordinate).
+ROBUST_STRATEGIES = ("median", "trimmed_mean")
+
+
+def check_secure_aggregation(cfg: FederatedConfig) -> None:
+    """What secure aggregation rules out: the server sees only the sum of the updates."""
+    if cfg.strategy in ROBUST_STRATEGIES:
+        raise UserError(
+            f"federated.secure_aggregation hides each update, and federated.strategy "
+            f"{cfg.strategy} needs them one by one: use fedavg, fedprox, fedbn, fedavgm or fedadam"
+        )
+    if cfg.server_dp.enabled:
+        raise UserError(
+            "federated.server_dp clips each update on the server, which secure aggregation "
+            "hides: use DP-SGD on the clients (privacy.enabled true) with secure aggregation"
+        )
+    if cfg.clients < 3:
+        raise UserError(
+            f"federated.secure_aggregation needs at least 3 clients (federated.clients is "
+            f"{cfg.clients}): with 2, each learns the other's update from the sum"
         )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from opacus.accountants import RDPAccountant
 from torch import nn
 
 from pneumonia.errors import UserError
@@ -261,3 +262,87 @@ class TrimmedMean(CoordinateWise):
         k = ordered.shape[0]
         cut = self.trimmed(k)
         return ordered[cut : k - cut].mean(dim=0)
+
+
+def clip_update(update: State, global_state: State, bound: float) -> tuple[State, float]:
+    """The change w - w_global of every float tensor, scaled down to L2 norm `bound` when it
+    is larger (jointly over all tensors), and its norm before clipping."""
+    delta = {
+        k: update[k].detach().to("cpu", torch.float64) - v.to(torch.float64)
+        for k, v in global_state.items()
+        if v.is_floating_point()
+    }
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {k: d * scale for k, d in delta.items()}, norm
+
+
+class ServerDP(Strategy):
+    """User-level DP-FedAvg (McMahan et al. 2018, "Learning differentially private recurrent
+    language models") wrapped around any averaging strategy: each update w_j - w_global is
+    clipped to `clip_norm`, the sum of the clipped updates gets Gaussian noise of std
+    noise_multiplier x clip_norm, and the sum over the m clients a round samples (a fixed
+    denominator, so one hospital moves it by at most clip_norm / m) goes to the wrapped
+    strategy as the round's one averaged update (FedAvg takes it, FedAdam steps on it).
+
+    Its accountant (Opacus's RDP, sampling rate m / J per round) bounds what the global models
+    reveal about whether a whole hospital took part. With every client in every round
+    (m = J) there is no amplification by sampling, and with 3 hospitals a useful epsilon
+    needs more noise than the model can bear: the number says so honestly."""
+
+    def __init__(self, base: Strategy, cfg, per_round: int, clients: int, seed: int) -> None:
+        self.base, self.cfg, self.per_round = base, cfg, per_round
+        self.local_keys = base.local_keys
+        self.sample_rate = per_round / clients
+        self.accountant = RDPAccountant()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def client_callbacks(self, global_state: State) -> list[Callback]:
+        return self.base.client_callbacks(global_state)
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        total: dict[str, torch.Tensor] = {}
+        for update in updates:
+            clipped, _ = clip_update(update.state, global_state, self.cfg.clip_norm)
+            for key, delta in clipped.items():
+                total[key] = total[key] + delta if key in total else delta
+        std = self.cfg.noise_multiplier * self.cfg.clip_norm
+        average = weighted_average([u.state for u in updates], [u.n for u in updates])
+        noisy = dict(average)  # integer buffers: the plain average (counts, not weights)
+        for key, summed in total.items():
+            noise = torch.normal(0.0, std, summed.shape, generator=self.generator).double()
+            step = (summed + noise) / self.per_round
+            noisy[key] = (global_state[key].double() + step).to(global_state[key].dtype)
+        self.accountant.step(
+            noise_multiplier=self.cfg.noise_multiplier, sample_rate=self.sample_rate
+        )
+        one = ClientUpdate(-1, noisy, n=1, train_loss=math.nan, train_accuracy=math.nan)
+        return self.base.aggregate(global_state, [one])
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at server_dp.delta (inf without noise)."""
+        if len(self.accountant) == 0:
+            return 0.0
+        if self.cfg.noise_multiplier == 0:
+            return math.inf
+        return float(self.accountant.get_epsilon(delta=self.cfg.delta))
+
+    def state_dict(self) -> dict:
+        history = [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
+        return {
+            "base": self.base.state_dict(),
+            "history": history,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state["base"])
+        self.accountant.history = [tuple(entry) for entry in state["history"]]
+        self.generator.set_state(state["generator"])
+
+
+def with_server_dp(strategy: Strategy, cfg, per_round: int, clients: int, seed: int) -> Strategy:
+    """`strategy`, wrapped in ServerDP when federated.server_dp.enabled (cfg: FederatedConfig)."""
+    if not cfg.server_dp.enabled:
+        return strategy
+    return ServerDP(strategy, cfg.server_dp, per_round, clients, seed)

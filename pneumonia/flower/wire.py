@@ -6,7 +6,15 @@ query  server -> node: the run's resolved config (YAML text)
 train  server -> node: the global state dict, round, local epochs, learning rate, the node's
                        client index, the config, the agreed recipe, and whether to time itself
        node -> server: its trained state dict, image count, mean training loss and accuracy,
-                       and, when asked, when each of its steps ended (bench/flower.py asks)
+                       its DP epsilon so far (with DP-SGD), and, when asked, when each of its
+                       steps ended (bench/flower.py asks)
+secure train (federated.secure_aggregation, Flower's SecAgg+; pneumonia.flower.secure)
+       server -> node: the same request, inside the protocol's third stage
+       node -> server: `secure_train_reply`: its change to the float tensors (update - global) as
+                       one flat float64 array in Flower's FitRes form, which `secaggplus_mod`
+                       masks before it leaves the node, and in clear text the image count,
+                       training loss and accuracy, and epsilon; integer buffers (BatchNorm's
+                       num_batches_tracked) are not sent: the aggregate keeps the global's
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.cohort import RoundTask
@@ -127,31 +136,105 @@ def read_train_request(content: RecordDict) -> TrainRequest:
 
 
 def train_reply(update: ClientUpdate, timings: dict[str, float] | None = None) -> RecordDict:
-    metrics = {
-        "num-examples": update.n,
-        "train-loss": update.train_loss,
-        "train-accuracy": update.train_accuracy,
-    } | {f"time-{k}": v for k, v in (timings or {}).items()}
     arrays, layout = to_arrays(update.state)
     return RecordDict(
         {
             "update": arrays,
             "layout": ConfigRecord({"layout": layout}),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(clear_metrics(update) | time_metrics(timings)),
         }
+    )
+
+
+def clear_metrics(update: ClientUpdate) -> dict:
+    """What travels in clear text in either reply: the count, two summary numbers, epsilon."""
+    metrics = {
+        "num-examples": update.n,
+        "train-loss": update.train_loss,
+        "train-accuracy": update.train_accuracy,
+    }
+    return metrics | ({"epsilon": update.epsilon} if update.epsilon is not None else {})
+
+
+def time_metrics(timings: dict[str, float] | None) -> dict:
+    return {f"time-{k}": v for k, v in (timings or {}).items()}
+
+
+def read_metadata(content: RecordDict, client: int, state: State) -> ClientUpdate:
+    """A reply's clear-text metrics as a ClientUpdate holding `state`."""
+    m = content["metrics"]
+    return ClientUpdate(
+        client=client,
+        state=state,
+        n=int(m["num-examples"]),
+        train_loss=float(m["train-loss"]),
+        train_accuracy=float(m["train-accuracy"]),
+        epsilon=float(m["epsilon"]) if "epsilon" in m else None,
     )
 
 
 def read_train_reply(content: RecordDict, client: int) -> tuple[ClientUpdate, dict[str, float]]:
     """The update, and the node's timings if it was asked for them (instants, seconds since
     the epoch; else empty)."""
+    state = from_arrays(content["update"], str(content["layout"]["layout"]))
+    update = read_metadata(content, client, state)
     m = content["metrics"]
-    update = ClientUpdate(
-        client=client,
-        state=from_arrays(content["update"], str(content["layout"]["layout"])),
-        n=int(m["num-examples"]),
-        train_loss=float(m["train-loss"]),
-        train_accuracy=float(m["train-accuracy"]),
-    )
     timings = {k[len("time-") :]: float(v) for k, v in m.items() if k.startswith("time-")}
     return update, timings
+
+
+# -- secure aggregation (SecAgg+) ------------------------------------------------------------
+
+
+def float_keys(state: State) -> list[str]:
+    """The tensors secure aggregation sums, in the state dict's order (both sides agree)."""
+    return [key for key, tensor in state.items() if tensor.is_floating_point()]
+
+
+def flat_delta(state: State, global_state: State) -> np.ndarray:
+    """update - global of every float tensor, as one float64 vector: one array for SecAgg+ to
+    mask (one per tensor would cost a protocol round trip's worth of objects each), and
+    float64 so that its quantization to 2^22 levels is not blurred by float32 rounding."""
+    parts = [
+        (state[k].detach().cpu().double() - global_state[k].detach().cpu().double()).reshape(-1)
+        for k in float_keys(global_state)
+    ]
+    return torch.cat(parts).numpy() if parts else np.zeros(0)
+
+
+def add_delta(global_state: State, delta: np.ndarray) -> State:
+    """global + delta for the float tensors (cast back to each one's dtype); integer buffers
+    stay the global's (they were never sent)."""
+    flat = torch.from_numpy(np.asarray(delta, dtype=np.float64))
+    out, start = {}, 0
+    for key, tensor in global_state.items():
+        if tensor.is_floating_point():
+            part = flat[start : start + tensor.numel()].reshape(tensor.shape)
+            out[key] = (tensor.double() + part).to(tensor.dtype)
+            start += tensor.numel()
+        else:
+            out[key] = tensor.clone()
+    if start != flat.numel():
+        raise ValueError(f"a delta of {flat.numel()} values for {start} float values")
+    return out
+
+
+def secure_train_reply(update: ClientUpdate, global_state: State) -> RecordDict:
+    """The reply `secaggplus_mod` turns into a masked vector: Flower's FitRes records (the
+    delta in `fitres.parameters`, the weight in `fitres.num_examples`), plus our clear-text
+    `metrics`. The mod clears every ArrayRecord before the reply leaves the node. Each
+    coordinate is clipped by the mod to +-clipping_range x max_weight / n before quantization
+    (pneumonia.flower.secure); a non-finite delta would quantize to garbage, so it is refused
+    here and the node drops out of the round."""
+    delta = flat_delta(update.state, global_state)
+    if not np.isfinite(delta).all():
+        raise ValueError("the trained model holds non-finite values: not sent")
+    return RecordDict(
+        {
+            "fitres.parameters": ArrayRecord({"delta": Array(delta)}),
+            "fitres.num_examples": MetricRecord({"num_examples": update.n}),
+            "fitres.metrics": ConfigRecord({}),
+            "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+            "metrics": MetricRecord(clear_metrics(update)),
+        }
+    )

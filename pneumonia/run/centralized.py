@@ -24,6 +24,7 @@ from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
 from pneumonia.interrupt import deferred
+from pneumonia.privacy import DPSGD, AccountantState, planned_steps
 from pneumonia.recipe import build_module, loss_weights
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
@@ -75,6 +76,8 @@ class EpochLines(Callback):
             f" | best {self.checkpoint.monitor} {float(best):.3f}" if best is not None else ""
         )
         left = duration(elapsed / done * (total - done))
+        if "train/epsilon" in m:
+            best_text += f" | epsilon {m['train/epsilon']:.2f}"
         print(
             f"epoch {done:{len(str(total))}d}/{total}  train loss "
             f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left",
@@ -116,6 +119,7 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
         seed=cfg.seed,
         val_shift=splits.val_shift,
         num_workers=d.num_workers,
+        poisson=cfg.privacy.enabled,
     )
 
 
@@ -125,6 +129,7 @@ def build_trainer(
     progress: Progress | None = None,
     generator: torch.Generator | None = None,
     epochs_done: int = 0,
+    extra: list[Callback] | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The run's Trainer: TensorBoard and CSV loggers, best and last checkpoints, weight
     averaging, and Lightning's progress bar on a terminal only (unless trainer.* says)."""
@@ -145,7 +150,7 @@ def build_trainer(
         TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
         HistoryCSVLogger(run_dir, epochs_done),
     ]
-    callbacks = [checkpoint, last, FlushEachEpoch(), StopBetweenBatches()]
+    callbacks = [checkpoint, last, FlushEachEpoch(), StopBetweenBatches(), *(extra or [])]
     callbacks += [ReportEpochs(progress)] if progress else []
     if generator is not None:
         callbacks.append(RandomState(generator))
@@ -169,11 +174,15 @@ def train_centralized(run: RunInputs) -> Trained:
     cfg, splits, run_dir, resume = run.cfg, run.splits, run.run_dir, run.resume
     module = build_module(run.recipe, loss_weights(cfg.data.balance, splits.train))
     datamodule = build_datamodule(cfg, splits)
+    private = make_private(cfg, module, len(splits.train))
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
     done = int(safe_load(last, mmap=True)["epoch"]) + 1 if resume else 0
-    trainer, checkpoint = build_trainer(cfg, run_dir, run.progress, datamodule.generator, done)
+    extra = [AccountantState(private)] if private is not None else []
+    trainer, checkpoint = build_trainer(
+        cfg, run_dir, run.progress, datamodule.generator, done, extra
+    )
     # The same seed a single federated client trains round 1 with: see pneumonia.seeding.
     seed_training(datamodule.generator, cfg.seed)
     with deferred():  # a signal stops the fit between batches: see pneumonia.run.resumable
@@ -183,8 +192,18 @@ def train_centralized(run: RunInputs) -> Trained:
         checkpoint=Path(checkpoint.best_model_path or last),
         selected_by=selection_rule(cfg),
         logger=trainer.loggers[0],
-        details={"epochs": trainer.current_epoch},
+        details={"epochs": trainer.current_epoch}
+        | ({"privacy": private.describe()} if private is not None else {}),
     )
+
+
+def make_private(cfg: Namespace, module, images: int) -> DPSGD | None:
+    """DP-SGD on the run's one trainer (privacy.enabled), its budget spread over every epoch."""
+    if not cfg.privacy.enabled:
+        return None
+    epochs = int(trainer_arguments(cfg)["max_epochs"])
+    steps = planned_steps(images, cfg.data.batch_size, epochs)
+    return DPSGD(module, cfg.privacy, images, cfg.data.batch_size, steps)
 
 
 def selection_rule(cfg: Namespace) -> str:

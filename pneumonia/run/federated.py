@@ -20,7 +20,7 @@ from pneumonia.federated.cohort import Cohort, RoundTask
 from pneumonia.federated.config import averaged_rounds, clients_per_round, round_lr_scale
 from pneumonia.federated.server import Server
 from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
-from pneumonia.federated.strategies import create_strategy
+from pneumonia.federated.strategies import ServerDP, create_strategy, with_server_dp
 from pneumonia.files import write_csv
 from pneumonia.recipe import build_module
 from pneumonia.run.finalize import Trained
@@ -40,8 +40,10 @@ class FederatedTraining:
         self.fingerprint = cohort.fingerprint()  # which images: a resume must see the same
         # The global model first: its initialisation is the run's (the seed's) initialisation.
         self.module = build_module(recipe)
-        self.strategy = create_strategy(fed, self.module)
         per_round = clients_per_round(fed.fraction, len(cohort))
+        self.strategy = with_server_dp(
+            create_strategy(fed, self.module), fed, per_round, len(cohort), cfg.seed
+        )
         self.server = Server(
             self.module.state_dict(),
             self.strategy,
@@ -172,6 +174,46 @@ class FederatedTraining:
             for name, v in last.items()
         }
 
+    def server_privacy(self) -> dict:
+        """server_dp's epsilon so far, as a rounds.csv column (none without server DP)."""
+        if not isinstance(self.strategy, ServerDP):
+            return {}
+        return {"server_epsilon": round(self.strategy.epsilon(), 4)}
+
+    def privacy_details(self) -> dict:
+        """summary.json's `privacy`: each client's final (epsilon, delta) under DP-SGD, the
+        server's under server_dp; absent for a run without differential privacy."""
+        out: dict = {}
+        cfg = self.cfg
+        if cfg.privacy.enabled:
+            last: dict[str, float] = {}
+            for row in self.history:  # a client's epsilon as of the last round it trained
+                for j in range(len(self.cohort)):
+                    if row.get(f"client{j}_epsilon", "") != "":
+                        last[str(j)] = row[f"client{j}_epsilon"]
+            p = cfg.privacy
+            out["clients"] = {
+                "mechanism": "DP-SGD (Opacus), per client",
+                "epsilon": max(last.values(), default=0.0),
+                "epsilon_per_client": last,
+                "delta": p.delta,
+                "accountant": p.accountant,
+                "max_grad_norm": p.max_grad_norm,
+                "noise": f"noise_multiplier {p.noise_multiplier}"
+                if p.noise_multiplier is not None
+                else f"calibrated per client for target_epsilon {p.target_epsilon}",
+            }
+        if isinstance(self.strategy, ServerDP):
+            s = cfg.federated.server_dp
+            out["server"] = {
+                "mechanism": "user-level DP-FedAvg on the server",
+                "epsilon": round(self.strategy.epsilon(), 4),
+                "delta": s.delta,
+                "noise_multiplier": s.noise_multiplier,
+                "clip_norm": s.clip_norm,
+            }
+        return out
+
     def train(self) -> None:
         """Every round not yet completed."""
         table = format_table(self.cohort.table)
@@ -198,6 +240,7 @@ class FederatedTraining:
             evaluations,
             now - round_started,
             self.elapsed_before + now - started,
+            self.server_privacy(),
         )
         self.history.append(row)
         # rounds.csv before the resume state: a kill between them leaves a row the next
@@ -234,5 +277,6 @@ def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
                 "local_epochs": fed.local_epochs,
                 "partition_table": cohort.table,
             }
-        },
+        }
+        | ({"privacy": privacy} if (privacy := training.privacy_details()) else {}),
     )

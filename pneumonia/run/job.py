@@ -29,6 +29,7 @@ from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
 from pneumonia.models.registry import count_parameters, create_model
+from pneumonia.privacy import check_delta, check_privacy, check_private_model
 from pneumonia.recipe import make_recipe
 from pneumonia.run.centralized import train_centralized
 from pneumonia.run.federated import train_federated
@@ -64,7 +65,8 @@ def preflight(cfg: Namespace) -> int:
     check_writable_folder("run_dir" if cfg.run_dir else "runs_root", cfg.run_dir or cfg.runs_root)
     if cfg.data.root is not None:
         check_writable_folder("data.cache_dir", cfg.data.cache_dir or default_cache_dir())
-    parameters = count_parameters(create_model(cfg.model, cfg.data.image_size))
+    model = create_model(cfg.model, cfg.data.image_size)
+    parameters = count_parameters(model)
     check_threshold(cfg.threshold)
     check_trainer(cfg)
     check_monitor(cfg.monitor, cfg.data.shift.enabled)
@@ -72,6 +74,9 @@ def preflight(cfg: Namespace) -> int:
     check_augment(cfg.data.augment)
     if cfg.federated.enabled:
         check_federated(cfg.federated)
+    check_privacy(cfg)
+    if cfg.privacy.enabled:
+        check_private_model(model, cfg.model.name)
     return parameters
 
 
@@ -150,6 +155,11 @@ def run_job(
     federated = cfg.federated.enabled
     if cohort is not None and not federated:
         raise UserError("a deployment across hospitals is federated: set federated.enabled true")
+    if federated and cfg.federated.secure_aggregation and cohort is None:
+        raise UserError(
+            "federated.secure_aggregation runs over the Flower deployment (python -m "
+            "pneumonia.flower.demo, or flwr run): simulated clients share one process"
+        )
     splits = load_splits(cfg.data, cfg.seed, sites=federated and cfg.federated.partition == "sites")
     print(describe_splits(splits), flush=True)
     if federated:
@@ -158,8 +168,12 @@ def run_job(
             cohort(cfg, config_yaml) if cohort else LocalCohort(cfg, splits, trainer_arguments(cfg))
         )
         recipe = make_recipe(cfg, splits.train.classes, clients.moments())
+        sizes = {f"client {row['client']}": row["images"] for row in clients.table}
     else:
         recipe = make_recipe(cfg, splits.train.classes, [splits.train.pixel_moments()])
+        sizes = {"the training split": len(splits.train)}
+    if cfg.privacy.enabled:
+        check_delta(cfg.privacy.delta, sizes)
     run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
     print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
     run = RunInputs(cfg, recipe, splits, run_dir, progress, resume=bool(resume))

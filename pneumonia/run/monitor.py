@@ -31,8 +31,11 @@ def round_row(
     evaluations: dict[str, dict],
     round_s: float,
     elapsed_s: float,
+    extra: dict | None = None,
 ) -> dict:
-    """One row of rounds.csv; clients not sampled or left out have empty cells."""
+    """One row of rounds.csv; clients not sampled or left out have empty cells. With DP-SGD,
+    each client's epsilon so far and the round's largest (`epsilon`); `extra`: columns of
+    the server's own (server_dp's `server_epsilon`)."""
     used = [u for u in updates if u.client not in excluded]
     row: dict = {
         "round": round_number,
@@ -40,12 +43,18 @@ def round_row(
         "excluded": ";".join(map(str, excluded)),
     }
     by_client = {u.client: u for u in used}
+    private = any(u.epsilon is not None for u in updates)
     for j in range(n_clients):
         update = by_client.get(j)
         row[f"client{j}_n"] = update.n if update else ""
         row[f"client{j}_loss"] = round(update.train_loss, 5) if update else ""
+        if private:
+            row[f"client{j}_epsilon"] = round(update.epsilon, 4) if update else ""
     total = sum(u.n for u in used)
     row["train_loss"] = round(sum(u.train_loss * u.n for u in used) / total, 5)
+    if private:  # the weakest guarantee of the round: the largest epsilon any client spent
+        row["epsilon"] = round(max(u.epsilon for u in updates if u.epsilon is not None), 4)
+    row |= extra or {}
     for split, values in evaluations.items():
         for key in GLOBAL_METRICS:
             row[f"{split}_{key}"] = round(values[key], 5)
@@ -57,6 +66,9 @@ def log_round(tensorboard: SummaryWriter, row: dict) -> None:
     """Global curves with the round as the step: global/train/loss, global/val/<metric>, ..."""
     step = row["round"]
     tensorboard.add_scalar("global/train/loss", row["train_loss"], step)
+    for key, value in row.items():
+        if key.endswith("epsilon") and value != "":
+            tensorboard.add_scalar(f"privacy/{key}", value, step)
     for split in EVALUATION_SETS:
         for metric in GLOBAL_METRICS:
             if f"{split}_{metric}" in row:
@@ -80,9 +92,14 @@ def progress_line(row: dict, rounds: int, best: Best, monitor: str) -> str:
         if "val_shift_accuracy" in row
         else ""
     )
+    privacy = "".join(
+        f" | {label} {row[key]:.2f}"
+        for key, label in (("epsilon", "epsilon"), ("server_epsilon", "server epsilon"))
+        if key in row
+    )
     return (
         f"round {done:{width}d}/{rounds} {row['round_s']:4.0f}s  {clients}{excluded}"
         f"train loss {row['train_loss']:.3f} | val acc {row['val_accuracy']:.3f} "
-        f"auroc {row['val_auroc']:.3f}{shift} | best {monitor} {best.value:.3f} (round "
-        f"{best.step}) | {duration(eta)} left"
+        f"auroc {row['val_auroc']:.3f}{shift}{privacy} | best {monitor} {best.value:.3f} "
+        f"(round {best.step}) | {duration(eta)} left"
     )

@@ -1,0 +1,231 @@
+"""Differential privacy of training (DP-SGD, Abadi et al. 2016) with Opacus: the `privacy.*`
+config group, the checks that refuse what cannot be private, and `DPSGD`, which makes one
+trainer's module private (a central run's, or one federated client's, kept across rounds).
+
+What Opacus does and this module does not redo: per-sample gradients (its hooks), clipping
+and noise (its `DPOptimizer`), Poisson sampling (its `UniformWithReplacementSampler`, used by
+the DataModule), the accountant (RDP or PRV) and the noise for a target epsilon. What is
+ours: wiring them into a LightningModule whose state-dict keys must not change (checkpoints,
+aggregation and FedBN's keys depend on them), so the hooks sit beside the model instead of
+wrapping it, and a fresh `DPOptimizer` wraps each fit's optimizer.
+
+The protected unit is one training image of one trainer (a hospital's image, in a
+federation): (epsilon, delta) bounds what anyone holding the trained weights, or every
+update a client sent, can learn about whether that image was used.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import timm.layers
+import torch
+from lightning.pytorch.callbacks import Callback
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleHooks, register_grad_sampler
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from pneumonia.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
+from pneumonia.errors import UserError, first_line
+
+# timm's GroupNorm subclasses torch's, and Opacus looks samplers up by exact type: without
+# this line its layers silently fall back to the slower functorch path.
+register_grad_sampler(timm.layers.GroupNorm)(compute_group_norm_grad_sample)
+# The stem's input (the images) needs no gradient; Opacus's hooks are right without it.
+warnings.filterwarnings("ignore", message=r"Full backward hook is firing")
+
+
+@dataclass
+class PrivacyConfig:
+    """DP-SGD on every trainer (`privacy.*`): each image's gradient is clipped to L2 norm
+    `max_grad_norm`, Gaussian noise of std noise_multiplier x max_grad_norm is added to each
+    batch's sum, and batches are Poisson samples (each image in with probability B / N).
+    Give the noise (`noise_multiplier`) or the budget of the whole run (`target_epsilon`: the
+    noise that ends the last epoch or round at that epsilon), not both."""
+
+    enabled: bool = False
+    noise_multiplier: NonNegativeFloat | None = None
+    target_epsilon: PositiveFloat | None = None
+    max_grad_norm: PositiveFloat = 1.0
+    # The chance that the guarantee fails outright; must stay below 1 / N for every trainer
+    # of N images (1e-5: below 1 / 100,000).
+    delta: OpenUnitInterval = 1e-5
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+def check_privacy(cfg) -> None:
+    """What DP-SGD rules out, before any data is read (cfg: the fit config). Raises UserError."""
+    p = cfg.privacy
+    if not p.enabled:
+        return
+    if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        raise UserError(
+            "privacy: give exactly one of privacy.noise_multiplier and privacy.target_epsilon"
+        )
+    refusals = {
+        cfg.data.balance == "sampler": "data.balance sampler is not Poisson sampling: use "
+        "data.balance loss_weights or none",
+        cfg.optim.weight_averaging != "none": "optim.weight_averaging copies the model and its "
+        "per-sample hooks: use none (a federation may use federated.average_rounds)",
+        cfg.federated.enabled and cfg.federated.strategy == "fedprox": "federated.strategy "
+        "fedprox edits gradients that DP-SGD then replaces: use fedavg, fedbn, fedavgm or fedadam",
+        (cfg.trainer.get("accumulate_grad_batches") or 1) > 1: "trainer.accumulate_grad_batches "
+        "above 1 is not Poisson sampling: raise data.batch_size instead",
+        cfg.trainer.get("gradient_clip_val") is not None: "trainer.gradient_clip_val: DP-SGD "
+        "clips each image's gradient itself (privacy.max_grad_norm)",
+        str(cfg.trainer.get("precision")).startswith("16"): "trainer.precision 16-mixed scales "
+        "the loss and Opacus clips the scaled per-sample gradients: use 32-true or bf16-mixed",
+    }
+    for refused, why in refusals.items():
+        if refused:
+            raise UserError(f"privacy.enabled: {why}")
+
+
+def check_private_model(model: nn.Module, name: str) -> None:
+    """Refuse a model Opacus cannot train privately, in one line naming the fix."""
+    errors = ModuleValidator.validate(model, strict=False)
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if batchnorm or any("BatchNorm" in str(e) for e in errors):
+        raise UserError(
+            f"privacy.enabled: model {name} has BatchNorm, which mixes the images of a batch "
+            f"so no image has a gradient of its own: use GroupNorm (model.norm gn)"
+        )
+    if errors:
+        raise UserError(f"privacy.enabled: model {name}: {first_line(errors[0], 200)}")
+
+
+def check_delta(delta: float, images: dict[str, int]) -> None:
+    """delta must stay below 1 / N for every trainer (name -> its image count)."""
+    for who, n in images.items():
+        if delta >= 1.0 / n:
+            raise UserError(
+                f"privacy.delta {delta:g} must be below 1 / {n} ({who}'s training images): "
+                f"lower it, e.g. to {10 ** math.floor(math.log10(0.1 / n)):g}"
+            )
+
+
+def no_inplace(model: nn.Module) -> None:
+    """Turn off in-place activations: a ReLU that overwrites a hooked layer's output breaks
+    Opacus's backward hooks (timm's blocks use inplace=True)."""
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+
+
+def noise_for_budget(cfg: PrivacyConfig, sample_rate: float, steps: int) -> float:
+    """The noise multiplier whose `steps` Poisson steps at `sample_rate` end at
+    privacy.target_epsilon (Opacus's own search), or privacy.noise_multiplier."""
+    if cfg.target_epsilon is None:
+        return float(cfg.noise_multiplier)
+    with warnings.catch_warnings():  # PRV's "optimal order" notes
+        warnings.simplefilter("ignore")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=cfg.target_epsilon,
+                target_delta=cfg.delta,
+                sample_rate=sample_rate,
+                steps=max(steps, 1),
+                accountant=cfg.accountant,
+            )
+        )
+
+
+class DPSGD:
+    """One trainer's DP-SGD: per-sample gradient hooks on `module.model`, the accountant, and
+    the private optimizer each fit gets (`wrap`). Attached as `module.privacy`, which the
+    module consults for its loss, its optimizer and its memory layout.
+
+    `images`: the trainer's training images (N); `batch_size`: the expected batch (B; the
+    sample rate is B / N); `planned_steps`: the optimizer steps of the whole run, over which
+    a target epsilon is spread."""
+
+    def __init__(
+        self, module, cfg: PrivacyConfig, images: int, batch_size: int, planned_steps: int
+    ) -> None:
+        check_private_model(module.model, module.hparams.model["name"])
+        check_delta(cfg.delta, {"this trainer": images})
+        no_inplace(module.model)
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.sample_rate = sample_rate(images, batch_size)
+        self.noise_multiplier = noise_for_budget(cfg, self.sample_rate, planned_steps)
+        self.accountant = create_accountant(cfg.accountant)
+        # In a list: an nn.Module attribute would join the module tree and its state dict.
+        self._hooks = [GradSampleHooks(module.model, loss_reduction="mean")]
+        self._hooks[0].forbid_grad_accumulation()
+        module.privacy = self
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
+        """This fit's optimizer, made private; every step it takes is counted."""
+        private = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm,
+            expected_batch_size=self.batch_size,
+            loss_reduction="mean",
+        )
+        private.attach_step_hook(self.accountant.get_optimizer_hook_fn(self.sample_rate))
+        return private
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at privacy.delta (0 before the first step)."""
+        if len(self.accountant) == 0:
+            return 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(self.accountant.get_epsilon(delta=self.cfg.delta))
+
+    def steps(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def describe(self) -> dict:
+        """The guarantee, as plain values (summary.json, the model card)."""
+        return {
+            "epsilon": round(self.epsilon(), 4),
+            "delta": self.cfg.delta,
+            "accountant": self.cfg.accountant,
+            "noise_multiplier": round(self.noise_multiplier, 6),
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "sample_rate": round(self.sample_rate, 6),
+            "steps": self.steps(),
+        }
+
+    def state_dict(self) -> dict:
+        """The accountant's history, as plain floats and ints (weights-only loadable)."""
+        history = [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
+        return {"history": history, "mechanism": self.cfg.accountant}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.history = [tuple(entry) for entry in state["history"]]
+
+
+def sample_rate(images: int, batch_size: int) -> float:
+    """q = B / N: each image's chance to be in a batch."""
+    return min(batch_size / images, 1.0)
+
+
+def planned_steps(images: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of `epochs` epochs of Poisson batches: int(1 / q) each, as Opacus's
+    sampler draws them."""
+    return epochs * int(1 / sample_rate(images, batch_size))
+
+
+class AccountantState(Callback):
+    """Keeps a central run's accountant in its Lightning checkpoints, so `--resume` goes on
+    from the epsilon already spent instead of from 0."""
+
+    def __init__(self, dpsgd: DPSGD) -> None:
+        self.dpsgd = dpsgd
+
+    def state_dict(self) -> dict:
+        return self.dpsgd.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.dpsgd.load_state_dict(state_dict)

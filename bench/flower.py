@@ -88,15 +88,21 @@ def breakdown(status: dict, rounds_s: list[float]) -> list[str]:
     return lines + [f"  {'server':9s} {statistics.mean(server):6.2f} s"]
 
 
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def flower_options(doc: str) -> argparse.Namespace:
+    """--config, --nodes, --rounds and any fit options (`fit_options`) of a Flower bench."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", type=Path, default=common.ROOT / "configs" / "flower_demo.yaml")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     args, args.fit_options = parser.parse_known_args()
     if not args.config.is_file():
         raise UserError(f"{args.config} not found: pass --config a fit YAML")
+    return args
+
+
+@exit_on_user_error
+def main() -> None:
+    args = flower_options(__doc__)
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -16,6 +16,8 @@ update a client sent, can learn about whether that image was used.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,16 +26,23 @@ from typing import Literal
 import timm.layers
 import torch
 from lightning.pytorch.callbacks import Callback
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleHooks, register_grad_sampler
-from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from pneumonia.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
 from pneumonia.errors import UserError, first_line
+
+# Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py), which gives
+# the root logger a handler: every library's INFO and DEBUG records (Flower's SecAgg+ stages)
+# would then be printed. Import it once here, and take the handler away again.
+_root_handlers = list(logging.getLogger().handlers)
+from opacus.accountants import RDPAccountant, create_accountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.grad_sample import GradSampleHooks, register_grad_sampler  # noqa: E402
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+
+logging.getLogger().handlers[:] = _root_handlers
 
 # timm's GroupNorm subclasses torch's, and Opacus looks samplers up by exact type: without
 # this line its layers silently fall back to the slower functorch path.
@@ -101,6 +110,25 @@ def check_private_model(model: nn.Module, name: str) -> None:
         raise UserError(f"privacy.enabled: model {name}: {first_line(errors[0], 200)}")
 
 
+def probe_per_image_gradients(model: nn.Module, name: str, image_size: int) -> None:
+    """Run two images forward and backward through a copy of `model` under Opacus's hooks:
+    a model that edits a hooked layer's output in place (timm's plain ResNet adds its
+    shortcut with +=) fails here, in one line, instead of in the first training step."""
+    trial = copy.deepcopy(model)
+    no_inplace(trial)
+    first = next(m for m in trial.modules() if isinstance(m, nn.Conv2d))
+    hooks = GradSampleHooks(trial, loss_reduction="sum")
+    try:
+        trial(torch.rand(2, first.in_channels, image_size, image_size)).sum().backward()
+    except RuntimeError as err:
+        raise UserError(
+            f"privacy.enabled: model {name} cannot give each image its own gradient under "
+            f"Opacus ({first_line(err).split('. ')[0]}): use se_resnet18 with model.norm gn"
+        ) from None
+    finally:
+        hooks.remove_hooks()
+
+
 def check_delta(delta: float, images: dict[str, int]) -> None:
     """delta must stay below 1 / N for every trainer (name -> its image count)."""
     for who, n in images.items():
@@ -138,29 +166,33 @@ def noise_for_budget(cfg: PrivacyConfig, sample_rate: float, steps: int) -> floa
 
 
 class DPSGD:
-    """One trainer's DP-SGD: per-sample gradient hooks on `module.model`, the accountant, and
-    the private optimizer each fit gets (`wrap`). Attached as `module.privacy`, which the
-    module consults for its loss, its optimizer and its memory layout.
+    """One trainer's DP-SGD: per-sample gradient hooks on `model`, the accountant, and the
+    private optimizer each fit gets (`wrap`). `make_private` attaches it to a module.
 
     `images`: the trainer's training images (N); `batch_size`: the expected batch (B; the
     sample rate is B / N); `planned_steps`: the optimizer steps of the whole run, over which
     a target epsilon is spread."""
 
     def __init__(
-        self, module, cfg: PrivacyConfig, images: int, batch_size: int, planned_steps: int
+        self,
+        model: nn.Module,
+        cfg: PrivacyConfig,
+        images: int,
+        batch_size: int,
+        planned_steps: int,
+        name: str = "model",
     ) -> None:
-        check_private_model(module.model, module.hparams.model["name"])
+        check_private_model(model, name)
         check_delta(cfg.delta, {"this trainer": images})
-        no_inplace(module.model)
+        no_inplace(model)
         self.cfg = cfg
         self.batch_size = batch_size
         self.sample_rate = sample_rate(images, batch_size)
         self.noise_multiplier = noise_for_budget(cfg, self.sample_rate, planned_steps)
         self.accountant = create_accountant(cfg.accountant)
         # In a list: an nn.Module attribute would join the module tree and its state dict.
-        self._hooks = [GradSampleHooks(module.model, loss_reduction="mean")]
+        self._hooks = [GradSampleHooks(model, loss_reduction="mean")]
         self._hooks[0].forbid_grad_accumulation()
-        module.privacy = self
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
         """This fit's optimizer, made private; every step it takes is counted."""
@@ -188,6 +220,7 @@ class DPSGD:
     def describe(self) -> dict:
         """The guarantee, as plain values (summary.json, the model card)."""
         return {
+            "mechanism": "DP-SGD (Opacus)",
             "epsilon": round(self.epsilon(), 4),
             "delta": self.cfg.delta,
             "accountant": self.cfg.accountant,
@@ -204,6 +237,22 @@ class DPSGD:
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+
+
+def make_private(
+    module, cfg: PrivacyConfig, images: int, batch_size: int, planned_steps: int
+) -> DPSGD:
+    """DP-SGD for a ClassifierModule, attached as `module.privacy`, which the module consults
+    for its loss, its optimizer and its memory layout."""
+    name = module.hparams.model["name"]
+    dpsgd = DPSGD(module.model, cfg, images, batch_size, planned_steps, name)
+    module.privacy = dpsgd
+    return dpsgd
+
+
+def rdp_accountant() -> RDPAccountant:
+    """Opacus's RDP accountant (server-side DP keeps its own)."""
+    return RDPAccountant()
 
 
 def sample_rate(images: int, batch_size: int) -> float:

@@ -122,3 +122,10 @@ def test_predict_serve_bench_reaches_its_ratio_and_latency_lines(tmp_path, capsy
     assert "predict / plain: " in out and "(goal >= 0.9: " in out
     assert "| 4 concurrent clients, cam=true | " in out
     assert "what the server adds per request" in out
+
+
+def test_privacy_bench_compares_dp_sgd_with_plain_training(capsys, monkeypatch):
+    args = ["--images", "24", "--size", "32", "--width", "16", "--batch", "8", "--repeats", "1"]
+    out = run_bench("privacy", args, capsys, monkeypatch)
+    assert "plain " in out and "private " in out
+    assert "DP-SGD / plain, seconds per local epoch: " in out and "(goal < 3: " in out

@@ -4,6 +4,8 @@ only, never a screen."""
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -127,3 +129,50 @@ def sweep(points: list[tuple], x: str, line: str, ylabel: str, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
+
+
+def privacy(rows: list[dict], path) -> None:
+    """Accuracy and AUROC (95% intervals) against epsilon, clean and shift validation: the
+    privacy-utility trade-off. Entries without DP sit at the right, at "no DP"."""
+    private = sorted((r for r in rows if r["epsilon"] != ""), key=lambda r: r["epsilon"])
+    plain = [r for r in rows if r["epsilon"] == ""]
+    xs = [float(r["epsilon"]) for r in private]
+    far = max(xs, default=1.0) * 2.5  # where "no DP" is drawn on the log axis
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, metric in zip(axes, ("accuracy", "auroc"), strict=True):
+        for split, style in (("val", "o-"), ("val_shift", "s--")):
+            if private and private[0][f"{split}_{metric}"] == "":
+                continue
+            ys = [r[f"{split}_{metric}"] for r in private]
+            errors = _interval_errors(private, f"{split}_{metric}")
+            line = ax.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=split)
+            for r in plain:
+                ax.errorbar(
+                    [far],
+                    [r[f"{split}_{metric}"]],
+                    yerr=_interval_errors([r], f"{split}_{metric}"),
+                    fmt=style[0],
+                    color=line[0].get_color(),
+                    capsize=3,
+                )
+        ax.set_xscale("log")
+        ticks = [*xs, *([far] if plain else [])]
+        ax.set_xticks(ticks, [f"{x:g}" for x in xs] + (["no DP"] if plain else []))
+        ax.minorticks_off()
+        ax.set_xlabel("epsilon per client (delta as in the table)")
+        ax.set_title(f"{metric} against epsilon")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("value (95% interval, bootstrap over patients)")
+    axes[1].legend()
+    save(fig, path)
+
+
+def _interval_errors(rows: list[dict], key: str) -> list[list[float]]:
+    """Error bar lengths below and above each value (0 where a row has no interval)."""
+    below, above = [], []
+    for r in rows:
+        low, high, value = r[f"{key}_low"], r[f"{key}_high"], r[key]
+        has = low != "" and high != "" and not (math.isnan(low) or math.isnan(high))
+        below.append(value - low if has else 0.0)
+        above.append(high - value if has else 0.0)
+    return [below, above]

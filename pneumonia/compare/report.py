@@ -55,7 +55,7 @@ def entry_row(entry: Entry, summary: dict) -> dict:
         "best_epoch_or_round": summary.get("best_round", summary.get("best_epoch", -1) + 1),
         "threshold": summary["threshold"],
         "selected_by": summary.get("selected_by", ""),
-    }
+    } | privacy_columns(summary)
     for split in SPLITS:
         row |= split_columns(summary.get(split), split)
     row |= {
@@ -67,6 +67,15 @@ def entry_row(entry: Entry, summary: dict) -> dict:
         "run_dir": str(entry.run_dir),
     }
     return row
+
+
+def privacy_columns(summary: dict) -> dict:
+    """The run's weakest (largest) epsilon and its delta; empty cells without DP."""
+    guarantees = list(summary.get("privacy", {}).values())
+    if not guarantees:
+        return {"epsilon": "", "delta": ""}
+    weakest = max(guarantees, key=lambda g: g["epsilon"])
+    return {"epsilon": weakest["epsilon"], "delta": weakest["delta"]}
 
 
 def split_columns(values: dict | None, split: str) -> dict:
@@ -96,10 +105,15 @@ def metric_cell(row: dict, name: str) -> str:
 
 def markdown_table(rows: list[dict], split: str) -> str:
     """The results as a Markdown table for one split."""
-    header = ["Entry", "Training", "Data left site", *SHORT.values(), "Params", "Wall time"]
+    private = any(r["epsilon"] != "" for r in rows)
+    header = ["Entry", "Training", "Data left site"] + (["Epsilon (delta)"] if private else [])
+    header += [*SHORT.values(), "Params", "Wall time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], row["training"], row["data_left_site"]]
+        if private:
+            no_dp = row["epsilon"] == ""
+            cells.append("no DP" if no_dp else f"{row['epsilon']:.2f} ({row['delta']:g})")
         cells += [metric_cell(row, f"{split}_{key}") for key in SHORT]
         cells += [f"{row['parameters'] / 1e6:.1f} M", duration(row["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,6 +135,13 @@ def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
         "cases_<entry>.png: each entry's most confident correct and wrong validation "
         "decisions with their Grad-CAM heatmaps."
     )
+    if any(r["epsilon"] != "" for r in rows):
+        parts.append(
+            "Epsilon (delta): the weakest differential-privacy guarantee of the entry, the "
+            "largest epsilon any client's own accountant reached by the end of training "
+            "(DP-SGD protects one training image of one hospital); privacy.png plots accuracy "
+            "and AUROC against it."
+        )
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -191,6 +212,8 @@ def write_report(comparison: Comparison) -> Path:
         copy_cases_panel(entry, out / f"cases_{entry.name}.png")
     if comparison.sweep:
         sweep_figure(comparison, rows)
+    if any(r["epsilon"] != "" for r in rows):
+        plots.privacy(rows, out / "privacy.png")
     return out / "results.md"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -70,6 +69,10 @@ class ChestXrayDataModule(L.LightningDataModule):
         drop_last = train and len(images) % batch_size == 1
         batches = BatchSampler(sampler, batch_size, drop_last)
         if train and self.poisson:
+            # Imported here: Opacus's import configures the root logger (pneumonia.privacy
+            # imports it first and undoes that).
+            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
             batches = UniformWithReplacementSampler(
                 num_samples=len(images),
                 sample_rate=min(batch_size / len(images), 1.0),

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.imageset import ImageSet
 from pneumonia.federated.aggregate import ClientUpdate, State
-from pneumonia.privacy import DPSGD, PrivacyConfig, planned_steps
+from pneumonia.privacy import PrivacyConfig, make_private, planned_steps
 from pneumonia.recipe import Recipe, build_module, loss_weights
 from pneumonia.seeding import seed_training
 
@@ -84,7 +84,7 @@ class Client:
         self.module = build_module(recipe, loss_weights(settings.balance, data))
         # Its own accountant for the whole run: epsilon grows with every round it trains.
         self.privacy = (
-            DPSGD(
+            make_private(
                 self.module,
                 settings.privacy,
                 len(data),

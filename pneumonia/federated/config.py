@@ -127,10 +127,12 @@ def check_secure_aggregation(cfg: FederatedConfig) -> None:
             "federated.server_dp clips each update on the server, which secure aggregation "
             "hides: use DP-SGD on the clients (privacy.enabled true) with secure aggregation"
         )
-    if cfg.clients < 3:
+    per_round = clients_per_round(cfg.fraction, cfg.clients)
+    if per_round < 3:
         raise UserError(
-            f"federated.secure_aggregation needs at least 3 clients (federated.clients is "
-            f"{cfg.clients}): with 2, each learns the other's update from the sum"
+            f"federated.secure_aggregation needs at least 3 clients per round (federated."
+            f"clients {cfg.clients} x fraction {cfg.fraction:g} gives {per_round}): with 2, "
+            f"each learns the other's update from the sum"
         )
 
 

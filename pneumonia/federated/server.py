@@ -1,23 +1,45 @@
 """The server: samples clients, checks and aggregates their updates, holds the global state.
 
 It holds no dataset and imports nothing from `pneumonia.data`: all it ever receives from a
-client is a `ClientUpdate` (state dict, count, mean loss and accuracy).
+client is a `ClientUpdate` (state dict, count, mean loss and accuracy). With secure
+aggregation (federated.secure_aggregation) not even that: a `SecureRound` holds each client's
+clear-text count, loss, accuracy and epsilon, and only the weighted average of their states.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
 from pneumonia.errors import UserError
-from pneumonia.federated.aggregate import ClientUpdate, State, UpdateChecks
+from pneumonia.federated.aggregate import (
+    ClientUpdate,
+    State,
+    UpdateChecks,
+    update_norm,
+    update_problem,
+)
 from pneumonia.federated.strategies import FedAvg
+
+RESUME = "The last completed round is saved: fix the cause and continue with --resume RUN_DIR"
 
 
 class ClientExcludedWarning(UserWarning):
     """A client's update was left out of a round's average."""
+
+
+@dataclass
+class SecureRound:
+    """A round under secure aggregation, as the cohort hands it to the server."""
+
+    updates: list[ClientUpdate]  # the members' clear-text metadata; `state` is empty
+    aggregate: State | None  # their image-count-weighted average state; None: none came
+    failures: dict[int, str]  # clients that dropped out, and why
+    halted: str = ""  # why there is no aggregate
 
 
 class Server:
@@ -60,21 +82,70 @@ class Server:
         """
         excluded = dict(failures) | self.checks.problems(updates, self.global_state)
         valid = [u for u in updates if u.client not in excluded]
+        self.warn_excluded(round_index, excluded)
+        if len(valid) < self.min_clients:
+            self.fail(round_index, len(valid), excluded)
+        self.global_state = self.strategy.aggregate(self.global_state, valid)
+        return sorted(excluded)
+
+    def aggregate_secure(self, round_index: int, result: SecureRound) -> list[int]:
+        """Apply a secure round's aggregate; return the clients left out (those that dropped
+        out of the protocol: the cohort already removed them, masks and all).
+
+        What can still be checked is: the members' clear-text counts against those declared
+        (the cohort drops a liar inside the protocol; one found here is inside the sum and
+        fails the round), `min_clients`, and the aggregate itself (structure, finite values,
+        federated.max_update_norm on its change). A client's own norm, and its norm against
+        the others' (update_norm_ratio), cannot be checked: no update is seen alone. The
+        strategy then gets ONE update, the aggregate, weighted by the members' total count."""
+        prefix = f"round {round_index + 1} failed"
+        excluded = dict(result.failures)
+        self.warn_excluded(round_index, excluded)
+        liars = {u.client: why for u in result.updates if (why := self.checks.count_problem(u))}
+        if liars:
+            reasons = "; ".join(f"client {c}: {w}" for c, w in sorted(liars.items()))
+            raise UserError(f"{prefix}: {reasons}, inside the secure sum. {RESUME}")
+        if result.aggregate is None or len(result.updates) < self.min_clients:
+            self.fail(round_index, len(result.updates), excluded, result.halted)
+        total = sum(u.n for u in result.updates)
+        mean = ClientUpdate(-1, result.aggregate, total, float("nan"), float("nan"))
+        problem = update_problem(mean, self.global_state) or self.norm_problem(mean)
+        if problem is not None:
+            raise UserError(
+                f"{prefix}: the secure aggregate of clients "
+                f"{', '.join(str(u.client) for u in result.updates)} is unusable: {problem}; "
+                f"secure aggregation cannot tell whose update caused it (a bound too tight "
+                f"for honest updates: raise federated.max_update_norm). {RESUME}"
+            )
+        self.global_state = self.strategy.aggregate(self.global_state, [mean])
+        return sorted(excluded)
+
+    def norm_problem(self, mean: ClientUpdate) -> str | None:
+        """The aggregate's change against max_update_norm: a weighted mean of changes within
+        the bound is within it too, so one beyond it means some client's was."""
+        norm = update_norm(mean, self.global_state)
+        if self.checks.max_norm is not None and norm > self.checks.max_norm:
+            return f"its update norm {norm:.3g} exceeds federated.max_update_norm"
+        return None
+
+    def warn_excluded(self, round_index: int, excluded: dict[int, str]) -> None:
         for client, why in sorted(excluded.items()):
             warnings.warn(
                 f"round {round_index + 1}: client {client} left out: {why}",
                 ClientExcludedWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        if len(valid) < self.min_clients:
-            reasons = "; ".join(f"client {c}: {w}" for c, w in sorted(excluded.items()))
-            raise UserError(
-                f"round {round_index + 1} failed: {len(valid)} valid update(s), "
-                f"federated.min_clients is {self.min_clients} ({reasons}). The last completed "
-                f"round is saved: fix the cause and continue with --resume RUN_DIR"
-            )
-        self.global_state = self.strategy.aggregate(self.global_state, valid)
-        return sorted(excluded)
+
+    def fail(
+        self, round_index: int, valid: int, excluded: dict[int, str], cause: str = ""
+    ) -> NoReturn:
+        """A round without enough valid updates: the global state stays, the run can resume."""
+        reasons = "; ".join(f"client {c}: {w}" for c, w in sorted(excluded.items()))
+        cause = f"{cause}; " if cause else ""
+        raise UserError(
+            f"round {round_index + 1} failed: {cause}{valid} valid update(s), "
+            f"federated.min_clients is {self.min_clients} ({reasons}). {RESUME}"
+        )
 
     def state_dict(self) -> dict:
         return {

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from opacus.accountants import RDPAccountant
 from torch import nn
 
 from pneumonia.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate, State, weighted_average
+from pneumonia.privacy import rdp_accountant
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 _STRATEGIES: dict[str, type[Strategy]] = {}
@@ -294,7 +294,7 @@ class ServerDP(Strategy):
         self.base, self.cfg, self.per_round = base, cfg, per_round
         self.local_keys = base.local_keys
         self.sample_rate = per_round / clients
-        self.accountant = RDPAccountant()
+        self.accountant = rdp_accountant()
         self.generator = torch.Generator().manual_seed(seed)
 
     def client_callbacks(self, global_state: State) -> list[Callback]:

@@ -7,6 +7,8 @@ wire        what crosses the network (and nothing else)
 node        a SuperNode's images, its Client, the client state it keeps between rounds
 client_app  the ClientApp: query (counts, moments) and train (one round)
 cohort      FlowerCohort: the SuperNodes as the round loop's clients
+secure      one round of Flower's SecAgg+ (federated.secure_aggregation): the server learns
+            only the weighted average of the round's updates
 server_app  the ServerApp: the run layer's job with a FlowerCohort, writing the usual run directory
 tls         throw-away CA and server certificate for demos
 launch      a SuperLink and SuperNodes as local processes (demo, tests, bench)

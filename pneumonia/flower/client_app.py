@@ -4,6 +4,12 @@ the package's own Client (LightningModule, Lightning Trainer, strategy callbacks
 The SuperNode starts a fresh process per message, so the client's own state between rounds
 (FedBN's norm layers, a kept optimizer state, its step count) lives in Flower's
 `context.state`, which stays on the node.
+
+With federated.secure_aggregation, train messages go through Flower's `secaggplus_mod`
+(`secure_aggregation`, below): three of its four stages only exchange keys and shares, and
+the third calls `train`, whose reply the mod masks before it leaves the node. The package's
+own modules (torch, Lightning: seconds to import) are imported inside the handlers, so the
+key-exchange stages' processes start in about a second.
 """
 
 from __future__ import annotations
@@ -11,17 +17,26 @@ from __future__ import annotations
 import time
 
 from flwr.app import ConfigRecord, Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from pneumonia.federated.cohort import run_client_round
-from pneumonia.federated.strategies import create_strategy
-from pneumonia.flower import node, wire
 
-app = ClientApp()
+def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
+    """Only SecAgg+ traffic goes through `secaggplus_mod`: the query and a plain train message
+    carry none of its records (the mod would fail on them with a KeyError)."""
+    if msg.metadata.message_type == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_aggregation])
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    from pneumonia.flower import node, wire
+
     cfg = node.parse_run_config(wire.read_query_request(msg.content))
     info = node.describe(cfg, dict(context.node_config))
     return Message(wire.query_reply(info), reply_to=msg)
@@ -29,9 +44,15 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from pneumonia.federated.cohort import run_client_round
+    from pneumonia.federated.strategies import create_strategy
+    from pneumonia.flower import node, wire
+
     started = time.time()
     request = wire.read_train_request(msg.content)
     cfg = node.parse_run_config(request.config_yaml)
+    secure = RECORD_KEY_CONFIGS in msg.content.config_records
+    node.check_secure(cfg, dict(context.node_config), secure)
     client = node.build_client(cfg, dict(context.node_config), request.client, request.recipe)
     if node.STATE_RECORD in context.state:
         client.load_state_dict(node.unpack_state(context.state[node.STATE_RECORD]["client"]))
@@ -42,6 +63,8 @@ def train(msg: Message, context: Context) -> Message:
     context.state[node.STATE_RECORD] = ConfigRecord(
         {"client": node.pack_state(client.state_dict())}
     )
+    if secure:  # the delta, for secaggplus_mod to mask; the count and metrics in clear text
+        return Message(wire.secure_train_reply(update, request.task.global_state), reply_to=msg)
     # Only when the run asked (bench/flower.py): wall-clock instants the server lines up with
     # its own send and receive times to say where a round's time goes.
     timings = {"handler": started, "ready": ready, "trained": trained} if request.timings else None

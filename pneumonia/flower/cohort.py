@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from pneumonia.errors import UserError, first_line
 from pneumonia.federated.cohort import RoundTask, combined_digest
-from pneumonia.flower import wire
+from pneumonia.federated.server import SecureRound
+from pneumonia.flower import secure, wire
 from pneumonia.recipe import Moments, Recipe
 
 
@@ -129,14 +131,9 @@ class FlowerCohort:
         """Send the round to the chosen nodes; a node that errs or stays silent is a failure."""
         messages = [
             Message(
-                wire.train_request(
-                    wire.TrainRequest(task, j, self.config_yaml, self.recipe, self.record_timings)
-                ),
-                dst_node_id=self.nodes[j],
-                message_type="train",
-                group_id=str(task.round_index + 1),
+                content, dst_node_id=node, message_type="train", group_id=str(task.round_index + 1)
             )
-            for j in chosen
+            for node, content in self.requests(chosen, task).items()
         ]
         sent, received = time.time(), {}
         replies = exchange(self.grid, messages, self.round_timeout, received)
@@ -156,6 +153,46 @@ class FlowerCohort:
         if self.record_timings:
             self.timings.append(timings)
         return updates, failures
+
+    def requests(self, chosen: Sequence[int], task: RoundTask) -> dict[int, RecordDict]:
+        """Node -> its train request for this round."""
+        return {
+            self.nodes[j]: wire.train_request(
+                wire.TrainRequest(task, j, self.config_yaml, self.recipe, self.record_timings)
+            )
+            for j in chosen
+        }
+
+    def secure_train_round(
+        self, chosen: Sequence[int], task: RoundTask, clipping_range: float | None = None
+    ) -> SecureRound:
+        """A round under Flower's SecAgg+ (pneumonia.flower.secure): the members' clear-text
+        metadata and the weighted average of their states; never one client's state.
+        `clipping_range` bounds each coordinate of a change (federated.max_update_norm bounds
+        the whole norm, hence each coordinate; without it, secure.DEFAULT_CLIPPING_RANGE)."""
+        if len(chosen) < 3:
+            raise UserError(
+                f"federated.secure_aggregation needs at least 3 clients per round, and "
+                f"{len(chosen)} are sampled: raise federated.fraction"
+            )
+        client_of = {self.nodes[j]: j for j in chosen}
+        outcome = secure.secure_round(
+            lambda messages, timeout: exchange(self.grid, messages, timeout, {}),
+            self.requests(chosen, task),
+            {self.nodes[j]: self.table[j]["images"] for j in chosen},
+            task.round_index + 1,
+            clipping_range or secure.DEFAULT_CLIPPING_RANGE,
+            self.round_timeout,
+        )
+        updates = sorted(
+            (replace(u, client=client_of[n]) for n, u in outcome.members.items()),
+            key=lambda u: u.client,
+        )
+        failures = {client_of[n]: why for n, why in outcome.failures.items()}
+        if outcome.mean_delta is None:
+            halted = f"secure aggregation halted: {outcome.halted}"
+            return SecureRound(updates, None, failures, halted)
+        return SecureRound(updates, wire.add_delta(task.global_state, outcome.mean_delta), failures)
 
     def state_dict(self) -> list:
         return []  # each client's own state stays on its node

@@ -8,6 +8,9 @@ Node config (`flower-supernode --node-config "..."`):
     num-partitions=N      optional check that N equals the run's federated.clients
     name=NAME             orders hospitals into client indices (default: partition id)
     log-dir=DIR           the client's TensorBoard events (default: flower-node-logs)
+    secure-aggregation=true
+                          send updates only under secure aggregation (Flower's SecAgg+),
+                          whatever the run's config says
 """
 
 from __future__ import annotations
@@ -66,6 +69,19 @@ def describe(cfg: Namespace, node_config: dict) -> NodeInfo:
     row = partition_table(images, [torch.arange(len(images))])[0]
     del row["client"]
     return NodeInfo(key, images.pixel_moments(), names_digest(images.names), row)
+
+
+def check_secure(cfg: Namespace, node_config: dict, secure: bool) -> None:
+    """Refuse to send a plain update when the run (or this hospital) asked for secure
+    aggregation but the message came without SecAgg+: a server bug or a changed server must
+    not turn a masked update into a clear one."""
+    required = bool(node_config.get("secure-aggregation", False))
+    if (cfg.federated.secure_aggregation or required) and not secure:
+        key = "node-config secure-aggregation" if required else "federated.secure_aggregation"
+        raise UserError(
+            f"{key} is true but this train message came without SecAgg+: the update is not "
+            f"sent; run the server with federated.secure_aggregation true"
+        )
 
 
 def build_client(cfg: Namespace, node_config: dict, index: int, recipe: Recipe) -> Client:

@@ -24,7 +24,7 @@ from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.errors import UserError
 from pneumonia.interrupt import deferred
-from pneumonia.privacy import DPSGD, AccountantState, planned_steps
+from pneumonia.privacy import DPSGD, AccountantState, make_private, planned_steps
 from pneumonia.recipe import build_module, loss_weights
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
@@ -76,8 +76,8 @@ class EpochLines(Callback):
             f" | best {self.checkpoint.monitor} {float(best):.3f}" if best is not None else ""
         )
         left = duration(elapsed / done * (total - done))
-        if "train/epsilon" in m:
-            best_text += f" | epsilon {m['train/epsilon']:.2f}"
+        if module.privacy is not None:  # read now: the module logs it after this callback
+            best_text += f" | epsilon {module.privacy.epsilon():.2f}"
         print(
             f"epoch {done:{len(str(total))}d}/{total}  train loss "
             f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left",
@@ -174,7 +174,7 @@ def train_centralized(run: RunInputs) -> Trained:
     cfg, splits, run_dir, resume = run.cfg, run.splits, run.run_dir, run.resume
     module = build_module(run.recipe, loss_weights(cfg.data.balance, splits.train))
     datamodule = build_datamodule(cfg, splits)
-    private = make_private(cfg, module, len(splits.train))
+    private = private_training(cfg, module, len(splits.train))
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
@@ -193,17 +193,17 @@ def train_centralized(run: RunInputs) -> Trained:
         selected_by=selection_rule(cfg),
         logger=trainer.loggers[0],
         details={"epochs": trainer.current_epoch}
-        | ({"privacy": private.describe()} if private is not None else {}),
+        | ({"privacy": {"dp_sgd": private.describe()}} if private is not None else {}),
     )
 
 
-def make_private(cfg: Namespace, module, images: int) -> DPSGD | None:
+def private_training(cfg: Namespace, module, images: int) -> DPSGD | None:
     """DP-SGD on the run's one trainer (privacy.enabled), its budget spread over every epoch."""
     if not cfg.privacy.enabled:
         return None
     epochs = int(trainer_arguments(cfg)["max_epochs"])
     steps = planned_steps(images, cfg.data.batch_size, epochs)
-    return DPSGD(module, cfg.privacy, images, cfg.data.batch_size, steps)
+    return make_private(module, cfg.privacy, images, cfg.data.batch_size, steps)
 
 
 def selection_rule(cfg: Namespace) -> str:

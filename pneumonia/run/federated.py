@@ -92,12 +92,28 @@ class FederatedTraining:
         rounds = self.cfg.federated.rounds
         print(f"resuming {self.run_dir} after round {self.next_round}/{rounds}", flush=True)
 
-    def train_clients(self, round_index: int) -> tuple[list, dict[int, str]]:
-        """The sampled clients train from the global state; failures are noted, not raised."""
+    def round_task(self, round_index: int) -> RoundTask:
         fed = self.cfg.federated
         lr = self.cfg.optim.lr * round_lr_scale(fed.round_lr, round_index, fed.rounds)
-        task = RoundTask(self.server.global_state, round_index, fed.local_epochs, lr)
-        return self.cohort.train_round(self.server.sample_clients(), task)
+        return RoundTask(self.server.global_state, round_index, fed.local_epochs, lr)
+
+    def train_clients(self, round_index: int) -> tuple[list, dict[int, str]]:
+        """The sampled clients train from the global state; failures are noted, not raised."""
+        return self.cohort.train_round(self.server.sample_clients(), self.round_task(round_index))
+
+    def train_and_aggregate(self, round_index: int) -> tuple[list, list[int]]:
+        """The round's client updates (for rounds.csv) and the clients left out, the global
+        state aggregated. Under federated.secure_aggregation the cohort (a FlowerCohort: the
+        run job refuses others) returns the clients' clear-text metadata (empty state dicts)
+        and only the weighted average of their states, which the server checks and applies."""
+        fed = self.cfg.federated
+        if not fed.secure_aggregation:
+            updates, failures = self.train_clients(round_index)
+            return updates, self.server.aggregate(round_index, updates, failures)
+        result = self.cohort.secure_train_round(  # type: ignore[attr-defined]
+            self.server.sample_clients(), self.round_task(round_index), fed.max_update_norm
+        )
+        return result.updates, self.server.aggregate_secure(round_index, result)
 
     def evaluate(self) -> dict[str, dict]:
         """Global model metrics on the validation (and test) images after a round."""
@@ -228,8 +244,7 @@ class FederatedTraining:
         """Round r + 1: train, aggregate, evaluate, checkpoint, report."""
         fed = self.cfg.federated
         round_started = time.time()
-        updates, failures = self.train_clients(r)
-        excluded = self.server.aggregate(r, updates, failures)
+        updates, excluded = self.train_and_aggregate(r)
         evaluations = self.evaluate()
         now = time.time()
         row = round_row(

@@ -124,8 +124,28 @@ def model_card_of(summary: dict, splits: Splits, config: dict, positive: str) ->
     for name in ("val", "val_shift", "test"):  # test: a data.root with a test/ folder
         if name in summary:
             card[name] = _figures(summary[name])
+    if "privacy" in summary:
+        card["privacy"] = privacy_statement(summary["privacy"])
     card["caveat"] = CAVEAT
     return card
+
+
+def privacy_statement(privacy: dict) -> dict:
+    """Each guarantee as (epsilon, delta) with what it protects, for the model card."""
+    protects = {
+        "dp_sgd": "one training image",
+        "clients": "one training image of one hospital (per hospital's own accountant)",
+        "server": "a whole hospital's participation",
+    }
+    return {
+        name: {
+            "mechanism": values["mechanism"],
+            "epsilon": values["epsilon"],
+            "delta": values["delta"],
+            "protects": protects[name],
+        }
+        for name, values in privacy.items()
+    }
 
 
 CAVEAT = (

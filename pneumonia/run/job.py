@@ -29,7 +29,12 @@ from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
 from pneumonia.models.registry import count_parameters, create_model
-from pneumonia.privacy import check_delta, check_privacy, check_private_model
+from pneumonia.privacy import (
+    check_delta,
+    check_privacy,
+    check_private_model,
+    probe_per_image_gradients,
+)
 from pneumonia.recipe import make_recipe
 from pneumonia.run.centralized import train_centralized
 from pneumonia.run.federated import train_federated
@@ -77,6 +82,7 @@ def preflight(cfg: Namespace) -> int:
     check_privacy(cfg)
     if cfg.privacy.enabled:
         check_private_model(model, cfg.model.name)
+        probe_per_image_gradients(model, cfg.model.name, cfg.data.image_size)
     return parameters
 
 

@@ -1,0 +1,309 @@
+"""Differential privacy: DP-SGD with Opacus on the clients and centrally, its accountant,
+its refusals, resume, and the server-side DP-FedAvg wrapper."""
+
+import csv
+import math
+
+import pytest
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.rdp import RDPAccountant
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from pneumonia import fit
+from pneumonia.checkpoint import model_card, read_checkpoint
+from pneumonia.federated.aggregate import ClientUpdate
+from pneumonia.federated.client import Client
+from pneumonia.federated.config import ServerDPConfig
+from pneumonia.federated.strategies import FedAdam, FedAvg, ServerDP, clip_update
+from pneumonia.privacy import DPSGD, PrivacyConfig, make_private
+from pneumonia.recipe import Recipe, build_module
+
+TINY = [
+    "--data.image_size", "32",
+    "--data.synthetic.n_patients", "40",
+    "--data.batch_size", "8",
+    "--model.name", "se_resnet18",
+    "--model.norm", "gn",
+    "--model.width", "16",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.log_every_n_steps", "1",
+]  # fmt: skip
+PRIVATE = ["--privacy.enabled", "true", "--privacy.delta", "1e-3"]
+FEDERATED = [
+    *TINY, *PRIVATE,
+    "--federated.enabled", "true",
+    "--federated.local_epochs", "1",
+    "--federated.rounds", "2",
+    "--privacy.target_epsilon", "4",
+]  # fmt: skip
+
+
+def rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Opacus's own RDP analysis, called directly."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    return get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def private_fl(tmp_path_factory):
+    """3 private clients, 2 rounds of 1 local epoch, budget epsilon 4 at delta 1e-3."""
+    run_dir = tmp_path_factory.mktemp("dp") / "run"
+    summary = fit.main([*FEDERATED, "--run_dir", str(run_dir)])
+    return run_dir, summary
+
+
+def test_every_client_ends_at_the_target_epsilon_and_reports_it_per_round(private_fl):
+    run_dir, summary = private_fl
+    rows = read_rows(run_dir / "rounds.csv")
+    assert len(rows) == 2
+    for j in range(3):
+        first, last = float(rows[0][f"client{j}_epsilon"]), float(rows[1][f"client{j}_epsilon"])
+        assert 0 < first < last  # the budget is spent round by round
+        assert last == pytest.approx(4.0, abs=0.05)  # calibrated to end the run at the target
+    assert float(rows[1]["epsilon"]) == max(float(rows[1][f"client{j}_epsilon"]) for j in range(3))
+    clients = summary["privacy"]["clients"]
+    assert clients["epsilon"] == pytest.approx(float(rows[1]["epsilon"]))
+    assert clients["delta"] == 1e-3 and clients["accountant"] == "rdp"
+    assert set(clients["epsilon_per_client"]) == {"0", "1", "2"}
+
+
+def test_epsilon_in_tensorboard_and_model_card(private_fl):
+    run_dir, summary = private_fl
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("privacy/epsilon")] == [1, 2]
+    client = EventAccumulator(str(run_dir / "clients" / "client_1"))
+    client.Reload()
+    assert len(client.Scalars("train/epsilon")) == 2  # one per local epoch
+    _, _, ckpt = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    card = model_card(ckpt)["privacy"]["clients"]
+    assert card["epsilon"] == summary["privacy"]["clients"]["epsilon"]
+    assert card["delta"] == 1e-3 and "image" in card["protects"]
+
+
+def test_the_accountant_agrees_with_opacus_own_analysis():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.1, delta=1e-5)
+    dp = DPSGD(model, cfg, images=1000, batch_size=32, planned_steps=1000)
+    optimizer = dp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 2, (32,))
+    for _ in range(5):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert dp.steps() == 5
+    assert dp.epsilon() == pytest.approx(rdp_epsilon(1.1, 0.032, 5, 1e-5), rel=1e-9)
+    # 1,000 steps (written down in docs/design/privacy.md as 6.035 from the same analysis):
+    dp.accountant.history = [(1.1, 0.032, 1000)]
+    assert dp.epsilon() == pytest.approx(6.035, abs=5e-3)
+
+
+def test_a_target_epsilon_is_reached_at_the_planned_step():
+    cfg = PrivacyConfig(enabled=True, target_epsilon=3.0, delta=1e-5)
+    model = nn.Linear(2, 2)
+    dp = DPSGD(model, cfg, images=1480, batch_size=32, planned_steps=200)
+    assert dp.epsilon() == 0.0
+    spent = rdp_epsilon(dp.noise_multiplier, 32 / 1480, 200, 1e-5)
+    assert spent == pytest.approx(3.0, abs=0.03) and spent <= 3.0 + 1e-6
+
+
+def linear_step(max_grad_norm: float, noise: float = 0.0) -> torch.Tensor:
+    """One DP-SGD step (lr 1) of f(x) = w . x from w = 0 on x1 = (3, 0), x2 = (0, 4), loss the
+    batch mean of f: each image's own gradient is its x."""
+    model = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=noise, max_grad_norm=max_grad_norm)
+    dp = DPSGD(model, cfg, images=10_000, batch_size=2, planned_steps=1)
+    optimizer = dp.wrap(torch.optim.SGD(model.parameters(), lr=1.0))
+    x = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    model(x).sum().div(2).backward()
+    optimizer.step()
+    return model.weight.detach()[0]
+
+
+def test_without_noise_and_clipping_dp_sgd_is_sgd_by_hand():
+    # mean gradient ((3, 0) + (0, 4)) / 2 = (1.5, 2): w = -(1.5, 2)
+    assert torch.allclose(linear_step(max_grad_norm=1e6), torch.tensor([-1.5, -2.0]))
+
+
+def test_a_small_clip_norm_bounds_every_image_gradient_by_hand():
+    # norms 3 and 4, clipped to 1: (1, 0) and (0, 1), averaged over B = 2: w = -(0.5, 0.5)
+    assert torch.allclose(linear_step(max_grad_norm=1.0), torch.tensor([-0.5, -0.5]))
+
+
+def test_noise_and_clip_norm_0_make_a_step_pure_noise_of_the_stated_size():
+    torch.manual_seed(0)
+    steps = torch.stack([linear_step(max_grad_norm=1e-9, noise=1e9) for _ in range(200)])
+    # std noise_multiplier x clip / B = 1e9 x 1e-9 / 2 = 0.5 per coordinate
+    assert steps.std().item() == pytest.approx(0.5, rel=0.15)
+
+
+def tiny_module():
+    recipe = Recipe(
+        model={"name": "se_resnet18", "norm": "gn", "width": 16, "gn_groups": 8},
+        optim={"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none"},
+        image_size=32,
+    )
+    torch.manual_seed(0)
+    return build_module(recipe)
+
+
+def test_on_the_tiny_se_resnet_dp_sgd_without_noise_or_clip_equals_plain_sgd():
+    images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    plain, private = tiny_module(), tiny_module()
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=1e6)
+    make_private(private, cfg, images=6, batch_size=6, planned_steps=1)
+    for module in (plain, private):
+        module.train()
+        optimizer = module.configure_optimizers()
+        module._loss(module(images), labels, training=True).backward()
+        optimizer.step()
+    pairs = zip(plain.state_dict().items(), private.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            tiny_module().state_dict().values(), plain.state_dict().values(), strict=True
+        )
+    )
+
+
+def test_batchnorm_is_refused_in_one_line_naming_groupnorm(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        argv = [*TINY, *PRIVATE, "--model.norm", "bn", "--privacy.noise_multiplier", "1"]
+        fit.main([*argv, "--runs_root", str(runs)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BatchNorm" in err[0] and "model.norm gn" in err[0]
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--model.name", "resnet18"], "use se_resnet18 with model.norm gn"),
+        (["--data.balance", "sampler"], "not Poisson sampling"),
+        (["--trainer.precision", "16-mixed"], "16-mixed"),
+        (["--privacy.target_epsilon", "3"], "exactly one of"),
+        (["--privacy.delta", "0.5"], "must be below 1 /"),
+    ],
+)
+def test_what_cannot_be_private_is_refused_before_training(extra, words, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        argv = [*TINY, *PRIVATE, "--federated.enabled", "false", "--privacy.noise_multiplier"]
+        fit.main([*argv, "1", *extra, "--runs_root", str(runs)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: privacy") and words in err[-1]
+    assert not any(runs.rglob("*.ckpt"))
+
+
+def test_a_resumed_federation_reports_the_epsilon_of_an_uninterrupted_one(private_fl, tmp_path):
+    run_dir, summary = private_fl
+    killed = tmp_path / "killed"
+    original = Client.train_round
+
+    def die_in_round_two(self, global_state, round_index, *args):
+        if round_index == 1 and self.index == 1:
+            raise KeyboardInterrupt
+        return original(self, global_state, round_index, *args)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
+        mp.setattr(Client, "train_round", die_in_round_two)
+        fit.main([*FEDERATED, "--run_dir", str(killed)])
+    resumed = fit.main(["--resume", str(killed)])
+    assert resumed["privacy"] == summary["privacy"]
+    assert (
+        read_rows(killed / "rounds.csv")[1]["epsilon"]
+        == read_rows(run_dir / "rounds.csv")[1]["epsilon"]
+    )
+
+
+def test_a_resumed_central_run_keeps_the_epsilon_spent(tmp_path):
+    central = [*TINY, *PRIVATE, "--federated.enabled", "false", "--privacy.noise_multiplier", "1"]
+    whole = fit.main([*central, "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "a")])
+    first = fit.main([*central, "--trainer.max_epochs", "1", "--run_dir", str(tmp_path / "b")])
+    config = tmp_path / "b" / "config.yaml"
+    config.write_text(config.read_text().replace("max_epochs: 1", "max_epochs: 2"))
+    resumed = fit.main(["--resume", str(tmp_path / "b")])
+    spent = whole["privacy"]["dp_sgd"]
+    assert first["privacy"]["dp_sgd"]["epsilon"] < spent["epsilon"]
+    assert resumed["privacy"]["dp_sgd"] == spent
+    assert spent["epsilon"] == pytest.approx(
+        rdp_epsilon(1.0, spent["sample_rate"], spent["steps"], 1e-3), abs=1e-4
+    )
+
+
+def update(client: int, state: dict, n: int = 10) -> ClientUpdate:
+    return ClientUpdate(client, state, n, 0.0, 1.0)
+
+
+def test_server_dp_clips_an_oversized_update_to_the_bound():
+    zero = {"w": torch.zeros(2), "b": torch.zeros(1)}
+    big = {"w": torch.tensor([30.0, 40.0]), "b": torch.tensor([0.0])}  # norm 50
+    clipped, norm = clip_update(big, zero, bound=2.0)
+    assert norm == pytest.approx(50.0)
+    assert torch.allclose(clipped["w"].float(), torch.tensor([1.2, 1.6]))  # 2 x (0.6, 0.8)
+    small = {"w": torch.tensor([0.3, 0.4]), "b": torch.tensor([0.0])}
+    assert torch.allclose(clip_update(small, zero, bound=2.0)[0]["w"].float(), small["w"])
+
+
+def test_server_dp_without_noise_averages_clipped_updates_over_the_sampled_clients():
+    zero = {"w": torch.zeros(2)}
+    cfg = ServerDPConfig(enabled=True, noise_multiplier=0.0, clip_norm=1.0)
+    dp = ServerDP(FedAvg(), cfg, per_round=2, clients=4, seed=0)
+    out = dp.aggregate(
+        zero,
+        [update(0, {"w": torch.tensor([30.0, 40.0])}), update(1, {"w": torch.tensor([0.0, 0.5])})],
+    )
+    # (0.6, 0.8) + (0, 0.5), over the m = 2 sampled clients, whatever their image counts
+    assert torch.allclose(out["w"], torch.tensor([0.3, 0.65]))
+    assert dp.epsilon() == math.inf
+
+
+def test_server_dp_noise_accountant_and_composition_with_fedadam():
+    zero = {"w": torch.zeros(1000)}
+    cfg = ServerDPConfig(enabled=True, noise_multiplier=2.0, clip_norm=1.0, delta=1e-3)
+    dp = ServerDP(FedAvg(), cfg, per_round=4, clients=4, seed=0)
+    updates = [update(j, {"w": torch.zeros(1000)}) for j in range(4)]
+    noisy = dp.aggregate(zero, updates)["w"]
+    assert noisy.std().item() == pytest.approx(2.0 * 1.0 / 4, rel=0.1)  # z C / m
+    assert dp.epsilon() == pytest.approx(rdp_epsilon(2.0, 1.0, 1, 1e-3), rel=1e-9)
+    state = dp.state_dict()
+    again = ServerDP(FedAvg(), cfg, per_round=4, clients=4, seed=0)
+    again.load_state_dict(state)
+    assert again.epsilon() == dp.epsilon()
+    assert torch.equal(again.aggregate(zero, updates)["w"], dp.aggregate(zero, updates)["w"])
+    adam = ServerDP(FedAdam(["w"], lr=0.01, momentum=0.9), cfg, per_round=4, clients=4, seed=0)
+    step = adam.aggregate(zero, updates)["w"]
+    assert step.abs().max().item() == pytest.approx(0.01, rel=0.05)  # Adam's first step: lr
+
+
+def test_server_dp_in_a_federation_reports_its_epsilon_per_round(tmp_path):
+    argv = [
+        *TINY,
+        "--federated.enabled", "true",
+        "--federated.rounds", "2",
+        "--federated.local_epochs", "1",
+        "--federated.server_dp.enabled", "true",
+        "--federated.server_dp.noise_multiplier", "1.5",
+        "--federated.server_dp.delta", "0.1",
+    ]  # fmt: skip
+    summary = fit.main([*argv, "--run_dir", str(tmp_path / "run")])
+    rows = read_rows(tmp_path / "run" / "rounds.csv")
+    expected = [rdp_epsilon(1.5, 1.0, r, 0.1) for r in (1, 2)]
+    assert [float(r["server_epsilon"]) for r in rows] == pytest.approx(expected, abs=1e-4)
+    assert summary["privacy"]["server"]["epsilon"] == pytest.approx(expected[1], abs=1e-4)

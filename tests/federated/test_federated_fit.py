@@ -128,9 +128,10 @@ def test_only_state_dicts_and_counts_cross_the_client_boundary(fl_run):
     assert len(seen) == 6  # 3 clients x 2 rounds
     reference = last_weights(run_dir)
     assert [f.name for f in fields(ClientUpdate)] == [
-        "client", "state", "n", "train_loss", "train_accuracy"
+        "client", "state", "n", "train_loss", "train_accuracy", "epsilon"
     ]  # fmt: skip
     for update in seen:
+        assert update.epsilon is None  # a number only under DP-SGD (privacy.enabled)
         assert type(update.n) is int and type(update.client) is int
         assert type(update.train_loss) is float and type(update.train_accuracy) is float
         assert update.state.keys() == reference.keys()

@@ -140,15 +140,17 @@ def privacy(rows: list[dict], path) -> None:
     far = max(xs, default=1.0) * 2.5  # where "no DP" is drawn on the log axis
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric in zip(axes, ("accuracy", "auroc"), strict=True):
-        for split, style in (("val", "o-"), ("val_shift", "s--")):
+        # Each split nudged sideways (on the log axis) so the intervals do not hide each other.
+        for split, style, nudge in (("val", "o-", 0.97), ("val_shift", "s--", 1.03)):
             if private and private[0][f"{split}_{metric}"] == "":
                 continue
             ys = [r[f"{split}_{metric}"] for r in private]
             errors = _interval_errors(private, f"{split}_{metric}")
-            line = ax.errorbar(xs, ys, yerr=errors, fmt=style, capsize=3, label=split)
+            at = [x * nudge for x in xs]
+            line = ax.errorbar(at, ys, yerr=errors, fmt=style, capsize=3, label=split)
             for r in plain:
                 ax.errorbar(
-                    [far],
+                    [far * nudge],
                     [r[f"{split}_{metric}"]],
                     yerr=_interval_errors([r], f"{split}_{metric}"),
                     fmt=style[0],

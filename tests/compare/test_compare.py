@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pneumonia.compare import runner
+from pneumonia.compare import plots, runner
 from pneumonia.compare.__main__ import main
 from pneumonia.compare.plan import deep_merge, load_comparison
-from pneumonia.compare.report import SPLITS, curve, selection
+from pneumonia.compare.report import SPLITS, curve, markdown_table, privacy_columns, selection
 from pneumonia.metrics import SCALARS
 from pneumonia.models.registry import ModelConfig, count_parameters, create_model
 
@@ -367,3 +367,36 @@ def test_shipped_comparisons_load_with_one_budget(path, tmp_path):
     if path.stem.startswith("paper_table2"):
         assert comparison.sweep["file"] == "batch_size.png"
         assert sorted({e.cfg.data.batch_size for e in entries}) == [4, 8, 16, 32]
+
+
+def private_row(label: str, epsilon, accuracy: float) -> dict:
+    """A results row as entry_row writes it, for the privacy table and plot."""
+    row = {"label": label, "training": "federated", "data_left_site": "no"}
+    row |= {"epsilon": epsilon, "delta": 1e-5 if epsilon != "" else ""}
+    for split in SPLITS:
+        for key in SCALARS:
+            value = accuracy if split != "test" else ""
+            low_high = (accuracy - 0.05, accuracy + 0.05) if split != "test" else ("", "")
+            row |= {f"{split}_{key}": value}
+            row |= {f"{split}_{key}_low": low_high[0], f"{split}_{key}_high": low_high[1]}
+    return row | {"parameters": 11_000_000, "wall_time_s": 60.0}
+
+
+def test_privacy_columns_table_and_plot(tmp_path):
+    assert privacy_columns({"val": {}}) == {"epsilon": "", "delta": ""}
+    summary = {
+        "privacy": {
+            "clients": {"epsilon": 7.99, "delta": 1e-5},
+            "server": {"epsilon": 12.1, "delta": 0.01},
+        }
+    }
+    assert privacy_columns(summary) == {"epsilon": 12.1, "delta": 0.01}  # the weakest
+    rows = [private_row("No DP", "", 0.9), private_row("eps 8", 7.99, 0.8)]
+    table = markdown_table(rows, "val").splitlines()
+    assert "| Epsilon (delta) |" in table[0]
+    assert "| No DP | federated | no | no DP | 0.900 (0.850-0.950) |" in table[2]
+    assert "| eps 8 | federated | no | 7.99 (1e-05) | 0.800 (0.750-0.850) |" in table[3]
+    plots.privacy(rows, tmp_path / "privacy.png")
+    assert (tmp_path / "privacy.png").stat().st_size > 10_000
+    plain = [private_row("No DP", "", 0.9)]
+    assert "Epsilon" not in markdown_table(plain, "val")

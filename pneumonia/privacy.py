@@ -78,21 +78,39 @@ def check_privacy(cfg) -> None:
         raise UserError(
             "privacy: give exactly one of privacy.noise_multiplier and privacy.target_epsilon"
         )
-    refusals = {
-        cfg.data.balance == "sampler": "data.balance sampler is not Poisson sampling: use "
-        "data.balance loss_weights or none",
-        cfg.optim.weight_averaging != "none": "optim.weight_averaging copies the model and its "
-        "per-sample hooks: use none (a federation may use federated.average_rounds)",
-        cfg.federated.enabled and cfg.federated.strategy == "fedprox": "federated.strategy "
-        "fedprox edits gradients that DP-SGD then replaces: use fedavg, fedbn, fedavgm or fedadam",
-        (cfg.trainer.get("accumulate_grad_batches") or 1) > 1: "trainer.accumulate_grad_batches "
-        "above 1 is not Poisson sampling: raise data.batch_size instead",
-        cfg.trainer.get("gradient_clip_val") is not None: "trainer.gradient_clip_val: DP-SGD "
-        "clips each image's gradient itself (privacy.max_grad_norm)",
-        str(cfg.trainer.get("precision")).startswith("16"): "trainer.precision 16-mixed scales "
-        "the loss and Opacus clips the scaled per-sample gradients: use 32-true or bf16-mixed",
-    }
-    for refused, why in refusals.items():
+    trainer = cfg.trainer
+    refusals = [
+        (
+            cfg.data.balance == "sampler",
+            "data.balance sampler is not Poisson sampling: use data.balance loss_weights or none",
+        ),
+        (
+            cfg.optim.weight_averaging != "none",
+            "optim.weight_averaging copies the model and its per-sample hooks: use none (a "
+            "federation may use federated.average_rounds)",
+        ),
+        (
+            cfg.federated.enabled and cfg.federated.strategy == "fedprox",
+            "federated.strategy fedprox edits gradients that DP-SGD then replaces: use fedavg, "
+            "fedbn, fedavgm or fedadam",
+        ),
+        (
+            (trainer.get("accumulate_grad_batches") or 1) > 1,
+            "trainer.accumulate_grad_batches above 1 is not Poisson sampling: raise "
+            "data.batch_size instead",
+        ),
+        (
+            trainer.get("gradient_clip_val") is not None,
+            "trainer.gradient_clip_val: DP-SGD clips each image's gradient itself "
+            "(privacy.max_grad_norm)",
+        ),
+        (
+            str(trainer.get("precision")).startswith("16"),
+            "trainer.precision 16-mixed scales the loss and Opacus clips the scaled per-sample "
+            "gradients: use 32-true or bf16-mixed",
+        ),
+    ]
+    for refused, why in refusals:
         if refused:
             raise UserError(f"privacy.enabled: {why}")
 

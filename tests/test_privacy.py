@@ -198,6 +198,10 @@ def test_batchnorm_is_refused_in_one_line_naming_groupnorm(tmp_path, capsys):
         (["--trainer.precision", "16-mixed"], "16-mixed"),
         (["--privacy.target_epsilon", "3"], "exactly one of"),
         (["--privacy.delta", "0.5"], "must be below 1 /"),
+        (["--optim.weight_averaging", "ema"], "optim.weight_averaging"),
+        (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches"),
+        (["--trainer.gradient_clip_val", "1"], "gradient_clip_val"),
+        (["--federated.enabled", "true", "--federated.strategy", "fedprox"], "fedprox"),
     ],
 )
 def test_what_cannot_be_private_is_refused_before_training(extra, words, tmp_path, capsys):

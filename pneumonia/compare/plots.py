@@ -159,7 +159,9 @@ def privacy(rows: list[dict], path) -> None:
                 )
         ax.set_xscale("log")
         ticks = [*xs, *([far] if plain else [])]
-        ax.set_xticks(ticks, [f"{x:g}" for x in xs] + (["no DP"] if plain else []))
+        ax.set_xticks(ticks, [f"{x:.2g}" for x in xs] + (["no DP"] if plain else []))
+        if metric == "auroc":
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
         ax.minorticks_off()
         ax.set_xlabel("epsilon per client (delta as in the table)")
         ax.set_title(f"{metric} against epsilon")

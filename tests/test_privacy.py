@@ -311,3 +311,16 @@ def test_server_dp_in_a_federation_reports_its_epsilon_per_round(tmp_path):
     expected = [rdp_epsilon(1.5, 1.0, r, 0.1) for r in (1, 2)]
     assert [float(r["server_epsilon"]) for r in rows] == pytest.approx(expected, abs=1e-4)
     assert summary["privacy"]["server"]["epsilon"] == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_the_prv_accountant_is_tighter_than_rdp_for_the_same_steps():
+    history = [(1.1, 0.032, 1000)]
+    spent = {}
+    for name in ("rdp", "prv"):
+        cfg = PrivacyConfig(enabled=True, noise_multiplier=1.1, accountant=name)
+        dp = DPSGD(nn.Linear(2, 2), cfg, images=1000, batch_size=32, planned_steps=1000)
+        dp.accountant.history = list(history)
+        spent[name] = dp.epsilon()
+    # docs/design/privacy.md: 6.035 (RDP) and 5.516 (PRV) from Opacus's own functions
+    assert spent["rdp"] == pytest.approx(6.035, abs=5e-3)
+    assert spent["prv"] == pytest.approx(5.516, abs=0.05) and spent["prv"] < spent["rdp"]

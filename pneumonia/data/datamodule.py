@@ -75,6 +75,7 @@ class ChestXrayDataModule(L.LightningDataModule):
 
             batches = UniformWithReplacementSampler(
                 num_samples=len(images),
+                # q = B / N, the rate pneumonia.privacy.sample_rate accounts for (same formula).
                 sample_rate=min(batch_size / len(images), 1.0),
                 generator=self.generator,
             )

@@ -307,8 +307,11 @@ class ServerDP(Strategy):
             for key, delta in clipped.items():
                 total[key] = total[key] + delta if key in total else delta
         std = self.cfg.noise_multiplier * self.cfg.clip_norm
-        average = weighted_average([u.state for u in updates], [u.n for u in updates])
-        noisy = dict(average)  # integer buffers: the plain average (counts, not weights)
+        # Integer buffers (BatchNorm's step counts) are counts, not weights: their plain
+        # average, as FedAvg takes it; the float tensors are all in `total`.
+        counts = [k for k in global_state if k not in total]
+        states = [{k: u.state[k] for k in counts} for u in updates]
+        noisy = weighted_average(states, [u.n for u in updates]) if counts else {}
         for key, summed in total.items():
             noise = torch.normal(0.0, std, summed.shape, generator=self.generator).double()
             step = (summed + noise) / self.per_round

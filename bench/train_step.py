@@ -32,7 +32,7 @@ from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sources import Splits
 from pneumonia.errors import exit_on_user_error
 from pneumonia.models.registry import ModelConfig, create_model
-from pneumonia.module import make_optimizer
+from pneumonia.optimizers import make_optimizer
 from pneumonia.recipe import build_module, loss_weights, make_recipe
 from pneumonia.run.centralized import build_datamodule, build_trainer
 

@@ -25,11 +25,13 @@ ImageSide = restricted_number_type("ImageSide", int, [(">=", 16), ("<=", 2048)])
 FractionUpToOne = restricted_number_type("FractionUpToOne", float, [(">", 0), ("<=", 1)])
 FractionBelowOne = restricted_number_type("FractionBelowOne", float, [(">=", 0), ("<", 1)])
 FractionBelowHalf = restricted_number_type("FractionBelowHalf", float, [(">=", 0), ("<", 0.5)])
+AtLeastOne = restricted_number_type("AtLeastOne", float, [(">=", 1)])
 Degrees = restricted_number_type("Degrees", float, [(">=", 0), ("<=", 180)])
 # At least 10 synthetic patients: the patient split needs some for validation.
 SyntheticPatients = restricted_number_type("SyntheticPatients", int, [(">=", 10)])
 
 __all__ = [
+    "AtLeastOne",
     "ClosedUnitInterval",
     "Degrees",
     "FractionBelowHalf",

@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 import warnings
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -20,14 +20,17 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from pneumonia.bounds import OpenUnitInterval, Seed
+from pneumonia.bounds import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, Seed
 from pneumonia.data.sources import DataConfig
 from pneumonia.errors import UserError, first_line
 from pneumonia.federated.config import FederatedConfig
+from pneumonia.losses import LossConfig
 from pneumonia.models.registry import ModelConfig
 from pneumonia.module import OptimConfig
 from pneumonia.privacy import PrivacyConfig
 
+# The dataclass groups of the fit config (trainer.* stays a namespace).
+CONFIG_GROUPS = ("data", "model", "optim", "loss", "federated", "privacy", "early_stopping")
 # The fit entry point owns these Trainer arguments: where runs are written and how.
 TRAINER_MANAGED = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
 # `python -m pneumonia.fit` with no --config behaves like `make fit`: the repository's default.
@@ -44,6 +47,16 @@ MONITORS = (
     "val_shift/auroc",
     "val_shift/accuracy",
 )
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the monitored metric (`monitor`) has not improved by more than `min_delta`
+    for `patience` validations: epochs (Lightning's EarlyStopping) or federated rounds (the
+    same rule, by round). patience 0: train the whole schedule."""
+
+    patience: NonNegativeInt = 0
+    min_delta: NonNegativeFloat = 0.0
 
 
 def build_fit_parser() -> ArgumentParser:
@@ -86,6 +99,8 @@ def build_fit_parser() -> ArgumentParser:
     parser.add_argument("--data", type=DataConfig, default=DataConfig())
     parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
     parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
+    parser.add_argument("--loss", type=LossConfig, default=LossConfig())
+    parser.add_argument("--early_stopping", type=EarlyStoppingConfig, default=EarlyStoppingConfig())
     parser.add_argument("--federated", type=FederatedConfig, default=FederatedConfig())
     parser.add_argument("--privacy", type=PrivacyConfig, default=PrivacyConfig())
     parser.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_MANAGED, instantiate=False)
@@ -212,6 +227,10 @@ _OUT_OF_RANGE = re.compile(
 )
 
 
+_LITERAL = re.compile(
+    r'Parser key "(?P<key>[\w.]+)":\s+Expected a typing\.Literal\[(?P<choices>[^\]]*)\]\. '
+    r"Got value: (?P<value>\S+)$"
+)
 _UNION = re.compile(
     r'Parser key "(?P<key>[\w.]+)": Does not validate against any of the Union subtypes.*'
     r"Given value: (?P<value>\S+)$"
@@ -229,6 +248,10 @@ def _one_line(parser: ArgumentParser, message: str, argv: list[str]) -> str:
     match = _OUT_OF_RANGE.search(text)
     if match:  # the key, the value, the range: "data.batch_size 0 must be > 0"
         return f"{match['key']} {match['value']} must be {_rule(match['rule'])}"
+    match = _LITERAL.search(text)
+    if match:  # an unknown name: "loss.name 'foo' is not one of: cross_entropy, ..."
+        choices = ", ".join(re.findall(r"'([^']*)'", match["choices"]))
+        return f"{match['key']} {match['value']!r} is not one of: {choices}"
     match = _UNION.search(text)
     if match:  # a range or null (or a word): "federated.server_lr -1 must be > 0, or null"
         rule = _UNION_RULE.search(text)
@@ -324,7 +347,7 @@ def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
     raw = parse_args(parser, argv)
     # Groups become their dataclasses; trainer.* stays a namespace.
     cfg = parser.instantiate(raw)
-    for group in ("data", "model", "optim", "federated", "privacy"):
+    for group in CONFIG_GROUPS:
         plain_numbers(cfg[group])
     cfg.seed = int(cfg.seed)
     cfg.threshold = cfg.threshold if isinstance(cfg.threshold, str) else float(cfg.threshold)

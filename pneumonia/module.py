@@ -7,7 +7,7 @@ checkpoint alone carries everything needed to evaluate or predict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import lightning as L
@@ -26,22 +26,35 @@ from pneumonia.bounds import (
 )
 from pneumonia.data.imageset import CLASSES
 from pneumonia.errors import UserError
+from pneumonia.losses import EmbeddingTap, LossConfig, attach_head, make_objective
 from pneumonia.metrics import DiagnosisMetrics
 from pneumonia.models.registry import ModelConfig, create_model
+from pneumonia.optimizers import OPTIMIZER_NAMES, make_optimizer
+from pneumonia.schedules import DECAY_NAMES, DecayConfig, lambda_scheduler
+
+SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
+    name for name in DECAY_NAMES if name != "constant"
+)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (the `optim.*` config group)."""
+    """Optimizer, learning-rate schedule and weight penalties (the `optim.*` config group)."""
 
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    name: Literal[OPTIMIZER_NAMES] = "adamw"  # pneumonia.optimizers
     lr: PositiveFloat = 1e-3
-    momentum: FractionBelowOne = 0.9  # sgd only
-    weight_decay: NonNegativeFloat = 1e-4
-    scheduler: Literal["none", "step", "cosine", "plateau"] = "cosine"
+    momentum: FractionBelowOne = 0.9  # momentum and nesterov only
+    weight_decay: NonNegativeFloat = 1e-4  # the L2 penalty (AdamW: decoupled)
+    l1: NonNegativeFloat = 0.0  # L1 penalty: l1 x the sum of |w| over conv and linear weights
+    # step (StepLR), plateau (ReduceLROnPlateau on val/loss), onecycle (OneCycleLR), cosine
+    # (CosineAnnealingLR) or one of TensorFlow's decays (pneumonia.schedules; their
+    # parameters and the warm-up are optim.decay.*), stepped every `interval`.
+    scheduler: Literal[SCHEDULERS] = "cosine"
+    interval: Literal["epoch", "step"] = "epoch"
     step_size: PositiveInt = 10  # step: epochs between decays
     gamma: FractionUpToOne = 0.1  # step and plateau: decay factor
     patience: NonNegativeInt = 2  # plateau: epochs without val/loss improvement
+    decay: DecayConfig = field(default_factory=DecayConfig)
     label_smoothing: FractionBelowOne = 0.0
     # Centralized runs: validate and checkpoint an average of the weights instead of the
     # last ones: an exponential moving average over steps (ema, `ema_decay`), or the equal
@@ -51,18 +64,29 @@ class OptimConfig:
     ema_decay: OpenUnitInterval = 0.995
     swa_start: FractionBelowOne = 0.5
 
+    def __post_init__(self) -> None:
+        if isinstance(self.decay, dict):  # from a checkpoint's recipe or a Flower message
+            self.decay = DecayConfig(**self.decay)
 
-def make_optimizer(params, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer `cfg` names over `params` (on their device already), at `lr` if given."""
-    params = list(params)
-    lr = cfg.lr if lr is None else lr
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    # One fused kernel per step instead of a dozen ops per tensor: the AdamW step of
-    # SE-ResNet-18 took 95 ms on 2 CPU cores, 14 ms fused.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
-    adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+def make_scheduler(optimizer, cfg: OptimConfig, units: int):
+    """The learning-rate scheduler of `cfg` over `units` epochs or steps of this fit (plateau
+    is built by the module: it needs a monitor). torch.optim.lr_scheduler's own
+    where it has the schedule; TensorFlow's decays as a LambdaLR of their formula."""
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "step":
+        return sched.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    if cfg.scheduler == "onecycle":
+        return sched.OneCycleLR(
+            optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=units
+        )
+    warm = cfg.decay.warmup > 0
+    if cfg.scheduler == "cosine" and not warm and cfg.decay.decay_steps == 0:
+        # TF's cosine_decay with its floor alpha x lr; torch's own (the default's numbers).
+        eta_min = cfg.decay.alpha * optimizer.param_groups[0]["lr"]
+        return sched.CosineAnnealingLR(optimizer, T_max=units, eta_min=eta_min)
+    name = "constant" if cfg.scheduler == "none" else cfg.scheduler  # none: the warm-up alone
+    return lambda_scheduler(optimizer, name, units, cfg.decay)
 
 
 # What the module scores: training batches, the validation loaders in the DataModule's order
@@ -85,6 +109,7 @@ class ClassifierModule(L.LightningModule):
         mean: float = 0.5,
         std: float = 0.25,
         threshold: float = 0.5,
+        loss: dict | None = None,
     ) -> None:
         super().__init__()
         # The recipe (pneumonia.recipe) is the checkpoint's hyper-parameters; class weights
@@ -99,6 +124,13 @@ class ClassifierModule(L.LightningModule):
         # a federated client sets its round's rate here (federated.round_lr).
         self.learning_rate = self.optim_cfg.lr
         self.model = create_model(ModelConfig(**model), image_size)
+        # The training objective (pneumonia.losses). Margin losses and the L2-constrained
+        # softmax put their own head in place of the classifier layer (its logits are what
+        # evaluation and prediction take the softmax of); the default leaves the model as is.
+        self.loss_cfg = LossConfig(**(loss or {}))
+        attach_head(self.model, self.loss_cfg)
+        self.objective = make_objective(self.loss_cfg, self.model, self.positive)
+        self.tap = EmbeddingTap(self.model) if self.objective.needs_embeddings else None
         weights = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         # Not persistent: client-specific, and must not travel inside aggregated state dicts.
         self.register_buffer("class_weights", weights, persistent=False)
@@ -148,15 +180,21 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
-        """Class weights and smoothing shape training only; val/test report the plain
-        cross-entropy, the same loss the federated server and `evaluation` report."""
+        """The training objective (loss.name, class weights, smoothing, the L1 penalty) in
+        training; val/test report the plain cross-entropy of the logits, the log loss of the
+        probabilities whatever the objective, as the federated server and `evaluation` do."""
         if not training:
             return F.cross_entropy(logits.float(), labels)
         smoothing = self.optim_cfg.label_smoothing
-        if self.privacy is None:
-            return F.cross_entropy(
-                logits.float(), labels, weight=self.class_weights, label_smoothing=smoothing
-            )
+        if self.privacy is not None:
+            return self._private_loss(logits, labels, smoothing)
+        embeddings = self.tap.embeddings if self.tap is not None else None
+        loss = self.objective(logits, embeddings, labels, self.class_weights, smoothing)
+        if self.optim_cfg.l1 > 0:
+            loss = loss + self.optim_cfg.l1 * self.l1_norm()
+        return loss
+
+    def _private_loss(self, logits, labels, smoothing: float) -> torch.Tensor:
         # DP-SGD bounds each image's influence, so no image's loss may depend on the others:
         # the weighted mean divides by the batch's sum of weights, which does. Each image's
         # own weighted loss, averaged over the batch (Opacus's loss_reduction "mean").
@@ -168,6 +206,10 @@ class ClassifierModule(L.LightningModule):
             reduction="none",
         )
         return per_image.sum() / max(len(labels), 1)
+
+    def l1_norm(self) -> torch.Tensor:
+        """Sum of |w| over the weights of convolutions and linear layers (not norms, biases)."""
+        return sum(p.abs().sum() for p in self.model.parameters() if p.ndim > 1)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -213,24 +255,33 @@ class ClassifierModule(L.LightningModule):
                     logger.experiment.add_figure(f"{stage}/{name}", figure, self.current_epoch)
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.model.parameters(), self.optim_cfg, self.learning_rate)
+        params = [*self.model.parameters(), *self.objective.parameters()]
+        optimizer = make_optimizer(params, self.optim_cfg, self.learning_rate)
         if self.privacy is not None:
             optimizer = self.privacy.wrap(optimizer)
         return self._with_scheduler(optimizer)
 
     def _with_scheduler(self, optimizer):
         cfg = self.optim_cfg
-        sched = torch.optim.lr_scheduler
-        if cfg.scheduler == "step":
-            return [optimizer], [sched.StepLR(optimizer, cfg.step_size, cfg.gamma)]
-        if cfg.scheduler == "cosine":
-            # The epochs of this fit call: all of them centrally, E per round on a client.
-            epochs = max(int(self.trainer.max_epochs or 1) - self.trainer.current_epoch, 1)
-            return [optimizer], [sched.CosineAnnealingLR(optimizer, T_max=epochs)]
         if cfg.scheduler == "plateau":
-            plateau = sched.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=cfg.patience)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, factor=cfg.gamma, patience=cfg.patience
+            )
             return {
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"},
             }
-        return optimizer
+        if cfg.scheduler == "none" and cfg.decay.warmup == 0:
+            return optimizer
+        scheduler = make_scheduler(optimizer, cfg, self._schedule_units())
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": cfg.interval},
+        }
+
+    def _schedule_units(self) -> int:
+        """The epochs or optimizer steps of this fit call: all of them centrally, E epochs per
+        round on a federated client."""
+        if self.optim_cfg.interval == "step":
+            return max(int(self.trainer.estimated_stepping_batches), 1)
+        return max(int(self.trainer.max_epochs or 1) - self.trainer.current_epoch, 1)

@@ -105,6 +105,25 @@ def check_privacy(cfg) -> None:
             "(privacy.max_grad_norm)",
         ),
         (
+            cfg.loss.name != "cross_entropy",
+            f"loss.name {cfg.loss.name}: DP-SGD here clips per-image cross-entropy gradients "
+            "(other objectives couple images or hold their own weights): use cross_entropy",
+        ),
+        (
+            cfg.optim.l1 > 0,
+            "optim.l1: the penalty's gradient is not any image's, and Opacus clips only "
+            "per-image gradients: use optim.weight_decay (decoupled, outside the clipping)",
+        ),
+        (
+            cfg.model.norm == "brn",
+            "model.norm brn mixes the images of a batch like BatchNorm: use gn",
+        ),
+        (
+            cfg.model.drop_connect > 0,
+            "model.drop_connect masks the classifier's weights, which Opacus's per-sample "
+            "gradients of Linear do not follow: use model.drop_rate",
+        ),
+        (
             str(trainer.get("precision")).startswith("16"),
             "trainer.precision 16-mixed scales the loss and Opacus clips the scaled per-sample "
             "gradients: use 32-true or bf16-mixed",

@@ -31,6 +31,7 @@ class Recipe:
     mean: float = 0.5  # pixel normalisation, agreed on the training images
     std: float = 0.25
     threshold: float = 0.5  # decision threshold on P(positive)
+    loss: dict | None = None  # LossConfig as a dict; None (older checkpoints): cross-entropy
 
     def hparams(self) -> dict:
         """The keyword arguments of `ClassifierModule`, as plain dicts and lists."""
@@ -64,6 +65,7 @@ def make_recipe(cfg, classes: tuple[str, ...], moments: list[Moments]) -> Recipe
     return Recipe(
         model=asdict(cfg.model),
         optim=asdict(cfg.optim),
+        loss=asdict(cfg.loss),
         image_size=cfg.data.image_size,
         classes=tuple(classes),
         positive_class=cfg.positive_class,

@@ -20,7 +20,13 @@ LAYERS = [
         "pneumonia.seeding",
     ],
     ["pneumonia.data", "pneumonia.models"],
-    ["pneumonia.metrics", "pneumonia.intervals"],
+    [
+        "pneumonia.metrics",
+        "pneumonia.intervals",
+        "pneumonia.losses",
+        "pneumonia.optimizers",
+        "pneumonia.schedules",
+    ],
     ["pneumonia.module", "pneumonia.scoring", "pneumonia.explain"],
     [
         "pneumonia.recipe",

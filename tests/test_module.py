@@ -32,7 +32,10 @@ def test_optimizer_and_schedule_from_config(name, scheduler, optimizer_type, sch
     config = module.configure_optimizers()
     if isinstance(config, dict):
         optimizer, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
-        assert config["lr_scheduler"]["monitor"] == "val/loss"
+        if scheduler == "plateau":
+            assert config["lr_scheduler"]["monitor"] == "val/loss"
+        else:
+            assert config["lr_scheduler"]["interval"] == "epoch"
     elif isinstance(config, tuple | list):
         (optimizer,), (sched,) = config
     else:

@@ -1,13 +1,18 @@
 """A comparison config, read and checked: every entry becomes the exact `fit` configuration it
 will train with, and every problem is found before the first entry trains.
 
-    name: paper_table3_cpu            # reports/<name>/ (default: the file's stem)
+    name: options_study               # reports/<name>/ (default: the file's stem)
     description: one line for the report
     shared: {data: ..., optim: ..., trainer: ..., federated: ...}   # fit options for all
+    reference: default                # the entry every other is compared against (default:
+                                      # the first entry, when any entry has a family)
     entries:
-      - name: alexnet                 # the entry's run directory and file names
-        label: AlexNet                # how tables and plots name it (default: name)
-        set: {model: {name: alexnet}} # fit options of this entry, merged over shared
+      - name: default                 # the entry's run directory and file names
+        label: Default recipe         # how tables and plots name it (default: name)
+      - name: sgd
+        label: SGD
+        family: optimizer             # optional: the report groups entries by family
+        set: {optim: {name: sgd}}     # fit options of this entry, merged over shared
     sweep: {x: data.batch_size, line: model.norm, file: batch_size.png}   # optional plot
 """
 
@@ -27,8 +32,8 @@ from pneumonia.errors import UserError
 from pneumonia.metrics import SCALARS
 from pneumonia.run.job import preflight
 
-TOP_KEYS = {"name", "description", "shared", "entries", "sweep"}
-ENTRY_KEYS = {"name", "label", "set"}
+TOP_KEYS = {"name", "description", "shared", "entries", "sweep", "reference"}
+ENTRY_KEYS = {"name", "label", "family", "set"}
 SWEEP_KEYS = {"x", "line", "file", "metric"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -44,6 +49,7 @@ class Entry:
     argv: list[str]  # what `python -m pneumonia.fit` is called with
     run_dir: Path
     parameters: int
+    family: str = ""  # the report's group of one-change entries (activation, loss, ...)
 
     @property
     def federated(self) -> bool:
@@ -77,6 +83,7 @@ class Comparison:
     entries: list[Entry]
     sweep: dict | None
     report_dir: Path
+    reference: str | None = None  # the entry the family tables compare every other against
 
 
 def config_hash(resolved_yaml: str) -> str:
@@ -115,6 +122,7 @@ def load_comparison(
         entries=entries,
         sweep=sweep,
         report_dir=Path(reports_root) / name,
+        reference=check_reference(path, spec.get("reference"), entries),
     )
 
 
@@ -148,7 +156,9 @@ def build_entry(
         raise UserError(f"{where}: a name must be letters, digits, '_', '-' or '.'")
     unknown = set(item) - ENTRY_KEYS
     if unknown:
-        raise UserError(f"{where}: unknown key {sorted(unknown)[0]!r}; use name, label, set")
+        raise UserError(
+            f"{where}: unknown key {sorted(unknown)[0]!r}; use name, label, family, set"
+        )
     options = item.get("set") or {}
     if not isinstance(options, dict):
         raise UserError(f"{where}: 'set' must be a mapping of fit options")
@@ -162,7 +172,11 @@ def build_entry(
         parameters = preflight(cfg)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
-    return Entry(name, str(item.get("label", name)), cfg, resolved, argv, run_dir, parameters)
+    family = item.get("family") or ""
+    if not isinstance(family, str):
+        raise UserError(f"{where}: 'family' must be a string, e.g. family: activation")
+    label = str(item.get("label", name))
+    return Entry(name, label, cfg, resolved, argv, run_dir, parameters, family)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -174,6 +188,19 @@ def deep_merge(base: dict, update: dict) -> dict:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def check_reference(path: Path, reference: object, entries: list[Entry]) -> str | None:
+    """The entry every other is compared against: as given, else the first entry when the
+    report groups entries by family (it then needs one), else none."""
+    names = [e.name for e in entries]
+    if reference is None:
+        return names[0] if any(e.family for e in entries) else None
+    if str(reference) not in names:
+        raise UserError(
+            f"{path}: reference {reference!r} is not an entry; entries: {', '.join(names)}"
+        )
+    return str(reference)
 
 
 def check_sweep(path: Path, sweep: object, entries: list[Entry]) -> dict | None:

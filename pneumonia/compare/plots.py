@@ -1,6 +1,6 @@
 """The comparison's figures: learning curves (the paper's Fig. 5 and 6), ROC, confusion
-matrices, reliability diagrams and a sweep (Table 2 as accuracy against batch size). Files
-only, never a screen."""
+matrices, reliability diagrams, a sweep (Table 2 as accuracy against batch size) and one
+AUROC chart per family of a study against its reference. Files only, never a screen."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ TITLES = {
     "val_loss": "validation loss",
     "val_accuracy": "validation accuracy",
 }
+FAMILY_SPLITS = {"val": "clean validation", "val_shift": "shift validation"}
 
 
 def save(fig: Figure, path) -> None:
@@ -172,11 +173,55 @@ def privacy(rows: list[dict], path) -> None:
 
 
 def _interval_errors(rows: list[dict], key: str) -> list[list[float]]:
-    """Error bar lengths below and above each value (0 where a row has no interval)."""
+    """Error bar lengths below and above each value (0 where a row has no interval, or where
+    the rounded interval ends a hair inside the unrounded value: matplotlib refuses negative
+    lengths)."""
     below, above = [], []
     for r in rows:
         low, high, value = r[f"{key}_low"], r[f"{key}_high"], r[key]
         has = low != "" and high != "" and not (math.isnan(low) or math.isnan(high))
-        below.append(value - low if has else 0.0)
-        above.append(high - value if has else 0.0)
+        below.append(max(value - low, 0.0) if has else 0.0)
+        above.append(max(high - value, 0.0) if has else 0.0)
     return [below, above]
+
+
+def family(rows: list[dict], title: str, path) -> None:
+    """AUROC and its 95% interval, one row per entry and one panel per split: rows[0] is the
+    reference, drawn on top and as a dashed line to read the others against. A diverged entry
+    keeps its row, labelled, without a point."""
+    splits = [s for s in FAMILY_SPLITS if any(_finite(r[f"{s}_auroc"]) for r in rows)]
+    splits = splits or ["val"]  # every entry diverged: still one panel of labelled rows
+    height = 1.4 + 0.4 * len(rows)
+    fig, axes = plt.subplots(
+        1, len(splits), figsize=(5 * len(splits), height), sharey=True, squeeze=False
+    )
+    for ax, split in zip(axes[0], splits, strict=True):
+        _family_panel(ax, rows, f"{split}_auroc")
+        ax.set_title(f"AUROC, {FAMILY_SPLITS[split]}")
+    labels = [f"{rows[0]['label']} (reference)", *(r["label"] for r in rows[1:])]
+    axes[0][0].set_yticks(range(len(rows)), labels)
+    axes[0][0].set_ylim(len(rows) - 0.5, -0.5)  # the reference on top
+    fig.suptitle(title)
+    save(fig, path)
+
+
+def _family_panel(ax, rows: list[dict], key: str) -> None:
+    reference = rows[0][key]
+    if _finite(reference) and rows[0].get("diverged") != "yes":
+        ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
+    for y, row in enumerate(rows):
+        if row.get("diverged") == "yes" or not _finite(row[key]):
+            # x in axes fraction, y in rows: the label sits in the row whatever the x range.
+            words = "diverged" if row.get("diverged") == "yes" else "no value"
+            at = ax.get_yaxis_transform()
+            ax.text(0.5, y, words, transform=at, ha="center", va="center", color="grey")
+            continue
+        colour = "black" if y == 0 else "C0"
+        errors = _interval_errors([row], key)
+        ax.errorbar([row[key]], [y], xerr=errors, fmt="o", color=colour, capsize=3)
+    ax.set_xlabel("AUROC (95% interval, bootstrap over patients)")
+    ax.grid(alpha=0.3, axis="x")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -1,12 +1,14 @@
 """reports/<name>/: the results table (CSV and Markdown) and figures, drawn from the entries'
 run directories alone (summary.json, metrics.csv or rounds.csv, predictions.csv), so a report
-can be re-drawn at any time without training or data."""
+can be re-drawn at any time without training or data. Entries with a family (a study of one
+change each from a reference recipe) also get a table and a figure per family."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 from pneumonia.compare import plots
@@ -26,6 +28,26 @@ SHORT = {
 }
 # Evaluation sets of summary.json, in the order the report shows them.
 SPLITS = {"val": "Validation split (clean)", "val_shift": "Shift validation", "test": "Test split"}
+# The family tables' metric columns: (split, key, heading); MARKED ones carry ▲/▼.
+FAMILY_COLUMNS = [
+    ("val", "auroc", "Val AUROC"),
+    ("val", "accuracy", "Val ACC"),
+    ("val", "loss", "Val log loss"),
+    ("val_shift", "auroc", "Shift AUROC"),
+    ("val_shift", "accuracy", "Shift ACC"),
+    ("val_shift", "loss", "Shift log loss"),
+]
+MARKED = ("auroc", "accuracy")
+MARKER_NOTE = (
+    "▲ / ▼: the entry's 95% interval (AUROC, ACC) lies entirely above / below the "
+    "reference's value; the interval is the entry's own bootstrap over patients, not a paired "
+    "test against the reference, so a marker is suggestive and its absence no proof of "
+    "equality. Log loss: the unweighted cross-entropy of the split's images."
+)
+DIVERGED_NOTE = (
+    "diverged: the entry's training loss became NaN or infinite (or its validation loss is "
+    "not a number), so it has no usable model; it stays in every table."
+)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -43,6 +65,7 @@ def entry_row(entry: Entry, summary: dict) -> dict:
     row = {
         "entry": entry.name,
         "label": entry.label,
+        "family": entry.family,
         "training": "federated" if entry.federated else "centralized",
         "model": cfg.model.name,
         "norm": cfg.model.norm,
@@ -53,20 +76,33 @@ def entry_row(entry: Entry, summary: dict) -> dict:
         "budget_passes": round(entry.budget, 3),
         # Counted from 1 for both kinds (summary.json's best_epoch is Lightning's, from 0).
         "best_epoch_or_round": summary.get("best_round", summary.get("best_epoch", -1) + 1),
-        "threshold": summary["threshold"],
+        # A diverged run may stop before choosing a threshold or timing itself.
+        "threshold": summary.get("threshold", ""),
         "selected_by": summary.get("selected_by", ""),
+        "diverged": "yes" if diverged(summary) else "no",
     } | privacy_columns(summary)
     for split in SPLITS:
         row |= split_columns(summary.get(split), split)
     row |= {
-        "parameters": summary["parameters"],
-        "wall_time_s": summary["wall_time_s"],
+        "parameters": summary.get("parameters", entry.parameters),
+        "wall_time_s": summary.get("wall_time_s", math.nan),
         # Centralized training pools every hospital's images in one place; FedAvg moves weights.
         "data_left_site": "no" if entry.federated else "yes",
         "config_hash": entry.key,
         "run_dir": str(entry.run_dir),
     }
     return row
+
+
+def diverged(summary: dict) -> bool:
+    """The run says its training loss became NaN or infinite, or its validation loss is not a
+    finite number (JSON's NaN, or null where a writer turned NaN into null)."""
+    loss = (summary.get("val") or {}).get("loss", 0.0)
+    return summary.get("diverged") is True or loss is None or not math.isfinite(loss)
+
+
+def is_diverged(row: dict) -> bool:
+    return row.get("diverged") == "yes"  # hand-built rows may lack the column
 
 
 def privacy_columns(summary: dict) -> dict:
@@ -79,16 +115,16 @@ def privacy_columns(summary: dict) -> dict:
 
 
 def split_columns(values: dict | None, split: str) -> dict:
-    """`{split}_{key}` and its 95% interval `{split}_{key}_low`, `_high` for every scalar;
-    empty cells for a split the run lacks (no test folder) or an interval it lacks (older
-    runs wrote no ci95)."""
+    """`{split}_{key}` and its 95% interval `{split}_{key}_low`, `_high` for every scalar and
+    the log loss; empty cells for a split the run lacks (no test folder), an interval it lacks
+    (older runs wrote no ci95) or a null (a diverged run's NaN, written as null)."""
     values = values or {}
-    intervals = values.get("ci95", {})
+    intervals = values.get("ci95") or {}
     out = {}
-    for key in SCALARS:
-        low, high = intervals.get(key, ("", ""))
-        out |= {f"{split}_{key}": values.get(key, "")}
-        out |= {f"{split}_{key}_low": low, f"{split}_{key}_high": high}
+    for key in (*SCALARS, "loss"):
+        low, high = intervals.get(key) or ("", "")
+        cells = {"": values.get(key), "_low": low, "_high": high}
+        out |= {f"{split}_{key}{end}": "" if v is None else v for end, v in cells.items()}
     return out
 
 
@@ -114,7 +150,10 @@ def markdown_table(rows: list[dict], split: str) -> str:
         if private:
             no_dp = row["epsilon"] == ""
             cells.append("no DP" if no_dp else f"{row['epsilon']:.2f} ({row['delta']:g})")
-        cells += [metric_cell(row, f"{split}_{key}") for key in SHORT]
+        if is_diverged(row):
+            cells += ["diverged"] * len(SHORT)
+        else:
+            cells += [metric_cell(row, f"{split}_{key}") for key in SHORT]
         cells += [f"{row['parameters'] / 1e6:.1f} M", duration(row["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -122,10 +161,13 @@ def markdown_table(rows: list[dict], split: str) -> str:
 
 def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
     parts = [f"# {comparison.name}", comparison.description.strip()]
+    reference = comparison.reference or rows[0]["entry"]
+    if families(rows, reference):
+        parts += family_sections(rows, reference)
     for split, title in SPLITS.items():
         if any(r[f"{split}_accuracy"] != "" for r in rows):
             parts += [f"## {title}", markdown_table(rows, split)]
-    thresholds = sorted({str(r["threshold"]) for r in rows})
+    thresholds = sorted({str(r["threshold"]) for r in rows if r["threshold"] != ""})
     parts.append(
         "Intervals are 95% bootstrap intervals resampled by patient. The validation split is "
         "cut from the training pool (same hospitals, same acquisition), so it overstates "
@@ -145,6 +187,73 @@ def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
+def families(rows: list[dict], reference: str) -> list[str]:
+    """The families in the order the entries first name them; the reference's own family
+    counts only if another entry is in it (alone, its table would hold the reference only)."""
+    named = (r["family"] for r in rows if r.get("family") and r["entry"] != reference)
+    return list(dict.fromkeys(named))
+
+
+def slug(family: str) -> str:
+    """The family's part of its figure's file name: `lr decay` -> `lr_decay`."""
+    return re.sub(r"[^a-z0-9]", "_", family.lower())
+
+
+def family_rows(rows: list[dict], family: str, reference: str) -> list[dict]:
+    """The reference's row, then the family's other rows in the config's order."""
+    ref = next(r for r in rows if r["entry"] == reference)
+    return [ref, *(r for r in rows if r["family"] == family and r is not ref)]
+
+
+def family_sections(rows: list[dict], reference: str) -> list[str]:
+    """Per family: `## <family>`, its table against the reference and its figure; then what
+    the markers (and "diverged") mean."""
+    parts = []
+    for family in families(rows, reference):
+        table = family_table(family_rows(rows, family, reference))
+        parts += [f"## {family}", table, f"![{family}](family_{slug(family)}.png)"]
+    parts.append(MARKER_NOTE)
+    if any(is_diverged(r) for r in rows):
+        parts.append(DIVERGED_NOTE)
+    return parts
+
+
+def family_table(rows: list[dict]) -> str:
+    """One family's Markdown table; rows[0] is the reference every other row is marked
+    against."""
+    header = ["Entry", *(heading for _, _, heading in FAMILY_COLUMNS), "Best epoch", "Wall time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    reference = rows[0]
+    for row in rows:
+        label = f"{row['label']} (reference)" if row is reference else row["label"]
+        cells = [label, *(family_cell(row, reference, s, k) for s, k, _ in FAMILY_COLUMNS)]
+        best = row["best_epoch_or_round"]
+        cells += [str(best) if best != "" and best > 0 else "-", duration(row["wall_time_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def family_cell(row: dict, reference: dict, split: str, key: str) -> str:
+    if is_diverged(row):
+        return "diverged"
+    cell = metric_cell(row, f"{split}_{key}")
+    if key in MARKED and row is not reference and not is_diverged(reference):
+        cell += marker(row, reference, f"{split}_{key}")
+    return cell
+
+
+def marker(row: dict, reference: dict, name: str) -> str:
+    """The cell's marker: ▲ when the row's 95% interval lies entirely above the reference's
+    value, ▼ entirely below; none when it holds the value or a number is missing (NaN
+    compares false)."""
+    low, high, value = row[f"{name}_low"], row[f"{name}_high"], reference[name]
+    if "" in (low, high, value):
+        return ""
+    if low > value:
+        return " ▲"
+    return " ▼" if high < value else ""
+
+
 def selection(rows: list[dict]) -> str:
     """Which rule chose the reported models: one sentence when every entry used the same."""
     rules = {r["selected_by"] for r in rows}
@@ -162,7 +271,7 @@ def curve(entry: Entry) -> dict[str, list[tuple[float, float]]]:
         "val_accuracy": [],
     }
     if entry.federated:
-        for row in read_csv(entry.run_dir / "rounds.csv"):
+        for row in read_rows(entry.run_dir / "rounds.csv"):
             x = int(row["round"]) * entry.passes
             for key in series:
                 series[key].append((x, float(row[key])))
@@ -172,16 +281,20 @@ def curve(entry: Entry) -> dict[str, list[tuple[float, float]]]:
         "val_loss": "val/loss",
         "val_accuracy": "val/accuracy",
     }
-    for row in read_csv(entry.run_dir / "metrics.csv"):
+    for row in read_rows(entry.run_dir / "metrics.csv"):
         for key, column in columns.items():
             if row.get(column):
                 series[key].append((int(row["epoch"]) + 1, float(row[column])))
     return series
 
 
-def predictions(entry: Entry) -> list[dict]:
-    path = entry.run_dir / "predictions.csv"
+def read_rows(path: Path) -> list[dict]:
+    """The file's rows, none when it is missing (a diverged run may stop before writing it)."""
     return read_csv(path) if path.is_file() else []
+
+
+def predictions(entry: Entry) -> list[dict]:
+    return read_rows(entry.run_dir / "predictions.csv")
 
 
 def write_report(comparison: Comparison) -> Path:
@@ -198,20 +311,37 @@ def write_report(comparison: Comparison) -> Path:
     plots.curves(curves, ["val_accuracy"], "accuracy", out / "curves_accuracy.png")
     plots.curves(curves, ["train_loss", "val_loss"], "loss", out / "curves_loss.png")
     aurocs = {r["label"]: {s: r[f"{s}_auroc"] for s in SPLITS} for r in rows}
-    scored = {e.label: predictions(e) for e in entries}  # read once: ROC and reliability
+    # Read once for ROC and reliability; a diverged entry's probabilities (NaN) draw neither.
+    scored = {
+        e.label: [] if is_diverged(r) else predictions(e)
+        for e, r in zip(entries, rows, strict=True)
+    }
     plots.roc(scored, aurocs, out / "roc.png")
     for entry, row, summary in zip(entries, rows, summaries, strict=True):
-        matrices = {s: summary[s]["confusion_matrix"] for s in SPLITS if s in summary}
+        matrices = {
+            s: summary[s]["confusion_matrix"]
+            for s in SPLITS
+            if "confusion_matrix" in (summary.get(s) or {})
+        }
         classes = entry.cfg.positive_class
-        plots.confusion(
-            matrices, entry.label, row["threshold"], classes, out / f"confusion_{entry.name}.png"
-        )
+        if matrices:
+            plots.confusion(
+                matrices,
+                entry.label,
+                row["threshold"],
+                classes,
+                out / f"confusion_{entry.name}.png",
+            )
         plots.reliability(
             scored[entry.label], entry.label, classes, out / f"reliability_{entry.name}.png"
         )
         copy_cases_panel(entry, out / f"cases_{entry.name}.png")
     if comparison.sweep:
         sweep_figure(comparison, rows)
+    reference = comparison.reference or rows[0]["entry"]
+    for family in families(rows, reference):
+        chosen = family_rows(rows, family, reference)
+        plots.family(chosen, family, out / f"family_{slug(family)}.png")
     if any(r["epsilon"] != "" for r in rows):
         plots.privacy(rows, out / "privacy.png")
     return out / "results.md"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +17,7 @@ from pneumonia.bounds import (
 )
 from pneumonia.errors import UserError
 from pneumonia.federated.strategies import strategy_class
+from pneumonia.schedules import DECAY_NAMES, DecayConfig, decay_factor
 
 
 @dataclass
@@ -65,8 +65,9 @@ class FederatedConfig:
     server_momentum: FractionBelowOne = 0.9  # fedavgm
     min_clients: PositiveInt = 1  # a round fails with fewer valid updates than this
     keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
-    # Client learning rate across rounds: optim.lr throughout, or cosine-decayed by round.
-    round_lr: Literal["constant", "cosine"] = "constant"
+    # Client learning rate across rounds: optim.lr throughout (constant), or decayed by round
+    # with one of TensorFlow's decays (pneumonia.schedules; parameters in optim.decay.*).
+    round_lr: Literal[DECAY_NAMES] = "constant"
     # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
     # the last K rounds' global models (server-side weight averaging, SWA's counterpart; all
     # rounds when there are fewer, so a shortened run keeps its config's rule).
@@ -146,12 +147,15 @@ def clients_per_round(fraction: float, clients: int) -> int:
     return max(round(fraction * clients), 1)
 
 
-def round_lr_scale(schedule: str, round_index: int, rounds: int) -> float:
-    """Factor on optim.lr for round `round_index` (0-based): 1 throughout, or a cosine from 1
-    in the first round towards 0 (never reached) after the last."""
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * round_index / rounds))
-    return 1.0
+def round_lr_scale(
+    schedule: str, round_index: int, rounds: int, decay: DecayConfig | None = None
+) -> float:
+    """Factor on optim.lr for round `round_index` (0-based) of `rounds`: `schedule`'s decay
+    (pneumonia.schedules) stepped by round; cosine falls from 1 in the first round towards 0
+    (never reached) after the last."""
+    return decay_factor(
+        schedule, round_index, rounds, decay or DecayConfig(), key="federated.round_lr"
+    )
 
 
 def check_averaging(optim, fed: FederatedConfig) -> None:

@@ -16,12 +16,23 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pneumonia.bounds import FractionBelowOne, PositiveInt
+from pneumonia.bounds import (
+    AtLeastOne,
+    FractionBelowOne,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from pneumonia.errors import UserError, first_line
+from pneumonia.models.layers import ACTIVATIONS, DropConnectLinear
 from pneumonia.models.pretrained import load_pretrained
 
 IN_CHANS = 1
 NUM_CLASSES = 2
+
+
+ACTIVATION_NAMES = tuple(ACTIVATIONS)
 
 
 @dataclass
@@ -29,13 +40,28 @@ class ModelConfig:
     """Which network to build (the `model.*` config group)."""
 
     name: str = "se_resnet18"
-    norm: Literal["bn", "gn"] = "gn"
+    # BatchNorm, GroupNorm, or batch renormalisation (Ioffe 2017: BatchNorm corrected towards
+    # its running statistics by r and d, clipped to brn_r_max and brn_d_max; both limits
+    # ramp up from BatchNorm's 1 and 0 over brn_warmup training steps).
+    norm: Literal["bn", "gn", "brn"] = "gn"
     gn_groups: PositiveInt = 16
+    brn_r_max: AtLeastOne = 3.0
+    brn_d_max: NonNegativeFloat = 5.0
+    brn_warmup: NonNegativeInt = 500
     se_reduction: PositiveInt = 16
     # First-stage channels of the ResNet family (paper: 64). Smaller widths make the quick
     # models the tests and smoke runs use; other models refuse anything but 64.
     width: PositiveInt = 64
-    drop_rate: FractionBelowOne = 0.0
+    # The ResNet family's activation (every block and the stem; SE gates keep theirs), with
+    # the parameters of maxout (pieces) and noisy softplus (k, sigma): pneumonia.models.layers.
+    activation: Literal[ACTIVATION_NAMES] = "relu"
+    maxout_pieces: PositiveInt = 2
+    noisy_softplus_k: PositiveFloat = 0.5
+    noisy_softplus_sigma: PositiveFloat = 1.0
+    drop_rate: FractionBelowOne = 0.0  # dropout on the features before the classifier
+    # Inside the blocks: DropBlock (Ghiasi et al. 2018, timm's) in the last two stages.
+    block_drop_rate: FractionBelowOne = 0.0
+    drop_connect: FractionBelowOne = 0.0  # DropConnect on the classifier's weights
     pretrained: str | None = None  # local ImageNet weights file; never downloaded
 
 
@@ -73,12 +99,44 @@ def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
             f"model.width applies to {' and '.join(sorted(_TAKES_WIDTH))} only: "
             f"drop it for model {cfg.name}"
         )
+    check_family_options(cfg)
     model = _create_timm(cfg) if cfg.name.startswith("timm/") else _BUILDERS[cfg.name](cfg)
+    if cfg.drop_connect > 0:
+        parent, attr = classifier_layer(model)
+        linear = getattr(parent, attr)
+        setattr(parent, attr, DropConnectLinear.from_linear(linear, cfg.drop_connect))
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if image_size is not None:
         check_image_size(model, cfg.name, image_size)
     return model
+
+
+def check_family_options(cfg: ModelConfig) -> None:
+    """Activation, batch renormalisation and DropBlock are options of our ResNet family."""
+    family = " and ".join(sorted(_TAKES_WIDTH))
+    for key, value, default in (
+        ("activation", cfg.activation, "relu"),
+        ("block_drop_rate", cfg.block_drop_rate, 0.0),
+    ):
+        if value != default and cfg.name not in _TAKES_WIDTH:
+            raise UserError(f"model.{key} applies to {family} only: drop it for {cfg.name}")
+    if cfg.norm == "brn" and cfg.name not in _TAKES_WIDTH:
+        raise UserError(f"model.norm brn applies to {family} only: use bn or gn for {cfg.name}")
+
+
+def classifier_layer(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the model's classifier: its last layer with 2 outputs, a Linear
+    (timm's `fc`, torchvision's `classifier.6`) or a loss's head in its place
+    (pneumonia.losses), whose input is the penultimate feature vector."""
+    found = None
+    for name, layer in model.named_modules():
+        if getattr(layer, "out_features", None) == NUM_CLASSES:
+            found = name
+    if found is None:
+        raise UserError("this model has no Linear classifier with 2 outputs")
+    parent_name, _, attr = found.rpartition(".")
+    return model.get_submodule(parent_name), attr
 
 
 def _create_timm(cfg: ModelConfig) -> nn.Module:

@@ -18,6 +18,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from pneumonia.errors import UserError
+from pneumonia.models.layers import BatchRenorm2d, activation_layer
 from pneumonia.models.registry import IN_CHANS, NUM_CLASSES, ModelConfig, register
 
 STEM_CHANNELS = 64  # timm's 7x7 stem, whatever model.width is
@@ -34,9 +35,14 @@ def stage_channels(width: int) -> tuple[int, ...]:
 
 
 def norm_layer(cfg: ModelConfig) -> type[nn.Module] | partial:
-    """BatchNorm2d, or GroupNorm with cfg.gn_groups groups (checked to divide every width)."""
+    """BatchNorm2d, batch renormalisation, or GroupNorm with cfg.gn_groups groups (checked to
+    divide every width)."""
     if cfg.norm == "bn":
         return nn.BatchNorm2d
+    if cfg.norm == "brn":
+        return partial(
+            BatchRenorm2d, r_max=cfg.brn_r_max, d_max=cfg.brn_d_max, warmup_steps=cfg.brn_warmup
+        )
     if cfg.gn_groups < 1 or cfg.width % cfg.gn_groups or STEM_CHANNELS % cfg.gn_groups:
         raise UserError(
             f"model.gn_groups {cfg.gn_groups} must divide model.width {cfg.width} and the "
@@ -65,7 +71,11 @@ def _resnet18(cfg: ModelConfig, attn_layer: partial | None) -> ResNet:
         in_chans=IN_CHANS,
         num_classes=NUM_CLASSES,
         norm_layer=norm_layer(cfg),
+        act_layer=activation_layer(
+            cfg.activation, cfg.maxout_pieces, cfg.noisy_softplus_k, cfg.noisy_softplus_sigma
+        ),
         drop_rate=cfg.drop_rate,
+        drop_block_rate=cfg.block_drop_rate,
         block_args={"attn_layer": attn_layer} if attn_layer else None,
     )
 

@@ -12,6 +12,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import (
     Callback,
+    EarlyStopping,
     EMAWeightAveraging,
     ModelCheckpoint,
     WeightAveraging,
@@ -83,6 +84,54 @@ class EpochLines(Callback):
             f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left",
             flush=True,
         )
+
+
+class Divergence(Callback):
+    """Stops the fit at the first training step whose loss is not finite (NaN or inf): the
+    run is reported as diverged (summary.json `diverged`), not trained on in NaN."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None  # the epoch (from 1) it diverged in
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            self.epoch = trainer.current_epoch + 1
+            trainer.should_stop = True
+
+
+def early_stopping(cfg: Namespace) -> list[Callback]:
+    """Lightning's EarlyStopping on the run's monitor (early_stopping.patience > 0)."""
+    rule = cfg.early_stopping
+    if rule.patience == 0:
+        return []
+    return [
+        EarlyStopping(
+            cfg.monitor,
+            min_delta=rule.min_delta,
+            patience=rule.patience,
+            mode=monitor_mode(cfg.monitor),
+        )
+    ]
+
+
+def stopping_details(cfg: Namespace, trainer: L.Trainer, divergence: Divergence) -> dict:
+    """summary.json's record of how training ended: early stopping's rule and epoch, and
+    whether the loss diverged."""
+    out: dict = {}
+    if divergence.epoch is not None:
+        out |= {"diverged": True, "diverged_in_epoch": divergence.epoch}
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if stopper is not None:
+        out["early_stopping"] = {
+            "monitor": cfg.monitor,
+            "patience": cfg.early_stopping.patience,
+            "min_delta": cfg.early_stopping.min_delta,
+            "unit": "epoch",
+            # Lightning's stopped_epoch counts from 0; 0 also means "never stopped".
+            "stopped_after": stopper.stopped_epoch + 1 if stopper.stopped_epoch else None,
+        }
+    return out
 
 
 class EpochAveraging(WeightAveraging):
@@ -179,7 +228,9 @@ def train_centralized(run: RunInputs) -> Trained:
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
     done = int(safe_load(last, mmap=True)["epoch"]) + 1 if resume else 0
-    extra = [AccountantState(private)] if private is not None else []
+    divergence = Divergence()
+    extra = [divergence, *early_stopping(cfg)]
+    extra += [AccountantState(private)] if private is not None else []
     trainer, checkpoint = build_trainer(
         cfg, run_dir, run.progress, datamodule.generator, done, extra
     )
@@ -193,6 +244,7 @@ def train_centralized(run: RunInputs) -> Trained:
         selected_by=selection_rule(cfg),
         logger=trainer.loggers[0],
         details={"epochs": trainer.current_epoch}
+        | stopping_details(cfg, trainer, divergence)
         | ({"privacy": {"dp_sgd": private.describe()}} if private is not None else {}),
     )
 

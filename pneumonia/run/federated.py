@@ -6,6 +6,7 @@ evaluation (scoring), the round checkpoint (state) and what the run shows (monit
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -63,6 +64,7 @@ class FederatedTraining:
         # Sum of the global states of the rounds averaged so far (federated.average_rounds).
         self.average_sum: dict[str, torch.Tensor] | None = None
         self.next_round = 0
+        self.stopped_after: int | None = None  # early stopping's last round
         self.elapsed_before = 0.0
         cohort.start(recipe, run.run_dir / "clients")
         if run.resume:
@@ -94,7 +96,9 @@ class FederatedTraining:
 
     def round_task(self, round_index: int) -> RoundTask:
         fed = self.cfg.federated
-        lr = self.cfg.optim.lr * round_lr_scale(fed.round_lr, round_index, fed.rounds)
+        lr = self.cfg.optim.lr * round_lr_scale(
+            fed.round_lr, round_index, fed.rounds, self.cfg.optim.decay
+        )
         return RoundTask(self.server.global_state, round_index, fed.local_epochs, lr)
 
     def train_clients(self, round_index: int) -> tuple[list, dict[int, str]]:
@@ -239,6 +243,40 @@ class FederatedTraining:
         started = time.time()
         for r in range(self.next_round, self.cfg.federated.rounds):
             self.round(r, started)
+            if self.should_stop():
+                self.stopped_after = r + 1
+                rule = self.cfg.early_stopping
+                print(
+                    f"early stopping after round {r + 1}: {self.cfg.monitor} has not improved "
+                    f"by more than {rule.min_delta:g} for {rule.patience} rounds",
+                    flush=True,
+                )
+                break
+
+    def should_stop(self) -> bool:
+        """Early stopping by round: the rule Lightning's EarlyStopping applies to epochs,
+        recomputed from the rounds' history (so a resumed run stops where it would have)."""
+        rule = self.cfg.early_stopping
+        if rule.patience == 0:
+            return False
+        values = [row[self.cfg.monitor.replace("/", "_")] for row in self.history]
+        stale = rounds_without_improvement(values, monitor_mode(self.cfg.monitor), rule.min_delta)
+        return stale >= rule.patience
+
+    def stopping_details(self) -> dict:
+        """summary.json's early_stopping record (absent when it is off)."""
+        rule = self.cfg.early_stopping
+        if rule.patience == 0:
+            return {}
+        return {
+            "early_stopping": {
+                "monitor": self.cfg.monitor,
+                "patience": rule.patience,
+                "min_delta": rule.min_delta,
+                "unit": "round",
+                "stopped_after": self.stopped_after,
+            }
+        }
 
     def round(self, r: int, started: float) -> None:
         """Round r + 1: train, aggregate, evaluate, checkpoint, report."""
@@ -268,6 +306,20 @@ class FederatedTraining:
             self.progress(r + 1, fed.rounds)
 
 
+def rounds_without_improvement(values: list[float], mode: str, min_delta: float) -> int:
+    """How many of the last values failed to improve on the best before them by more than
+    `min_delta` (mode "min": lower is better), as Lightning's EarlyStopping counts; a
+    non-finite value never improves."""
+    best, stale = None, 0
+    for value in values:
+        gain = None if best is None else (best - value if mode == "min" else value - best)
+        if math.isfinite(value) and (best is None or gain > min_delta):
+            best, stale = value, 0
+        else:
+            stale += 1
+    return stale
+
+
 def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
     """Train (or continue) a federation of `cohort`'s clients from the recipe in the run
     directory; the progress hook hears of every completed round."""
@@ -293,5 +345,6 @@ def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
                 "partition_table": cohort.table,
             }
         }
+        | training.stopping_details()
         | ({"privacy": privacy} if (privacy := training.privacy_details()) else {}),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.checkpoint import finish_checkpoint, module_from, read_checkpoint
@@ -57,6 +58,8 @@ def finalize(
     best_<unit>, selected_by, threshold, val, val_shift, test, ("val_at_0.5" when the threshold
     moved). Writes predictions.csv: every image's P(positive), for ROC curves and error
     analysis without re-running the model."""
+    if trained.details.get("diverged") and not finite_checkpoint(trained.checkpoint):
+        return unscored(trained, threshold)
     recipe, state, ckpt = read_checkpoint(trained.checkpoint)
     module = module_from(recipe, state, trained.checkpoint)
     chosen = choose_threshold(module, splits, threshold, batch_size)
@@ -89,6 +92,25 @@ def finalize(
     card = model_card_of(summary, splits, config, module.negative_and_positive[1])
     finish_checkpoint(trained.checkpoint, ckpt, chosen, card)
     return summary
+
+
+def finite_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a checkpoint whose every float tensor is finite."""
+    if not path.is_file():
+        return False
+    _, state, _ = read_checkpoint(path)
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def unscored(trained: Trained, threshold: float | str) -> dict:
+    """The summary of a run that diverged before any finite checkpoint: nothing to score."""
+    print("the training loss diverged (NaN or inf) before any finite checkpoint: nothing scored")
+    return trained.details | {
+        f"best_{trained.unit}": 0,
+        "selected_by": "none: the training loss diverged before any finite checkpoint",
+        "threshold": 0.5 if threshold == "youden" else float(threshold),
+        "threshold_rule": str(threshold),
+    }
 
 
 def log_heatmaps(tensorboard, module: ClassifierModule, val, probs, run_dir: Path) -> None:

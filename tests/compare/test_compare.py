@@ -2,10 +2,13 @@
 
 import csv
 import json
+import math
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -13,7 +16,20 @@ import yaml
 from pneumonia.compare import plots, runner
 from pneumonia.compare.__main__ import main
 from pneumonia.compare.plan import deep_merge, load_comparison
-from pneumonia.compare.report import SPLITS, curve, markdown_table, privacy_columns, selection
+from pneumonia.compare.report import (
+    SHORT,
+    SPLITS,
+    curve,
+    diverged,
+    family_sections,
+    markdown_table,
+    privacy_columns,
+    results_markdown,
+    selection,
+    slug,
+    split_columns,
+    write_report,
+)
 from pneumonia.metrics import SCALARS
 from pneumonia.models.registry import ModelConfig, count_parameters, create_model
 
@@ -292,6 +308,14 @@ def broken(entry_set: dict, name: str = "second") -> dict:
         ({**TINY, "entries": []}, "'entries' must be a non-empty list"),
         ({**TINY, "colour": "red"}, "unknown key 'colour'"),
         ({**TINY, "sweep": {"x": "data.size", "line": "model.norm"}}, "sweep option 'data.size'"),
+        (
+            {**TINY, "reference": "nobody"},
+            "tiny.yaml: reference 'nobody' is not an entry; entries: central_bn, fl_gn",
+        ),
+        (
+            {**TINY, "entries": [TINY["entries"][0], {**TINY["entries"][1], "family": [1]}]},
+            "tiny.yaml: entry 'fl_gn': 'family' must be a string",
+        ),
     ],
 )
 def test_a_broken_entry_fails_before_any_training(tmp_path, capsys, spec, message):
@@ -400,3 +424,126 @@ def test_privacy_columns_table_and_plot(tmp_path):
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
     plain = [private_row("No DP", "", 0.9)]
     assert "Epsilon" not in markdown_table(plain, "val")
+
+
+def test_family_and_reference_are_read(tmp_path):
+    """An entry's family and the comparison's reference; the first entry is the reference
+    by default once any entry has a family, and there is none without families."""
+    assert load_comparison(write_config(tmp_path, TINY), [], tmp_path, tmp_path).reference is None
+    entries = [TINY["entries"][0], {**TINY["entries"][1], "family": "lr decay"}]
+    comparison = load_comparison(
+        write_config(tmp_path, {**TINY, "entries": entries}), [], tmp_path, tmp_path
+    )
+    assert [e.family for e in comparison.entries] == ["", "lr decay"]
+    assert comparison.reference == "central_bn"
+    chosen = {**TINY, "entries": entries, "reference": "fl_gn"}
+    assert load_comparison(write_config(tmp_path, chosen), [], tmp_path, tmp_path).reference == (
+        "fl_gn"
+    )
+
+
+def study_row(entry: str, family: str, auroc: float, interval: list, **summary) -> dict:
+    """A results row as entry_row writes it, from a hand-written summary.json: AUROC and ACC
+    alike on both validation sets, log loss 0.3 (0.2-0.4) unless `summary` says otherwise."""
+    values = {"auroc": auroc, "accuracy": auroc, "loss": 0.3}
+    ci95 = {"auroc": interval, "accuracy": interval, "loss": [0.2, 0.4]}
+    summary = {s: values | {"ci95": ci95} for s in ("val", "val_shift")} | summary
+    row = {"entry": entry, "label": entry.title(), "family": family}
+    row |= {"training": "centralized", "data_left_site": "yes", "epsilon": "", "delta": ""}
+    row |= {"threshold": 0.5, "selected_by": "best val/loss", "best_epoch_or_round": 3}
+    row |= {"diverged": "yes" if diverged(summary) else "no"}
+    for split in SPLITS:
+        row |= split_columns(summary.get(split), split)
+    return row | {"parameters": 11_000_000, "wall_time_s": 65.0}
+
+
+def study_rows() -> list[dict]:
+    nan = math.nan
+    return [
+        study_row("base", "Reference", 0.90, [0.85, 0.95]),  # alone in its family
+        study_row("up", "lr decay", 0.97, [0.92, 0.99]),  # entirely above 0.90
+        study_row("near", "lr decay", 0.91, [0.86, 0.96]),  # holds 0.90
+        study_row("blown", "Loss", nan, [nan, nan], diverged=True, val_shift=None),
+        study_row("nan", "Loss", nan, [nan, nan], val={"loss": nan, "auroc": nan}),
+        study_row("down", "Loss", 0.80, [0.75, 0.88]),  # entirely below 0.90
+    ]
+
+
+def test_diverged_runs_are_recognised():
+    assert diverged({"diverged": True, "val": {"loss": 0.3}})
+    assert diverged({"val": {"loss": math.nan}}) and diverged({"val": {"loss": None}})
+    assert not diverged({"val": {"loss": 0.3}}) and not diverged({"diverged": False})
+
+
+def test_family_tables_mark_intervals_that_exclude_the_reference():
+    text = "\n\n".join(family_sections(study_rows(), "base"))
+    assert "## Reference" not in text
+    decay, loss = text.split("## lr decay\n\n")[1].split("## Loss\n\n")
+    reference = "| Base (reference) | " + "0.900 (0.850-0.950) | " * 2 + "0.300 (0.200-0.400) | "
+    reference += "0.900 (0.850-0.950) | " * 2 + "0.300 (0.200-0.400) | 3 | 1m05s |"
+    for table in (decay, loss):
+        lines = table.splitlines()
+        assert lines[0].startswith("| Entry | Val AUROC | Val ACC | Val log loss | Shift AUROC |")
+        assert lines[0].endswith("| Shift ACC | Shift log loss | Best epoch | Wall time |")
+        assert lines[2] == reference  # first in every family
+    up = "0.970 (0.920-0.990) ▲ | 0.970 (0.920-0.990) ▲ | 0.300 (0.200-0.400)"
+    assert f"| Up | {up} | {up} | 3 | 1m05s |" in decay.splitlines()
+    near = "| Near | 0.910 (0.860-0.960) | 0.910 (0.860-0.960) | 0.300 (0.200-0.400) |"
+    assert near in decay
+    down = "0.800 (0.750-0.880) ▼ | 0.800 (0.750-0.880) ▼ | 0.300 (0.200-0.400)"
+    assert f"| Down | {down} | {down} | 3 | 1m05s |" in loss.splitlines()
+    assert text.count("▲") == 4 + 1 and text.count("▼") == 4 + 1  # the rows and the note
+    for name in ("Blown", "Nan"):
+        assert f"| {name} | " + "diverged | " * 6 + "3 | 1m05s |" in loss.splitlines()
+    assert "![lr decay](family_lr_decay.png)" in decay and "![Loss](family_loss.png)" in loss
+    assert "not a paired test" in loss and "diverged: the entry's training loss" in loss
+    assert slug("LR decay (cosine)") == "lr_decay__cosine_"
+
+
+def test_family_sections_come_first_and_the_full_listing_stays():
+    rows = study_rows()
+    comparison = SimpleNamespace(name="study", description="One change each.", reference="base")
+    markdown = results_markdown(comparison, rows)
+    assert markdown.index("One change each.") < markdown.index("## lr decay")
+    assert markdown.index("## Loss") < markdown.index("## Validation split (clean)")
+    listing = markdown.split("## Validation split (clean)")[1]
+    assert "| Blown | centralized | yes | " + "diverged | " * len(SHORT) in listing
+    assert "decision threshold 0.5." in markdown
+    plain = results_markdown(comparison, [{**r, "family": ""} for r in rows])
+    assert "## Loss" not in plain and "▲" not in plain
+
+
+def test_family_figure_draws_diverged_entries(tmp_path):
+    rows = study_rows()
+    plots.family([rows[0], *rows[3:]], "Loss", tmp_path / "family_loss.png")
+    png = (tmp_path / "family_loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    only_diverged = [rows[3], rows[4]]  # not even the reference has a point
+    plots.family(only_diverged, "Loss", tmp_path / "none.png")
+    assert (tmp_path / "none.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_report_with_a_diverged_entry_is_drawn(tiny_report, tmp_path):
+    """The tiny runs, the federated one rewritten as diverged (NaN val loss and AUROC): the
+    report lists it in every table and the family figure, and draws every other figure."""
+    folder, _, _ = tiny_report
+    shutil.copytree(folder / "runs" / "tiny", tmp_path / "runs" / "tiny")
+    path = tmp_path / "runs" / "tiny" / "fl_gn" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["diverged"] = True
+    summary["val"] |= {"loss": math.nan, "auroc": math.nan}
+    summary["val"]["ci95"]["auroc"] = [math.nan, math.nan]
+    path.write_text(json.dumps(summary))
+    entries = [TINY["entries"][0], {**TINY["entries"][1], "family": "Normalisation"}]
+    config = write_config(tmp_path, {**TINY, "entries": entries})
+    comparison = load_comparison(config, [], tmp_path / "reports", tmp_path / "runs")
+    markdown = write_report(comparison).read_text()
+    report = comparison.report_dir
+    assert [r["diverged"] for r in read_rows(report)] == ["no", "yes"]
+    assert [r["family"] for r in read_rows(report)] == ["", "Normalisation"]
+    section = markdown.split("## Normalisation")[1].split("## Validation")[0]
+    assert "| ResNet-18-BN (reference) |" in section
+    assert "| FL ResNet-18-GN | " + "diverged | " * 6 in section
+    assert "![Normalisation](family_normalisation.png)" in section
+    for name in ("family_normalisation.png", "roc.png", "curves_loss.png"):
+        assert (report / name).stat().st_size > 10_000, name

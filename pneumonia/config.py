@@ -428,6 +428,16 @@ def check_trainer(cfg: Namespace) -> None:
         quiet.setLevel(level)
 
 
+def check_early_stopping(cfg: Namespace) -> None:
+    """Early stopping ends a run before its last epoch or round: a rule that needs the last
+    one (the average of the last K rounds) cannot follow it."""
+    if cfg.early_stopping.patience and cfg.federated.enabled and cfg.federated.average_rounds:
+        raise UserError(
+            "early_stopping.patience with federated.average_rounds: the average of the last "
+            "rounds needs the last round; set one of them to 0"
+        )
+
+
 def check_threshold(threshold: float | str) -> None:
     if threshold != "youden" and not 0.0 < float(threshold) < 1.0:
         raise UserError(f"threshold {threshold} must lie strictly between 0 and 1, or be youden")

@@ -505,6 +505,16 @@ def _loss_class(name: str) -> type[Objective]:
     return _LOSSES[name]
 
 
+def check_loss(cfg: LossConfig, drop_connect: float) -> None:
+    """What the loss rules out of the model config, in one line."""
+    head = _loss_class(cfg.name).head_type
+    if drop_connect > 0 and head is not None:
+        raise UserError(
+            f"model.drop_connect masks the classifier Linear that loss.name {cfg.name} "
+            f"replaces by its own head: use model.drop_rate, or another loss"
+        )
+
+
 def attach_head(model: nn.Module, cfg: LossConfig) -> None:
     """In place: replace the model's classifier Linear by the head `cfg`'s loss needs
     (margin losses, l2_softmax), starting from the Linear's weights; other losses leave the

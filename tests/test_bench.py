@@ -129,3 +129,17 @@ def test_privacy_bench_compares_dp_sgd_with_plain_training(capsys, monkeypatch):
     out = run_bench("privacy", args, capsys, monkeypatch)
     assert "plain " in out and "private " in out
     assert "DP-SGD / plain, seconds per local epoch: " in out and "(goal < 3: " in out
+
+
+def test_options_bench_times_every_option_against_the_default(capsys, monkeypatch):
+    args = ["--size", "32", "--width", "16", "--batch", "4", "--repeats", "1"]
+    out = run_bench("options", args, capsys, monkeypatch)
+    assert "default " in out and "x1.00" in out
+    for label in (
+        "model.activation maxout",
+        "loss.name cosface",
+        "optim.name rmsprop",
+        "model.norm brn",
+    ):
+        assert label in out
+    assert "options above 1.5x the default's step: " in out

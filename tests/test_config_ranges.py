@@ -12,8 +12,10 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from pneumonia import fit
+from pneumonia.config import EarlyStoppingConfig
 from pneumonia.data.sources import DataConfig
 from pneumonia.federated.config import FederatedConfig
+from pneumonia.losses import LossConfig
 from pneumonia.models.registry import ModelConfig
 from pneumonia.module import OptimConfig
 from pneumonia.privacy import PrivacyConfig
@@ -22,6 +24,8 @@ GROUPS = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
+    "loss": LossConfig,
+    "early_stopping": EarlyStoppingConfig,
     "federated": FederatedConfig,
     "privacy": PrivacyConfig,
 }

@@ -18,7 +18,13 @@ import lightning as L
 import yaml
 from jsonargparse import Namespace
 
-from pneumonia.config import check_monitor, check_threshold, check_trainer, trainer_arguments
+from pneumonia.config import (
+    check_early_stopping,
+    check_monitor,
+    check_threshold,
+    check_trainer,
+    trainer_arguments,
+)
 from pneumonia.data.cache import default_cache_dir
 from pneumonia.data.sources import Splits, load_splits
 from pneumonia.data.transforms import check_augment
@@ -28,6 +34,7 @@ from pneumonia.federated.config import check_averaging, check_federated
 from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
+from pneumonia.losses import check_loss
 from pneumonia.models.registry import count_parameters, create_model
 from pneumonia.privacy import (
     check_delta,
@@ -50,6 +57,7 @@ from pneumonia.run.rundir import (
     write_split_table,
 )
 from pneumonia.safeload import safe_load
+from pneumonia.schedules import check_decay
 
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.
@@ -76,6 +84,9 @@ def preflight(cfg: Namespace) -> int:
     check_trainer(cfg)
     check_monitor(cfg.monitor, cfg.data.shift.enabled)
     check_averaging(cfg.optim, cfg.federated)
+    check_early_stopping(cfg)
+    check_decay(cfg.optim.decay)
+    check_loss(cfg.loss, cfg.model.drop_connect)
     check_augment(cfg.data.augment)
     if cfg.federated.enabled:
         check_federated(cfg.federated)

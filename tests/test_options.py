@@ -198,3 +198,25 @@ def test_resnet_family_options_are_refused_elsewhere(argv, words):
 IMAGES_PINNED = IMAGES
 PINNED_LOSSES = [0.793658435344696, 0.6439924836158752, 0.5669651627540588]
 PINNED_SUM = 794.9821067147263
+
+
+@pytest.mark.parametrize("loss", ["cosface", "l2_softmax", "center"])
+def test_a_checkpoint_of_another_loss_predicts_and_exports_the_same_probabilities(loss, tmp_path):
+    """Prediction and ONNX take the softmax of the logits the loss's head gives."""
+    from pneumonia.checkpoint import write_checkpoint
+    from pneumonia.onnx_model import OnnxPredictor, export_onnx
+    from pneumonia.predictor import Predictor
+
+    torch.manual_seed(0)
+    recipe = recipe_with("loss", {"name": loss})
+    module = build_module(recipe)
+    ckpt = tmp_path / "best.ckpt"
+    write_checkpoint(ckpt, module.state_dict(), recipe, round_number=1)
+    module.eval()
+    with torch.no_grad():
+        expected = module(IMAGES).softmax(1)[:, 1]
+    predicted = Predictor.from_checkpoint(ckpt).probabilities(IMAGES)
+    assert torch.allclose(predicted, expected, atol=1e-6)
+    export_onnx(ckpt, tmp_path / "model.onnx")
+    exported = OnnxPredictor(tmp_path / "model.onnx").probabilities(IMAGES)
+    assert torch.allclose(exported, expected, atol=1e-4)

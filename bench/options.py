@@ -35,6 +35,8 @@ WHY = {
     "model.activation rrelu": "a random slope drawn per element in training",
     "model.norm brn": "batch statistics plus the clipped corrections r and d, in Python ops",
     "optim.l1": "a pass over every weight for the penalty and its gradient",
+    "optim.name adadelta": "torch's foreach update (not fused like AdamW's) over two states",
+    "optim.name nadam": "torch's foreach update (not fused) with its momentum-decay terms",
     "model.drop_connect": "a fresh mask over the classifier's weights",
 }
 

@@ -202,6 +202,7 @@ def family(rows: list[dict], title: str, path) -> None:
     axes[0][0].set_yticks(range(len(rows)), labels)
     axes[0][0].set_ylim(len(rows) - 0.5, -0.5)  # the reference on top
     fig.suptitle(title)
+    fig.supxlabel("AUROC with its 95% interval (bootstrap over patients)", fontsize=10)
     save(fig, path)
 
 
@@ -219,7 +220,6 @@ def _family_panel(ax, rows: list[dict], key: str) -> None:
         colour = "black" if y == 0 else "C0"
         errors = _interval_errors([row], key)
         ax.errorbar([row[key]], [y], xerr=errors, fmt="o", color=colour, capsize=3)
-    ax.set_xlabel("AUROC (95% interval, bootstrap over patients)")
     ax.grid(alpha=0.3, axis="x")
 
 

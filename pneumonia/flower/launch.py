@@ -23,6 +23,7 @@ import tomli_w
 
 from pneumonia.errors import UserError
 from pneumonia.flower import tls
+from pneumonia.interrupt import check, deferred
 
 APP_DIR = Path(__file__).parent / "app"  # the Flower App `flwr run` submits
 CONNECTION = "local-tls"
@@ -82,15 +83,17 @@ class Federation:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         # Its own session: stopping it stops its children too (flwr-serverapp, flwr-clientapp).
-        process = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env | (env or {}),
-            start_new_session=True,
-        )
-        process.log = log  # type: ignore[attr-defined]
-        self.processes[name] = process
+        with deferred():  # registered before a Ctrl-C can stop us (see submit)
+            process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env | (env or {}),
+                start_new_session=True,
+            )
+            process.log = log  # type: ignore[attr-defined]
+            self.processes[name] = process
+        check()
         return process
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
@@ -214,15 +217,19 @@ class Federation:
         argv = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream"]
         argv += ["--run-config", str(overrides)]
         self.logs.mkdir(parents=True, exist_ok=True)
-        run = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-            start_new_session=True,
-        )
-        self.processes["flwr-run"] = run
+        # A Ctrl-C while `flwr run` is being spawned must find it registered, or close()
+        # would leave it running: the signal waits until it is (interrupt.deferred).
+        with deferred():
+            run = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env,
+                start_new_session=True,
+            )
+            self.processes["flwr-run"] = run
+        check()
         reader = threading.Thread(target=self._relay, args=(run, echo), daemon=True)
         reader.start()
         deadline = time.time() + timeout_s

@@ -14,6 +14,14 @@ import torch
 
 from pneumonia.errors import UserError
 
+# Optimizer states that shrink geometrically (RMSProp's square average, AdaGrad's and
+# AdaDelta's ratios of them) fill with denormal floats, each op on which costs the CPU many
+# times a normal one: measured here, an AdaGrad step at 64 px went from 0.16 s to 0.48 s over
+# 120 steps, flat at 0.17 s with denormals flushed to zero. It must be set before torch starts
+# its CPU worker threads (they copy the flag when they start), so at import, not per run.
+# Process-wide and CPU only; it changes no value above 1.2e-38.
+torch.set_flush_denormal(True)
+
 Builder = Callable[[list, float, object], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Builder] = {}
 

@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pneumonia.errors import UserError, first_line
 from pneumonia.files import save_atomic
-from pneumonia.module import ClassifierModule
+from pneumonia.module import ClassifierModule, positive_indices
 from pneumonia.recipe import Recipe, build_module
 from pneumonia.safeload import safe_load
 
@@ -72,10 +72,10 @@ def _recipe(hparams: dict, path: str | Path) -> Recipe:
             and isinstance(recipe.image_size, int)
             and float(recipe.std) > 0
             and 0 < float(recipe.threshold) < 1
-            and len(recipe.classes) == 2
-            and recipe.positive_class in recipe.classes
+            and len(recipe.classes) in (2, 3)
+            and len(positive_indices(tuple(recipe.classes), recipe.positive_class)) >= 1
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, UserError):
         valid = False
     if not valid:
         raise UserError(

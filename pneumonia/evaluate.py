@@ -10,6 +10,7 @@ evaluated. Every metric comes with a 95% bootstrap interval resampled by patient
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -25,11 +26,17 @@ from pneumonia.config import (
     tool_parser,
 )
 from pneumonia.data.cache import default_cache_dir, load_or_decode
-from pneumonia.data.kermany import find_splits, list_image_files
+from pneumonia.data.kermany import find_splits, folder_classes, list_image_files
 from pneumonia.data.shifts import ShiftConfig, shifted
+from pneumonia.data.tasks import for_task
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.metrics import SCALARS
-from pneumonia.scoring import predict_probabilities, score_with_intervals
+from pneumonia.scoring import (
+    predict_class_probabilities,
+    predict_probabilities,
+    score_classes,
+    score_with_intervals,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_or_decode(
         list_image_files(folder), module.hparams.image_size, cache_dir, args.data.skip_corrupt
     )
+    images = for_model(module, replace(images, classes=folder_classes(folder)))
     result = {
         "threshold": float(module.hparams.threshold),
         "threshold_source": "checkpoint" if args.threshold == "checkpoint" else "--threshold",
@@ -100,7 +108,23 @@ def scored(module, images, args, progress: bool = False) -> dict:
         module, images.images, args.batch_size, args.device, progress, args.tta
     )
     values, _ = score_with_intervals(module, probs, images, args.seed)
-    return {k: values[k] for k in ("loss", *SCALARS, "confusion_matrix", "n", "ci95")}
+    out = {k: values[k] for k in ("loss", *SCALARS, "confusion_matrix", "n", "ci95")}
+    if images.classes == module.classes and len(module.classes) > 2:
+        class_probs = predict_class_probabilities(
+            module, images.images, args.batch_size, args.device, False, args.tta
+        )
+        out["classes"] = score_classes(module, images, class_probs, args.seed)[0]
+    return out
+
+
+def for_model(module, images):
+    """`images` labelled in the model's classes; a three-class model on images whose names do
+    not give the cause is scored as pneumonia vs normal only (NORMAL is class 0 in both)."""
+    task = "three_class" if len(module.classes) > 2 else "binary"
+    try:
+        return for_task(images, task)
+    except UserError:
+        return for_task(images, "binary")
 
 
 if __name__ == "__main__":

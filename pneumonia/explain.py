@@ -54,9 +54,9 @@ def heatmaps(
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(module.device).float() / 255.0
         with torch.no_grad():
-            p = module.positive_probability(module(batch))
-        decided = (p > float(module.hparams.threshold)).long()
-        target = torch.where(decided == 1, module.positive, 1 - module.positive)
+            logits = module(batch)
+            p = module.positive_probability(logits)
+        target = decided_class(module, logits, p > float(module.hparams.threshold))
         with torch.enable_grad():
             attribution = cam.attribute(batch, target=target, relu_attributions=True)
         size = images.shape[-2:]
@@ -111,10 +111,22 @@ def panel(
     return fig
 
 
+def decided_class(module: ClassifierModule, logits: torch.Tensor, positive: torch.Tensor):
+    """The class each image is decided as: the negative class, or (decided positive) the
+    positive class; with three classes, the likelier cause of pneumonia."""
+    if module.positive is not None:
+        return torch.where(positive, module.positive, 1 - module.positive)
+    negative = module.classes.index(module.negative_and_positive[0])
+    cause = torch.tensor(module.positives, device=logits.device)[
+        logits[:, module.positives].argmax(1)
+    ]
+    return torch.where(positive, cause, negative)
+
+
 def describe(p: float, label: int, module: ClassifierModule) -> str:
     """A panel title: the image's true class and the model's P(positive)."""
-    negative, positive = module.negative_and_positive
-    truth = positive if label == module.positive else negative
+    positive = module.negative_and_positive[1]
+    truth = module.classes[label]
     return f"true {truth}\nP({positive.lower()}) {p:.2f}"
 
 
@@ -136,7 +148,7 @@ def cases_panel(
     """The `per_kind` most confident correct and most confident wrong decisions on `imageset`
     (probabilities `probs`), with their heatmaps: top row correct, bottom row wrong."""
     threshold = float(module.hparams.threshold)
-    targets = imageset.labels == module.positive
+    targets = module.is_positive(imageset.labels)
     decided = probs > threshold
     confidence = (probs - threshold).abs()
     rows = []

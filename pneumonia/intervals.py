@@ -92,7 +92,55 @@ def bootstrap_intervals(
     """Percentile interval [low, high] of every metric; the same seed gives the same
     intervals. A replicate where a metric is undefined (no positive drawn) is left out."""
     weights = patient_weights(patients, len(probs), replicates, seed)
-    values = weighted_metrics(probs, targets, weights, threshold)
+    return _percentiles(weighted_metrics(probs, targets, weights, threshold), level)
+
+
+def weighted_class_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], weights: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """`ClassMetrics`' figures for each row of `weights` [R, n]: class_accuracy, and per class
+    (one against the rest, at the arg-max) precision, recall, F1 and AUROC, with macro means."""
+    predicted = probs.argmax(1)
+    out = {"class_accuracy": (weights * (predicted == labels)).sum(1) / weights.sum(1)}
+    per: dict[str, list[torch.Tensor]] = {"precision": [], "recall": [], "f1": [], "auroc": []}
+    for c, name in enumerate(classes):
+        t, d = labels == c, predicted == c
+        tp, fp, fn = (
+            (weights * (d & t)).sum(1),
+            (weights * (d & ~t)).sum(1),
+            (weights * (~d & t)).sum(1),
+        )
+        values = {
+            "precision": tp / (tp + fp),
+            "recall": tp / (tp + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "auroc": _weighted_auroc(probs[:, c].double(), t, weights),
+        }
+        for key, v in values.items():
+            out[f"{key}_{name}"] = v
+            per[key].append(v)
+    for key, values in per.items():
+        out[f"macro_{key}"] = torch.stack(values).mean(0)
+    return out
+
+
+def class_intervals(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    patients: list[str] | None = None,
+    classes: tuple[str, ...] | None = None,
+    replicates: int = REPLICATES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict[str, list[float]]:
+    """`bootstrap_intervals` for the three-class figures of class probabilities [N, C]."""
+    classes = classes or tuple(str(c) for c in range(probs.shape[1]))
+    weights = patient_weights(patients, len(probs), replicates, seed)
+    values = weighted_class_metrics(probs.double(), labels.long(), classes, weights)
+    return _percentiles(values, level)
+
+
+def _percentiles(values: dict[str, torch.Tensor], level: float) -> dict[str, list[float]]:
     tail = (1 - level) / 2
     out = {}
     for name, v in values.items():

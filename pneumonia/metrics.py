@@ -24,6 +24,12 @@ from torchmetrics.classification import (  # noqa: E402
     BinaryRecall,
     BinaryROC,
     BinarySpecificity,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
 )
 from torchmetrics.functional.classification import binary_calibration_error  # noqa: E402
 from torchmetrics.utilities.data import dim_zero_cat  # noqa: E402
@@ -166,3 +172,55 @@ def calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> float:
             probs.float(), targets.long(), n_bins=CALIBRATION_BINS, validate_args=False
         )
     )
+
+
+class ClassMetrics(nn.Module):
+    """Three-class (or more) figures from class probabilities [N, C] and labels: accuracy;
+    precision, recall and F1 of each class (one against the rest at the arg-max) and their
+    unweighted (macro) means; one-vs-rest AUROC of each class and its macro mean; the C x C
+    confusion matrix (rows true, columns predicted). The pneumonia-vs-normal figures stay with
+    DiagnosisMetrics on the summed pneumonia probability."""
+
+    def __init__(self, classes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.classes = tuple(classes)
+        k = {"num_classes": len(classes), "validate_args": False}
+        self.collection = MetricCollection(
+            {
+                "class_accuracy": MulticlassAccuracy(average="micro", **k),
+                "precision": MulticlassPrecision(average="none", **k),
+                "recall": MulticlassRecall(average="none", **k),
+                "f1": MulticlassF1Score(average="none", **k),
+                "auroc": MulticlassAUROC(average="none", **k),
+            }
+        )
+        self.confusion = MulticlassConfusionMatrix(**k)
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        probs, labels = probs.detach().float(), labels.detach().long()
+        self.collection.update(probs, labels)
+        self.confusion.update(probs, labels)
+
+    def compute(self) -> dict[str, float | list]:
+        """class_accuracy; precision/recall/f1/auroc_<CLASS> and macro_<metric>; the matrix
+        as class_confusion_matrix."""
+        values: dict[str, float | list] = {}
+        for name, value in self.collection.compute().items():
+            if value.ndim == 0:
+                values[name] = float(value)
+                continue
+            for cls, v in zip(self.classes, value.tolist(), strict=True):
+                values[f"{name}_{cls}"] = float(v)
+            values[f"macro_{name}"] = float(value.mean())
+        values["class_confusion_matrix"] = self.confusion.compute().long().tolist()
+        return values
+
+    def confusion_figure(self) -> Figure:
+        fig, ax = self.confusion.plot(labels=list(self.classes))
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        return fig
+
+    def reset(self) -> None:
+        self.collection.reset()
+        self.confusion.reset()

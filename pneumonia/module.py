@@ -24,11 +24,12 @@ from pneumonia.bounds import (
     PositiveFloat,
     PositiveInt,
 )
-from pneumonia.data.imageset import CLASSES
+from pneumonia.data.imageset import CLASSES, NEGATIVE_CLASS
 from pneumonia.errors import UserError
 from pneumonia.losses import EmbeddingTap, LossConfig, attach_head, make_objective
-from pneumonia.metrics import DiagnosisMetrics
-from pneumonia.models.registry import ModelConfig, create_model
+from pneumonia.metrics import ClassMetrics, DiagnosisMetrics
+from pneumonia.models.registry import ModelConfig, classifier_layer, create_model
+from pneumonia.models.transfer import freeze
 from pneumonia.optimizers import OPTIMIZER_NAMES, make_optimizer
 from pneumonia.schedules import DECAY_NAMES, DecayConfig, lambda_scheduler
 
@@ -89,6 +90,21 @@ def make_scheduler(optimizer, cfg: OptimConfig, units: int):
     return lambda_scheduler(optimizer, name, units, cfg.decay)
 
 
+def positive_indices(classes: tuple[str, ...], positive_class: str) -> list[int]:
+    """The class indices that count as positive: `positive_class` of two classes; with more,
+    every class but NORMAL (positive_class then names them together: PNEUMONIA)."""
+    if len(classes) == 2:
+        if positive_class not in classes:
+            raise UserError(f"positive_class {positive_class!r} is not one of {', '.join(classes)}")
+        return [classes.index(positive_class)]
+    if NEGATIVE_CLASS not in classes or positive_class != "PNEUMONIA":
+        raise UserError(
+            f"classes {', '.join(classes)}: with more than two classes the positive_class is "
+            f"PNEUMONIA (every class but {NEGATIVE_CLASS}): drop --positive_class"
+        )
+    return [i for i, c in enumerate(classes) if c != NEGATIVE_CLASS]
+
+
 # What the module scores: training batches, the validation loaders in the DataModule's order
 # (clean, then shifted: `pneumonia.data.shifts`), and the test split.
 STAGES = ("train", "val", "val_shift", "test")
@@ -115,27 +131,41 @@ class ClassifierModule(L.LightningModule):
         # The recipe (pneumonia.recipe) is the checkpoint's hyper-parameters; class weights
         # belong to one trainer's images (one client's, in a federation), not to the model.
         self.save_hyperparameters(ignore=["class_weights"])
-        if positive_class not in classes:
-            raise UserError(f"positive_class {positive_class!r} is not one of {', '.join(classes)}")
         self.classes = tuple(classes)
-        self.positive = self.classes.index(positive_class)
+        self.positives = positive_indices(self.classes, positive_class)
+        # The binary positive's index; with three classes every cause of pneumonia is positive
+        # and P(positive) is their summed probability (`positive_probability`).
+        self.positive = self.positives[0] if len(self.classes) == 2 else None
         self.optim_cfg = OptimConfig(**optim)
         # Where the next fit's optimizer starts (Lightning's LR finder sets this attribute too);
         # a federated client sets its round's rate here (federated.round_lr).
         self.learning_rate = self.optim_cfg.lr
-        self.model = create_model(ModelConfig(**model), image_size)
+        model_cfg = ModelConfig(**model)
+        self.model = create_model(model_cfg, image_size, len(self.classes))
         # The training objective (pneumonia.losses). Margin losses and the L2-constrained
         # softmax put their own head in place of the classifier layer (its logits are what
         # evaluation and prediction take the softmax of); the default leaves the model as is.
         self.loss_cfg = LossConfig(**(loss or {}))
         attach_head(self.model, self.loss_cfg)
         self.objective = make_objective(self.loss_cfg, self.model, self.positive)
+        # model.transfer: layers of a pretrained model that stay as loaded (and their norms'
+        # statistics); the classifier (or a loss's head in its place) always trains.
+        head = getattr(*classifier_layer(self.model, len(self.classes)))
+        self.frozen = freeze(self.model, model_cfg.transfer, head)
         self.tap = EmbeddingTap(self.model) if self.objective.needs_embeddings else None
         weights = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         # Not persistent: client-specific, and must not travel inside aggregated state dicts.
         self.register_buffer("class_weights", weights, persistent=False)
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": DiagnosisMetrics(threshold) for stage in STAGES}
+        )
+        # Three classes: per-class and macro figures beside the pneumonia-vs-normal ones.
+        self.class_metrics = (
+            torch.nn.ModuleDict(
+                {f"{stage}_classes": ClassMetrics(self.classes) for stage in STAGES}
+            )
+            if len(self.classes) > 2
+            else None
         )
         # DP-SGD (pneumonia.privacy.DPSGD sets it): the per-image loss, the private optimizer
         # and NCHW layout. Not a hyper-parameter: a private model's checkpoint is a checkpoint.
@@ -150,6 +180,11 @@ class ClassifierModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.hold()  # frozen BatchNorms keep their running statistics
+        return self
+
     def on_fit_start(self) -> None:
         # Tensor cores want NHWC; forward() hands the images over in that layout too. Not
         # under DP: Opacus's per-sample gradients of 1x1 convolutions assume NCHW strides.
@@ -157,7 +192,15 @@ class ClassifierModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
     def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(dim=1)[:, self.positive]
+        """P(positive): of the positive class, or the summed probability of every pneumonia."""
+        probs = logits.float().softmax(dim=1)
+        if len(self.positives) == 1:
+            return probs[:, self.positives[0]]
+        return probs[:, self.positives].sum(dim=1)
+
+    def is_positive(self, labels: torch.Tensor) -> torch.Tensor:
+        """Whether each class label is a positive (any pneumonia, with three classes)."""
+        return torch.isin(labels, torch.tensor(self.positives, device=labels.device))
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
@@ -166,8 +209,10 @@ class ClassifierModule(L.LightningModule):
         if len(labels) == 0:  # a Poisson batch may be empty: DP-SGD still steps (noise only)
             return loss
         self.metrics[f"{stage}_metrics"].update(
-            self.positive_probability(logits), labels == self.positive
+            self.positive_probability(logits), self.is_positive(labels)
         )
+        if self.class_metrics is not None:
+            self.class_metrics[f"{stage}_classes"].update(logits.float().softmax(dim=1), labels)
         self.log(
             f"{stage}/loss",
             loss,
@@ -242,10 +287,24 @@ class ClassifierModule(L.LightningModule):
         if stage != "train" and not self.trainer.sanity_checking:
             self._log_figures(stage, metrics)
         metrics.reset()
+        if self.class_metrics is not None:
+            per_class = self.class_metrics[f"{stage}_classes"]
+            values = per_class.compute()
+            self.log_dict({f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)})
+            if stage != "train" and not self.trainer.sanity_checking:
+                for logger in self.loggers:
+                    if isinstance(logger, TensorBoardLogger):
+                        figure = per_class.confusion_figure()
+                        logger.experiment.add_figure(
+                            f"{stage}/confusion_matrix_classes", figure, self.current_epoch
+                        )
+            per_class.reset()
 
     @property
     def negative_and_positive(self) -> tuple[str, str]:
         """Class names in the order the binary metrics use: (negative, positive)."""
+        if self.positive is None:
+            return NEGATIVE_CLASS, self.hparams.positive_class
         return self.classes[1 - self.positive], self.classes[self.positive]
 
     def _log_figures(self, stage: str, metrics: DiagnosisMetrics) -> None:
@@ -256,6 +315,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [*self.model.parameters(), *self.objective.parameters()]
+        params = [p for p in params if p.requires_grad]  # frozen by model.transfer
         optimizer = make_optimizer(params, self.optim_cfg, self.learning_rate)
         if self.privacy is not None:
             optimizer = self.privacy.wrap(optimizer)

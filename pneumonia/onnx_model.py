@@ -24,7 +24,7 @@ import torch
 
 from pneumonia.errors import UserError, first_line
 from pneumonia.files import write_bytes_atomic
-from pneumonia.module import ClassifierModule
+from pneumonia.module import ClassifierModule, positive_indices
 from pneumonia.predictor import Model, Predictor
 
 INPUT = "images"
@@ -160,6 +160,13 @@ class OnnxPredictor:
         """P(positive class) of each image."""
         return self.outputs(images)[0]
 
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P(positive class) [N], the class probabilities of a three-class model or None)."""
+        probability, logits = self.outputs(images)
+        if len(self.model.classes) <= 2:
+            return probability, None
+        return probability, logits.float().softmax(dim=1)
+
 
 def _ort_errors() -> tuple[type[Exception], ...]:
     """What onnxruntime raises for a file it cannot load (its own classes, not RuntimeError)."""
@@ -193,11 +200,11 @@ def _model(metadata: dict[str, str], path: str | Path, threshold: float | None) 
         valid = (
             model.image_size > 0
             and 0 < model.threshold < 1
-            and len(classes) == 2
+            and len(classes) in (2, 3)
             and all(isinstance(c, str) for c in classes)
-            and model.positive_class in classes
+            and len(positive_indices(classes, model.positive_class)) >= 1
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, UserError):
         valid = False
     if not valid:
         raise UserError(

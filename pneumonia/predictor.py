@@ -5,6 +5,9 @@ identity, one row per image. `pneumonia.predict` (files), `pneumonia.serve` (upl
 A row: path, probability (P(positive class)), decision (a class name: positive when the
 probability is above the threshold, as every metric of the package counts it), threshold,
 model, image_size, checkpoint (the first 16 hex digits of the checkpoint file's SHA-256).
+A three-class model (NORMAL, BACTERIA, VIRUS) adds each class's probability after
+`probability` (p_NORMAL, p_BACTERIA, p_VIRUS; probability is P(PNEUMONIA), the sum of the
+last two) and `cause`, the likelier of BACTERIA and VIRUS when the decision is PNEUMONIA.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pneumonia.errors import UserError
 from pneumonia.explain import heatmaps, overlay, png_bytes
 from pneumonia.files import write_bytes_atomic
 from pneumonia.module import ClassifierModule
-from pneumonia.scoring import predict_probabilities
+from pneumonia.scoring import predict_class_probabilities, predict_probabilities
 
 # What a folder walk takes as an image. Files named on the command line are read whatever
 # their name; in folders, files without a suffix are taken when they carry DICOM's mark.
@@ -59,18 +62,25 @@ class Model:
     def negative_class(self) -> str:
         return next(c for c in self.classes if c != self.positive_class)
 
-    def row(self, path: str, probability: float) -> dict:
-        """The answer for one image (see the module docstring)."""
+    def row(self, path: str, probability: float, class_probs=None) -> dict:
+        """The answer for one image (see the module docstring); `class_probs`: the softmax
+        over a three-class model's classes."""
         positive = probability > self.threshold
-        return {
-            "path": path,
-            "probability": round(float(probability), 6),
+        row = {"path": path, "probability": round(float(probability), 6)}
+        if class_probs is not None:
+            probs = dict(zip(self.classes, [float(p) for p in class_probs], strict=True))
+            row |= {f"p_{c}": round(p, 6) for c, p in probs.items()}
+        row |= {
             "decision": self.positive_class if positive else self.negative_class,
             "threshold": round(self.threshold, 6),
             "model": self.name,
             "image_size": self.image_size,
             "checkpoint": self.checkpoint,
         }
+        if class_probs is not None:
+            causes = {c: p for c, p in probs.items() if c != self.negative_class}
+            row["cause"] = max(causes, key=causes.get) if positive else ""
+        return row
 
     def describe(self) -> dict:
         """GET /model: identity, preprocessing, threshold and the model card."""
@@ -116,6 +126,15 @@ class Predictor:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """P(positive class) of each image, in one batch (scoring's precision rules)."""
         return predict_probabilities(self.module, images, max(len(images), 1), self.device)
+
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P(positive class) [N], the class probabilities [N, C] of a three-class model or
+        None), in one batch."""
+        if self.module.positive is not None:
+            return self.probabilities(images), None
+        batch = max(len(images), 1)
+        class_probs = predict_class_probabilities(self.module, images, batch, self.device)
+        return class_probs[:, self.module.positives].sum(1), class_probs
 
     def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.explain`."""
@@ -244,8 +263,12 @@ def predict_files(
             good = [d for d in batch if d.image is not None]
             skipped += [(str(d.path), d.error) for d in batch if d.image is None]
             if good:
-                probs = predictor.probabilities(torch.stack([d.image for d in good]))
-                rows += [model.row(str(d.path), float(p)) for d, p in zip(good, probs, strict=True)]
+                probs, class_probs = predictor.scores(torch.stack([d.image for d in good]))
+                per_class = class_probs if class_probs is not None else [None] * len(good)
+                rows += [
+                    model.row(str(d.path), float(p), c)
+                    for d, p, c in zip(good, probs, per_class, strict=True)
+                ]
                 if on_batch is not None:
                     on_batch(good, probs)
             bar.update(len(batch))

@@ -12,12 +12,11 @@ from tqdm.auto import tqdm
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import tta_views
-from pneumonia.intervals import bootstrap_intervals
-from pneumonia.metrics import DiagnosisMetrics
+from pneumonia.intervals import bootstrap_intervals, class_intervals
+from pneumonia.metrics import ClassMetrics, DiagnosisMetrics
 from pneumonia.module import ClassifierModule
 
 
-@torch.inference_mode()
 def predict_probabilities(
     module: ClassifierModule,
     images: torch.Tensor,
@@ -28,6 +27,25 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """P(positive class) for uint8 images [N, 1, S, S], on `device` (default: the module's).
     With `tta`, the mean probability over a fixed set of small zooms and shifts."""
+    return _predict(module, images, module.positive_probability, batch_size, device, progress, tta)
+
+
+def predict_class_probabilities(
+    module: ClassifierModule,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    tta: bool = False,
+) -> torch.Tensor:
+    """The softmax over every class [N, C] (three classes: P(pneumonia) is the sum of all
+    but NORMAL's)."""
+    softmax = lambda logits: logits.float().softmax(dim=1)  # noqa: E731
+    return _predict(module, images, softmax, batch_size, device, progress, tta)
+
+
+@torch.inference_mode()
+def _predict(module, images, probability, batch_size, device, progress, tta) -> torch.Tensor:
     device = torch.device(device) if device is not None else module.device
     module = module.to(device).eval()
     # Mixed precision only where it pays and is safe: CUDA.
@@ -42,7 +60,7 @@ def predict_probabilities(
         for start in tqdm(starts, desc="evaluate", unit="batch", leave=False, disable=not progress):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
             views = tta_views(batch.float() / 255.0) if tta else [batch]
-            probs = [module.positive_probability(module(view)).float() for view in views]
+            probs = [probability(module(view)).float() for view in views]
             out.append(torch.stack(probs).mean(0).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -75,7 +93,7 @@ def score(
     module: ClassifierModule, probs: torch.Tensor, labels: torch.Tensor
 ) -> tuple[dict, DiagnosisMetrics]:
     """Metrics of probabilities P(positive) against class labels, at the module's threshold."""
-    targets = labels == module.positive
+    targets = module.is_positive(labels)
     metrics = DiagnosisMetrics(module.hparams.threshold)
     metrics.update(probs, targets)
     return {"loss": cross_entropy(probs, targets)} | metrics.compute(), metrics
@@ -86,7 +104,7 @@ def score_with_intervals(
 ) -> tuple[dict, DiagnosisMetrics]:
     """`score`, plus "ci95": a 95% bootstrap interval of each metric, resampled by patient."""
     values, metrics = score(module, probs, imageset.labels)
-    targets = imageset.labels == module.positive
+    targets = module.is_positive(imageset.labels)
     threshold = float(module.hparams.threshold)
     values["ci95"] = bootstrap_intervals(probs, targets, threshold, imageset.patients, seed=seed)
     return values, metrics
@@ -99,3 +117,15 @@ def cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> float:
         return float("nan")
     p = probs.double().clamp(1e-7, 1 - 1e-7)
     return float(F.binary_cross_entropy(p, targets.double()))
+
+
+def score_classes(module: ClassifierModule, imageset: ImageSet, probs: torch.Tensor, seed=0):
+    """Three-class figures (`ClassMetrics`) of class probabilities [N, C], with "ci95": 95%
+    intervals by patient of each per-class and macro figure; and the filled metric object."""
+    metrics = ClassMetrics(module.classes)
+    metrics.update(probs, imageset.labels)
+    values = metrics.compute()
+    values["ci95"] = class_intervals(
+        probs, imageset.labels, imageset.patients, module.classes, seed=seed
+    )
+    return values, metrics

@@ -169,7 +169,7 @@ def build_entry(
     argv += ["--run_dir", str(run_dir)]
     try:
         cfg, resolved, _ = parse_fit_config(argv)
-        parameters = preflight(cfg)
+        parameters = preflight(cfg)["parameters"]
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
     family = item.get("family") or ""

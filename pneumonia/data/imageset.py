@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+# data.task three_class: pneumonia split by its cause, as Kermany's file names give it.
+THREE_CLASSES: tuple[str, ...] = ("NORMAL", "BACTERIA", "VIRUS")
+NEGATIVE_CLASS = "NORMAL"  # every other class is a kind of pneumonia
 
 
 @dataclass

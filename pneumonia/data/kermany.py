@@ -1,4 +1,7 @@
-"""The Kermany folder layout: class folders, optionally under train/ val/ test/ split folders."""
+"""The Kermany folder layout: class folders, optionally under train/ val/ test/ split folders.
+
+Class folders are NORMAL/ and PNEUMONIA/ (Kermany's), or NORMAL/, BACTERIA/ and VIRUS/ (the
+three-class layout); `folder_classes` says which a folder has."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pneumonia.data.imageset import CLASSES
+from pneumonia.data.imageset import CLASSES, THREE_CLASSES
 from pneumonia.data.patients import patient_id
 from pneumonia.errors import UserError
 
@@ -23,9 +26,17 @@ class ImageFile:
 
 
 def _class_dirs(folder: Path) -> dict[str, Path]:
-    """Class name -> sub-folder, matched case-insensitively; only the known classes."""
+    """Class name -> sub-folder, matched case-insensitively; only the known classes of the
+    folder's layout (`folder_classes`)."""
     found = {p.name.upper(): p for p in folder.iterdir() if p.is_dir()}
-    return {name: found[name] for name in CLASSES if name in found}
+    return {name: found[name] for name in folder_classes(folder, found) if name in found}
+
+
+def folder_classes(folder: Path, found: dict | None = None) -> tuple[str, ...]:
+    """THREE_CLASSES when `folder` has BACTERIA/ and VIRUS/ class folders, else CLASSES."""
+    if found is None:
+        found = {p.name.upper(): p for p in Path(folder).iterdir() if p.is_dir()}
+    return THREE_CLASSES if {"BACTERIA", "VIRUS"} <= set(found) else CLASSES
 
 
 def find_splits(root: str | Path) -> dict[str, Path]:
@@ -82,11 +93,12 @@ def list_image_files(folder: str | Path) -> list[ImageFile]:
     """
     folder = Path(folder)
     dirs = _class_dirs(folder)
-    missing = [c for c in CLASSES if c not in dirs]
+    classes = folder_classes(folder)
+    missing = [c for c in classes if c not in dirs]
     if missing:
         raise UserError(f"{folder} lacks class folder(s) {', '.join(missing)}/: add them")
     files = []
-    for label, name in enumerate(CLASSES):
+    for label, name in enumerate(classes):
         # scandir's entries know their type without a stat call per file, and sorting names
         # (not Paths) keeps listing 5,000 files well under a second.
         with os.scandir(dirs[name]) as entries:

@@ -21,11 +21,12 @@ from pneumonia.bounds import (
 )
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.imageset import ImageSet
-from pneumonia.data.kermany import find_sites, find_splits, list_image_files
+from pneumonia.data.kermany import find_sites, find_splits, folder_classes, list_image_files
 from pneumonia.data.partition import SITE_SEPARATOR
 from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.data.split import split_by_patient
 from pneumonia.data.synthetic import generate_synthetic
+from pneumonia.data.tasks import TASKS, for_task
 from pneumonia.data.transforms import AugmentConfig
 from pneumonia.errors import UserError
 
@@ -45,6 +46,9 @@ class DataConfig:
     """Data source, split, batching and augmentation (the `data.*` config group)."""
 
     root: str | None = None  # Kermany-style folder; None trains on synthetic images
+    # binary: NORMAL vs PNEUMONIA; three_class: NORMAL, BACTERIA, VIRUS (from Kermany's file
+    # names, or from three class folders): pneumonia.data.tasks.
+    task: Literal[TASKS] = "binary"
     image_size: ImageSide = 224
     val_fraction: OpenUnitInterval = 0.15
     batch_size: PositiveInt = 32
@@ -88,9 +92,8 @@ def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, Im
                 "federated.partition sites needs data.root with one sub-folder per hospital"
             )
         s = cfg.synthetic
-        return {
-            "train": generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
-        }
+        images = generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
+        return {"train": for_task(images, cfg.task, seed, synthetic=True)}
     if not sites:
         return _load_folder(cfg, cfg.root)
     per_site = {
@@ -111,6 +114,7 @@ def _load_folder(cfg: DataConfig, root: str | Path, site: str | None = None) -> 
         images = load_or_decode(
             list_image_files(folder), cfg.image_size, cache_dir, cfg.skip_corrupt, f"decode {label}"
         )
+        images = for_task(replace(images, classes=folder_classes(folder)), cfg.task)
         if site is not None:  # patient ids are unique only within a hospital
             images = replace(
                 images,

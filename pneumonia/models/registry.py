@@ -4,7 +4,10 @@ As in timm, the registry imports no model: each model module registers its build
 `@register`, and `pneumonia.models` imports those modules, so importing any part of the
 package fills the registry.
 
-Every model takes 1-channel images and returns 2 logits (NORMAL, PNEUMONIA).
+Every model takes 1-channel images and returns one logit per class: 2 (NORMAL, PNEUMONIA) by
+default, 3 (NORMAL, BACTERIA, VIRUS) for `data.task three_class` (`create_model`'s
+`num_classes`). `model.head` puts the thesis's head in place of a model's classifier
+(`pneumonia.models.heads`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from pneumonia.bounds import (
     PositiveInt,
 )
 from pneumonia.errors import UserError, first_line
+from pneumonia.models.heads import classifier_layer, replace_classifier
 from pneumonia.models.layers import ACTIVATIONS, DropConnectLinear
 from pneumonia.models.pretrained import load_pretrained
 
 IN_CHANS = 1
-NUM_CLASSES = 2
+NUM_CLASSES = 2  # what every builder returns; create_model changes the output layer if asked
 
 
 ACTIVATION_NAMES = tuple(ACTIVATIONS)
@@ -62,7 +66,20 @@ class ModelConfig:
     # Inside the blocks: DropBlock (Ghiasi et al. 2018, timm's) in the last two stages.
     block_drop_rate: FractionBelowOne = 0.0
     drop_connect: FractionBelowOne = 0.0  # DropConnect on the classifier's weights
-    pretrained: str | None = None  # local ImageNet weights file; never downloaded
+    pretrained: str | None = None  # local weights file (ImageNet, or a checkpoint of ours)
+    # The ResNet family's attention block in every residual block: auto is the one the name
+    # says (se_resnet*: se; resnet*: none); cbam and eca are timm's CbamModule and EcaModule.
+    attention: Literal["auto", "none", "se", "cbam", "eca"] = "auto"
+    # linear: the model's own classifier; thesis: BN, Dropout, Linear 256, ReLU, BN, Dropout,
+    # Linear after global pooling (GroupNorm in place of BN when model.norm gn).
+    head: Literal["linear", "thesis"] = "linear"
+    head_dropout: FractionBelowOne = 0.5
+    # What trains after model.pretrained is loaded: finetune (everything), freeze:K (not the
+    # stem and the first K stages), features (only the head): pneumonia.models.transfer.
+    transfer: str = "finetune"
+    # A stacking or soft-voting ensemble's members and meta-learner (model.name ensemble;
+    # written by `python -m pneumonia.ensemble`, not by hand).
+    ensemble: dict | None = None
 
 
 Builder = Callable[[ModelConfig], nn.Module]
@@ -88,8 +105,11 @@ def list_models() -> list[str]:
     return sorted(_BUILDERS) + ["timm/<any timm model>"]
 
 
-def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
-    """Build the model `cfg` names; with `image_size`, check it can take images that small."""
+def create_model(
+    cfg: ModelConfig, image_size: int | None = None, num_classes: int = NUM_CLASSES
+) -> nn.Module:
+    """Build the model `cfg` names with `num_classes` outputs; with `image_size`, check it can
+    take images that small."""
     if not cfg.name.startswith("timm/") and cfg.name not in _BUILDERS:
         raise UserError(
             f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}"
@@ -101,8 +121,12 @@ def create_model(cfg: ModelConfig, image_size: int | None = None) -> nn.Module:
         )
     check_family_options(cfg)
     model = _create_timm(cfg) if cfg.name.startswith("timm/") else _BUILDERS[cfg.name](cfg)
+    if cfg.head != "linear" or num_classes != NUM_CLASSES:
+        # Builders make 2-class linear classifiers; only other heads pay for a new layer, so
+        # the default model's initial weights stay what a seed gave them before.
+        replace_classifier(model, cfg.head, cfg.norm, cfg.head_dropout, num_classes, cfg.gn_groups)
     if cfg.drop_connect > 0:
-        parent, attr = classifier_layer(model)
+        parent, attr = classifier_layer(model, num_classes)
         linear = getattr(parent, attr)
         setattr(parent, attr, DropConnectLinear.from_linear(linear, cfg.drop_connect))
     if cfg.pretrained:
@@ -123,20 +147,6 @@ def check_family_options(cfg: ModelConfig) -> None:
             raise UserError(f"model.{key} applies to {family} only: drop it for {cfg.name}")
     if cfg.norm == "brn" and cfg.name not in _TAKES_WIDTH:
         raise UserError(f"model.norm brn applies to {family} only: use bn or gn for {cfg.name}")
-
-
-def classifier_layer(model: nn.Module) -> tuple[nn.Module, str]:
-    """(parent, attribute) of the model's classifier: its last layer with 2 outputs, a Linear
-    (timm's `fc`, torchvision's `classifier.6`) or a loss's head in its place
-    (pneumonia.losses), whose input is the penultimate feature vector."""
-    found = None
-    for name, layer in model.named_modules():
-        if getattr(layer, "out_features", None) == NUM_CLASSES:
-            found = name
-    if found is None:
-        raise UserError("this model has no Linear classifier with 2 outputs")
-    parent_name, _, attr = found.rpartition(".")
-    return model.get_submodule(parent_name), attr
 
 
 def _create_timm(cfg: ModelConfig) -> nn.Module:

@@ -19,8 +19,10 @@ from pneumonia.metrics import SCALARS, youden_threshold
 from pneumonia.module import ClassifierModule
 from pneumonia.scoring import (
     evaluate_imageset,
+    predict_class_probabilities,
     predict_probabilities,
     score,
+    score_classes,
     score_with_intervals,
 )
 
@@ -42,7 +44,7 @@ def choose_threshold(module: ClassifierModule, splits: Splits, rule: float | str
     if rule != "youden":
         return float(rule)
     probs = predict_probabilities(module, splits.val.images, bs)
-    return youden_threshold(probs, splits.val.labels == module.positive)
+    return youden_threshold(probs, module.is_positive(splits.val.labels))
 
 
 def finalize(
@@ -70,10 +72,14 @@ def finalize(
     tensorboard = trained.logger.experiment
     rows = []
     for name, imageset in splits.evaluation_sets().items():
-        probs = predict_probabilities(module, imageset.images, batch_size)
+        class_probs, probs = probabilities(module, imageset, batch_size)
         values, metrics = score_with_intervals(module, probs, imageset)
+        if class_probs is not None:  # three classes: per-class figures beside the binary ones
+            values["classes"], per_class = score_classes(module, imageset, class_probs)
+            figure = per_class.confusion_figure()
+            tensorboard.add_figure(f"best/{name}/confusion_matrix_classes", figure, 0)
         results[name] = values
-        rows += prediction_rows(name, imageset, probs, module.positive)
+        rows += prediction_rows(name, imageset, probs, module, class_probs)
         if name == "val_shift":
             results["val_shift_by_kind"] = by_shift_kind(module, imageset, probs)
         for key, value in values.items():
@@ -202,24 +208,35 @@ def by_shift_kind(module: ClassifierModule, imageset, probs) -> dict[str, dict]:
     return out
 
 
-def prediction_rows(split: str, imageset, probs, positive: int) -> list[dict]:
-    """One row per image: its split, name, patient, whether it is positive, P(positive)."""
-    return [
+def probabilities(module, imageset, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(class probabilities [N, C] with three classes, else None; P(positive) [N])."""
+    if module.positive is not None:
+        return None, predict_probabilities(module, imageset.images, batch_size)
+    class_probs = predict_class_probabilities(module, imageset.images, batch_size)
+    return class_probs, class_probs[:, module.positives].sum(1)
+
+
+def prediction_rows(split: str, imageset, probs, module, class_probs=None) -> list[dict]:
+    """One row per image: its split, name, patient, whether it is positive, P(positive); with
+    three classes also its class and each class's probability (p_<CLASS>)."""
+    positive = module.is_positive(imageset.labels).tolist()
+    rows = [
         {
             "split": split,
             "image": name,
             "patient": patient,
-            "positive": int(label == positive),
+            "positive": int(pos),
             "probability": p,  # unrounded: rounding makes ties that move AUROC
         }
-        for name, patient, label, p in zip(
-            imageset.names,
-            imageset.patients,
-            imageset.labels.tolist(),
-            probs.tolist(),
-            strict=True,
+        for name, patient, pos, p in zip(
+            imageset.names, imageset.patients, positive, probs.tolist(), strict=True
         )
     ]
+    if class_probs is not None:
+        for row, label, p in zip(rows, imageset.labels.tolist(), class_probs.tolist(), strict=True):
+            row["class"] = imageset.classes[label]
+            row |= {f"p_{c}": v for c, v in zip(imageset.classes, p, strict=True)}
+    return rows
 
 
 # Short names for the one-line summary, so a line with intervals fits a terminal.
@@ -253,4 +270,27 @@ def print_summary(summary: dict, best_key: str, summary_path: Path) -> None:
     for name in ("val", "val_shift", "test"):
         if name in summary:
             print(f"{name:9s} {format_metrics(summary[name])}")
+            if "classes" in summary[name]:
+                print(f"{'':9s} {format_classes(summary[name]['classes'])}")
+    if "transfer" in summary:
+        t = summary["transfer"]
+        print(
+            f"transfer {t['mode']}: froze {', '.join(t['frozen']) or 'nothing'} "
+            f"({t['frozen_parameters']:,} parameters); {t['trainable_parameters']:,} trained"
+        )
     print(f"summary: {summary_path}  (intervals: 95% bootstrap over patients)")
+
+
+def format_classes(values: dict) -> str:
+    """One line of three-class figures: accuracy, macro F1, and each class's recall (with
+    95% intervals), then the confusion matrix (rows true, columns predicted)."""
+    ci = values.get("ci95", {})
+
+    def one(key: str, short: str) -> str:
+        low, high = ci.get(key, (float("nan"), float("nan")))
+        return f"{short} {values[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+    classes = [k.removeprefix("recall_") for k in values if k.startswith("recall_")]
+    parts = [one("class_accuracy", "3-class acc"), one("macro_f1", "macro F1")]
+    parts += [one(f"recall_{c}", f"recall {c}") for c in classes]
+    return "  ".join(parts) + f"  confusion {values['class_confusion_matrix']}"

@@ -27,6 +27,7 @@ from pneumonia.config import (
 )
 from pneumonia.data.cache import default_cache_dir
 from pneumonia.data.sources import Splits, load_splits
+from pneumonia.data.tasks import task_classes
 from pneumonia.data.transforms import check_augment
 from pneumonia.errors import UserError
 from pneumonia.federated.cohort import Cohort, LocalCohort
@@ -35,7 +36,8 @@ from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
 from pneumonia.losses import check_loss
-from pneumonia.models.registry import count_parameters, create_model
+from pneumonia.models.registry import classifier_layer, count_parameters, create_model
+from pneumonia.models.transfer import freeze
 from pneumonia.privacy import (
     check_delta,
     check_privacy,
@@ -71,15 +73,22 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 CohortFactory = Callable[[Namespace, str], Cohort]
 
 
-def preflight(cfg: Namespace) -> int:
+def preflight(cfg: Namespace) -> dict:
     """Check what can be checked without data (model, image size, threshold, federated
-    settings) and return the model's parameter count. Raises UserError."""
+    settings) and return the model's parameter counts ("parameters"; with model.transfer,
+    what it freezes: `FrozenLayers.describe`). Raises UserError."""
     check_experiment_name(cfg.experiment)
     check_writable_folder("run_dir" if cfg.run_dir else "runs_root", cfg.run_dir or cfg.runs_root)
     if cfg.data.root is not None:
         check_writable_folder("data.cache_dir", cfg.data.cache_dir or default_cache_dir())
-    model = create_model(cfg.model, cfg.data.image_size)
-    parameters = count_parameters(model)
+    model = create_model(cfg.model, cfg.data.image_size, len(task_classes(cfg.data.task)))
+    parameters = {"parameters": count_parameters(model)}
+    if cfg.model.transfer != "finetune":
+        head = getattr(*classifier_layer(model, len(task_classes(cfg.data.task))))
+        parameters["transfer"] = {"mode": cfg.model.transfer} | freeze(
+            model, cfg.model.transfer, head
+        ).describe()
+    check_task(cfg)
     check_threshold(cfg.threshold)
     check_trainer(cfg)
     check_monitor(cfg.monitor, cfg.data.shift.enabled)
@@ -95,6 +104,19 @@ def preflight(cfg: Namespace) -> int:
         check_private_model(model, cfg.model.name)
         probe_per_image_gradients(model, cfg.model.name, cfg.data.image_size)
     return parameters
+
+
+def check_task(cfg: Namespace) -> None:
+    """Three classes train on the plain cross-entropy, with PNEUMONIA (any cause) positive."""
+    if cfg.data.task != "three_class":
+        return
+    if cfg.loss.name != "cross_entropy":
+        raise UserError(
+            f"loss.name {cfg.loss.name} is a two-class loss: data.task three_class trains on "
+            "cross_entropy (drop loss.name)"
+        )
+    if cfg.positive_class != "PNEUMONIA":
+        raise UserError("data.task three_class: positive_class is PNEUMONIA (any cause)")
 
 
 def describe_splits(splits: Splits) -> str:
@@ -209,7 +231,7 @@ def run_job(
         "synthetic": cfg.data.root is None,
         "model": cfg.model.name,
         "norm": cfg.model.norm,
-        "parameters": parameters,
+        **parameters,
         "image_size": cfg.data.image_size,
         **results,
         "wall_time_s": round(time.time() - started, 1),

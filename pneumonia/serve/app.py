@@ -110,12 +110,12 @@ def answer(predictor: Predictor, data: bytes, name: str, cam: bool, lock=None) -
         raise HTTPException(422, f"{name}: {reason_of(err)}") from None
     image = square(full, predictor.model.image_size)[None]
     with lock or contextlib.nullcontext():
+        probs, class_probs = predictor.scores(image)
         if cam:
-            maps, probs = predictor.heatmaps(image)
-        else:
-            probs = predictor.probabilities(image)
+            maps, _ = predictor.heatmaps(image)
     shown = preview(full)
-    return predictor.model.row(name, float(probs[0])) | {
+    per_class = class_probs[0] if class_probs is not None else None
+    return predictor.model.row(name, float(probs[0]), per_class) | {
         "image_png": _b64(png_bytes(shown[0].numpy())),
         "heatmap_png": _b64(png_bytes(overlay(shown, maps[0]))) if cam else None,
     }

@@ -152,6 +152,7 @@ class ClassifierModule(L.LightningModule):
         # statistics); the classifier (or a loss's head in its place) always trains.
         head = getattr(*classifier_layer(self.model, len(self.classes)))
         self.frozen = freeze(self.model, model_cfg.transfer, head)
+        self.frozen.hold()
         self.tap = EmbeddingTap(self.model) if self.objective.needs_embeddings else None
         weights = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
         # Not persistent: client-specific, and must not travel inside aggregated state dicts.
@@ -184,6 +185,11 @@ class ClassifierModule(L.LightningModule):
         super().train(mode)
         self.frozen.hold()  # frozen BatchNorms keep their running statistics
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Modules start in train mode, and Lightning restores each submodule's own mode after
+        # validation: hold the frozen norms in eval at every epoch whatever happened between.
+        self.frozen.hold()
 
     def on_fit_start(self) -> None:
         # Tensor cores want NHWC; forward() hands the images over in that layout too. Not

@@ -136,6 +136,12 @@ class Predictor:
         class_probs = predict_class_probabilities(self.module, images, batch, self.device)
         return class_probs[:, self.module.positives].sum(1), class_probs
 
+    @property
+    def explains(self) -> bool:
+        """Whether Grad-CAM can explain this model (an ensemble's members each have their own
+        last stage: there is no one layer to read)."""
+        return self.model.name != "ensemble"
+
     def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.explain`."""
         return heatmaps(self.module, images)

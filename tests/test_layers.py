@@ -47,6 +47,7 @@ LAYERS = [
         "pneumonia.predict",
         "pneumonia.export",
         "pneumonia.serve.__main__",
+        "pneumonia.ensemble",
     ],
 ]
 

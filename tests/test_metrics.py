@@ -65,3 +65,47 @@ def test_ece_and_reliability_bins_against_hand_values():
     assert rows[-1]["observed"] == 0.5 and rows[-1]["predicted"] == pytest.approx(0.925)
     figure = reliability_figure(probs, targets, "PNEUMONIA")
     assert "ECE 0.383" in figure.axes[0].get_legend().get_texts()[1].get_text()
+
+
+def test_three_class_metrics_match_a_hand_computed_case():
+    from pneumonia.intervals import class_intervals, weighted_class_metrics
+    from pneumonia.metrics import ClassMetrics
+
+    classes = ("NORMAL", "BACTERIA", "VIRUS")
+    # true:      N  N  B  B  B  V  V
+    # predicted: N  B  B  B  V  V  B   (arg-max of the rows below)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    probs = torch.tensor(
+        [
+            [0.8, 0.1, 0.1],
+            [0.3, 0.6, 0.1],
+            [0.1, 0.7, 0.2],
+            [0.2, 0.5, 0.3],
+            [0.1, 0.4, 0.5],
+            [0.1, 0.3, 0.6],
+            [0.2, 0.5, 0.3],
+        ]
+    )
+    metrics = ClassMetrics(classes)
+    metrics.update(probs, labels)
+    v = metrics.compute()
+    assert v["class_confusion_matrix"] == [[1, 1, 0], [0, 2, 1], [0, 1, 1]]
+    assert v["class_accuracy"] == pytest.approx(4 / 7)
+    # NORMAL: TP 1, FP 0, FN 1; BACTERIA: TP 2, FP 2, FN 1; VIRUS: TP 1, FP 1, FN 1.
+    assert v["precision_NORMAL"] == pytest.approx(1.0)
+    assert v["recall_NORMAL"] == pytest.approx(0.5)
+    assert v["precision_BACTERIA"] == pytest.approx(0.5)
+    assert v["recall_BACTERIA"] == pytest.approx(2 / 3)
+    assert v["f1_BACTERIA"] == pytest.approx(4 / 7)
+    assert v["f1_VIRUS"] == pytest.approx(0.5)
+    assert v["macro_recall"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    # VIRUS against the rest: scores of the 2 viral images 0.6, 0.3 against 0.1 0.1 0.2 0.3
+    # 0.5: 0.6 beats all 5; 0.3 beats 3 and ties 1 -> (5 + 3.5) / 10.
+    assert v["auroc_VIRUS"] == pytest.approx(0.85)
+    # The bootstrap's weighted figures with weights of one are the plain ones.
+    plain = weighted_class_metrics(probs.double(), labels, classes, torch.ones(1, 7).double())
+    for key in ("class_accuracy", "macro_f1", "recall_BACTERIA", "auroc_VIRUS", "macro_auroc"):
+        assert float(plain[key][0]) == pytest.approx(v[key], abs=1e-6)
+    ci = class_intervals(probs, labels, [str(i) for i in range(7)], classes, replicates=200)
+    low, high = ci["class_accuracy"]
+    assert 0.0 <= low <= 4 / 7 <= high <= 1.0

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from pneumonia.bounds import (
+    FractionUpToOne,
     ImageSide,
     NonNegativeInt,
     OpenUnitInterval,
@@ -51,6 +52,9 @@ class DataConfig:
     task: Literal[TASKS] = "binary"
     image_size: ImageSide = 224
     val_fraction: OpenUnitInterval = 0.15
+    # Train on this fraction of the training patients (stratified by class, seeded; the
+    # validation split is unchanged): a small hospital's data set, as transfer learning meets it.
+    train_fraction: FractionUpToOne = 1.0
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 128
     balance: Literal["none", "loss_weights", "sampler"] = "loss_weights"
@@ -134,7 +138,11 @@ def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
     source = "SYNTHETIC images (no data.root given)" if cfg.root is None else str(cfg.root)
     val = pool.subset(val_idx)
     val_shift = shifted(val, cfg.shift) if cfg.shift.enabled else None
-    return Splits(pool.subset(train_idx), val, images.get("test"), source, val_shift)
+    train = pool.subset(train_idx)
+    if cfg.train_fraction < 1.0:
+        kept, _ = split_by_patient(train, 1.0 - cfg.train_fraction, seed + 1)
+        train = train.subset(kept)
+    return Splits(train, val, images.get("test"), source, val_shift)
 
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:

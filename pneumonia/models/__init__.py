@@ -1,4 +1,8 @@
 """Chest X-ray classifiers by name (`registry`). Importing the model modules here registers
 their builders before anything asks the registry for one."""
 
-from pneumonia.models import baselines, se_resnet  # noqa: F401  (they register themselves)
+from pneumonia.models import (  # noqa: F401  (they register themselves)
+    baselines,
+    ensemble,  # noqa: F401  (registers model.name ensemble)
+    se_resnet,
+)

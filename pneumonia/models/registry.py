@@ -116,8 +116,7 @@ def create_model(
         )
     if cfg.width != PAPER_WIDTH and cfg.name not in _TAKES_WIDTH:
         raise UserError(
-            f"model.width applies to {' and '.join(sorted(_TAKES_WIDTH))} only: "
-            f"drop it for model {cfg.name}"
+            f"model.width applies to {family_names()} only: drop it for model {cfg.name}"
         )
     check_family_options(cfg)
     model = _create_timm(cfg) if cfg.name.startswith("timm/") else _BUILDERS[cfg.name](cfg)
@@ -136,11 +135,18 @@ def create_model(
     return model
 
 
+def family_names() -> str:
+    """Our ResNet family, for error messages."""
+    return "the ResNet family (" + ", ".join(sorted(_TAKES_WIDTH)) + ")"
+
+
 def check_family_options(cfg: ModelConfig) -> None:
-    """Activation, batch renormalisation and DropBlock are options of our ResNet family."""
-    family = " and ".join(sorted(_TAKES_WIDTH))
+    """Activation, attention, batch renormalisation and DropBlock are options of our ResNet
+    family."""
+    family = family_names()
     for key, value, default in (
         ("activation", cfg.activation, "relu"),
+        ("attention", cfg.attention, "auto"),
         ("block_drop_rate", cfg.block_drop_rate, 0.0),
     ):
         if value != default and cfg.name not in _TAKES_WIDTH:

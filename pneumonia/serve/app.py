@@ -39,11 +39,18 @@ class Prediction(BaseModel):
 
     path: str = Field(description="the uploaded file's name")
     probability: float = Field(description="P(positive class), from 0 to 1")
+    # A three-class model's softmax (probability is then P(BACTERIA) + P(VIRUS)).
+    p_NORMAL: float | None = Field(None, description="three-class models: P(NORMAL)")
+    p_BACTERIA: float | None = Field(None, description="three-class models: P(BACTERIA)")
+    p_VIRUS: float | None = Field(None, description="three-class models: P(VIRUS)")
     decision: str = Field(description="the positive class when probability > threshold")
     threshold: float
     model: str
     image_size: int = Field(description="side of the square the model sees, in pixels")
     checkpoint: str = Field(description="first 16 hex digits of the checkpoint's SHA-256")
+    cause: str | None = Field(
+        None, description="three-class models: the likelier of BACTERIA and VIRUS when positive"
+    )
     image_png: str = Field(description="the radiograph as decoded, base64 PNG")
     heatmap_png: str | None = Field(None, description="Grad-CAM overlay, base64 PNG")
 
@@ -86,7 +93,8 @@ def create_app(predictor: Predictor, max_upload: int = MAX_UPLOAD) -> FastAPI:
     def describe() -> dict:
         return model.describe()
 
-    @app.post("/predict", responses={413: {}, 415: {}, 422: {}})
+    # Binary models answer without the three-class fields (only what answer() sets is sent).
+    @app.post("/predict", responses={413: {}, 415: {}, 422: {}}, response_model_exclude_unset=True)
     def predict(
         file: Annotated[UploadFile, File(description=ACCEPTED)], cam: bool = True
     ) -> Prediction:
@@ -111,6 +119,7 @@ def answer(predictor: Predictor, data: bytes, name: str, cam: bool, lock=None) -
     image = square(full, predictor.model.image_size)[None]
     with lock or contextlib.nullcontext():
         probs, class_probs = predictor.scores(image)
+        cam = cam and predictor.explains
         if cam:
             maps, _ = predictor.heatmaps(image)
     shown = preview(full)

@@ -149,7 +149,7 @@ def test_width_scales_every_stage_of_the_resnet_family():
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        (ModelConfig(name="alexnet", width=16), "model.width applies to resnet18 and se_resnet18"),
+        (ModelConfig(name="alexnet", width=16), "model.width applies to the ResNet family"),
         (ModelConfig(name="se_resnet18", width=24), "se_reduction 16 must divide model.width 24"),
         (ModelConfig(name="resnet18", width=8), "model.gn_groups 16 must divide model.width 8"),
         (ModelConfig(name="resnet18", width=0), "model.width 0 must be a positive"),

@@ -377,9 +377,14 @@ def test_the_notebook_executes_on_a_report(tiny_report, monkeypatch):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_comparisons_load_with_one_budget(path, tmp_path):
+def test_shipped_comparisons_load_with_one_budget(path, tmp_path, monkeypatch):
     """Every shipped comparison parses and passes fit's pre-flight checks, and its entries
-    share one budget (passes over the training images), image size and seed."""
+    share one budget (passes over the training images), image size and seed. A comparison
+    that transfers from a run of ours finds that run's checkpoint where its config says."""
+    source = re.search(r"pretrained: (runs/\S+\.ckpt)", path.read_text())
+    if source:
+        monkeypatch.chdir(tmp_path)
+        write_three_class_source(tmp_path / source.group(1))
     comparison = load_comparison(path, [], tmp_path, tmp_path)
     entries = comparison.entries
     assert comparison.name == path.stem and len(entries) >= 2
@@ -391,6 +396,20 @@ def test_shipped_comparisons_load_with_one_budget(path, tmp_path):
     if path.stem.startswith("paper_table2"):
         assert comparison.sweep["file"] == "batch_size.png"
         assert sorted({e.cfg.data.batch_size for e in entries}) == [4, 8, 16, 32]
+
+
+def write_three_class_source(path: Path) -> None:
+    """An untrained three-class SE-ResNet-18-GN checkpoint: what a transfer comparison loads."""
+    from dataclasses import asdict
+
+    from pneumonia.checkpoint import write_checkpoint
+    from pneumonia.data.imageset import THREE_CLASSES
+    from pneumonia.models.registry import ModelConfig
+    from pneumonia.recipe import Recipe, build_module
+
+    recipe = Recipe(model=asdict(ModelConfig()), optim={}, image_size=64, classes=THREE_CLASSES)
+    path.parent.mkdir(parents=True)
+    write_checkpoint(path, build_module(recipe).state_dict(), recipe, round_number=1)
 
 
 def private_row(label: str, epsilon, accuracy: float) -> dict:

@@ -6,6 +6,7 @@ validation split drawn from the training images by patient.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,10 @@ class DataConfig:
     # Train on this fraction of the training patients (stratified by class, seeded; the
     # validation split is unchanged): a small hospital's data set, as transfer learning meets it.
     train_fraction: FractionUpToOne = 1.0
+    # Another run's split.csv: validate on the patients it validated on (the rest train).
+    # Transfer learning needs it: a target scored on patients its source model trained on
+    # would look better than it is.
+    split_from: str | None = None
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 128
     balance: Literal["none", "loss_weights", "sampler"] = "loss_weights"
@@ -134,7 +139,10 @@ def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
     in Kermany is too small to be a validation set alone), and the test split if any."""
     images = load_images(cfg, seed, sites)
     pool = images["train"] if "val" not in images else concat(images["train"], images["val"])
-    train_idx, val_idx = split_by_patient(pool, cfg.val_fraction, seed)
+    if cfg.split_from:
+        train_idx, val_idx = split_as(pool, cfg.split_from)
+    else:
+        train_idx, val_idx = split_by_patient(pool, cfg.val_fraction, seed)
     source = "SYNTHETIC images (no data.root given)" if cfg.root is None else str(cfg.root)
     val = pool.subset(val_idx)
     val_shift = shifted(val, cfg.shift) if cfg.shift.enabled else None
@@ -143,6 +151,29 @@ def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
         kept, _ = split_by_patient(train, 1.0 - cfg.train_fraction, seed + 1)
         train = train.subset(kept)
     return Splits(train, val, images.get("test"), source, val_shift)
+
+
+def split_as(pool: ImageSet, split_csv: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) of `pool` with the validation patients of a run's split.csv."""
+    path = Path(split_csv)
+    if not path.is_file():
+        raise UserError(f"data.split_from {path} does not exist: give a run's split.csv")
+    try:
+        with open(path, newline="") as f:
+            val = {row["patient"] for row in csv.DictReader(f) if row["split"] == "val"}
+    except (KeyError, csv.Error, UnicodeDecodeError):
+        raise UserError(
+            f"data.split_from {path} is not a run's split.csv (split, class, patient, name)"
+        ) from None
+    in_val = [p in val for p in pool.patients]
+    if not any(in_val) or all(in_val):
+        raise UserError(
+            f"data.split_from {path}: its validation patients are not a part of these images: "
+            "was it written for this data.root?"
+        )
+    index = torch.arange(len(pool))
+    mask = torch.tensor(in_val)
+    return index[~mask], index[mask]
 
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:

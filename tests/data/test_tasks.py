@@ -128,3 +128,27 @@ def test_train_fraction_keeps_a_stratified_tenth_and_the_same_validation(kermany
     assert set(small.train.names) < set(full.train.names)
     assert 0.15 < len(small.train) / len(full.train) < 0.35
     assert set(small.train.labels.tolist()) == {0, 1}
+
+
+def test_split_from_validates_on_another_runs_validation_patients(kermany_root, tmp_path):
+    first = load_splits(DataConfig(root=str(kermany_root), image_size=16), seed=0)
+    rows = ["split,class,patient,name"]
+    rows += [f"val,x,{p},n" for p in first.val.patients]
+    rows += [f"train,x,{p},n" for p in first.train.patients]
+    (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+    other_seed = DataConfig(root=str(kermany_root), image_size=16, task="three_class",
+                            split_from=str(tmp_path / "split.csv"))  # fmt: skip
+    again = load_splits(other_seed, seed=5)
+    assert sorted(again.val.names) == sorted(first.val.names)
+    assert not set(again.train.patients) & set(again.val.patients)
+    (tmp_path / "bad.csv").write_text("split,class,patient,name\nval,x,nobody,n\n")
+    with pytest.raises(UserError, match="data.split_from .*bad.csv: its validation patients"):
+        load_splits(replace_split(other_seed, tmp_path / "bad.csv"), seed=0)
+    with pytest.raises(UserError, match="data.split_from .*missing.csv does not exist"):
+        load_splits(replace_split(other_seed, tmp_path / "missing.csv"), seed=0)
+
+
+def replace_split(cfg: DataConfig, path: Path) -> DataConfig:
+    from dataclasses import replace
+
+    return replace(cfg, split_from=str(path))

@@ -136,6 +136,8 @@ class ClassifierModule(L.LightningModule):
         # The binary positive's index; with three classes every cause of pneumonia is positive
         # and P(positive) is their summed probability (`positive_probability`).
         self.positive = self.positives[0] if len(self.classes) == 2 else None
+        # For is_positive on every batch: built once, moved with the module, never saved.
+        self.register_buffer("positive_index", torch.tensor(self.positives), persistent=False)
         self.optim_cfg = OptimConfig(**optim)
         # Where the next fit's optimizer starts (Lightning's LR finder sets this attribute too);
         # a federated client sets its round's rate here (federated.round_lr).
@@ -206,7 +208,7 @@ class ClassifierModule(L.LightningModule):
 
     def is_positive(self, labels: torch.Tensor) -> torch.Tensor:
         """Whether each class label is a positive (any pneumonia, with three classes)."""
-        return torch.isin(labels, torch.tensor(self.positives, device=labels.device))
+        return torch.isin(labels, self.positive_index.to(labels.device))
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch

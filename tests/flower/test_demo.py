@@ -18,6 +18,15 @@ def leftovers(workdir: Path) -> list[str]:
     return found.stdout.splitlines()
 
 
+def leftovers_after_exit(workdir: Path, within: float = 10.0) -> list[str]:
+    """`leftovers` once they had `within` seconds to go: Flower's superexec watches its
+    parent's pid and leaves on its own a moment after it, later on a loaded machine."""
+    deadline = time.monotonic() + within
+    while (found := leftovers(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
 def test_ctrl_c_stops_every_process(tmp_path):
     workdir = tmp_path / "work"
     demo = subprocess.Popen(
@@ -35,8 +44,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     demo.send_signal(signal.SIGINT)
     assert demo.wait(60) == 130
     assert "interrupted" in demo.stdout.read()
-    time.sleep(0.5)
-    assert leftovers(workdir) == []
+    assert leftovers_after_exit(workdir) == []
 
 
 def test_a_failing_run_ends_in_one_line_and_stops_everything(tmp_path):
@@ -51,7 +59,7 @@ def test_a_failing_run_ends_in_one_line_and_stops_everything(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown model.name 'resnet99'")
     assert str(workdir / "logs") in last
-    assert leftovers(workdir) == []
+    assert leftovers_after_exit(workdir) == []
 
 
 def test_demo_arguments_are_checked_before_anything_starts(tmp_path):

@@ -57,6 +57,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all)"
+    )
+    parser.add_argument(
         "--upscale",
         action="store_true",
         help="time predict on the images re-saved at 1500x1200 (the originals' usual size; the "
@@ -248,7 +251,7 @@ def wait_for(base: str, server: subprocess.Popen, limit: float = 120) -> None:
 
 def main() -> None:
     args = parse()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files, source = image_files(args.root, args.images, folder)

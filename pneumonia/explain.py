@@ -24,7 +24,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pneumonia.data.decode import crop_to_roi, square  # noqa: E402
 from pneumonia.data.imageset import ImageSet  # noqa: E402
+from pneumonia.data.lungs import (  # noqa: E402
+    WORK_SIDE,
+    energy_inside,
+    lung_box,
+    lung_field,
+    pixel_box,
+)
 from pneumonia.module import ClassifierModule  # noqa: E402
 
 COLORMAP = "jet"  # the convention of Grad-CAM figures: red = most weight
@@ -174,3 +182,48 @@ def cases_panel(
     if not rows[1]:
         heading += ": no wrong decisions"
     return panel(torch.stack(images), torch.stack(heat), titles, per_kind, heading)
+
+
+# -- the lung field: masks to look at, and how much of a heat map lies inside it -------------
+
+
+def lung_panel(fulls: list[torch.Tensor], columns: int = 4):
+    """Decoded radiographs [1, H, W] with their lung-field masks (outlined; red: implausible,
+    the full image is used) and the crop box: for a reader to judge the segmentation."""
+    rows = max(1, -(-len(fulls) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, full in zip(axes.flat, fulls, strict=False):
+        field = lung_field(full)
+        small = F.interpolate(full[None].float(), size=(WORK_SIDE,) * 2, mode="area")[0, 0]
+        ax.imshow(small.numpy(), cmap="gray")
+        ax.contour(field.mask, levels=[0.5], colors="lime" if field.plausible else "red")
+        if field.plausible:
+            r0, r1, c0, c1 = pixel_box(lung_box(field.mask), WORK_SIDE, WORK_SIDE)
+            ax.add_patch(plt.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, color="yellow"))
+        ax.set_title("lung field" if field.plausible else field.reason, fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def lung_energy_share(module: ClassifierModule, full: torch.Tensor, roi: str) -> float:
+    """The share of the model's Grad-CAM energy inside the lung field of one decoded
+    radiograph [1, H, W], in the full image's frame (a lung-field model's map placed in its
+    crop box, zero outside it); nan where the image's lung field is implausible."""
+    field = lung_field(full)
+    if not field.plausible:
+        return float("nan")
+    size = int(module.hparams.image_size)
+    view, cropped = crop_to_roi(full, roi)
+    cam = heatmaps(module, square(view, size)[None])[0][0]
+    canvas = torch.zeros(WORK_SIDE, WORK_SIDE)
+    r0, r1, c0, c1 = (
+        pixel_box(lung_box(field.mask), WORK_SIDE, WORK_SIDE)
+        if cropped and roi == "lungs"
+        else (0, WORK_SIDE, 0, WORK_SIDE)
+    )
+    canvas[r0:r1, c0:c1] = F.interpolate(
+        cam[None, None], size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False
+    )[0, 0]
+    return energy_inside(canvas, torch.from_numpy(field.mask))

@@ -126,6 +126,7 @@ class ClassifierModule(L.LightningModule):
         std: float = 0.25,
         threshold: float = 0.5,
         loss: dict | None = None,
+        roi: str = "full",  # what prediction crops to, as training did (data.roi); kept only
     ) -> None:
         super().__init__()
         # The recipe (pneumonia.recipe) is the checkpoint's hyper-parameters; class weights

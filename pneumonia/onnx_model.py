@@ -94,6 +94,7 @@ def export_onnx(ckpt: str | Path, out: Path) -> dict[str, str]:
     proto = program.model_proto
     metadata = {
         "image_size": str(model.image_size),
+        "roi": model.roi,  # read as "full" when absent (files exported before data.roi)
         "mean": repr(float(hparams.mean)),
         "std": repr(float(hparams.std)),
         "threshold": repr(model.threshold),
@@ -196,6 +197,7 @@ def _model(metadata: dict[str, str], path: str | Path, threshold: float | None) 
             name=metadata["model"],
             checkpoint=metadata["checkpoint"],
             card=card if isinstance(card, dict) else {},
+            roi=metadata.get("roi", "full"),
         )
         valid = (
             model.image_size > 0

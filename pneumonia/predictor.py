@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from pneumonia.checkpoint import model_card, module_from, read_checkpoint
-from pneumonia.data.decode import CorruptImageError, is_dicom, read_image, square
+from pneumonia.data.decode import CorruptImageError, crop_to_roi, is_dicom, read_image, square
 from pneumonia.errors import UserError
 from pneumonia.explain import heatmaps, overlay, png_bytes
 from pneumonia.files import write_bytes_atomic
@@ -57,6 +57,7 @@ class Model:
     name: str
     checkpoint: str  # file_sha256 of the checkpoint
     card: dict = field(default_factory=dict)
+    roi: str = "full"  # data.roi of its training: lungs crops every image to its lung field
 
     @property
     def negative_class(self) -> str:
@@ -120,6 +121,7 @@ class Predictor:
             name=recipe.model["name"],
             checkpoint=file_sha256(path),
             card=model_card(ckpt),
+            roi=recipe.roi,
         )
         return cls(module, model, device)
 
@@ -199,10 +201,11 @@ class Decoded:
 OVERLAY_SIDE = 1024
 
 
-def decode_one(path: Path, image_size: int, keep_full: bool = False) -> Decoded:
-    """Decode a file for the model; a file that cannot be read carries its reason instead."""
+def decode_one(path: Path, image_size: int, keep_full: bool = False, roi="full") -> Decoded:
+    """Decode a file for the model (its lung field with `roi` lungs: the preview shows what
+    the model saw); a file that cannot be read carries its reason instead."""
     try:
-        full = read_image(path)
+        full = crop_to_roi(read_image(path), roi)[0]
     except CorruptImageError as err:
         return Decoded(path, error=reason_of(err))
     return Decoded(path, square(full, image_size), preview(full) if keep_full else None)
@@ -224,7 +227,7 @@ def preview(full: torch.Tensor) -> torch.Tensor:
 
 
 def decoded_batches(
-    files: list[Path], image_size: int, batch_size: int, keep_full: bool = False
+    files: list[Path], image_size: int, batch_size: int, keep_full: bool = False, roi="full"
 ) -> Iterator[list[Decoded]]:
     """The files decoded by a pool of threads (the decoders release the GIL), `batch_size` at a
     time and in order; the next batch decodes while the caller scores this one."""
@@ -232,7 +235,7 @@ def decoded_batches(
     with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
 
         def submit(chunk: list[Path]) -> list:
-            return [pool.submit(decode_one, p, image_size, keep_full) for p in chunk]
+            return [pool.submit(decode_one, p, image_size, keep_full, roi) for p in chunk]
 
         pending = submit(chunks[0]) if chunks else []
         for following in [*chunks[1:], []]:
@@ -264,7 +267,7 @@ def predict_files(
         disable=None if progress is None else not progress,
     )
     with bar:
-        batches = decoded_batches(files, model.image_size, batch_size, keep_full)
+        batches = decoded_batches(files, model.image_size, batch_size, keep_full, model.roi)
         for batch in batches:
             good = [d for d in batch if d.image is not None]
             skipped += [(str(d.path), d.error) for d in batch if d.image is None]

@@ -32,6 +32,7 @@ class Recipe:
     std: float = 0.25
     threshold: float = 0.5  # decision threshold on P(positive)
     loss: dict | None = None  # LossConfig as a dict; None (older checkpoints): cross-entropy
+    roi: str = "full"  # data.roi: the whole radiograph, or its lung field's box (lungs)
 
     def hparams(self) -> dict:
         """The keyword arguments of `ClassifierModule`, as plain dicts and lists."""
@@ -71,6 +72,7 @@ def make_recipe(cfg, classes: tuple[str, ...], moments: list[Moments]) -> Recipe
         positive_class=cfg.positive_class,
         mean=mean,
         std=std,
+        roi=cfg.data.roi,
     )
 
 

@@ -84,9 +84,25 @@ def evaluate_sets(
     sets: dict[str, ImageSet],
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    val_site: torch.Tensor | None = None,
 ) -> dict[str, dict]:
-    """`evaluate_imageset`'s metrics on each named image set (val, val_shift, test)."""
-    return {name: evaluate_imageset(module, s, batch_size, device)[0] for name, s in sets.items()}
+    """`evaluate_imageset`'s metrics on each named image set (val, val_shift, test,
+    held_out); with `val_site` (the site of each validation image) also "site<j>_val", the
+    metrics on site j's validation images, from the same probabilities."""
+    out = {}
+    for name, imageset in sets.items():
+        probs = predict_probabilities(module, imageset.images, batch_size, device)
+        out[name] = score(module, probs, imageset.labels)[0]
+        if name == "val" and val_site is not None:
+            for j, index in site_indices(val_site).items():
+                out[f"site{j}_val"] = score(module, probs[index], imageset.labels[index])[0]
+    return out
+
+
+def site_indices(val_site: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Site -> the indices of its validation images (sites in order; -1, no site, left out)."""
+    sites = sorted(set(val_site.tolist()) - {-1})
+    return {j: torch.nonzero(val_site == j).flatten() for j in sites}
 
 
 def score(

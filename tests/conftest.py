@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # (format, mode, (width, height)) cycled over the images of a folder: every variant a loader meets.
@@ -97,6 +98,20 @@ def _private_cache(tmp_path_factory, monkeypatch) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_unchanged():
+    """A test that changes torch's thread count must put it back: `make test` runs one-thread
+    workers on two cores, and a worker left at two threads ran its later tests 10-30x slower
+    (the bench tests, before they restored it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    now = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert now == threads, f"the test left torch at {now} threads (was {threads})"
+
+
 @pytest.fixture
 def kermany_root(tmp_path) -> Path:
     """A flat Kermany-style folder: 12 NORMAL images of 6 patients, 15 PNEUMONIA of 8."""
@@ -183,3 +198,24 @@ def write_dicom(path: Path, pixels, with_pixels: bool = True) -> Path:
         del ds.PixelData
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def draw_radiograph(side: int = 256):
+    """A hand-drawn chest film: dark air, a bright body, two dark lungs; and the lungs' mask."""
+    y, x = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+    s = side / 256
+    body = ((x - 128 * s) / (105 * s)) ** 2 + ((y - 140 * s) / (125 * s)) ** 2 <= 1
+    lungs = torch.zeros(side, side, dtype=torch.bool)
+    for cx in (83, 173):
+        lungs |= ((x - cx * s) / (32 * s)) ** 2 + ((y - 120 * s) / (62 * s)) ** 2 <= 1
+    image = torch.full((side, side), 12.0)
+    image[body] = 205.0
+    image[lungs] = 70.0
+    image += 4 * torch.randn(side, side, generator=torch.Generator().manual_seed(0))
+    return image.clamp(0, 255).round().to(torch.uint8)[None], lungs
+
+
+@pytest.fixture
+def radiograph():
+    """(uint8 [1, 256, 256] film, bool [256, 256] mask of its two lungs)."""
+    return draw_radiograph()

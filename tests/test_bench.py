@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).parents[1] / "bench"
 
@@ -20,7 +21,14 @@ BENCH = Path(__file__).parents[1] / "bench"
 def run_bench(script: str, args: list[str], capsys, monkeypatch) -> str:
     monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.setattr(sys, "argv", [script, *args])
-    importlib.import_module(script).main()
+    # A script may claim every core (predict_serve does, as a standalone program should); the
+    # rest of this worker's tests must not inherit it: under `make test`'s three workers,
+    # two-thread torch on two cores made the later tests 10-30x slower.
+    threads = torch.get_num_threads()
+    try:
+        importlib.import_module(script).main()
+    finally:
+        torch.set_num_threads(threads)
     return capsys.readouterr().out
 
 
@@ -116,7 +124,7 @@ def test_flower_bench_splits_a_round_from_the_nodes_instants(monkeypatch):
 
 def test_predict_serve_bench_reaches_its_ratio_and_latency_lines(tmp_path, capsys, monkeypatch):
     args = ["--root", str(tmp_path / "none"), "--images", "6", "--size", "32", "--width", "16"]
-    args += ["--batch", "4", "--repeats", "1", "--requests", "4"]
+    args += ["--batch", "4", "--repeats", "1", "--requests", "4", "--threads", "1"]
     out = run_bench("predict_serve", args, capsys, monkeypatch)
     assert "6 synthetic 1500x1200 JPEGs" in out
     assert "predict / plain: " in out and "(goal >= 0.9: " in out

@@ -13,6 +13,8 @@ def test_small_synthetic_run_learns_beyond_the_majority_class(tmp_path):
             "48",
             "--data.synthetic.n_patients",
             "400",
+            "--model.width",
+            "32",
             "--data.augment.enabled",
             "false",
             "--federated.enabled",

@@ -31,7 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report_only", action="store_true", help="re-draw the report; train nothing"
     )
+    parser.add_argument(
+        "--only",
+        help="comma-separated entry names: train and report these alone (a long study in parts; "
+        "the report then says which entries it holds)",
+    )
     return parser
+
+
+def only_entries(comparison, names: str | None):
+    """The comparison cut to the `--only` entries (a leave_out entry K: its K_federated and
+    K_pooled runs), or as it is."""
+    if not names:
+        return comparison
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [e.name for e in comparison.entries]
+
+    def named(entry_name: str, name: str) -> bool:
+        return name in (entry_name, entry_name.removesuffix("_federated").removesuffix("_pooled"))
+
+    kept = [e for e in comparison.entries if any(named(e.name, n) for n in wanted)]
+    unknown = [n for n in wanted if not any(named(e.name, n) for e in kept)]
+    if unknown:
+        raise UserError(f"--only {unknown[0]!r} is not an entry; entries: {', '.join(known)}")
+    comparison.entries = kept
+    comparison.description += f" (this report: entries {', '.join(e.name for e in kept)} only)"
+    if comparison.reference not in [e.name for e in kept]:
+        comparison.reference = kept[0].name if comparison.reference else None
+    return comparison
 
 
 @exit_on_user_error
@@ -42,6 +69,7 @@ def main(argv: list[str] | None = None) -> str:
             f"unexpected argument {overrides[0]!r}: fit options look like --data.root DIR"
         )
     comparison = load_comparison(args.config, overrides, args.reports_root, args.runs_root)
+    comparison = only_entries(comparison, args.only)
     if args.report_only:
         # A finished run under another config would put old figures under the new labels.
         missing = [e.name for e in comparison.entries if entry_status(e) != DONE]

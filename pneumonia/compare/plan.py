@@ -14,6 +14,11 @@ will train with, and every problem is found before the first entry trains.
         family: optimizer             # optional: the report groups entries by family
         set: {optim: {name: sgd}}     # fit options of this entry, merged over shared
     sweep: {x: data.batch_size, line: model.norm, file: batch_size.png}   # optional plot
+
+An entry with `leave_out: K` (a federated one) is a leave-one-site-out pair: site K trains
+nowhere and every image of it is scored (`held_out`): `<name>_federated` federates the other
+sites and trains each of them alone (federated.cross_site: the single-site models), and
+`<name>_pooled` trains one client on their pooled images (centralized over the rest).
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from jsonargparse import Namespace
 
 from pneumonia.config import parse_fit_config
 from pneumonia.errors import UserError
+from pneumonia.federated.config import clients_per_round
 from pneumonia.metrics import SCALARS
 from pneumonia.run.job import preflight
 
 TOP_KEYS = {"name", "description", "shared", "entries", "sweep", "reference"}
-ENTRY_KEYS = {"name", "label", "family", "set"}
+ENTRY_KEYS = {"name", "label", "family", "set", "leave_out"}
 SWEEP_KEYS = {"x", "line", "file", "metric"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -62,9 +68,14 @@ class Entry:
 
     @property
     def passes(self) -> float:
-        """Passes over the training images per step: 1 for an epoch; E x C for a round."""
+        """Passes over the training images per step: 1 for an epoch; E x m / J for a round
+        (m = max(round(C x J), 1) clients sampled of J: C as the sampler rounds it)."""
         fed = self.cfg.federated
-        return fed.local_epochs * fed.fraction if self.federated else 1.0
+        if not self.federated:
+            return 1.0
+        if fed.partition == "sites":  # J is the number of hospital folders: C as given
+            return fed.local_epochs * fed.fraction
+        return fed.local_epochs * clients_per_round(fed.fraction, fed.clients) / fed.clients
 
     @property
     def budget(self) -> float:
@@ -107,8 +118,9 @@ def load_comparison(
     if not isinstance(shared, dict):
         raise UserError(f"{path}: 'shared' must be a mapping of fit options")
     runs = Path(runs_root) / name
+    expanded = [one for i, item in enumerate(entries_spec) for one in leave_one_out(path, i, item)]
     entries = [
-        build_entry(path, i, item, shared, overrides, runs) for i, item in enumerate(entries_spec)
+        build_entry(path, i, item, shared, overrides, runs) for i, item in enumerate(expanded)
     ]
     for kind in ("name", "label"):  # labels key the figures' legends
         values = [getattr(e, kind) for e in entries]
@@ -141,6 +153,33 @@ def read_yaml(path: Path) -> dict:
             f"{path}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(sorted(TOP_KEYS))}"
         )
     return spec
+
+
+def leave_one_out(path: Path, index: int, item: object) -> list:
+    """An entry, or the two runs of a `leave_out: K` entry (module docstring)."""
+    if not isinstance(item, dict) or "leave_out" not in item:
+        return [item]
+    site = item["leave_out"]
+    name = str(item.get("name", f"entry {index + 1}"))
+    if not isinstance(site, int) or isinstance(site, bool) or site < 0:
+        raise UserError(f"{path}: entry {name!r}: leave_out must be a site index (0, 1, ...)")
+    label = str(item.get("label", name))
+    base = {k: v for k, v in item.items() if k != "leave_out"}
+    held = deep_merge(item.get("set") or {}, {"federated": {"hold_out": site}})
+    return [
+        base
+        | {
+            "name": f"{name}_federated",
+            "label": f"{label}: federated over the rest",
+            "set": deep_merge(held, {"federated": {"cross_site": True}}),
+        },
+        base
+        | {
+            "name": f"{name}_pooled",
+            "label": f"{label}: centralized over the rest",
+            "set": deep_merge(held, {"federated": {"pooled": True}}),
+        },
+    ]
 
 
 def build_entry(

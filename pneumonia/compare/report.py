@@ -27,7 +27,12 @@ SHORT = {
     "ece": "ECE",
 }
 # Evaluation sets of summary.json, in the order the report shows them.
-SPLITS = {"val": "Validation split (clean)", "val_shift": "Shift validation", "test": "Test split"}
+SPLITS = {
+    "val": "Validation split (clean)",
+    "val_shift": "Shift validation",
+    "test": "Test split",
+    "held_out": "Held-out site (leave-one-site-out: every image of a site that trained nowhere)",
+}
 # The family tables' metric columns: (split, key, heading); MARKED ones carry ▲/▼.
 FAMILY_COLUMNS = [
     ("val", "auroc", "Val AUROC"),
@@ -83,6 +88,7 @@ def entry_row(entry: Entry, summary: dict) -> dict:
     } | privacy_columns(summary)
     for split in SPLITS:
         row |= split_columns(summary.get(split), split)
+    row |= site_columns(summary)
     row |= {
         "parameters": summary.get("parameters", entry.parameters),
         "wall_time_s": summary.get("wall_time_s", math.nan),
@@ -103,6 +109,19 @@ def diverged(summary: dict) -> bool:
 
 def is_diverged(row: dict) -> bool:
     return row.get("diverged") == "yes"  # hand-built rows may lack the column
+
+
+def site_columns(summary: dict) -> dict:
+    """A federation's cost and its sites: MB of model state sent, the worst and best site's
+    validation accuracy and AUROC (empty for centralized runs)."""
+    fed = summary.get("federated") or {}
+    sites = summary.get("val_by_site") or {}
+    out = {"mb_sent": fed.get("mb_sent", "")}
+    for key in ("accuracy", "auroc"):
+        values = [v[key] for v in sites.values() if v.get(key) is not None]
+        out[f"worst_site_{key}"] = min(values) if values else ""
+        out[f"best_site_{key}"] = max(values) if values else ""
+    return out
 
 
 def privacy_columns(summary: dict) -> dict:
@@ -159,6 +178,21 @@ def markdown_table(rows: list[dict], split: str) -> str:
     return "\n".join(lines)
 
 
+def sites_markdown(rows: list[dict]) -> str:
+    """Federated entries: their worst and best site's validation figures, MB sent."""
+    lines = [
+        "| entry | worst site acc | best site acc | worst site AUROC | MB sent |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("worst_site_accuracy", "") == "":
+            continue
+        cells = [r["label"], *(f"{r[k]:.3f}" for k in ("worst_site_accuracy",
+                 "best_site_accuracy", "worst_site_auroc")), f"{r['mb_sent']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
     parts = [f"# {comparison.name}", comparison.description.strip()]
     reference = comparison.reference or rows[0]["entry"]
@@ -167,6 +201,8 @@ def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
     for split, title in SPLITS.items():
         if any(r[f"{split}_accuracy"] != "" for r in rows):
             parts += [f"## {title}", markdown_table(rows, split)]
+    if any(r.get("worst_site_accuracy", "") != "" for r in rows):
+        parts += ["## Sites and traffic", sites_markdown(rows)]
     thresholds = sorted({str(r["threshold"]) for r in rows if r["threshold"] != ""})
     parts.append(
         "Intervals are 95% bootstrap intervals resampled by patient. The validation split is "
@@ -297,6 +333,51 @@ def predictions(entry: Entry) -> list[dict]:
     return read_rows(entry.run_dir / "predictions.csv")
 
 
+def held_out_rows(entries: list[Entry], summaries: list[dict]) -> list[dict]:
+    """Every model scored on a held-out site: the federation over the other sites and each of
+    them alone (its cross_site.csv), and the pooled run (its summary's held_out)."""
+    rows = []
+    for entry, summary in zip(entries, summaries, strict=True):
+        site = entry.cfg.federated.hold_out
+        if not entry.federated or site is None or "held_out" not in summary:
+            continue
+        if entry.cfg.federated.pooled:
+            values = summary["held_out"]
+            ci = values.get("ci95", {})
+            cell = {k: values[k] for k in ("accuracy", "auroc")}
+            cell |= {f"{k}_{end}": ci.get(k, ["", ""])[i] for k in cell for i, end in
+                     enumerate(("low", "high"))}  # fmt: skip
+            rows.append({"held_out": site, "model": "centralized over the rest", "n": values["n"]}
+                        | cell)  # fmt: skip
+            continue
+        matrix = entry.run_dir / "cross_site.csv"
+        if not matrix.is_file():
+            continue
+        with open(matrix, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["data"] != "held_out":
+                    continue
+                model = (
+                    "federated over the rest"
+                    if r["model"] == "global"
+                    else r["model"].replace("local_site", "site ") + " alone"
+                )
+                keys = ("accuracy", "accuracy_low", "accuracy_high", "auroc", "auroc_low",
+                        "auroc_high")  # fmt: skip
+                rows.append({"held_out": site, "model": model, "n": int(r["n"])}
+                            | {k: float(r[k]) for k in keys})  # fmt: skip
+    return rows
+
+
+def held_out_markdown(rows: list[dict]) -> str:
+    lines = ["| held-out site | model | n | accuracy | AUROC |", "|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{r['accuracy']:.3f} ({r['accuracy_low']:.3f}-{r['accuracy_high']:.3f})"
+        auroc = f"{r['auroc']:.3f} ({r['auroc_low']:.3f}-{r['auroc_high']:.3f})"
+        lines.append(f"| {r['held_out']} | {r['model']} | {r['n']} | {acc} | {auroc} |")
+    return "\n".join(lines)
+
+
 def write_report(comparison: Comparison) -> Path:
     """Every file of reports/<name>/; returns results.md's path."""
     out = comparison.report_dir
@@ -306,6 +387,10 @@ def write_report(comparison: Comparison) -> Path:
     rows = [entry_row(e, summary) for e, summary in zip(entries, summaries, strict=True)]
     write_csv(out / "results.csv", rows)
     markdown = results_markdown(comparison, rows)
+    held = held_out_rows(entries, summaries)
+    if held:
+        write_csv(out / "leave_one_site_out.csv", held)
+        markdown += "\n\n## Leave one site out\n\n" + held_out_markdown(held)
     write_text_atomic(out / "results.md", markdown)
     curves = {e.label: curve(e) for e in entries}
     plots.curves(curves, ["val_accuracy"], "accuracy", out / "curves_accuracy.png")

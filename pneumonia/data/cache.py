@@ -29,9 +29,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia"
 
 
-def cache_key(files: list[ImageFile], image_size: int) -> str:
+def cache_key(files: list[ImageFile], image_size: int, roi: str = "full") -> str:
     """A digest of what the decoded tensors depend on."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}".encode())
+    region = "" if roi == "full" else f"|{roi}"  # full: the keys of earlier caches still hold
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}{region}".encode())
     # Resolving each folder once, not each file: 5,000 realpath calls cost half a second.
     folders: dict[Path, str] = {}
     for f in files:
@@ -43,24 +44,27 @@ def cache_key(files: list[ImageFile], image_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def cache_path(files: list[ImageFile], image_size: int, cache_dir: Path) -> Path:
+def cache_path(files: list[ImageFile], image_size: int, cache_dir: Path, roi="full") -> Path:
     """Where the decoded tensors of `files` at `image_size` are (or will be) kept."""
-    return Path(cache_dir) / f"images-{image_size}px-{cache_key(files, image_size)}.pt"
+    region = "" if roi == "full" else f"{roi}-"
+    key = cache_key(files, image_size, roi)
+    return Path(cache_dir) / f"images-{image_size}px-{region}{key}.pt"
 
 
-def _to_payload(imageset: ImageSet, skipped: list[str]) -> dict:
+def _to_payload(imageset: ImageSet, skipped: list[str], whole: list[str]) -> dict:
     return {
         "images": imageset.images,
         "labels": imageset.labels,
         "patients": imageset.patients,
         "names": imageset.names,
         "skipped": skipped,
+        "whole": whole,
     }
 
 
-def _from_payload(payload: dict) -> tuple[ImageSet, list[str]]:
+def _from_payload(payload: dict) -> tuple[ImageSet, list[str], list[str]]:
     imageset = ImageSet(payload["images"], payload["labels"], payload["patients"], payload["names"])
-    return imageset, payload["skipped"]
+    return imageset, payload["skipped"], payload.get("whole", [])
 
 
 def load_or_decode(
@@ -69,14 +73,22 @@ def load_or_decode(
     cache_dir: Path,
     skip_corrupt: bool = False,
     desc: str = "decode",
+    roi: str = "full",
 ) -> ImageSet:
-    """The decoded images of `files`: from the cache when present, else decoded and cached."""
-    path = cache_path(files, image_size, cache_dir)
+    """The decoded images of `files` (of their lung fields with `roi` lungs): from the cache
+    when present, else decoded and cached. With lungs, a line says how many were kept whole."""
+    path = cache_path(files, image_size, cache_dir, roi)
     cached = _read_cache(path)
     if cached is None:
-        cached = decode_files(files, image_size, skip_corrupt=skip_corrupt, desc=desc)
+        cached = decode_files(files, image_size, skip_corrupt, desc, roi)
         save_atomic(_to_payload(*cached), path)
-    imageset, skipped = cached
+    imageset, skipped, whole = cached
+    if roi == "lungs":
+        print(
+            f"data.roi lungs ({desc}): lung field cropped in {len(imageset) - len(whole)} of "
+            f"{len(imageset)} images; {len(whole)} kept whole (implausible mask)",
+            flush=True,
+        )
     if skipped and not skip_corrupt:
         # Cached by an earlier run that skipped files; without the option that is an error.
         raise corrupt_image_error(skipped[0])
@@ -85,7 +97,7 @@ def load_or_decode(
     return imageset
 
 
-def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
+def _read_cache(path: Path) -> tuple[ImageSet, list[str], list[str]] | None:
     if not path.is_file():
         return None
     try:

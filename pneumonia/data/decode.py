@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import ImageFile
+from pneumonia.data.lungs import crop_to_lungs
 from pneumonia.errors import UserError
 
 
@@ -95,26 +96,48 @@ def square(image: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.resize(image, [image_size, image_size], antialias=True)
 
 
-def decode_file(path: str | Path, image_size: int) -> torch.Tensor:
+def prepare(image: torch.Tensor, image_size: int, roi: str = "full") -> tuple[torch.Tensor, bool]:
+    """A decoded image [1, H, W] -> what a model sees, uint8 [1, S, S]: the whole image
+    (`roi` full) or its lung field's box (lungs: `pneumonia.data.lungs`), squashed to a
+    square; and whether the lung field was found (always True for full)."""
+    image, found = crop_to_roi(image, roi)
+    return square(image, image_size), found
+
+
+def crop_to_roi(image: torch.Tensor, roi: str) -> tuple[torch.Tensor, bool]:
+    """[1, H, W] -> the region a model of `roi` sees, before resizing; and whether the lung
+    field was found (lungs; always True for full)."""
+    return crop_to_lungs(image) if roi == "lungs" else (image, True)
+
+
+def decode_file(path: str | Path, image_size: int, roi: str = "full") -> torch.Tensor:
     """A grey-scale, palette or colour JPEG/PNG/GIF/WebP, or a DICOM radiograph, of any size
-    -> uint8 [1, image_size, image_size]."""
-    return square(read_image(path), image_size)
+    -> uint8 [1, image_size, image_size] (of its lung field with `roi` lungs)."""
+    return prepare(read_image(path), image_size, roi)[0]
 
 
 def decode_files(
-    files: list[ImageFile], image_size: int, skip_corrupt: bool = False, desc: str = "decode"
-) -> tuple[ImageSet, list[str]]:
+    files: list[ImageFile],
+    image_size: int,
+    skip_corrupt: bool = False,
+    desc: str = "decode",
+    roi: str = "full",
+) -> tuple[ImageSet, list[str], list[str]]:
     """Decode every file (threads: the decoders release the GIL) into an ImageSet.
 
     A corrupt file stops with an error naming it, or with `skip_corrupt` is left out;
-    the second value lists the files left out.
+    the second value lists the files left out, the third (`roi` lungs) the images whose lung
+    field was implausible and which were kept whole.
     """
     images: list[torch.Tensor | None] = [None] * len(files)
     skipped: list[str] = []
+    whole: list[str] = []
 
     def work(i: int) -> None:
         try:
-            images[i] = decode_file(files[i].path, image_size)
+            images[i], found = prepare(read_image(files[i].path), image_size, roi)
+            if not found:
+                whole.append(files[i].path.name)
         except CorruptImageError:
             if not skip_corrupt:
                 raise
@@ -141,4 +164,4 @@ def decode_files(
         patients=[files[i].patient for i in keep],
         names=[files[i].path.name for i in keep],
     )
-    return imageset, sorted(skipped)
+    return imageset, sorted(skipped), sorted(whole)

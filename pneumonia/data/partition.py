@@ -2,7 +2,9 @@
 
 Every scheme keeps a patient's images on one client (a patient is seen at one hospital) and is
 seeded, disjoint and covering. `iid` is the paper's protocol; `dirichlet` skews the label mix
-and `quantity` the client sizes; `sites` takes the hospitals from the data folder itself.
+and `quantity` the client sizes; `sites` takes the hospitals from the data folder itself;
+`sites_shift` deals patients as `iid` does, and `pneumonia.data.sites` then images each site's
+share in its own way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from pneumonia.data.imageset import ImageSet
 from pneumonia.errors import UserError
 
-Scheme = Literal["iid", "dirichlet", "quantity", "sites"]
+Scheme = Literal["iid", "dirichlet", "quantity", "sites", "sites_shift"]
 SITE_SEPARATOR = "/"  # sites: patient ids are "<site>/<patient>", unique only within a site
 
 
@@ -123,7 +125,7 @@ def partition(
         parts = partition_sites(imageset)
     elif clients < 1:
         raise UserError(f"federated.clients {clients} must be at least 1")
-    elif scheme == "iid":
+    elif scheme in ("iid", "sites_shift"):  # sites_shift: iid patients, imaged per site
         parts = partition_iid(imageset, clients, seed)
     elif scheme in ("dirichlet", "quantity"):
         if alpha <= 0:
@@ -132,7 +134,8 @@ def partition(
         parts = split(imageset, clients, alpha, seed)
     else:
         raise UserError(
-            f"federated.partition {scheme!r} is unknown: iid, dirichlet, quantity, sites"
+            f"federated.partition {scheme!r} is unknown: iid, dirichlet, quantity, sites, "
+            "sites_shift"
         )
     empty = [j for j, p in enumerate(parts) if len(p) == 0]
     if empty:

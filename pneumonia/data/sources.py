@@ -22,6 +22,7 @@ from pneumonia.bounds import (
     SyntheticPatients,
 )
 from pneumonia.data.cache import default_cache_dir, load_or_decode
+from pneumonia.data.decode import prepare, read_image
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import find_sites, find_splits, folder_classes, list_image_files
 from pneumonia.data.partition import SITE_SEPARATOR
@@ -52,6 +53,9 @@ class DataConfig:
     # names, or from three class folders): pneumonia.data.tasks.
     task: Literal[TASKS] = "binary"
     image_size: ImageSide = 224
+    # full: the whole radiograph; lungs: the box of its lung field (a classical segmentation,
+    # pneumonia.data.lungs; the whole image where the mask is implausible), then resized.
+    roi: Literal["full", "lungs"] = "full"
     val_fraction: OpenUnitInterval = 0.15
     # Train on this fraction of the training patients (stratified by class, seeded; the
     # validation split is unchanged): a small hospital's data set, as transfer learning meets it.
@@ -74,17 +78,26 @@ class DataConfig:
 @dataclass
 class Splits:
     """The images of one run, and a line saying where they came from. `val_shift` holds the
-    validation patients under acquisition shifts (`pneumonia.data.shifts`), or None."""
+    validation patients under acquisition shifts (`pneumonia.data.shifts`), or None. A
+    federated run adds `val_site`, the site of each validation image, and with
+    federated.hold_out `held_out`: every image of the site that trained nowhere."""
 
     train: ImageSet
     val: ImageSet
     test: ImageSet | None
     source: str
     val_shift: ImageSet | None = None
+    val_site: torch.Tensor | None = None
+    held_out: ImageSet | None = None
 
     def evaluation_sets(self) -> dict[str, ImageSet]:
         """The sets a model is scored on after each epoch or round, by name."""
-        named = {"val": self.val, "val_shift": self.val_shift, "test": self.test}
+        named = {
+            "val": self.val,
+            "val_shift": self.val_shift,
+            "test": self.test,
+            "held_out": self.held_out,
+        }
         return {name: images for name, images in named.items() if images is not None}
 
 
@@ -102,6 +115,8 @@ def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, Im
             )
         s = cfg.synthetic
         images = generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
+        if cfg.roi == "lungs":
+            images = replace(images, images=crop_all(images.images, cfg.image_size))
         return {"train": for_task(images, cfg.task, seed, synthetic=True)}
     if not sites:
         return _load_folder(cfg, cfg.root)
@@ -121,7 +136,12 @@ def _load_folder(cfg: DataConfig, root: str | Path, site: str | None = None) -> 
     for split, folder in find_splits(root).items():
         label = f"{site}/{split}" if site else split
         images = load_or_decode(
-            list_image_files(folder), cfg.image_size, cache_dir, cfg.skip_corrupt, f"decode {label}"
+            list_image_files(folder),
+            cfg.image_size,
+            cache_dir,
+            cfg.skip_corrupt,
+            f"decode {label}",
+            cfg.roi,
         )
         images = for_task(replace(images, classes=folder_classes(folder)), cfg.task)
         if site is not None:  # patient ids are unique only within a hospital
@@ -174,6 +194,26 @@ def split_as(pool: ImageSet, split_csv: str) -> tuple[torch.Tensor, torch.Tensor
     index = torch.arange(len(pool))
     mask = torch.tensor(in_val)
     return index[~mask], index[mask]
+
+
+def full_samples(cfg: DataConfig, seed: int, count: int = 8) -> list[torch.Tensor]:
+    """`count` seeded, randomly chosen training radiographs as decoded, before any crop or
+    resize ([1, H, W] each): for showing what the lung-field segmentation does to them."""
+    g = torch.Generator().manual_seed(seed)
+    if cfg.root is None:
+        s = cfg.synthetic
+        images = generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
+        pick = torch.randperm(len(images), generator=g)[:count].tolist()
+        return [images.images[i] for i in pick]
+    files = list_image_files(find_splits(cfg.root)["train"])
+    pick = torch.randperm(len(files), generator=g)[:count].tolist()
+    return [read_image(files[i].path) for i in pick]
+
+
+def crop_all(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Decoded images [N, 1, S, S] cropped to their lung fields (the synthetic images: made
+    at their final size, so the crop is resized back up)."""
+    return torch.stack([prepare(image, image_size, "lungs")[0] for image in images])
 
 
 def concat(a: ImageSet, b: ImageSet) -> ImageSet:

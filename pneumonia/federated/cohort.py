@@ -19,10 +19,12 @@ from jsonargparse import Namespace
 
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import partition, partition_table
-from pneumonia.data.sources import Splits
+from pneumonia.data.sites import image_site, site_profiles
+from pneumonia.data.sources import Splits, concat
 from pneumonia.errors import first_line
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.client import Client, ClientSettings
+from pneumonia.federated.config import shifts_sites
 from pneumonia.federated.strategies import Strategy, create_strategy
 from pneumonia.recipe import Moments, Recipe
 
@@ -50,6 +52,8 @@ class RoundTask:
 
 class Cohort(Protocol):
     table: list[dict]  # one row per client: images, patients, images per class
+    site_table: list[dict]  # the same per site (a held-out or pooled site is no client)
+    held_out: ImageSet | None  # the training images of the held-out site (federated.hold_out)
 
     def __len__(self) -> int: ...
     def moments(self) -> list[Moments]: ...
@@ -97,6 +101,21 @@ def combined_digest(digests: Sequence[str]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
+def _concat_all(sets: list[ImageSet]) -> ImageSet:
+    out = sets[0]
+    for more in sets[1:]:
+        out = concat(out, more)
+    return out
+
+
+def _counts(data: ImageSet, classes) -> dict:
+    """A partition-table row's counts: images, patients and images per class."""
+    counts = data.class_counts()
+    return {"images": len(data), "patients": len(set(data.patients))} | dict(
+        zip(classes, counts, strict=True)
+    )
+
+
 def run_client_round(client: Client, strategy: Strategy, task: RoundTask) -> ClientUpdate:
     """One client's local training for a round, as the strategy shapes it. The same call runs
     in this process (LocalCohort) and on a SuperNode (pneumonia.flower.node)."""
@@ -126,13 +145,40 @@ def misbehave(update: ClientUpdate, global_state: State, hostile) -> ClientUpdat
 class LocalCohort:
     """The simulated hospitals, one per partition of the training split, in this process.
     Partitioning happens here, so its errors surface before a run directory exists; each
-    hospital's `Client` (module and Trainer) is built by `start`."""
+    hospital's `Client` (module and Trainer) is built by `start`.
+
+    Sites and clients: the partition makes the sites (`site_data`, `site_table`); with
+    federated.site_shift each site's images are re-imaged under its profile; a held-out site
+    (federated.hold_out) becomes no client; federated.pooled puts the other sites' images in
+    one client. `client_sites[c]` lists the sites whose images client c holds."""
 
     def __init__(self, cfg: Namespace, splits: Splits, trainer_args: dict) -> None:
         fed = cfg.federated
         parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
-        self.data: list[ImageSet] = [splits.train.subset(idx) for idx in parts]
-        self.table = partition_table(splits.train, parts)
+        self.site_table = partition_table(splits.train, parts)
+        self.site_data: list[ImageSet] = [splits.train.subset(idx) for idx in parts]
+        if shifts_sites(fed):
+            profiles = site_profiles(len(parts), fed.site_seed)
+            self.site_data = [
+                image_site(data, j, profiles[j], fed.site_seed)
+                for j, data in enumerate(self.site_data)
+            ]
+        kept = [j for j in range(len(parts)) if j != fed.hold_out]
+        self.held_out = self.site_data[fed.hold_out] if fed.hold_out is not None else None
+        if fed.pooled:
+            self.client_sites = [kept]
+            self.data = [_concat_all([self.site_data[j] for j in kept])]
+        else:
+            self.client_sites = [[j] for j in kept]
+            self.data = [self.site_data[j] for j in kept]
+        # Which sites a client holds, as a column only when that is not simply its index.
+        reshaped = fed.hold_out is not None or fed.pooled
+        self.table = [
+            {"client": c}
+            | ({"sites": ";".join(map(str, sites))} if reshaped else {})
+            | _counts(self.data[c], splits.train.classes)
+            for c, sites in enumerate(self.client_sites)
+        ]
         self.settings = client_settings(cfg, trainer_args)
         self.federated = fed
         self.clients: list[Client] = []

@@ -14,6 +14,7 @@ from pneumonia.bounds import (
     OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
+    Seed,
 )
 from pneumonia.errors import UserError
 from pneumonia.federated.strategies import strategy_class
@@ -55,8 +56,24 @@ class FederatedConfig:
     fraction: FractionUpToOne = 1.0  # C: each round samples max(round(C*J), 1) clients
     rounds: PositiveInt = 20  # T
     local_epochs: PositiveInt = 10  # E
-    partition: Literal["iid", "dirichlet", "quantity", "sites"] = "iid"
+    # sites_shift: iid, and every site images in its own way (site_shift below).
+    partition: Literal["iid", "dirichlet", "quantity", "sites", "sites_shift"] = "iid"
     alpha: PositiveFloat = 0.5  # dirichlet (label skew) and quantity (size skew) concentration
+    # Simulated sites only (pneumonia.data.sites). site_shift: each site's images, training
+    # and validation, under that site's acquisition profile (tone, contrast, sharpness, noise,
+    # resolution), drawn from site_seed; with any partition (dirichlet: label and feature skew).
+    site_shift: bool = False
+    site_seed: Seed = 2022
+    # Leave-one-site-out: site hold_out trains nowhere; all its images (training and
+    # validation) are scored as the `held_out` set.
+    hold_out: NonNegativeInt | None = None
+    # The (kept) sites' training images pooled in one client: centralized training over them
+    # through the same loop, for comparisons with the federation on the same sites.
+    pooled: bool = False
+    # Also train each site's local model alone (rounds x local_epochs epochs on its own
+    # images) and write the matrix of every model (each local, the global) on every site's
+    # validation images: cross_site.csv and cross_site.png.
+    cross_site: bool = False
     # A name in pneumonia.federated.strategies: fedavg, fedprox, fedbn, fedavgm, fedadam, and
     # the robust aggregators median and trimmed_mean.
     strategy: str = "fedavg"
@@ -105,10 +122,37 @@ def check_federated(cfg: FederatedConfig) -> None:
         )
     if cfg.secure_aggregation:
         check_secure_aggregation(cfg)
+    check_sites(cfg)
     if cfg.hostile.client is not None and cfg.hostile.client >= cfg.clients:
         raise UserError(
             f"federated.hostile.client {cfg.hostile.client} is not one of the "
             f"{cfg.clients} clients (0-{cfg.clients - 1})"
+        )
+
+
+def shifts_sites(cfg: FederatedConfig) -> bool:
+    """Whether the sites image in their own ways (site_shift, or partition sites_shift)."""
+    return cfg.site_shift or cfg.partition == "sites_shift"
+
+
+def simulates_sites(cfg: FederatedConfig) -> bool:
+    """Whether the run reshapes the simulated sites (options a real deployment cannot have)."""
+    return shifts_sites(cfg) or cfg.hold_out is not None or cfg.pooled or cfg.cross_site
+
+
+def check_sites(cfg: FederatedConfig) -> None:
+    """hold_out names a site; pooling and the cross-site matrix exclude each other."""
+    if cfg.hold_out is not None and cfg.partition != "sites" and cfg.hold_out >= cfg.clients:
+        raise UserError(
+            f"federated.hold_out {cfg.hold_out} is not one of the {cfg.clients} sites "
+            f"(0-{cfg.clients - 1})"
+        )
+    if cfg.hold_out is not None and cfg.partition != "sites" and cfg.clients < 2:
+        raise UserError("federated.hold_out needs federated.clients of at least 2")
+    if cfg.pooled and cfg.cross_site:
+        raise UserError(
+            "federated.cross_site compares each site's model with the federation's: it does "
+            "not apply to federated.pooled (one client)"
         )
 
 

@@ -96,6 +96,8 @@ class FlowerCohort:
         self.nodes = [node_id for node_id, _ in infos]
         self.infos = [info for _, info in infos]
         self.table = [{"client": j} | info.counts for j, info in enumerate(self.infos)]
+        self.site_table = self.table  # a node is a site: none held out or pooled here
+        self.held_out = None
 
     def _query(self, nodes: list[int]):
         messages = [

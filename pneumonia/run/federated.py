@@ -15,10 +15,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pneumonia.checkpoint import write_checkpoint
 from pneumonia.config import monitor_mode, trainer_arguments, uses_cuda
 from pneumonia.data.partition import format_table
+from pneumonia.data.sites import profile_rows, site_profiles
 from pneumonia.errors import UserError
 from pneumonia.federated.aggregate import UpdateChecks
 from pneumonia.federated.cohort import Cohort, RoundTask
-from pneumonia.federated.config import averaged_rounds, clients_per_round, round_lr_scale
+from pneumonia.federated.config import (
+    averaged_rounds,
+    clients_per_round,
+    round_lr_scale,
+    shifts_sites,
+)
 from pneumonia.federated.server import Server
 from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
 from pneumonia.federated.strategies import ServerDP, create_strategy, with_server_dp
@@ -123,7 +129,8 @@ class FederatedTraining:
         """Global model metrics on the validation (and test) images after a round."""
         self.module.load_state_dict(self.server.global_state)
         bs = self.cfg.data.eval_batch_size
-        out = evaluate_sets(self.module, self.splits.evaluation_sets(), bs, self.device)
+        sets = self.splits.evaluation_sets()
+        out = evaluate_sets(self.module, sets, bs, self.device, self.splits.val_site)
         self.module.cpu()
         return out
 
@@ -194,6 +201,14 @@ class FederatedTraining:
             for name, v in last.items()
         }
 
+    def traffic(self, updates, excluded) -> dict:
+        """MB of model state sent this round: the global state to each sampled client and
+        each update back (full float state dicts, as this loop and the Flower wire copy them;
+        secure aggregation's masking and key shares are not counted)."""
+        state_bytes = sum(t.numel() * t.element_size() for t in self.server.global_state.values())
+        sampled = len({u.client for u in updates} | set(excluded))
+        return {"mb_sent": round(state_bytes * (sampled + len(updates)) / 1e6, 3)}
+
     def server_privacy(self) -> dict:
         """server_dp's epsilon so far, as a rounds.csv column (none without server DP)."""
         if not isinstance(self.strategy, ServerDP):
@@ -238,6 +253,11 @@ class FederatedTraining:
         """Every round not yet completed."""
         table = format_table(self.cohort.table)
         print(f"clients ({self.cfg.federated.partition} partition):\n{table}", flush=True)
+        if shifts_sites(self.cfg.federated):
+            profiles = site_profiles(len(self.cohort.site_table), self.cfg.federated.site_seed)
+            lines = "\n".join(f"  site {j}: {p.describe()}" for j, p in enumerate(profiles))
+            print(f"site acquisition profiles:\n{lines}", flush=True)
+            self.tensorboard.experiment.add_text("site_profiles", lines, 0)
         write_csv(self.run_dir / "partition.csv", self.cohort.table)
         self.tensorboard.experiment.add_text("partition", table, 0)
         started = time.time()
@@ -293,7 +313,7 @@ class FederatedTraining:
             evaluations,
             now - round_started,
             self.elapsed_before + now - started,
-            self.server_privacy(),
+            self.server_privacy() | self.traffic(updates, excluded),
         )
         self.history.append(row)
         # rounds.csv before the resume state: a kill between them leaves a row the next
@@ -320,6 +340,21 @@ def rounds_without_improvement(values: list[float], mode: str, min_delta: float)
     return stale
 
 
+def site_details(fed, cohort: Cohort) -> dict:
+    """summary.json's account of reshaped sites: profiles, the held-out site, pooling."""
+    out: dict = {}
+    if shifts_sites(fed):
+        profiles = site_profiles(len(cohort.site_table), fed.site_seed)
+        out["site_profiles"] = profile_rows(profiles)
+    if fed.hold_out is not None:
+        out["hold_out"] = fed.hold_out
+    if fed.pooled:
+        out["pooled"] = True
+    if out:
+        out["site_table"] = cohort.site_table
+    return out
+
+
 def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
     """Train (or continue) a federation of `cohort`'s clients from the recipe in the run
     directory; the progress hook hears of every completed round."""
@@ -342,8 +377,10 @@ def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
                 "clients": len(cohort),
                 "rounds": len(training.history),
                 "local_epochs": fed.local_epochs,
+                "mb_sent": round(sum(row.get("mb_sent", 0) for row in training.history), 3),
                 "partition_table": cohort.table,
             }
+            | site_details(fed, cohort)
         }
         | training.stopping_details()
         | ({"privacy": privacy} if (privacy := training.privacy_details()) else {}),

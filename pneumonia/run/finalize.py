@@ -24,6 +24,7 @@ from pneumonia.scoring import (
     score,
     score_classes,
     score_with_intervals,
+    site_indices,
 )
 
 
@@ -82,6 +83,8 @@ def finalize(
         rows += prediction_rows(name, imageset, probs, module, class_probs)
         if name == "val_shift":
             results["val_shift_by_kind"] = by_shift_kind(module, imageset, probs)
+        if name == "val" and splits.val_site is not None:
+            results["val_by_site"] = by_site(module, imageset, probs, splits.val_site)
         for key, value in values.items():
             if isinstance(value, float):
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)
@@ -149,7 +152,7 @@ def model_card_of(summary: dict, splits: Splits, config: dict, positive: str) ->
         "threshold_rule": summary["threshold_rule"],
         "seed": config.get("seed"),
     }
-    for name in ("val", "val_shift", "test"):  # test: a data.root with a test/ folder
+    for name in ("val", "val_shift", "test", "held_out"):  # test: a data.root with a test/
         if name in summary:
             card[name] = _figures(summary[name])
     if "privacy" in summary:
@@ -193,6 +196,14 @@ def _figures(values: dict) -> dict:
     out = {k: round(values[k], 4) for k in SCALARS if k in values}
     out["ci95"] = {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in ci.items() if k in out}
     return out | {"n": values["n"]}
+
+
+def by_site(module: ClassifierModule, val, probs, val_site: torch.Tensor) -> dict[str, dict]:
+    """Every metric with its 95% interval on each site's validation images."""
+    return {
+        f"site{j}": score_with_intervals(module, probs[index], val.subset(index))[0]
+        for j, index in site_indices(val_site).items()
+    }
 
 
 def by_shift_kind(module: ClassifierModule, imageset, probs) -> dict[str, dict]:
@@ -267,11 +278,20 @@ def print_summary(summary: dict, best_key: str, summary_path: Path) -> None:
             f"threshold {summary['threshold']:.3f} ({rule}, chosen on the clean validation "
             f"images: the val line below is optimistic; val_shift shows what it does elsewhere)"
         )
-    for name in ("val", "val_shift", "test"):
+    for name in ("val", "val_shift", "test", "held_out"):
         if name in summary:
             print(f"{name:9s} {format_metrics(summary[name])}")
             if "classes" in summary[name]:
                 print(f"{'':9s} {format_classes(summary[name]['classes'])}")
+    for site, values in summary.get("val_by_site", {}).items():
+        print(f"  val {site:5s} {format_metrics(values)}")
+    if "cross_site" in summary:
+        print("cross-site accuracy (model on site):")
+        for row in summary["cross_site"]:
+            print(
+                f"  {row['model']:12s} on {row['data']:8s} {row['accuracy']:.3f} "
+                f"[{row['accuracy_low']:.3f}, {row['accuracy_high']:.3f}]  auroc {row['auroc']:.3f}"
+            )
     if "transfer" in summary:
         t = summary["transfer"]
         print(

@@ -26,12 +26,13 @@ from pneumonia.config import (
     trainer_arguments,
 )
 from pneumonia.data.cache import default_cache_dir
-from pneumonia.data.sources import Splits, load_splits
+from pneumonia.data.sources import Splits, full_samples, load_splits
 from pneumonia.data.tasks import task_classes
 from pneumonia.data.transforms import check_augment
 from pneumonia.errors import UserError
+from pneumonia.explain import lung_panel
 from pneumonia.federated.cohort import Cohort, LocalCohort
-from pneumonia.federated.config import check_averaging, check_federated
+from pneumonia.federated.config import check_averaging, check_federated, simulates_sites
 from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
@@ -58,6 +59,7 @@ from pneumonia.run.rundir import (
     remove_temporary_files,
     write_split_table,
 )
+from pneumonia.run.sites import cross_site, refuse_for_deployments, with_sites
 from pneumonia.safeload import safe_load
 from pneumonia.schedules import check_decay
 
@@ -99,6 +101,12 @@ def preflight(cfg: Namespace) -> dict:
     check_augment(cfg.data.augment)
     if cfg.federated.enabled:
         check_federated(cfg.federated)
+    elif simulates_sites(cfg.federated):
+        raise UserError(
+            "federated.site_shift, sites_shift, hold_out, pooled and cross_site shape a "
+            "federation's sites: set federated.enabled true (federated.pooled trains one "
+            "client on the pooled sites: centralized training over them)"
+        )
     check_privacy(cfg)
     if cfg.privacy.enabled:
         check_private_model(model, cfg.model.name)
@@ -202,10 +210,13 @@ def run_job(
     splits = load_splits(cfg.data, cfg.seed, sites=federated and cfg.federated.partition == "sites")
     print(describe_splits(splits), flush=True)
     if federated:
+        if cohort is not None and (why := refuse_for_deployments(cfg)):
+            raise UserError(why)
         # Partition and node errors surface here, before a run directory exists.
         clients = (
             cohort(cfg, config_yaml) if cohort else LocalCohort(cfg, splits, trainer_arguments(cfg))
         )
+        splits = with_sites(splits, cfg, clients)
         recipe = make_recipe(cfg, splits.train.classes, clients.moments())
         sizes = {f"client {row['client']}": row["images"] for row in clients.table}
     else:
@@ -226,6 +237,12 @@ def run_job(
         raise stopped from None
     config = yaml.safe_load(config_yaml)
     results = finalize(trained, splits, cfg.data.eval_batch_size, cfg.threshold, run_dir, config)
+    if federated and cfg.federated.cross_site:
+        results["cross_site"] = cross_site(cfg, recipe, splits, clients, run_dir, trained.logger)
+    if cfg.data.roi == "lungs":  # the masks the crops came from, for a reader to judge
+        figure = lung_panel(full_samples(cfg.data, cfg.seed))
+        trained.logger.experiment.add_figure("data/lung_masks", figure, 0)
+        trained.logger.experiment.flush()
     summary = {
         "data": splits.source,
         "synthetic": cfg.data.root is None,

@@ -3,6 +3,7 @@ and the rows of rounds.csv (each client's n and loss, global metrics, wall time)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -13,7 +14,8 @@ from pneumonia.metrics import SCALARS
 from pneumonia.run.progress import duration
 
 GLOBAL_METRICS = ("loss", *SCALARS)
-EVALUATION_SETS = ("val", "val_shift", "test")  # Splits.evaluation_sets, in order
+EVALUATION_SETS = ("val", "val_shift", "test", "held_out")  # Splits.evaluation_sets, in order
+SITE_VAL = re.compile(r"^(site\d+)_val_(\w+)$")  # a site's validation figure in a row
 
 
 class Best(NamedTuple):
@@ -73,6 +75,9 @@ def log_round(tensorboard: SummaryWriter, row: dict) -> None:
         for metric in GLOBAL_METRICS:
             if f"{split}_{metric}" in row:
                 tensorboard.add_scalar(f"global/{split}/{metric}", row[f"{split}_{metric}"], step)
+    for key, value in row.items():
+        if (match := SITE_VAL.match(key)) and match[2] in GLOBAL_METRICS:
+            tensorboard.add_scalar(f"sites/{match[1]}/val/{match[2]}", value, step)
     tensorboard.add_scalar("global/round_seconds", row["round_s"], step)
     tensorboard.flush()
 
@@ -92,6 +97,12 @@ def progress_line(row: dict, rounds: int, best: Best, monitor: str) -> str:
         if "val_shift_accuracy" in row
         else ""
     )
+    sites = [row[k] for k in row if (m := SITE_VAL.match(k)) and m[2] == "accuracy"]
+    by_site = f" | sites acc {' '.join(f'{v:.3f}' for v in sites)}" if sites else ""
+    if "held_out_accuracy" in row:
+        by_site += (
+            f" | held-out acc {row['held_out_accuracy']:.3f} auroc {row['held_out_auroc']:.3f}"
+        )
     privacy = "".join(
         f" | {label} {row[key]:.2f}"
         for key, label in (("epsilon", "epsilon"), ("server_epsilon", "server epsilon"))
@@ -100,6 +111,6 @@ def progress_line(row: dict, rounds: int, best: Best, monitor: str) -> str:
     return (
         f"round {done:{width}d}/{rounds} {row['round_s']:4.0f}s  {clients}{excluded}"
         f"train loss {row['train_loss']:.3f} | val acc {row['val_accuracy']:.3f} "
-        f"auroc {row['val_auroc']:.3f}{shift}{privacy} | best {monitor} {best.value:.3f} "
+        f"auroc {row['val_auroc']:.3f}{shift}{by_site}{privacy} | best {monitor} {best.value:.3f} "
         f"(round {best.step}) | {duration(eta)} left"
     )

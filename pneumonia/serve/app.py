@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from pneumonia.data.decode import CorruptImageError, decode_bytes, square
+from pneumonia.data.decode import CorruptImageError, crop_to_roi, decode_bytes, square
 from pneumonia.explain import overlay, png_bytes
 from pneumonia.predictor import Predictor, preview, reason_of
 from pneumonia.serve.uploads import ACCEPTED, LimitBody, check_type
@@ -113,7 +113,7 @@ def answer(predictor: Predictor, data: bytes, name: str, cam: bool, lock=None) -
     `lock` serialises the model's use across request threads."""
     check_type(data, name)
     try:
-        full = decode_bytes(data, name)
+        full = crop_to_roi(decode_bytes(data, name), predictor.model.roi)[0]
     except CorruptImageError as err:
         raise HTTPException(422, f"{name}: {reason_of(err)}") from None
     image = square(full, predictor.model.image_size)[None]

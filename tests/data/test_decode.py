@@ -64,7 +64,7 @@ def test_16_bit_png_decodes_to_uint8_and_mixes_with_8_bit(tmp_path):
     assert deep.dtype == torch.uint8
     assert (deep.int() - decode_file(tmp_path / "flat.png", S).int()).abs().max() <= 1
     files = [ImageFile(tmp_path / n, 0, n) for n in ("deep.png", "flat.png")]
-    imageset, _ = decode_files(files, S)
+    imageset, _, _ = decode_files(files, S)
     assert imageset.images.dtype == torch.uint8 and imageset.images.shape == (2, 1, S, S)
 
 
@@ -91,7 +91,7 @@ def test_unreadable_file_raises_user_error_naming_it(mixed_files, bad):
 
 
 def test_skip_corrupt_leaves_bad_files_out_and_lists_them(mixed_files):
-    imageset, skipped = decode_files(mixed_files, S, skip_corrupt=True)
+    imageset, skipped, _ = decode_files(mixed_files, S, skip_corrupt=True)
     assert skipped == sorted(str(f.path) for f in mixed_files if f.patient in ("pc", "pn"))
     assert imageset.names == ["a.jpeg", "b.png"]
     assert imageset.patients == ["pa", "pb"]
@@ -110,7 +110,7 @@ def test_decode_files_keeps_file_order(tmp_path):
     for i in range(6):  # brightness 0, 40, ..., 200 tells the images apart
         save(tmp_path / f"{i}.png", np.full((20, 30), 40 * i, np.uint8))
         files.append(ImageFile(tmp_path / f"{i}.png", i % 2, f"p{i}"))
-    imageset, skipped = decode_files(files, S)
+    imageset, skipped, _ = decode_files(files, S)
     assert skipped == []
     assert imageset.images.float().mean(dim=(1, 2, 3)).tolist() == [40.0 * i for i in range(6)]
     assert imageset.labels.tolist() == [0, 1, 0, 1, 0, 1]

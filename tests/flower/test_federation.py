@@ -1,10 +1,10 @@
 """A real federation on loopback: a SuperLink and two SuperNodes as processes, over TLS.
 
 One scenario (module fixture) drives every acceptance point, because each Flower round costs
-seconds of process start-up: rounds 1-2 run normally; in round 3 SuperNode 1 is killed (SIGKILL,
+seconds of process start-up: round 1 runs normally; in round 2 SuperNode 1 is killed (SIGKILL,
 a crash: Flower notices the missed heartbeats, up to 60 s) and the round completes with client
-0 (min_clients 1); in round 4 SuperNode 0 is stopped too (SIGTERM) and the round fails; both
-nodes are restarted and the run resumes round 4.
+0 (min_clients 1); in round 3 SuperNode 0 is stopped too (SIGTERM) and the round fails; both
+nodes are restarted and the run resumes round 3.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pneumonia.flower.launch import Federation, threads_per_node
 TINY = [
     "--config", str(Path(__file__).resolve().parents[2] / "configs" / "default.yaml"),
     "--federated.clients", "2",
-    "--federated.rounds", "4",
+    "--federated.rounds", "3",
     "--federated.local_epochs", "1",
     "--federated.min_clients", "1",
     "--data.image_size", "32",
@@ -82,11 +82,11 @@ def scenario(tmp_path_factory):
             target=lambda: result.update(federation.submit(run_config, lines.append, 900))
         )
         thread.start()
-        wait_for_rounds(run_dir, 2, thread)
+        wait_for_rounds(run_dir, 1, thread)
         out["rows_before_kill"] = read_rounds(run_dir)
-        federation.stop_process("supernode-1", signal.SIGKILL)  # dies in round 3
-        wait_for_rounds(run_dir, 3, thread)
-        federation.stop_process("supernode-0", signal.SIGTERM)  # shut down in round 4
+        federation.stop_process("supernode-1", signal.SIGKILL)  # dies in round 2
+        wait_for_rounds(run_dir, 2, thread)
+        federation.stop_process("supernode-0", signal.SIGTERM)  # shut down in round 3
         thread.join(ROUND_TIMEOUT_S)
         out["failed"] = dict(result)
         out["rows_after_failure"] = read_rounds(run_dir)
@@ -105,43 +105,43 @@ def test_run_directory_is_that_of_a_simulated_run(scenario):
         assert (run_dir / name).stat().st_size > 0, name
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "federated:" in (run_dir / "config.yaml").read_text()
-    assert any(line.startswith("round 1/4") for line in scenario["lines"])
+    assert any(line.startswith("round 1/3") for line in scenario["lines"])
 
 
 def test_rounds_equal_the_in_process_loop(scenario):
-    """Same seed and partitions: rounds 1 and 2 (all clients present) are bit-identical to the
+    """Same seed and partitions: round 1 (all clients present) is bit-identical to the
     simulated run's: each node trains with the seed of its (round, client), the updates come
     back as exact float32 arrays, and the server averages them in client order."""
     local = read_rounds(Path(scenario["local"]["run_dir"]))
     flower = scenario["rows_before_kill"]
-    assert len(flower) == 2
-    for ours, theirs in zip(flower, local[:2], strict=True):
+    assert len(flower) == 1
+    for ours, theirs in zip(flower, local[:1], strict=True):
         assert {k: ours[k] for k in GLOBAL} == {k: theirs[k] for k in GLOBAL}
         assert ours["clients"] == "0;1" and ours["excluded"] == ""
 
 
 def test_dead_node_round_completes_with_the_others(scenario):
-    third = scenario["rows"][2]
-    assert third["clients"] == "0;1" and third["excluded"] == "1"
-    assert third["client0_n"] and not third["client1_n"]
+    second = scenario["rows"][1]
+    assert second["clients"] == "0;1" and second["excluded"] == "1"
+    assert second["client0_n"] and not second["client1_n"]
     assert any("client 1 left out" in line for line in scenario["lines"])
 
 
 def test_too_few_live_nodes_fail_the_round_clearly(scenario):
     failed = scenario["failed"]
     assert failed["ok"] is False
-    assert failed["error"].startswith("round 4 failed: 0 valid update(s), federated.min_clients")
+    assert failed["error"].startswith("round 3 failed: 0 valid update(s), federated.min_clients")
     assert "--resume" in failed["error"]
-    assert len(scenario["rows_after_failure"]) == 3  # rounds 1-3 kept
+    assert len(scenario["rows_after_failure"]) == 2  # rounds 1-2 kept
 
 
 def test_resume_continues_from_the_last_completed_round(scenario):
     assert scenario["resumed"]["ok"] is True, scenario["resumed"]
     rows = scenario["rows"]
-    assert [r["round"] for r in rows] == ["1", "2", "3", "4"]
-    assert rows[3]["clients"] == "0;1" and rows[3]["excluded"] == ""
+    assert [r["round"] for r in rows] == ["1", "2", "3"]
+    assert rows[2]["clients"] == "0;1" and rows[2]["excluded"] == ""
     state = torch.load(scenario["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["round"] == 4
+    assert state["round"] == 3
 
 
 def test_every_process_is_stopped(scenario):

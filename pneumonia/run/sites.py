@@ -1,0 +1,184 @@
+"""A federation judged site by site: each site's validation patients, the held-out site of a
+leave-one-site-out run, and the cross-site matrix (every site's local model and the global
+model on every site's validation images, the matrix NVFlare reports)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from jsonargparse import Namespace
+
+from pneumonia.checkpoint import load_module, write_checkpoint
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.partition import site_names
+from pneumonia.data.sites import image_site, site_profiles, validation_sites
+from pneumonia.data.sources import Splits, concat
+from pneumonia.federated.client import Client
+from pneumonia.federated.cohort import Cohort, LocalCohort
+from pneumonia.federated.config import shifts_sites, simulates_sites
+from pneumonia.files import write_csv
+from pneumonia.metrics import youden_threshold
+from pneumonia.module import ClassifierModule
+from pneumonia.recipe import Recipe, build_module
+from pneumonia.scoring import predict_probabilities, score_with_intervals
+
+# The figures of each cell of the cross-site matrix (with their 95% intervals).
+MATRIX_METRICS = ("accuracy", "auroc", "recall", "specificity")
+# Noise of a site's validation images: another draw than its training images'.
+VAL_NOISE = 1
+
+
+def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
+    """`splits` with every validation image's site (`val_site`); with federated.site_shift the
+    validation images re-imaged by their sites; with federated.hold_out that site's validation
+    patients moved, with its training images, to `held_out`."""
+    fed = cfg.federated
+    folders = site_names(splits.train) if fed.partition == "sites" else None
+    val_site = validation_sites(splits.val, cohort.site_table, cfg.seed, folders)
+    val = splits.val
+    if shifts_sites(fed):
+        images = val.images.clone()
+        for j, profile in enumerate(site_profiles(len(cohort.site_table), fed.site_seed)):
+            index = torch.nonzero(val_site == j).flatten()
+            if len(index):
+                site = image_site(val.subset(index), j, profile, fed.site_seed + VAL_NOISE)
+                images[index] = site.images
+        val = replace(val, images=images)
+    out = replace(splits, val=val, val_site=val_site)
+    if fed.hold_out is None:
+        return out
+    keep = torch.nonzero(val_site != fed.hold_out).flatten()
+    gone = torch.nonzero(val_site == fed.hold_out).flatten()
+    held = concat(cohort.held_out, val.subset(gone)) if len(gone) else cohort.held_out
+    shift = splits.val_shift.subset(keep) if splits.val_shift is not None else None
+    return replace(
+        out, val=val.subset(keep), val_site=val_site[keep], val_shift=shift, held_out=held
+    )
+
+
+def refuse_for_deployments(cfg: Namespace) -> str | None:
+    """Why a deployment (real sites) cannot take these options, or None."""
+    if simulates_sites(cfg.federated):
+        return (
+            "federated.site_shift, sites_shift, hold_out, pooled and cross_site reshape "
+            "simulated sites: a deployment's sites are real (drop them)"
+        )
+    return None
+
+
+# -- the cross-site matrix -----------------------------------------------------------------
+
+
+def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_dir: Path) -> dict:
+    """Each kept site's model trained on its own images alone for rounds x local_epochs epochs
+    from the seed's initial weights: checkpoints/local_site<j>.ckpt, site -> path. A model
+    already there (a resumed run) is kept."""
+    fed = cfg.federated
+    torch.manual_seed(cfg.seed)
+    start = build_module(recipe).state_dict()
+    paths = {}
+    for c, sites in enumerate(cohort.client_sites):
+        site = sites[0]
+        path = run_dir / "checkpoints" / f"local_site{site}.ckpt"
+        paths[site] = path
+        if path.is_file():
+            continue
+        epochs = fed.rounds * fed.local_epochs
+        print(
+            f"cross-site: site {site}'s local model, {epochs} epochs on its own images", flush=True
+        )
+        client = Client(c, cohort.data[c], cohort.settings, recipe, run_dir / "local")
+        update = client.train_round(start, 0, epochs, lr=cfg.optim.lr)
+        write_checkpoint(path, update.state, recipe, fed.rounds)
+    return paths
+
+
+def local_threshold(
+    module: ClassifierModule, own: ImageSet | None, rule: float | str, bs: int
+) -> float:
+    """A local model's threshold by the run's rule, chosen on its own site's validation
+    (0.5 for youden when the site has no validation patients)."""
+    if rule != "youden":
+        return float(rule)
+    if own is None:
+        return 0.5
+    probs = predict_probabilities(module, own.images, bs)
+    return youden_threshold(probs, module.is_positive(own.labels))
+
+
+def data_sets(splits: Splits) -> dict[str, ImageSet]:
+    """The matrix's columns: each site's validation images, then the held-out site's."""
+    out = {}
+    for j in sorted(set(splits.val_site.tolist()) - {-1}):
+        out[f"site{j}"] = splits.val.subset(torch.nonzero(splits.val_site == j).flatten())
+    if splits.held_out is not None:
+        out["held_out"] = splits.held_out
+    return out
+
+
+def cross_site_matrix(
+    cfg: Namespace, splits: Splits, models: dict[str, ClassifierModule], run_dir: Path
+) -> list[dict]:
+    """Every model on every site's validation data, with 95% intervals by patient:
+    cross_site.csv (one row per cell) and cross_site.png (accuracy heat map)."""
+    columns = data_sets(splits)
+    rows = []
+    for model_name, module in models.items():
+        for data_name, images in columns.items():
+            probs = predict_probabilities(module, images.images, cfg.data.eval_batch_size)
+            values, _ = score_with_intervals(module, probs, images)
+            row = {"model": model_name, "data": data_name, "n": len(images)}
+            for key in MATRIX_METRICS:
+                low, high = values["ci95"].get(key, [float("nan")] * 2)
+                row |= {key: round(values[key], 4), f"{key}_low": round(low, 4)}
+                row |= {f"{key}_high": round(high, 4)}
+            rows.append(row | {"loss": round(values["loss"], 4)})
+    write_csv(run_dir / "cross_site.csv", rows)
+    figure = matrix_figure(rows, list(models), list(columns))
+    figure.savefig(run_dir / "cross_site.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return rows
+
+
+def matrix_figure(rows: list[dict], models: list[str], columns: list[str], metric="accuracy"):
+    """Models down, data sets across; each cell its figure and interval."""
+    cell = {(r["model"], r["data"]): r for r in rows}
+    values = torch.tensor([[cell[m, d][metric] for d in columns] for m in models])
+    figure, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 0.7 * len(models) + 1.5))
+    image = ax.imshow(values.numpy(), cmap="viridis", vmin=max(float(values.min()) - 0.05, 0))
+    for i, m in enumerate(models):
+        for k, d in enumerate(columns):
+            r = cell[m, d]
+            text = f"{r[metric]:.3f}\n({r[f'{metric}_low']:.2f}-{r[f'{metric}_high']:.2f})"
+            ax.text(k, i, text, ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(columns)), [c.replace("_", " ") for c in columns])
+    ax.set_yticks(range(len(models)), [m.replace("_", " ") for m in models])
+    ax.set_xlabel("validation images of")
+    ax.set_ylabel("model")
+    ax.set_title(f"cross-site {metric} (95% intervals by patient)")
+    figure.colorbar(image, ax=ax, fraction=0.04)
+    return figure
+
+
+def cross_site(
+    cfg: Namespace, recipe: Recipe, splits: Splits, cohort: LocalCohort, run_dir: Path, logger
+) -> list[dict]:
+    """Train (or keep) the local models, then the matrix of them and the reported global
+    model (best.ckpt, its threshold chosen) on every site."""
+    paths = train_local_models(cfg, recipe, cohort, run_dir)
+    columns = data_sets(splits)
+    models = {}
+    for site, path in paths.items():
+        module = load_module(path)
+        own = columns.get(f"site{site}")
+        threshold = local_threshold(module, own, cfg.threshold, cfg.data.eval_batch_size)
+        models[f"local_site{site}"] = load_module(path, threshold=threshold)
+    models["global"] = load_module(run_dir / "checkpoints" / "best.ckpt")
+    rows = cross_site_matrix(cfg, splits, models, run_dir)
+    figure = matrix_figure(rows, list(models), list(columns))
+    logger.experiment.add_figure("cross_site/accuracy", figure, 0)
+    logger.experiment.flush()
+    return rows

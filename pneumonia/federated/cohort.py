@@ -21,7 +21,7 @@ from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import partition, partition_table
 from pneumonia.data.sites import image_site, site_profiles
 from pneumonia.data.sources import Splits, concat
-from pneumonia.errors import first_line
+from pneumonia.errors import UserError, first_line
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.client import Client, ClientSettings
 from pneumonia.federated.config import shifts_sites
@@ -163,6 +163,13 @@ class LocalCohort:
                 image_site(data, j, profiles[j], fed.site_seed)
                 for j, data in enumerate(self.site_data)
             ]
+        if fed.hold_out is not None and len(parts) < 2:
+            raise UserError("federated.hold_out needs at least 2 sites: one to hold out")
+        if fed.hold_out is not None and fed.hold_out >= len(parts):
+            raise UserError(
+                f"federated.hold_out {fed.hold_out} is not one of the {len(parts)} sites "
+                f"(0-{len(parts) - 1})"
+            )
         kept = [j for j in range(len(parts)) if j != fed.hold_out]
         self.held_out = self.site_data[fed.hold_out] if fed.hold_out is not None else None
         if fed.pooled:

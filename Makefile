@@ -38,7 +38,8 @@ bench: $(STAMP)  ## CPU benchmarks, about 30 min (ROOT=a Kermany train folder, f
 
 # Three workers of one thread each: tiny models gain nothing from a second OpenMP thread, and
 # two-thread workers oversubscribed two cores (496 s against 235 s for the same suite); the
-# third worker trains while the Flower test waits on heartbeats.
+# third worker trains while the Flower tests wait on heartbeats. Four workers were slower
+# (621 s against 576 s), and sending the Flower files out first gained nothing (597 s).
 test: $(STAMP)  ## lint, then the whole test suite (three one-thread workers, a file each)
 	$(BIN)/ruff check pneumonia tests bench
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 3 --dist loadfile

@@ -50,7 +50,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
 def test_a_failing_run_ends_in_one_line_and_stops_everything(tmp_path):
     workdir = tmp_path / "work"
     result = subprocess.run(
-        [*DEMO, "--workdir", str(workdir), "--nodes", "2", "--model.name", "resnet99"],
+        [*DEMO, "--workdir", str(workdir), "--nodes", "1", "--model.name", "resnet99"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -344,8 +344,8 @@ def held_out_rows(entries: list[Entry], summaries: list[dict]) -> list[dict]:
         if entry.cfg.federated.pooled:
             values = summary["held_out"]
             ci = values.get("ci95", {})
-            cell = {k: values[k] for k in ("accuracy", "auroc")}
-            cell |= {f"{k}_{end}": ci.get(k, ["", ""])[i] for k in cell for i, end in
+            cell = {k: round(values[k], 4) for k in ("accuracy", "auroc")}
+            cell |= {f"{k}_{end}": round(ci[k][i], 4) for k in cell if k in ci for i, end in
                      enumerate(("low", "high"))}  # fmt: skip
             rows.append({"held_out": site, "model": "centralized over the rest", "n": values["n"]}
                         | cell)  # fmt: skip

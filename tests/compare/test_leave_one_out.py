@@ -1,8 +1,11 @@
 """A comparison's leave_out entries and `--only`: what they expand to, without training."""
 
+import csv
+
 import pytest
 import yaml
 
+from pneumonia.compare.__main__ import main as compare_main
 from pneumonia.compare.__main__ import only_entries
 from pneumonia.compare.plan import load_comparison
 from pneumonia.errors import UserError
@@ -54,3 +57,23 @@ def test_only_keeps_the_named_entries_and_refuses_unknown_ones(tmp_path):
     assert [e.name for e in only_entries(comparison(tmp_path), "all").entries] == ["all"]
     with pytest.raises(UserError, match="--only 'nope' is not an entry"):
         only_entries(comparison(tmp_path), "all,nope")
+
+
+def test_a_leave_one_out_report_scores_every_model_on_the_held_out_site(tmp_path):
+    spec = {**SPEC, "entries": [SPEC["entries"][0]]}
+    spec["shared"] = {**SPEC["shared"], "federated": {**SPEC["shared"]["federated"], "rounds": 1}}
+    spec["shared"]["trainer"] = {"enable_progress_bar": False, "enable_model_summary": False}
+    path = tmp_path / "loso.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    report = compare_main(["--config", str(path), "--reports_root", str(tmp_path / "reports"),
+                           "--runs_root", str(tmp_path / "runs")])  # fmt: skip
+    with open(tmp_path / "reports" / "loso" / "leave_one_site_out.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == [
+        "site 0 alone", "site 2 alone", "federated over the rest", "centralized over the rest"
+    ]  # fmt: skip
+    assert len({r["n"] for r in rows}) == 1 and all(r["held_out"] == "1" for r in rows)
+    for r in rows:
+        assert float(r["accuracy_low"]) <= float(r["accuracy"]) <= float(r["accuracy_high"])
+    assert "## Leave one site out" in (tmp_path / "reports" / "loso" / "results.md").read_text()
+    assert report == str(tmp_path / "reports" / "loso")

@@ -5,7 +5,9 @@ at the right place more often. This measures it for our runs: for every validati
 the first run (its split.csv) whose lung field is plausible (pneumonia.data.lungs), each run's
 model makes its Grad-CAM, in the full image's frame (a lung-field model's map sits in its crop
 box, zero outside it), and the share of the map's energy inside the lung mask is averaged, with
-a 95% bootstrap interval resampled by patient.
+a 95% bootstrap interval resampled by patient. Beside it, `uniform`: the share a map spread
+evenly over what the model saw would have (the mask's share of the image, or of the crop box),
+the figure to beat before a model can be said to look at the lungs.
 
     python docs/examples/lung_energy.py --root ../shared/data/chest_xray/train \\
         --out docs/results/lungs runs/compare/lungs_cpu/*/
@@ -18,6 +20,7 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pneumonia.checkpoint import load_module  # noqa: E402
 from pneumonia.data.decode import read_image  # noqa: E402
 from pneumonia.data.kermany import find_splits, list_image_files  # noqa: E402
-from pneumonia.data.lungs import lung_field  # noqa: E402
+from pneumonia.data.lungs import lung_box, lung_field, pixel_box  # noqa: E402
 from pneumonia.errors import UserError, exit_on_user_error  # noqa: E402
 from pneumonia.explain import lung_energy_share  # noqa: E402
 
@@ -45,6 +48,12 @@ def validation_files(run_dir: Path, root: str, count: int) -> list[tuple[Path, s
     if not out:
         raise UserError(f"{run_dir}/split.csv: no validation image of it found under {root}")
     return out
+
+
+def box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The crop box of a mask at its own resolution, as slices."""
+    r0, r1, c0, c1 = pixel_box(lung_box(mask), *mask.shape)
+    return slice(r0, r1), slice(c0, c1)
 
 
 def interval(values: torch.Tensor, patients: list[str], seed: int = 0) -> tuple[float, float]:
@@ -75,6 +84,11 @@ def main() -> None:
     fulls = [read_image(path) for path, _ in files]
     patients = [p for _, p in files]
     rows = []
+    masks = [lung_field(full).mask for full in fulls]
+    uniform = {
+        "full": float(np.mean([m.mean() for m in masks])),
+        "lungs": float(np.mean([m[box(m)].mean() for m in masks])),
+    }
     for run in args.runs:
         module = load_module(run / "checkpoints" / "best.ckpt")
         roi = module.hparams.get("roi", "full")
@@ -84,7 +98,8 @@ def main() -> None:
         low, high = interval(shares[ok].double(), kept)
         rows.append({"run": run.name, "roi": roi, "images": int(ok.sum()),
                      "energy_in_lungs": round(float(shares[ok].mean()), 4),
-                     "low": round(low, 4), "high": round(high, 4)})  # fmt: skip
+                     "low": round(low, 4), "high": round(high, 4),
+                     "uniform": round(uniform[roi], 4)})  # fmt: skip
         print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "lung_energy.csv", "w", newline="") as f:

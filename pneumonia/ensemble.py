@@ -356,6 +356,13 @@ def check_members(paths: list[str]) -> list[Member]:
             f"--members see images of different sizes ({shown} px): an ensemble scores one "
             f"image size; train the members at the same data.image_size"
         )
+    regions = {m.recipe.roi for m in members}
+    if len(regions) > 1:
+        shown = ", ".join(f"{m.path} {m.recipe.roi}" for m in members)
+        raise UserError(
+            f"--members see different parts of the image (data.roi: {shown}): an ensemble "
+            f"scores one input; train the members with the same data.roi"
+        )
     for member in members:
         member.network = member_network(member)
     return members
@@ -519,6 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
         mean=0.0,
         std=1.0,
         threshold=THRESHOLD,
+        roi=members[0].recipe.roi,
     )
     state = build_state(spec, members)
     module_from(recipe, state, out)  # everything that loads it must be able to: check first

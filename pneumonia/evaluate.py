@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
     folder = pick_folder(args.data.root, args.data.split)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else default_cache_dir()
     images = load_or_decode(
-        list_image_files(folder), module.hparams.image_size, cache_dir, args.data.skip_corrupt
+        list_image_files(folder),
+        module.hparams.image_size,
+        cache_dir,
+        args.data.skip_corrupt,
+        roi=module.hparams.get("roi", "full"),  # a lung-field model sees lung fields
     )
     images = for_model(module, replace(images, classes=folder_classes(folder)))
     result = {

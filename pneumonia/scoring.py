@@ -112,7 +112,10 @@ def score(
     targets = module.is_positive(labels)
     metrics = DiagnosisMetrics(module.hparams.threshold)
     metrics.update(probs, targets)
-    return {"loss": cross_entropy(probs, targets)} | metrics.compute(), metrics
+    values = {"loss": cross_entropy(probs, targets)} | metrics.compute()
+    if len(targets) and bool(targets.all() | ~targets.any()):
+        values["auroc"] = float("nan")  # one class only (a site's few patients): no ranking
+    return values, metrics
 
 
 def score_with_intervals(

@@ -163,6 +163,8 @@ def leave_one_out(path: Path, index: int, item: object) -> list:
     name = str(item.get("name", f"entry {index + 1}"))
     if not isinstance(site, int) or isinstance(site, bool) or site < 0:
         raise UserError(f"{path}: entry {name!r}: leave_out must be a site index (0, 1, ...)")
+    if not isinstance(item.get("set") or {}, dict):
+        raise UserError(f"{path}: entry {name!r}: 'set' must be a mapping of fit options")
     label = str(item.get("label", name))
     base = {k: v for k, v in item.items() if k != "leave_out"}
     held = deep_merge(item.get("set") or {}, {"federated": {"hold_out": site}})

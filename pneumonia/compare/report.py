@@ -118,10 +118,14 @@ def site_columns(summary: dict) -> dict:
     sites = summary.get("val_by_site") or {}
     out = {"mb_sent": fed.get("mb_sent", "")}
     for key in ("accuracy", "auroc"):
-        values = [v[key] for v in sites.values() if v.get(key) is not None]
+        values = [v[key] for v in sites.values() if _finite(v.get(key))]
         out[f"worst_site_{key}"] = min(values) if values else ""
         out[f"best_site_{key}"] = max(values) if values else ""
     return out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def privacy_columns(summary: dict) -> dict:

@@ -6,6 +6,7 @@ validation split drawn from the training images by patient.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from pneumonia.bounds import (
     SyntheticPatients,
 )
 from pneumonia.data.cache import default_cache_dir, load_or_decode
-from pneumonia.data.decode import prepare, read_image
+from pneumonia.data.decode import CorruptImageError, prepare, read_image
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.kermany import find_sites, find_splits, folder_classes, list_image_files
 from pneumonia.data.partition import SITE_SEPARATOR
@@ -205,9 +206,19 @@ def full_samples(cfg: DataConfig, seed: int, count: int = 8) -> list[torch.Tenso
         images = generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
         pick = torch.randperm(len(images), generator=g)[:count].tolist()
         return [images.images[i] for i in pick]
-    files = list_image_files(find_splits(cfg.root)["train"])
-    pick = torch.randperm(len(files), generator=g)[:count].tolist()
-    return [read_image(files[i].path) for i in pick]
+    try:
+        folders = [find_splits(cfg.root)["train"]]
+    except UserError:  # a root of hospital folders (partition sites)
+        folders = [find_splits(site)["train"] for site in find_sites(cfg.root).values()]
+    files = [f for folder in folders for f in list_image_files(folder)]
+    pick = torch.randperm(len(files), generator=g).tolist()
+    out = []
+    for i in pick:  # an unreadable file is skipped: the panel is for looking, not training
+        with contextlib.suppress(CorruptImageError):
+            out.append(read_image(files[i].path))
+        if len(out) == count:
+            break
+    return out
 
 
 def crop_all(images: torch.Tensor, image_size: int) -> torch.Tensor:

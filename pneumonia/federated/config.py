@@ -149,6 +149,17 @@ def check_sites(cfg: FederatedConfig) -> None:
         )
     if cfg.hold_out is not None and cfg.partition != "sites" and cfg.clients < 2:
         raise UserError("federated.hold_out needs federated.clients of at least 2")
+    if (cfg.hold_out is not None or cfg.pooled) and cfg.hostile.client is not None:
+        raise UserError(
+            "federated.hostile names a client, and federated.hold_out or pooled renumber them: "
+            "simulate a hostile client without them"
+        )
+    clients = 1 if cfg.pooled else cfg.clients - (cfg.hold_out is not None)
+    if cfg.partition != "sites" and cfg.min_clients > clients:
+        raise UserError(
+            f"federated.min_clients {cfg.min_clients} is more than the {clients} client(s) "
+            f"this run trains (federated.hold_out, pooled): lower it"
+        )
     if cfg.pooled and cfg.cross_site:
         raise UserError(
             "federated.cross_site compares each site's model with the federation's: it does "

@@ -147,9 +147,8 @@ def prepare_run_dir(cfg: Namespace, config_yaml: str, splits: Splits) -> Path:
     run_dir = new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
     write_text_atomic(run_dir / "config.yaml", config_yaml)
     record_config(run_dir, config_yaml)
-    write_split_table(
-        run_dir / "split.csv", {"train": splits.train, "val": splits.val, "test": splits.test}
-    )
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    write_split_table(run_dir / "split.csv", parts | {"held_out": splits.held_out})
     return run_dir
 
 

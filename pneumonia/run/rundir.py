@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
+from pneumonia.config import parse_fit_config
 from pneumonia.data.imageset import ImageSet
 from pneumonia.errors import UserError
 from pneumonia.files import write_csv, write_text_atomic
@@ -83,7 +84,9 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     if not recorded.is_file():
         return []
     old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(yaml.safe_load(config_yaml))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # An option added to the package since the run started, at its default, is no edit.
+    added = {k for k in new.keys() - old.keys() if new[k] == _defaults().get(k, object())}
+    changed = sorted(k for k in old.keys() | new.keys() - added if old.get(k) != new.get(k))
     unsafe = [k for k in changed if k not in SAFE_CHANGES and not _longer_ok(k, old, new)]
     if unsafe:
         shown = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in unsafe[:4])
@@ -94,6 +97,11 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
             f"federated.rounds or trainer.max_epochs where no schedule depends on them)"
         )
     return [f"{k} {old.get(k)} -> {new.get(k)}" for k in changed]
+
+
+def _defaults() -> dict:
+    """Every fit option at its default, flattened ("data.roi": "full", ...)."""
+    return _flat(yaml.safe_load(parse_fit_config([])[1]))
 
 
 def _longer_ok(key: str, old: dict, new: dict) -> bool:

@@ -36,6 +36,8 @@ def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
     validation images re-imaged by their sites; with federated.hold_out that site's validation
     patients moved, with its training images, to `held_out`."""
     fed = cfg.federated
+    if not isinstance(cohort, LocalCohort):  # a deployment's nodes hold no part of these
+        return splits
     folders = site_names(splits.train) if fed.partition == "sites" else None
     val_site = validation_sites(splits.val, cohort.site_table, cfg.seed, folders)
     val = splits.val
@@ -54,8 +56,15 @@ def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
     gone = torch.nonzero(val_site == fed.hold_out).flatten()
     held = concat(cohort.held_out, val.subset(gone)) if len(gone) else cohort.held_out
     shift = splits.val_shift.subset(keep) if splits.val_shift is not None else None
+    away = set(cohort.held_out.names)  # split.csv and the model card: what trained
+    train = splits.train.subset([i for i, n in enumerate(splits.train.names) if n not in away])
     return replace(
-        out, val=val.subset(keep), val_site=val_site[keep], val_shift=shift, held_out=held
+        out,
+        train=train,
+        val=val.subset(keep),
+        val_site=val_site[keep],
+        val_shift=shift,
+        held_out=held,
     )
 
 
@@ -100,11 +109,11 @@ def local_threshold(
     module: ClassifierModule, own: ImageSet | None, rule: float | str, bs: int
 ) -> float:
     """A local model's threshold by the run's rule, chosen on its own site's validation
-    (0.5 for youden when the site has no validation patients)."""
+    (0.5 for youden when the site's validation holds fewer than two classes)."""
     if rule != "youden":
         return float(rule)
-    if own is None:
-        return 0.5
+    if own is None or len(set(module.is_positive(own.labels).tolist())) < 2:
+        return 0.5  # no validation patients, or one class only: nothing to choose on
     probs = predict_probabilities(module, own.images, bs)
     return youden_threshold(probs, module.is_positive(own.labels))
 

@@ -5,6 +5,7 @@ import csv
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_federated_fit import FEDERATED
 
@@ -211,6 +212,11 @@ def test_a_held_out_site_trains_nowhere_and_is_scored_whole(tmp_path):
     assert summary["federated"]["clients"] == 2 and summary["federated"]["hold_out"] == 1
     with open(tmp_path / "run" / "rounds.csv") as f:
         assert "held_out_accuracy" in next(csv.DictReader(f))
+    with open(tmp_path / "run" / "split.csv") as f:
+        split = {}
+        for row in csv.DictReader(f):
+            split.setdefault(row["split"], set()).add(row["name"])
+    assert split["held_out"] == set(splits.held_out.names) and not held & split["train"]
 
 
 def test_pooled_sites_are_one_client_holding_the_kept_sites():
@@ -228,6 +234,8 @@ def test_pooled_sites_are_one_client_holding_the_kept_sites():
     [
         (["--federated.hold_out", "3"], "federated.hold_out 3 is not one of the 3 sites"),
         (["--federated.pooled", "true", "--federated.cross_site", "true"], "federated.cross_site"),
+        (["--federated.hold_out", "0", "--federated.hostile.client", "1"], "renumber them"),
+        (["--federated.pooled", "true", "--federated.min_clients", "2"], "min_clients 2 is more"),
     ],
 )
 def test_bad_site_options_are_one_line(extra, message, tmp_path):
@@ -239,3 +247,28 @@ def test_site_options_need_a_federation(tmp_path):
     with pytest.raises(UserError, match="set federated.enabled true"):
         fit.run([*SITES, "--federated.enabled", "false", "--federated.site_shift", "true",
                  "--run_dir", str(tmp_path / "run")])  # fmt: skip
+
+
+def test_a_run_recorded_before_an_option_existed_resumes_when_it_is_at_its_default(tmp_path):
+    """checkpoints/config.yaml of an older release lacks data.roi and the site options; at
+    their defaults they are no edit, set otherwise they are."""
+    from pneumonia.run.rundir import check_resume_config
+
+    _, resolved, _ = parse_fit_config(SITES)
+    old = yaml.safe_load(resolved)
+    del old["data"]["roi"], old["federated"]["site_shift"], old["federated"]["cross_site"]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_resume_config(tmp_path, resolved) == []
+    _, shifted, _ = parse_fit_config([*SITES, "--federated.site_shift", "true"])
+    with pytest.raises(UserError, match="federated.site_shift None -> True"):
+        check_resume_config(tmp_path, shifted)
+
+
+def test_a_site_with_one_class_has_no_auroc(tiny_checkpoint):
+    module = load_module(tiny_checkpoint)
+    val = ImageSet(images(4, 32), torch.tensor([1, 1, 1, 1]), ["a", "b", "c", "d"],
+                   ["1", "2", "3", "4"], ("NORMAL", "PNEUMONIA"))  # fmt: skip
+    out = evaluate_sets(module, {"val": val}, val_site=torch.tensor([0, 0, 1, 1]))
+    assert out["site0_val"]["auroc"] != out["site0_val"]["auroc"]  # nan, not torchmetrics' 0
+    assert out["site1_val"]["accuracy"] in (0.0, 0.5, 1.0)

@@ -21,6 +21,7 @@ federated runs add
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
         return []
     old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(yaml.safe_load(config_yaml))
     # An option added to the package since the run started, at its default, is no edit.
-    added = {k for k in new.keys() - old.keys() if new[k] == _defaults().get(k, object())}
+    missing = new.keys() - old.keys()
+    added = {k for k in missing if new[k] == _defaults().get(k, object())} if missing else set()
     changed = sorted(k for k in old.keys() | new.keys() - added if old.get(k) != new.get(k))
     unsafe = [k for k in changed if k not in SAFE_CHANGES and not _longer_ok(k, old, new)]
     if unsafe:
@@ -99,6 +101,7 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     return [f"{k} {old.get(k)} -> {new.get(k)}" for k in changed]
 
 
+@functools.cache  # parsing costs seconds; the defaults do not change within a process
 def _defaults() -> dict:
     """Every fit option at its default, flattened ("data.roi": "full", ...)."""
     return _flat(yaml.safe_load(parse_fit_config([])[1]))

@@ -349,20 +349,16 @@ def check_members(paths: list[str]) -> list[Member]:
     if twice is not None:
         raise UserError(f"--members: {twice} is given twice: give each member once")
     members = [read_member(p) for p in paths]
-    sizes = {m.recipe.image_size for m in members}
-    if len(sizes) > 1:
-        shown = ", ".join(f"{m.path} {m.recipe.image_size}" for m in members)
-        raise UserError(
-            f"--members see images of different sizes ({shown} px): an ensemble scores one "
-            f"image size; train the members at the same data.image_size"
-        )
-    regions = {m.recipe.roi for m in members}
-    if len(regions) > 1:
-        shown = ", ".join(f"{m.path} {m.recipe.roi}" for m in members)
-        raise UserError(
-            f"--members see different parts of the image (data.roi: {shown}): an ensemble "
-            f"scores one input; train the members with the same data.roi"
-        )
+    # An ensemble scores one input: its members must see the same size and part of the image.
+    for key, what, fix in (
+        ("image_size", "images of different sizes ({} px)", "one image size; train the members "
+         "at the same data.image_size"),
+        ("roi", "different parts of the image (data.roi: {})", "one input; train the members "
+         "with the same data.roi"),
+    ):  # fmt: skip
+        if len({getattr(m.recipe, key) for m in members}) > 1:
+            shown = ", ".join(f"{m.path} {getattr(m.recipe, key)}" for m in members)
+            raise UserError(f"--members see {what.format(shown)}: an ensemble scores {fix}")
     for member in members:
         member.network = member_network(member)
     return members

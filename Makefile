@@ -37,12 +37,14 @@ bench: $(STAMP)  ## CPU benchmarks, about 30 min (ROOT=a Kermany train folder, f
 	$(BIN)/python bench/flower.py
 
 # Three workers of one thread each: tiny models gain nothing from a second OpenMP thread, and
-# two-thread workers oversubscribed two cores (496 s against 235 s for the same suite); the
-# third worker trains while the Flower tests wait on heartbeats. Four workers were slower
-# (621 s against 576 s), and sending the Flower files out first gained nothing (597 s).
+# two-thread workers oversubscribed two cores (496 s against 235 s for the same suite). The
+# Flower files run one after another on one worker, first, while the other two compute
+# (tests/conftest.py: FlowerTogether, LONGEST_FIRST): fresh-clone pytest 670 s, against 730 s
+# with the files in xdist's own order and 814 s with four workers (2-core VM, 2026-12-03, a
+# study paused beside them); alone, a fresh clone's pytest took 360 s.
 test: $(STAMP)  ## lint, then the whole test suite (three one-thread workers, a file each)
 	$(BIN)/ruff check pneumonia tests bench
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 3 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -143,6 +143,8 @@ class ClassifierModule(L.LightningModule):
         # Where the next fit's optimizer starts (Lightning's LR finder sets this attribute too);
         # a federated client sets its round's rate here (federated.round_lr).
         self.learning_rate = self.optim_cfg.lr
+        # Validation figures to TensorBoard every N epochs (0: none; --figures_every).
+        self.figures_every = 1
         model_cfg = ModelConfig(**model)
         self.model = create_model(model_cfg, image_size, len(self.classes))
         # The training objective (pneumonia.losses). Margin losses and the L2-constrained
@@ -293,14 +295,14 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(
             {f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)}, prog_bar=False
         )
-        if stage != "train" and not self.trainer.sanity_checking:
+        if stage != "train" and self._figure_epoch():
             self._log_figures(stage, metrics)
         metrics.reset()
         if self.class_metrics is not None:
             per_class = self.class_metrics[f"{stage}_classes"]
             values = per_class.compute()
             self.log_dict({f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)})
-            if stage != "train" and not self.trainer.sanity_checking:
+            if stage != "train" and self._figure_epoch():
                 for logger in self.loggers:
                     if isinstance(logger, TensorBoardLogger):
                         figure = per_class.confusion_figure()
@@ -308,6 +310,11 @@ class ClassifierModule(L.LightningModule):
                             f"{stage}/confusion_matrix_classes", figure, self.current_epoch
                         )
             per_class.reset()
+
+    def _figure_epoch(self) -> bool:
+        """Whether this validation draws its figures: every `figures_every`-th epoch."""
+        every = self.figures_every
+        return not self.trainer.sanity_checking and every > 0 and self.current_epoch % every == 0
 
     @property
     def negative_and_positive(self) -> tuple[str, str]:

@@ -28,6 +28,7 @@ from pneumonia.serve.app import answer
 
 N_PATIENTS = 60
 TINY = [
+    "--figures_every", "0",  # TensorBoard figures: the reported model's only
     "--federated.enabled", "false",
     "--data.image_size", "32",
     "--data.synthetic.n_patients", str(N_PATIENTS),

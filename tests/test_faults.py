@@ -23,6 +23,7 @@ from pneumonia.data.kermany import list_image_files
 from pneumonia.errors import UserError
 
 SMALL = [
+    "--figures_every", "0",  # TensorBoard figures: the reported model's only
     "--data.image_size", "32",
     "--data.synthetic.n_patients", "60",
     "--data.batch_size", "16",

@@ -71,9 +71,25 @@ def test_output_says_the_data_is_synthetic(tmp_path, capsys):
     assert "SYNTHETIC" in capsys.readouterr().out
 
 
+def image_steps(run_dir, tag: str) -> list[int]:
+    """The steps (epochs) at which TensorBoard holds image `tag`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+        if tag in acc.Tags()["images"]:
+            steps += [event.step for event in acc.Images(tag)]
+    return sorted(steps)
+
+
 def test_same_seed_gives_same_weights(tiny_run, tmp_path):
+    """... whichever epochs draw figures (--figures_every 2: the first of the two only)."""
     run_dir, _ = tiny_run
-    fit.main([*TINY, "--run_dir", str(tmp_path / "again")])
+    fit.main([*TINY, "--run_dir", str(tmp_path / "again"), "--figures_every", "2"])
+    assert image_steps(run_dir, "val/roc") == [0, 1]
+    assert image_steps(tmp_path / "again", "val/roc") == [0]
+    assert image_steps(tmp_path / "again", "best/val/roc") == [0]
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     second = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt", weights_only=True)[
         "state_dict"

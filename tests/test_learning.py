@@ -23,6 +23,8 @@ def test_small_synthetic_run_learns_beyond_the_majority_class(tmp_path):
             "cosine",
             "--trainer.max_epochs",
             "5",
+            "--figures_every",
+            "0",
             "--trainer.enable_progress_bar",
             "false",
             "--trainer.enable_model_summary",

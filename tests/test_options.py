@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pneumonia import fit
 from pneumonia.config import build_fit_parser, parse_fit_config
 from pneumonia.errors import UserError
 from pneumonia.losses import LOSS_NAMES
@@ -167,16 +168,14 @@ def test_an_unknown_name_is_one_line_listing_the_choices(argv, line):
     assert message.startswith(line) and "\n" not in message
 
 
-def test_an_unknown_name_exits_2_with_one_line_on_the_command_line():
-    done = subprocess.run(
-        [sys.executable, "-m", "pneumonia.fit", "--loss.name", "arcface"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0
-    assert "loss.name 'arcface' is not one of:" in done.stderr and "focal" in done.stderr
+def test_an_unknown_name_exits_2_with_one_line_on_the_command_line(capsys):
+    """fit's `main` (tests/test_errors.py runs the real process once)."""
+    with pytest.raises(SystemExit) as stopped:
+        fit.main(["--loss.name", "arcface"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert "loss.name 'arcface' is not one of:" in err and "focal" in err
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from pneumonia.privacy import DPSGD, PrivacyConfig, make_private
 from pneumonia.recipe import Recipe, build_module
 
 TINY = [
+    "--figures_every", "0",  # TensorBoard figures: the reported model's only
     "--data.image_size", "32",
     "--data.synthetic.n_patients", "40",
     "--data.batch_size", "8",

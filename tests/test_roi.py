@@ -15,6 +15,7 @@ from pneumonia.explain import lung_energy_share
 from pneumonia.predictor import Predictor, predict_files
 
 TINY = [
+    "--figures_every", "0",  # TensorBoard figures: the reported model's only
     "--data.image_size", "32",
     "--data.synthetic.n_patients", "40",
     "--model.width", "16",

@@ -18,6 +18,7 @@ from pneumonia.run.federated import rounds_without_improvement
 from pneumonia.schedules import DecayConfig
 
 TINY = [
+    "--figures_every", "0",  # TensorBoard figures: the reported model's only
     "--data.image_size", "32",
     "--data.synthetic.n_patients", "30",
     "--data.batch_size", "16",

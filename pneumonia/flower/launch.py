@@ -62,8 +62,12 @@ def node_config_text(node_config: dict) -> str:
 class Federation:
     """SuperLink + SuperNodes on `host`, logs and certificates under `workdir`."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        self.workdir, self.host = Path(workdir).resolve(), host
+    def __init__(
+        self, workdir: Path, host: str = "127.0.0.1", heartbeat_s: float | None = None
+    ) -> None:
+        """`heartbeat_s`: the SuperNodes' heartbeat (None: Flower's 30 s; the SuperLink
+        notices a dead node after two missed), shorter for tests (quick_supernode)."""
+        self.workdir, self.host, self.heartbeat_s = Path(workdir).resolve(), host, heartbeat_s
         self.logs = self.workdir / "logs"
         self.processes: dict[str, subprocess.Popen] = {}
         self.certs: tls.Certificates | None = None
@@ -174,10 +178,14 @@ class Federation:
         ca = root_certificates or self.certs.ca
         trust = [] if "--insecure" in extra else ["--root-certificates", str(ca)]
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+        command = [executable("flower-supernode")]
+        if self.heartbeat_s is not None:
+            module = "pneumonia.flower.quick_supernode"
+            command = [sys.executable, "-m", module, "--heartbeat-s", str(self.heartbeat_s)]
         return self._spawn(
             name,
             [
-                executable("flower-supernode"),
+                *command,
                 *("--superlink", self.address, *trust),
                 *("--host", self.host, "--port", str(free_port(self.host))),
                 *("--node-config", node_config_text(node_config)),

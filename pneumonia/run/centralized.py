@@ -222,6 +222,7 @@ def train_centralized(run: RunInputs) -> Trained:
     directory; the progress hook hears of every completed epoch."""
     cfg, splits, run_dir, resume = run.cfg, run.splits, run.run_dir, run.resume
     module = build_module(run.recipe, loss_weights(cfg.data.balance, splits.train))
+    module.figures_every = cfg.figures_every  # monitoring, not the recipe: not saved
     datamodule = build_datamodule(cfg, splits)
     private = private_training(cfg, module, len(splits.train))
     last = run_dir / "checkpoints" / "last.ckpt"

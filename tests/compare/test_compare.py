@@ -41,6 +41,7 @@ TINY = {
     "description": "Two tiny entries on synthetic images.",
     "shared": {
         "seed": 0,
+        "figures_every": 0,  # TensorBoard figures: each reported model's only
         "data": {"image_size": 32, "batch_size": 16, "synthetic": {"n_patients": 40}},
         "model": {"name": "resnet18", "width": 16},
         "trainer": {

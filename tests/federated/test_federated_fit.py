@@ -20,6 +20,7 @@ from pneumonia.run.federated import FederatedTraining
 from pneumonia.scoring import evaluate_imageset
 
 TINY = [
+    "--figures_every", "0",  # TensorBoard figures: the reported model's only
     "--data.image_size", "32",
     "--data.synthetic.n_patients", "40",
     "--data.batch_size", "16",

@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from pneumonia.flower import demo
+
 DEMO = [sys.executable, "-m", "pneumonia.flower.demo"]
 
 
@@ -62,12 +66,17 @@ def test_a_failing_run_ends_in_one_line_and_stops_everything(tmp_path):
     assert leftovers_after_exit(workdir) == []
 
 
-def test_demo_arguments_are_checked_before_anything_starts(tmp_path):
+def test_demo_arguments_are_checked_before_anything_starts(tmp_path, capsys):
+    """In this process (the failing run above covers the real process's exit): nothing
+    starts, so no Federation folder appears."""
+    workdir = tmp_path / "work"
     for args, message in [
         (["--nodes", "0"], "error: --nodes 0 must be at least 1"),
         (["--config", str(tmp_path / "nope.yaml")], f"error: {tmp_path / 'nope.yaml'} not found"),
     ]:
-        result = subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2
-        assert result.stderr.strip().startswith(message)
-        assert len(result.stderr.strip().splitlines()) == 1
+        with pytest.raises(SystemExit) as stopped:
+            demo.main([*args, "--workdir", str(workdir)])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and len(err.splitlines()) == 1
+    assert not workdir.exists()

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_federation import QUICK_HEARTBEAT_S, read_rounds
 from test_federation import TINY as TWO_NODES
-from test_federation import read_rounds
 
 from pneumonia import fit
 from pneumonia.federated.aggregate import ClientUpdate
@@ -98,7 +98,10 @@ def scenario(tmp_path_factory):
         "wait-for-nodes": 60,
         "record-file": str(record),
     }
-    with pytest.MonkeyPatch.context() as patch, Federation(root / "federation") as federation:
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        Federation(root / "federation", heartbeat_s=QUICK_HEARTBEAT_S) as federation,
+    ):
         patch.setattr(launch, "APP_DIR", RECORDING_APP)
         federation.env["PNEUMONIA_CACHE"] = str(root / "cache")
         federation.start_superlink()

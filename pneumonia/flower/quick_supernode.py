@@ -1,0 +1,41 @@
+"""`flower-supernode` with a shorter heartbeat, for the test federations: Flower notices a
+dead SuperNode after two missed heartbeats, 2 x 30 s by default, and flwr 1.41 fixes the 30 s
+in module constants (no option). Every test that kills a node waits that out, so the tests'
+SuperNodes beat every `--heartbeat-s` seconds instead (the SuperLink accepts 10 to 1800).
+
+    python -m pneumonia.flower.quick_supernode --heartbeat-s 10 [flower-supernode arguments]
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] != "--heartbeat-s" or not argv[1].isdigit():
+        print(
+            "usage: quick_supernode --heartbeat-s SECONDS [flower-supernode arguments]",
+            file=sys.stderr,
+        )
+        return 2
+    import flwr.supercore.heartbeat as sender
+    import flwr.supernode.fleet_http_connection as connection
+
+    # The sender paces its beats by the first; the connection declares the second to the
+    # SuperLink, which declares the node dead after HEARTBEAT_PATIENCE of them.
+    modules = (sender, connection)
+    for module in modules:
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            message = f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL (made for flwr 1.41)"
+            print(f"error: {message}: start flower-supernode instead", file=sys.stderr)
+            return 2
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = float(argv[1])  # the SuperLink takes 10-1800
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv[2:]]
+    return flower_supernode() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

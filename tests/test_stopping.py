@@ -61,6 +61,35 @@ def test_early_stopping_by_round_ends_a_federation_and_says_so(tmp_path, capsys)
     assert "early stopping after round 2: val/loss has not improved" in capsys.readouterr().out
 
 
+def test_a_stopped_federation_resumed_trains_no_further_round(tmp_path, capsys):
+    """Killed after early stopping (in the post-training steps), the run resumes from its last
+    round checkpoint: it must stop there again, not train the round it had stopped before."""
+    run_dir = tmp_path / "run"
+    federated = ["--federated.enabled", "true", "--federated.rounds", "5"]
+    fit.main([*TINY, *federated, "--federated.local_epochs", "1", *NEVER_BETTER,
+              "--run_dir", str(run_dir)])  # fmt: skip
+    (run_dir / "summary.json").unlink()  # as if killed before the summary was written
+    capsys.readouterr()
+    summary = fit.main(["--resume", str(run_dir)])
+    with open(run_dir / "rounds.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert summary["federated"]["rounds"] == 2
+    assert summary["early_stopping"]["stopped_after"] == 2
+    out = capsys.readouterr().out
+    assert "round 3/5" not in out
+    assert "early stopping after round 2" in out
+
+
+def test_a_stopped_centralized_run_resumed_trains_no_further_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "--federated.enabled", "false", "--trainer.max_epochs", "5", *NEVER_BETTER]
+    fit.main([*argv, "--run_dir", str(run_dir)])
+    (run_dir / "summary.json").unlink()
+    summary = fit.main(["--resume", str(run_dir)])
+    assert summary["epochs"] == 2
+    assert summary["early_stopping"]["stopped_after"] == 2
+
+
 @pytest.mark.parametrize(
     "values,mode,delta,stale",
     [

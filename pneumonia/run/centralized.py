@@ -100,13 +100,23 @@ class Divergence(Callback):
             trainer.should_stop = True
 
 
+class ResumableEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, except that a run resumed after it had stopped (killed in
+    the steps after training) stops again at once: Lightning restores the callback's counts
+    but not `trainer.should_stop`, and would train one more epoch."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopped_epoch:  # 0: never stopped
+            trainer.should_stop = True
+
+
 def early_stopping(cfg: Namespace) -> list[Callback]:
     """Lightning's EarlyStopping on the run's monitor (early_stopping.patience > 0)."""
     rule = cfg.early_stopping
     if rule.patience == 0:
         return []
     return [
-        EarlyStopping(
+        ResumableEarlyStopping(
             cfg.monitor,
             min_delta=rule.min_delta,
             patience=rule.patience,

@@ -261,17 +261,25 @@ class FederatedTraining:
         write_csv(self.run_dir / "partition.csv", self.cohort.table)
         self.tensorboard.experiment.add_text("partition", table, 0)
         started = time.time()
+        if self.history and self.should_stop():
+            # Resumed after it had stopped early (killed in the steps after training): it
+            # stops there again instead of training the round it had stopped before.
+            self.stop_after(len(self.history))
+            return
         for r in range(self.next_round, self.cfg.federated.rounds):
             self.round(r, started)
             if self.should_stop():
-                self.stopped_after = r + 1
-                rule = self.cfg.early_stopping
-                print(
-                    f"early stopping after round {r + 1}: {self.cfg.monitor} has not improved "
-                    f"by more than {rule.min_delta:g} for {rule.patience} rounds",
-                    flush=True,
-                )
+                self.stop_after(r + 1)
                 break
+
+    def stop_after(self, rounds_done: int) -> None:
+        self.stopped_after = rounds_done
+        rule = self.cfg.early_stopping
+        print(
+            f"early stopping after round {rounds_done}: {self.cfg.monitor} has not improved "
+            f"by more than {rule.min_delta:g} for {rule.patience} rounds",
+            flush=True,
+        )
 
     def should_stop(self) -> bool:
         """Early stopping by round: the rule Lightning's EarlyStopping applies to epochs,

@@ -21,8 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 PARTITIONS = {
     "iid": "IID",
     "shift": "feature shift",
-    "label": "label skew",
-    "both": "label skew +\nfeature shift",
+    "label": "label skew\n(Dirichlet 0.5)",
+    "both": "label skew (0.5)\n+ feature shift",
+    "label1": "label skew\n(Dirichlet 1)",
+    "both1": "label skew (1)\n+ feature shift",
 }
 METHODS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedadam": "FedAdam"}
 METHODS["pooled"] = "pooled"
@@ -40,7 +42,7 @@ def main() -> None:
     parser.add_argument("--summaries", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    figure, axes = plt.subplots(1, len(SETS), figsize=(11, 3.8), sharey=True)
+    figure, axes = plt.subplots(1, len(SETS), figsize=(14, 4), sharey=True)
     width = 0.8 / len(METHODS)
     for ax, (split, title) in zip(axes, SETS.items(), strict=True):
         for m, (method, label) in enumerate(METHODS.items()):
@@ -58,7 +60,7 @@ def main() -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("AUROC (95% interval by patient)")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="lower left", ncol=3)
     figure.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)

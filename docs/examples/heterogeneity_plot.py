@@ -26,8 +26,13 @@ PARTITIONS = {
     "label1": "label skew\n(Dirichlet 1)",
     "both1": "label skew (1)\n+ feature shift",
 }
-METHODS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedadam": "FedAdam"}
-METHODS["pooled"] = "pooled"
+METHODS = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedbn": "FedBN",
+    "fedadam": "FedAdam",
+    "pooled": "pooled",
+}
 SETS = {"val": "clean validation", "val_shift": "shift validation"}
 
 

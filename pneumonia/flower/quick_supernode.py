@@ -12,9 +12,16 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] != "--heartbeat-s" or not argv[1].isdigit():
+    # The SuperLink refuses a heartbeat outside 10-1800 s, and says so less plainly.
+    if (
+        len(argv) < 2
+        or argv[0] != "--heartbeat-s"
+        or not argv[1].isdigit()
+        or not 10 <= int(argv[1]) <= 1800
+    ):
         print(
-            "usage: quick_supernode --heartbeat-s SECONDS [flower-supernode arguments]",
+            "usage: quick_supernode --heartbeat-s SECONDS (10 to 1800) "
+            "[flower-supernode arguments]",
             file=sys.stderr,
         )
         return 2
@@ -30,7 +37,7 @@ def main(argv: list[str]) -> int:
             print(f"error: {message}: start flower-supernode instead", file=sys.stderr)
             return 2
     for module in modules:
-        module.HEARTBEAT_DEFAULT_INTERVAL = float(argv[1])  # the SuperLink takes 10-1800
+        module.HEARTBEAT_DEFAULT_INTERVAL = float(argv[1])
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv[2:]]

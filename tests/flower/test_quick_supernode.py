@@ -13,7 +13,15 @@ from pneumonia.flower import quick_supernode
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["--heartbeat-s"], ["--beat", "10"], ["--heartbeat-s", "ten"]]
+    "argv",
+    [
+        [],
+        ["--heartbeat-s"],
+        ["--beat", "10"],
+        ["--heartbeat-s", "ten"],
+        ["--heartbeat-s", "5"],  # the SuperLink takes 10 to 1800
+        ["--heartbeat-s", "1801"],
+    ],
 )
 def test_without_a_heartbeat_it_says_how_to_call_it(argv, capsys):
     assert quick_supernode.main(argv) == 2

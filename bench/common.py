@@ -33,15 +33,30 @@ warnings.filterwarnings("ignore", module="torch")
 
 
 def machine() -> str:
-    """One line: date, device, cores, thread count and library versions."""
+    """One line: date, device (a CPU's model and whether it has native bf16), cores, thread
+    count and library versions."""
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}), no GPU"
+        from pneumonia.config import native_cpu_bf16
+
+        bf16 = "native bf16" if native_cpu_bf16() else "no native bf16 (AVX512-BF16 or AMX)"
+        device = f"CPU {cpu_model()}, {bf16}, no GPU"
     return (
         f"{date.today()} | {device} | {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()} | torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device() -> torch.device:

@@ -1,25 +1,36 @@
-"""Training throughput: our Lightning training against a plain PyTorch loop.
+"""Training throughput: our Lightning training against a plain PyTorch loop, in float32 and
+bf16 autocast (and, with --compile, a torch.compile'd plain loop).
 
 Both train the same SE-ResNet-18 (GN and BN) on the same uint8 tensors, at the same batch size
 and precision, with the same optimizer and class-weighted loss. Our side is what `fit` builds:
 `build_module`, `build_datamodule`, `build_trainer` (TensorBoard and CSV loggers, checkpoints,
-metrics). Steady-state images per second are timed from the end of the warm-up steps to the
-end of the last step, so start-up (which `bench/federated.py` covers) stays out. The two loops
-alternate within each repeat, and which goes first alternates between repeats, so drift on a
-shared machine hits both alike.
+metrics) with `--trainer.precision P`; the plain loop autocasts to bf16 for bf16-mixed.
+Steady-state images per second are timed from the end of the warm-up steps to the end of the
+last step, so start-up (which `bench/federated.py` covers) and compilation stay out (the
+compiled loop's first step, which compiles, is reported on its own). Every variant runs once
+per repeat and the order reverses between repeats, so drift on a shared machine hits all alike.
+The machine line names the CPU and whether it has native bf16: on a CPU without it, `fit`
+trains bf16-mixed in 32-true, and the bf16 figures here are torch's emulation.
 
-    python bench/train_step.py                       # 64 and 224 px, GN and BN, batch 32
+    python bench/train_step.py                       # 64 and 128 px, GN and BN, batch 32,
+                                                     # 32-true and bf16-mixed (CUDA: the same)
+    python bench/train_step.py --sizes 224 --precisions bf16-mixed
+    python bench/train_step.py --compile             # plus torch.compile(model), inductor
+    python bench/train_step.py --channels_last       # plus the plain loop in NHWC on a CPU
     python bench/train_step.py --sizes 64 --profile  # plus the profiler's top operators
 
-Goal: Lightning / plain >= 0.95.
+Goals: Lightning / plain >= 0.95 (each precision); the bf16-mixed / 32-true and compiled /
+eager ratios are measured, for choosing: bf16-mixed is worth setting where it is > 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import lightning as L
@@ -27,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from common import Samples, device, machine, ratio_line, sync
 
+from pneumonia import config
 from pneumonia.config import build_fit_parser, parse_args
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sources import Splits
-from pneumonia.errors import exit_on_user_error
+from pneumonia.errors import exit_on_user_error, first_line
 from pneumonia.models.registry import ModelConfig, create_model
 from pneumonia.optimizers import make_optimizer
 from pneumonia.recipe import build_module, loss_weights, make_recipe
@@ -45,10 +57,14 @@ def random_images(n: int, size: int, seed: int = 0) -> ImageSet:
     return ImageSet(images, labels, names, names)
 
 
-def fit_config(norm: str, size: int, batch: int, width: int, augment: bool):
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def fit_config(norm: str, size: int, batch: int, width: int, augment: bool, precision: str):
     """The fit configuration both loops follow: one epoch, no validation."""
     parser = build_fit_parser()
     argv = ["--model.norm", norm, "--model.width", str(width), "--data.image_size", str(size)]
+    argv += ["--trainer.precision", precision]
     argv += ["--data.batch_size", str(batch), "--data.augment.enabled", str(augment).lower()]
     argv += ["--federated.enabled", "false", "--trainer.max_epochs", "1"]
     argv += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -95,23 +111,38 @@ def lightning_rate(cfg, splits: Splits, warmup: int, run_dir: Path, profile: boo
     return clock.images / (clock.end - clock.start)
 
 
-def plain_rate(cfg, splits: Splits, warmup: int) -> float:
-    """Images per second of a hand-written loop doing the same work."""
+def plain_rate(
+    cfg, splits: Splits, warmup: int, compiled: bool = False, nhwc: bool = False
+) -> tuple[float, float]:
+    """(images per second, seconds of the first step) of a hand-written loop doing the same
+    work, in the config's precision; compiled: torch.compile(model) (default inductor), whose
+    first step compiles; nhwc: channels_last on a CPU too."""
     from pneumonia.data.transforms import random_affine
 
     torch.manual_seed(0)
     dev = device()
     model = create_model(cfg.model).to(dev).train()
-    channels_last = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    model.to(memory_format=channels_last)  # as our module does on a GPU
+    nhwc = nhwc or dev.type == "cuda"  # as our module does on a GPU
+    channels_last = torch.channels_last if nhwc else torch.contiguous_format
+    model.to(memory_format=channels_last)
     opt = make_optimizer(model.parameters(), cfg.optim)  # the same optimizer as ours
+    if compiled:
+        torch._dynamo.reset()  # a fresh compile each repeat, never a cache limit's eager fallback
+        forward = torch.compile(model)
+    else:
+        forward = model
     weight = torch.ones(2, device=dev)
     mean, std = splits.train.pixel_mean_std()
     images, labels = splits.train.images, splits.train.labels
     order = torch.randperm(len(labels))
-    batch, done, start = cfg.data.batch_size, 0, 0.0
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    batch, done, start, first_step = cfg.data.batch_size, 0, 0.0, 0.0
+    bf16 = cfg.trainer.precision == "bf16-mixed"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    began = time.perf_counter()
     for step, first in enumerate(range(0, len(labels) - batch + 1, batch)):
+        if step == 1:
+            sync()
+            first_step = time.perf_counter() - began
         if step == warmup:
             sync()
             start = time.perf_counter()
@@ -121,36 +152,79 @@ def plain_rate(cfg, splits: Splits, warmup: int) -> float:
         if cfg.data.augment.enabled:
             x = random_affine(x, cfg.data.augment)
         with autocast:
-            logits = model(((x - mean) / std).contiguous(memory_format=channels_last))
+            logits = forward(((x - mean) / std).contiguous(memory_format=channels_last))
         loss = F.cross_entropy(logits.float(), y, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         done += len(y) if step >= warmup else 0
     sync()
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), first_step
+
+
+@contextlib.contextmanager
+def bf16_as_asked():
+    """fit's Trainer in bf16-mixed even on a CPU without native bf16 (where `fit` itself trains
+    in 32-true: `config.cpu_precision`), so that the bench measures what the fallback avoids."""
+    with mock.patch.object(config, "native_cpu_bf16", lambda: True):
+        yield
+
+
+def ratio_text(top: Samples, bottom: Samples) -> tuple[float, str]:
+    """The median of the per-repeat ratios, and it in words with every repeat's."""
+    ratios = [a / b for a, b in zip(top.values, bottom.values, strict=True)]
+    ratio = sorted(ratios)[len(ratios) // 2]
+    return ratio, f"median {ratio:.3f} (per repeat {', '.join(f'{x:.3f}' for x in ratios)})"
 
 
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--norms", nargs="+", default=["gn", "bn"])
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        default=list(PRECISIONS),
+        help="trainer.precision of both loops (the plain one autocasts to bf16 for bf16-mixed)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="plus the plain loop with torch.compile(model) (default inductor backend)",
+    )
+    parser.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="plus the plain loop in channels_last on a CPU (on CUDA both loops always are)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument(
-        "--steps", type=int, default=0, help="timed steps (0: 20 at 64 px, 6 at 224)"
+        "--steps", type=int, default=0, help="timed steps (0: 20 up to 128 px, 6 above)"
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
     parser.add_argument("--width", type=int, default=ModelConfig.width)
     parser.add_argument("--augment", action="store_true", help="batched augmentation in both")
     parser.add_argument("--profile", action="store_true", help="profile one Lightning run")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precisions = list(dict.fromkeys(args.precisions))
     print(machine())
     print(
         f"batch {args.batch}, {args.repeats} repeats, warm-up {args.warmup} steps, "
-        f"augmentation {'on' if args.augment else 'off'}"
+        f"augmentation {'on' if args.augment else 'off'}, precisions {', '.join(precisions)}"
     )
+    if "bf16-mixed" in precisions and device().type == "cpu" and not config.native_cpu_bf16():
+        print(
+            "this CPU has no native bf16: fit trains bf16-mixed in 32-true; the bf16-mixed "
+            "figures below are torch's emulation"
+        )
+    kinds = ["lightning", "plain"] + ["nhwc"] * args.channels_last + ["compiled"] * args.compile
+    compiles = args.compile
     worst = float("inf")
     for size in args.sizes:
         steps = args.steps or (20 if size <= 128 else 6)
@@ -161,26 +235,63 @@ def main() -> None:
             "random tensors",
         )
         for norm in args.norms:
-            cfg = fit_config(norm, size, args.batch, args.width, args.augment)
-            ours, plain = Samples("img/s"), Samples("img/s")
-            with tempfile.TemporaryDirectory() as tmp:
+            name = f"SE-ResNet-18-{norm.upper()} {size} px"
+            cfgs = {
+                p: fit_config(norm, size, args.batch, args.width, args.augment, p)
+                for p in precisions
+            }
+            variants = [(kind, p) for p in precisions for kind in kinds]
+            rates = {variant: Samples("img/s") for variant in variants}
+            first_steps = {p: Samples("s") for p in precisions}
+            with tempfile.TemporaryDirectory() as tmp, bf16_as_asked():
                 for r in range(args.repeats):
-                    run_dir = Path(tmp) / f"run{r}"
-                    profile = args.profile and r == args.repeats - 1
-                    # Alternate which goes first: a process that slows as it ages (memory
-                    # fragmentation, a neighbour's job) must not always hit the same side.
-                    for lightning in (r % 2 == 1, r % 2 == 0):
-                        if lightning:
-                            ours.add(lightning_rate(cfg, splits, args.warmup, run_dir, profile))
+                    # Reverse the order every other repeat: a process that slows as it ages
+                    # (memory fragmentation, a neighbour's job) must not always hit one side.
+                    for kind, p in variants if r % 2 == 0 else variants[::-1]:
+                        cfg = cfgs[p]
+                        if kind == "lightning":
+                            run_dir = Path(tmp) / f"run{r}-{p}"
+                            profile = args.profile and r == args.repeats - 1
+                            rate = lightning_rate(cfg, splits, args.warmup, run_dir, profile)
+                        elif kind == "compiled":
+                            if not compiles:
+                                continue
+                            try:
+                                rate, first = plain_rate(cfg, splits, args.warmup, compiled=True)
+                            except Exception as err:  # inductor: no C++ compiler, no Triton...
+                                print(
+                                    f"torch.compile failed on this machine, no compiled "
+                                    f"figures: {type(err).__name__}: {first_line(err, 200)}"
+                                )
+                                compiles = False
+                                continue
+                            first_steps[p].add(first)
                         else:
-                            plain.add(plain_rate(cfg, splits, args.warmup))
-            ratios = [a / b for a, b in zip(ours.values, plain.values, strict=True)]
-            ratio = sorted(ratios)[len(ratios) // 2]
-            worst = min(worst, ratio)
-            print(
-                f"SE-ResNet-18-{norm.upper()} {size} px: Lightning {ours} | plain {plain} | "
-                f"ratio median {ratio:.3f} (per repeat {', '.join(f'{x:.3f}' for x in ratios)})"
-            )
+                            rate, _ = plain_rate(cfg, splits, args.warmup, nhwc=kind == "nhwc")
+                        rates[kind, p].add(rate)
+            for p in precisions:
+                ours, plain = rates["lightning", p], rates["plain", p]
+                ratio, text = ratio_text(ours, plain)
+                worst = min(worst, ratio)
+                print(f"{name}, {p}: Lightning {ours} | plain {plain} | ratio {text}")
+                nhwc = rates.get(("nhwc", p))
+                if nhwc is not None:
+                    print(
+                        f"{name}, {p}: plain channels_last {nhwc} | channels_last/NCHW "
+                        f"{ratio_text(nhwc, plain)[1]}"
+                    )
+                compiled = rates.get(("compiled", p))
+                if compiled is not None and len(compiled.values) == args.repeats:
+                    # Later repeats' compiles reuse inductor's on-disk cache (as later runs do).
+                    compiling = ", ".join(f"{x:.3g}" for x in first_steps[p].values)
+                    print(
+                        f"{name}, {p}: plain compiled {compiled} | compiled/eager "
+                        f"{ratio_text(compiled, plain)[1]} | first step (compiling), each "
+                        f"repeat: {compiling} s"
+                    )
+            if len(precisions) == 2:
+                bf16, fp32 = rates["lightning", "bf16-mixed"], rates["lightning", "32-true"]
+                print(f"{name}: Lightning bf16-mixed/32-true {ratio_text(bf16, fp32)[1]}")
     print(ratio_line("worst median ratio Lightning/plain", worst, ">= 0.95", worst >= 0.95))
 
 

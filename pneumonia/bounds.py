@@ -27,6 +27,9 @@ FractionBelowOne = restricted_number_type("FractionBelowOne", float, [(">=", 0),
 FractionBelowHalf = restricted_number_type("FractionBelowHalf", float, [(">=", 0), ("<", 0.5)])
 AtLeastOne = restricted_number_type("AtLeastOne", float, [(">=", 1)])
 Degrees = restricted_number_type("Degrees", float, [(">=", 0), ("<=", 180)])
+# Side of a random convolution's kernel: reflect padding of side // 2 must stay below the
+# smallest image side (16 px), so at most 15 (RandConv's paper draws up to 7).
+KernelSide = restricted_number_type("KernelSide", int, [(">=", 1), ("<=", 15)])
 # At least 10 synthetic patients: the patient split needs some for validation.
 SyntheticPatients = restricted_number_type("SyntheticPatients", int, [(">=", 10)])
 
@@ -38,6 +41,7 @@ __all__ = [
     "FractionBelowOne",
     "FractionUpToOne",
     "ImageSide",
+    "KernelSide",
     "NonNegativeFloat",
     "NonNegativeInt",
     "OpenUnitInterval",

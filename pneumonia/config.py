@@ -396,14 +396,49 @@ def monitor_mode(monitor: str) -> str:
 
 
 def trainer_arguments(cfg: Namespace) -> dict:
-    """The user's trainer.* options, with mixed precision by default on CUDA only."""
+    """The user's trainer.* options, with mixed precision by default on CUDA only, and
+    bf16-mixed on a CPU only where it computes bf16 natively (`cpu_precision`)."""
     args = dict(cfg.trainer)
     if args.get("precision") is None:
         if uses_cuda(args):
             args["precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         else:
             args["precision"] = "32-true"
+    args["precision"] = cpu_precision(args)
     return args
+
+
+CPU_BF16_FALLBACK = (
+    "trainer.precision bf16-mixed: this CPU has no native bf16 (AVX512-BF16 or AMX); "
+    "training in 32-true"
+)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch only
+    emulates it (`python bench/train_step.py` measures float32 against bf16 on a machine)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def cpu_precision(args: dict) -> object:
+    """The precision to train in: bf16-mixed (or its alias bf16) on a CPU without native bf16
+    becomes 32-true, said in one line once per process (preflight's, or a Flower node's first
+    round); anything else stays. config.yaml keeps what the user asked."""
+    precision = args.get("precision")
+    on_cpu = str(args.get("accelerator", "auto")) == "cpu" or not (
+        uses_cuda(args) or torch.backends.mps.is_available()
+    )
+    if str(precision) in ("bf16-mixed", "bf16") and on_cpu and not native_cpu_bf16():
+        say_once(CPU_BF16_FALLBACK)
+        return "32-true"
+    return precision
+
+
+@functools.cache
+def say_once(line: str) -> None:
+    """Print a line the first time this process asks (trainer_arguments runs for every
+    Trainer; a Flower node builds its client each round)."""
+    print(line, flush=True)
 
 
 def check_monitor(monitor: str, shift_enabled: bool) -> None:

@@ -355,6 +355,8 @@ def check_members(paths: list[str]) -> list[Member]:
          "at the same data.image_size"),
         ("roi", "different parts of the image (data.roi: {})", "one input; train the members "
          "with the same data.roi"),
+        ("intensity", "differently standardised images (data.intensity: {})", "one input; "
+         "train the members with the same data.intensity"),
     ):  # fmt: skip
         if len({getattr(m.recipe, key) for m in members}) > 1:
             shown = ", ".join(f"{m.path} {getattr(m.recipe, key)}" for m in members)
@@ -523,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
         std=1.0,
         threshold=THRESHOLD,
         roi=members[0].recipe.roi,
+        intensity=members[0].recipe.intensity,
     )
     state = build_state(spec, members)
     module_from(recipe, state, out)  # everything that loads it must be able to: check first

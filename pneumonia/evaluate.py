@@ -35,6 +35,7 @@ from pneumonia.scoring import (
     predict_class_probabilities,
     predict_probabilities,
     score_classes,
+    score_groups,
     score_with_intervals,
 )
 
@@ -79,21 +80,28 @@ def pick_folder(root: str, split: str | None) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     """Print one JSON object: the threshold used and where it came from, loss, accuracy,
     precision, recall, f1, specificity, auroc, ece, confusion_matrix [[TN, FP], [FN, TP]], n,
-    ci95 {metric: [low, high]}, and with --shift the same under "shift"."""
+    ci95 {metric: [low, high]}, the same for each file-name family under "by_group" (when the
+    names carry families: `pneumonia.data.groups`), and with --shift all of it under "shift"."""
     args = parse_args(build_parser(), argv)
     check_device(args.device)
     override = threshold_override(args)
     module = load_module(args.ckpt, threshold=override)
     folder = pick_folder(args.data.root, args.data.split)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else default_cache_dir()
-    images = load_or_decode(
-        list_image_files(folder),
-        module.hparams.image_size,
-        cache_dir,
-        args.data.skip_corrupt,
-        roi=module.hparams.get("roi", "full"),  # a lung-field model sees lung fields
-    )
-    images = for_model(module, replace(images, classes=folder_classes(folder)))
+    intensity = module.hparams.get("intensity", "none")  # standardised as its training was
+
+    def decoded(intensity: str):
+        images = load_or_decode(
+            list_image_files(folder),
+            module.hparams.image_size,
+            cache_dir,
+            args.data.skip_corrupt,
+            roi=module.hparams.get("roi", "full"),  # a lung-field model sees lung fields
+            intensity=intensity,
+        )
+        return for_model(module, replace(images, classes=folder_classes(folder)))
+
+    images = decoded(intensity)
     result = {
         "threshold": float(module.hparams.threshold),
         "threshold_source": "checkpoint" if args.threshold == "checkpoint" else "--threshold",
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         **scored(module, images, args, progress=True),
     }
     if args.shift:
-        result["shift"] = scored(module, shifted(images, ShiftConfig()), args)
+        # Re-imaged before the standardisation, which then sees what that scanner produced.
+        raw = images if intensity == "none" else decoded("none")
+        result["shift"] = scored(module, shifted(raw, ShiftConfig(), intensity), args)
     print(json.dumps(result))
     return result
 
@@ -112,7 +122,10 @@ def scored(module, images, args, progress: bool = False) -> dict:
         module, images.images, args.batch_size, args.device, progress, args.tta
     )
     values, _ = score_with_intervals(module, probs, images, args.seed)
-    out = {k: values[k] for k in ("loss", *SCALARS, "confusion_matrix", "n", "ci95")}
+    keys = ("loss", *SCALARS, "confusion_matrix", "n", "ci95")
+    out = {k: values[k] for k in keys}
+    if groups := score_groups(module, probs=probs, images=images):  # file-name families
+        out["by_group"] = {name: {k: v[k] for k in keys} for name, v in groups.items()}
     if images.classes == module.classes and len(module.classes) > 2:
         class_probs = predict_class_probabilities(
             module, images.images, args.batch_size, args.device, False, args.tta

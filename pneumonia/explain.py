@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pneumonia.data.decode import crop_to_roi, square  # noqa: E402
+from pneumonia.data.decode import crop_to_roi, to_input  # noqa: E402
 from pneumonia.data.imageset import ImageSet  # noqa: E402
 from pneumonia.data.lungs import (  # noqa: E402
     WORK_SIDE,
@@ -216,7 +216,8 @@ def lung_energy_share(module: ClassifierModule, full: torch.Tensor, roi: str) ->
         return float("nan")
     size = int(module.hparams.image_size)
     view, cropped = crop_to_roi(full, roi)
-    cam = heatmaps(module, square(view, size)[None])[0][0]
+    intensity = module.hparams.get("intensity", "none")  # the input it was trained on
+    cam = heatmaps(module, to_input(view, size, intensity)[None])[0][0]
     canvas = torch.zeros(WORK_SIDE, WORK_SIDE)
     r0, r1, c0, c1 = (
         pixel_box(lung_box(field.mask), WORK_SIDE, WORK_SIDE)

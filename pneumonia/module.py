@@ -127,6 +127,7 @@ class ClassifierModule(L.LightningModule):
         threshold: float = 0.5,
         loss: dict | None = None,
         roi: str = "full",  # what prediction crops to, as training did (data.roi); kept only
+        intensity: str = "none",  # how prediction standardises grey levels (data.intensity)
     ) -> None:
         super().__init__()
         # The recipe (pneumonia.recipe) is the checkpoint's hyper-parameters; class weights
@@ -198,7 +199,9 @@ class ClassifierModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # Tensor cores want NHWC; forward() hands the images over in that layout too. Not
-        # under DP: Opacus's per-sample gradients of 1x1 convolutions assume NCHW strides.
+        # under DP: Opacus's per-sample gradients of 1x1 convolutions assume NCHW strides. A
+        # CPU keeps NCHW: channels_last trained slower there with bf16 autocast
+        # (`python bench/train_step.py --channels_last`).
         if self.device.type == "cuda" and self.privacy is None:
             self.model.to(memory_format=torch.channels_last)
 

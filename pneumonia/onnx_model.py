@@ -47,9 +47,15 @@ METADATA_KEYS = (
 PREPROCESSING = (
     "decode to one grey channel (DICOM: modality LUT, VOI window, MONOCHROME1 inverted), "
     "resize the 8-bit image to {size}x{size} (bilinear, antialiased, aspect ratio not kept), "
-    "float32 pixel values 0-255, shape [N, 1, {size}, {size}]; the graph divides by 255 and "
-    "normalises with mean {mean} and std {std}"
+    "{standardise}float32 pixel values 0-255, shape [N, 1, {size}, {size}]; the graph divides "
+    "by 255 and normalises with mean {mean} and std {std}"
 )
+# data.intensity's step in that sentence (none: no step, the sentence of earlier exports).
+STANDARDISE = {
+    "none": "",
+    "equalize": "then equalise its histogram (scikit-image equalize_hist, rounded to 8 bits), ",
+    "clahe": "then CLAHE (scikit-image equalize_adapthist, clip limit 0.01, rounded to 8 bits), ",
+}
 
 
 class _Graph(torch.nn.Module):
@@ -95,6 +101,7 @@ def export_onnx(ckpt: str | Path, out: Path) -> dict[str, str]:
     metadata = {
         "image_size": str(model.image_size),
         "roi": model.roi,  # read as "full" when absent (files exported before data.roi)
+        "intensity": model.intensity,  # read as "none" when absent (before data.intensity)
         "mean": repr(float(hparams.mean)),
         "std": repr(float(hparams.std)),
         "threshold": repr(model.threshold),
@@ -104,7 +111,10 @@ def export_onnx(ckpt: str | Path, out: Path) -> dict[str, str]:
         "checkpoint": model.checkpoint,
         "model_card": json.dumps(model.card),
         "preprocessing": PREPROCESSING.format(
-            size=model.image_size, mean=float(hparams.mean), std=float(hparams.std)
+            size=model.image_size,
+            mean=float(hparams.mean),
+            std=float(hparams.std),
+            standardise=STANDARDISE[model.intensity],
         ),
     }
     del proto.metadata_props[:]
@@ -198,6 +208,7 @@ def _model(metadata: dict[str, str], path: str | Path, threshold: float | None) 
             checkpoint=metadata["checkpoint"],
             card=card if isinstance(card, dict) else {},
             roi=metadata.get("roi", "full"),
+            intensity=metadata.get("intensity", "none"),
         )
         valid = (
             model.image_size > 0
@@ -205,12 +216,13 @@ def _model(metadata: dict[str, str], path: str | Path, threshold: float | None) 
             and len(classes) in (2, 3)
             and all(isinstance(c, str) for c in classes)
             and len(positive_indices(classes, model.positive_class)) >= 1
+            and model.intensity in STANDARDISE
         )
     except (TypeError, ValueError, UserError):
         valid = False
     if not valid:
         raise UserError(
-            f"{path}: its pneumonia metadata (image_size, threshold, classes, positive_class) "
-            f"is not valid: export the checkpoint again with python -m pneumonia.export"
+            f"{path}: its pneumonia metadata (image_size, threshold, classes, positive_class, "
+            f"intensity) is not valid: export the checkpoint again with python -m pneumonia.export"
         )
     return model

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from pneumonia.checkpoint import model_card, module_from, read_checkpoint
-from pneumonia.data.decode import CorruptImageError, crop_to_roi, is_dicom, read_image, square
+from pneumonia.data.decode import CorruptImageError, crop_to_roi, is_dicom, read_image, to_input
 from pneumonia.errors import UserError
 from pneumonia.explain import heatmaps, overlay, png_bytes
 from pneumonia.files import write_bytes_atomic
@@ -58,6 +58,7 @@ class Model:
     checkpoint: str  # file_sha256 of the checkpoint
     card: dict = field(default_factory=dict)
     roi: str = "full"  # data.roi of its training: lungs crops every image to its lung field
+    intensity: str = "none"  # data.intensity of its training: how inputs are standardised
 
     @property
     def negative_class(self) -> str:
@@ -122,6 +123,7 @@ class Predictor:
             checkpoint=file_sha256(path),
             card=model_card(ckpt),
             roi=recipe.roi,
+            intensity=recipe.intensity,
         )
         return cls(module, model, device)
 
@@ -201,14 +203,18 @@ class Decoded:
 OVERLAY_SIDE = 1024
 
 
-def decode_one(path: Path, image_size: int, keep_full: bool = False, roi="full") -> Decoded:
+def decode_one(
+    path: Path, image_size: int, keep_full: bool = False, roi="full", intensity="none"
+) -> Decoded:
     """Decode a file for the model (its lung field with `roi` lungs: the preview shows what
-    the model saw); a file that cannot be read carries its reason instead."""
+    the model saw; standardised by `intensity`, the preview is not); a file that cannot be
+    read carries its reason instead."""
     try:
         full = crop_to_roi(read_image(path), roi)[0]
     except CorruptImageError as err:
         return Decoded(path, error=reason_of(err))
-    return Decoded(path, square(full, image_size), preview(full) if keep_full else None)
+    image = to_input(full, image_size, intensity)
+    return Decoded(path, image, preview(full) if keep_full else None)
 
 
 def reason_of(err: CorruptImageError) -> str:
@@ -227,7 +233,12 @@ def preview(full: torch.Tensor) -> torch.Tensor:
 
 
 def decoded_batches(
-    files: list[Path], image_size: int, batch_size: int, keep_full: bool = False, roi="full"
+    files: list[Path],
+    image_size: int,
+    batch_size: int,
+    keep_full: bool = False,
+    roi="full",
+    intensity="none",
 ) -> Iterator[list[Decoded]]:
     """The files decoded by a pool of threads (the decoders release the GIL), `batch_size` at a
     time and in order; the next batch decodes while the caller scores this one."""
@@ -235,7 +246,9 @@ def decoded_batches(
     with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
 
         def submit(chunk: list[Path]) -> list:
-            return [pool.submit(decode_one, p, image_size, keep_full, roi) for p in chunk]
+            return [
+                pool.submit(decode_one, p, image_size, keep_full, roi, intensity) for p in chunk
+            ]
 
         pending = submit(chunks[0]) if chunks else []
         for following in [*chunks[1:], []]:
@@ -267,7 +280,9 @@ def predict_files(
         disable=None if progress is None else not progress,
     )
     with bar:
-        batches = decoded_batches(files, model.image_size, batch_size, keep_full, model.roi)
+        batches = decoded_batches(
+            files, model.image_size, batch_size, keep_full, model.roi, model.intensity
+        )
         for batch in batches:
             good = [d for d in batch if d.image is not None]
             skipped += [(str(d.path), d.error) for d in batch if d.image is None]

@@ -119,6 +119,11 @@ def check_privacy(cfg) -> None:
             "model.norm brn mixes the images of a batch like BatchNorm: use gn",
         ),
         (
+            cfg.model.mixstyle > 0,
+            "model.mixstyle mixes the feature statistics of the images of a batch, so no "
+            "image has a gradient of its own: use data.augment.randconv (per image)",
+        ),
+        (
             cfg.model.drop_connect > 0,
             "model.drop_connect masks the classifier's weights, which Opacus's per-sample "
             "gradients of Linear do not follow: use model.drop_rate",

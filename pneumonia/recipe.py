@@ -33,6 +33,7 @@ class Recipe:
     threshold: float = 0.5  # decision threshold on P(positive)
     loss: dict | None = None  # LossConfig as a dict; None (older checkpoints): cross-entropy
     roi: str = "full"  # data.roi: the whole radiograph, or its lung field's box (lungs)
+    intensity: str = "none"  # data.intensity: how each input's grey levels are standardised
 
     def hparams(self) -> dict:
         """The keyword arguments of `ClassifierModule`, as plain dicts and lists."""
@@ -73,6 +74,7 @@ def make_recipe(cfg, classes: tuple[str, ...], moments: list[Moments]) -> Recipe
         mean=mean,
         std=std,
         roi=cfg.data.roi,
+        intensity=cfg.data.intensity,
     )
 
 

@@ -5,11 +5,13 @@ evaluation of a federation and the final report of every run."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pneumonia.data.groups import family_groups
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import tta_views
 from pneumonia.intervals import bootstrap_intervals, class_intervals
@@ -127,6 +129,17 @@ def score_with_intervals(
     threshold = float(module.hparams.threshold)
     values["ci95"] = bootstrap_intervals(probs, targets, threshold, imageset.patients, seed=seed)
     return values, metrics
+
+
+def score_groups(module: ClassifierModule, images: ImageSet, probs) -> dict[str, dict]:
+    """Every metric with its 95% interval on each file-name family of `images`
+    (`pneumonia.data.groups`); empty when the names carry no grouping."""
+    with warnings.catch_warnings():  # a one-class family: torchmetrics warns, figures are nan
+        warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+        return {
+            family: score_with_intervals(module, probs[index], images.subset(index))[0]
+            for family, index in family_groups(images.names).items()
+        }
 
 
 def cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -32,16 +32,35 @@ def run_bench(script: str, args: list[str], capsys, monkeypatch) -> str:
     return capsys.readouterr().out
 
 
+TRAIN_STEP = ["--sizes", "32", "--norms", "gn", "--width", "16", "--batch", "8", "--threads", "1"]
+TRAIN_STEP += ["--steps", "2", "--warmup", "1", "--repeats", "1"]
+
+
 def test_train_step_bench_compares_lightning_with_a_plain_loop(capsys, monkeypatch):
-    args = ["--sizes", "32", "--norms", "gn", "--width", "16", "--batch", "8"]
-    out = run_bench(
-        "train_step",
-        [*args, "--steps", "2", "--warmup", "1", "--repeats", "1"],
-        capsys,
-        monkeypatch,
-    )
-    assert "SE-ResNet-18-GN 32 px: Lightning" in out and "| plain " in out
+    out = run_bench("train_step", TRAIN_STEP, capsys, monkeypatch)
+    for precision in ("32-true", "bf16-mixed"):  # both by default on a CPU
+        assert f"SE-ResNet-18-GN 32 px, {precision}: Lightning" in out
+    assert "| plain " in out and " | ratio median " in out
+    assert "SE-ResNet-18-GN 32 px: Lightning bf16-mixed/32-true median " in out
     assert "worst median ratio Lightning/plain: " in out and "(goal >= 0.95: " in out
+    if not torch.cuda.is_available():  # the machine line names the CPU and its bf16
+        assert "native bf16" in out.splitlines()[0]
+
+
+def test_train_step_bench_says_in_one_line_when_torch_compile_fails(capsys, monkeypatch):
+    def compile_fails(model, **kwargs):  # as inductor does: at the first call, not at wrapping
+        def call(*args):
+            raise RuntimeError("no C++ compiler found\nmore lines")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_fails)
+    args = [*TRAIN_STEP, "--precisions", "32-true", "--compile"]
+    out = run_bench("train_step", args, capsys, monkeypatch)
+    line = "torch.compile failed on this machine, no compiled figures: RuntimeError: no C++ "
+    line += "compiler found"
+    assert out.count("torch.compile failed") == 1 and f"{line}\n" in out
+    assert "plain compiled" not in out and "SE-ResNet-18-GN 32 px, 32-true: Lightning" in out
 
 
 def test_data_bench_compares_the_cache_with_imagefolder(kermany_root, capsys, monkeypatch):

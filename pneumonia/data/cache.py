@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import ImageFile
 from pneumonia.errors import UserError
 from pneumonia.files import save_atomic
@@ -29,10 +31,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia"
 
 
-def cache_key(files: list[ImageFile], image_size: int, roi: str = "full") -> str:
+def cache_key(
+    files: list[ImageFile], image_size: int, roi: str = "full", intensity: str = "none"
+) -> str:
     """A digest of what the decoded tensors depend on."""
     region = "" if roi == "full" else f"|{roi}"  # full: the keys of earlier caches still hold
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}{region}".encode())
+    levels = "" if intensity == "none" else f"|{intensity}"  # none: likewise
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}{region}{levels}".encode())
     # Resolving each folder once, not each file: 5,000 realpath calls cost half a second.
     folders: dict[Path, str] = {}
     for f in files:
@@ -44,11 +49,14 @@ def cache_key(files: list[ImageFile], image_size: int, roi: str = "full") -> str
     return digest.hexdigest()[:24]
 
 
-def cache_path(files: list[ImageFile], image_size: int, cache_dir: Path, roi="full") -> Path:
+def cache_path(
+    files: list[ImageFile], image_size: int, cache_dir: Path, roi="full", intensity="none"
+) -> Path:
     """Where the decoded tensors of `files` at `image_size` are (or will be) kept."""
     region = "" if roi == "full" else f"{roi}-"
-    key = cache_key(files, image_size, roi)
-    return Path(cache_dir) / f"images-{image_size}px-{region}{key}.pt"
+    levels = "" if intensity == "none" else f"{intensity}-"
+    key = cache_key(files, image_size, roi, intensity)
+    return Path(cache_dir) / f"images-{image_size}px-{region}{levels}{key}.pt"
 
 
 def _to_payload(imageset: ImageSet, skipped: list[str], whole: list[str]) -> dict:
@@ -74,14 +82,12 @@ def load_or_decode(
     skip_corrupt: bool = False,
     desc: str = "decode",
     roi: str = "full",
+    intensity: str = "none",
 ) -> ImageSet:
-    """The decoded images of `files` (of their lung fields with `roi` lungs): from the cache
-    when present, else decoded and cached. With lungs, a line says how many were kept whole."""
-    path = cache_path(files, image_size, cache_dir, roi)
-    cached = _read_cache(path)
-    if cached is None:
-        cached = decode_files(files, image_size, skip_corrupt, desc, roi)
-        save_atomic(_to_payload(*cached), path)
+    """The decoded images of `files` (of their lung fields with `roi` lungs, standardised by
+    `intensity`): from the cache when present, else decoded and cached. With lungs, a line
+    says how many were kept whole."""
+    cached = _cached(files, image_size, cache_dir, skip_corrupt, desc, roi, intensity)
     imageset, skipped, whole = cached
     if roi == "lungs":
         print(
@@ -95,6 +101,24 @@ def load_or_decode(
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}", stacklevel=2)
     return imageset
+
+
+def _cached(files, image_size, cache_dir, skip_corrupt, desc, roi, intensity):
+    """(images, skipped, whole) of one option, from its cache file or made and cached. A
+    standardised set is made from the un-standardised one (itself cached: re-imaging, the
+    shift validation and site profiles, starts from it), as `prepare` would have made it."""
+    path = cache_path(files, image_size, cache_dir, roi, intensity)
+    cached = _read_cache(path)
+    if cached is None:
+        if intensity == "none":
+            cached = decode_files(files, image_size, skip_corrupt, desc, roi)
+        else:
+            raw, skipped, whole = _cached(
+                files, image_size, cache_dir, skip_corrupt, desc, roi, "none"
+            )
+            cached = replace(raw, images=standardize(raw.images, intensity)), skipped, whole
+        save_atomic(_to_payload(*cached), path)
+    return cached
 
 
 def _read_cache(path: Path) -> tuple[ImageSet, list[str], list[str]] | None:

@@ -15,6 +15,7 @@ from torch.utils.data import (
 )
 
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.progressive import ProgressiveConfig, resize_batch, size_at
 from pneumonia.data.transforms import AugmentConfig, augment_batch
 
 
@@ -41,6 +42,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         poisson: bool = False,
+        progressive: ProgressiveConfig | None = None,
+        planned_epochs: int = 1,
     ) -> None:
         super().__init__()
         self.train, self.val, self.test, self.val_shift = train, val, test, val_shift
@@ -53,6 +56,11 @@ class ChestXrayDataModule(L.LightningDataModule):
         # DP-SGD's accounting assumes Poisson sampling: each image joins each training batch
         # with probability B / N independently, so batch sizes vary (and may be 0).
         self.poisson = poisson
+        # Progressive resizing over `planned_epochs` (a federation's: rounds x local epochs).
+        # epoch_offset turns the Trainer's epoch into the run's: a federated client sets it
+        # each round (its kept Trainer counts only the epochs it trained).
+        self.progressive = progressive or ProgressiveConfig()
+        self.planned_epochs, self.epoch_offset = planned_epochs, 0
 
     def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
         dataset = TensorDataset(images.images, images.labels)
@@ -111,9 +119,20 @@ class ChestXrayDataModule(L.LightningDataModule):
             return []
         return self._loader(self.test, self.eval_batch_size, train=False)
 
+    def training_side(self) -> int:
+        """The side training batches have in the Trainer's current epoch."""
+        epoch = self.trainer.current_epoch + self.epoch_offset
+        return size_at(epoch, self.planned_epochs, self.progressive, self.train.image_size)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        augment = self.augment.enabled and len(labels) > 0  # an empty Poisson batch stays empty
-        if self.trainer is not None and self.trainer.training and augment:
-            images = augment_batch(images.float() / 255.0, self.augment)
+        if self.trainer is None or not self.trainer.training or len(labels) == 0:
+            return images, labels  # evaluation, or an empty Poisson batch
+        side = self.training_side()
+        if side != images.shape[-1]:
+            images = resize_batch(images, side)
+        if self.augment.enabled:
+            images = augment_batch(
+                images.float() / 255.0 if images.dtype == torch.uint8 else images, self.augment
+            )
         return images, labels

@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import ImageFile
 from pneumonia.data.lungs import crop_to_lungs
 from pneumonia.errors import UserError
@@ -96,12 +97,22 @@ def square(image: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.resize(image, [image_size, image_size], antialias=True)
 
 
-def prepare(image: torch.Tensor, image_size: int, roi: str = "full") -> tuple[torch.Tensor, bool]:
+def prepare(
+    image: torch.Tensor, image_size: int, roi: str = "full", intensity: str = "none"
+) -> tuple[torch.Tensor, bool]:
     """A decoded image [1, H, W] -> what a model sees, uint8 [1, S, S]: the whole image
     (`roi` full) or its lung field's box (lungs: `pneumonia.data.lungs`), squashed to a
-    square; and whether the lung field was found (always True for full)."""
+    square, its grey levels standardised by `intensity` (`pneumonia.data.intensity`); and
+    whether the lung field was found (always True for full)."""
     image, found = crop_to_roi(image, roi)
-    return square(image, image_size), found
+    return to_input(image, image_size, intensity), found
+
+
+def to_input(view: torch.Tensor, image_size: int, intensity: str = "none") -> torch.Tensor:
+    """The region a model sees [1, H, W] (`crop_to_roi`) -> its input [1, S, S]: squashed to
+    a square, then standardised (at the model's size: cheap, and the same whatever the
+    original size)."""
+    return standardize(square(view, image_size), intensity)
 
 
 def crop_to_roi(image: torch.Tensor, roi: str) -> tuple[torch.Tensor, bool]:
@@ -110,10 +121,13 @@ def crop_to_roi(image: torch.Tensor, roi: str) -> tuple[torch.Tensor, bool]:
     return crop_to_lungs(image) if roi == "lungs" else (image, True)
 
 
-def decode_file(path: str | Path, image_size: int, roi: str = "full") -> torch.Tensor:
+def decode_file(
+    path: str | Path, image_size: int, roi: str = "full", intensity: str = "none"
+) -> torch.Tensor:
     """A grey-scale, palette or colour JPEG/PNG/GIF/WebP, or a DICOM radiograph, of any size
-    -> uint8 [1, image_size, image_size] (of its lung field with `roi` lungs)."""
-    return prepare(read_image(path), image_size, roi)[0]
+    -> uint8 [1, image_size, image_size] (of its lung field with `roi` lungs, standardised by
+    `intensity`)."""
+    return prepare(read_image(path), image_size, roi, intensity)[0]
 
 
 def decode_files(
@@ -122,6 +136,7 @@ def decode_files(
     skip_corrupt: bool = False,
     desc: str = "decode",
     roi: str = "full",
+    intensity: str = "none",
 ) -> tuple[ImageSet, list[str], list[str]]:
     """Decode every file (threads: the decoders release the GIL) into an ImageSet.
 
@@ -135,7 +150,7 @@ def decode_files(
 
     def work(i: int) -> None:
         try:
-            images[i], found = prepare(read_image(files[i].path), image_size, roi)
+            images[i], found = prepare(read_image(files[i].path), image_size, roi, intensity)
             if not found:
                 whole.append(files[i].path.name)
         except CorruptImageError:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pneumonia.bounds import Seed
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.intensity import standardize
 from pneumonia.data.transforms import gaussian_blur, reframe
 
 KINDS = ("contrast", "gamma", "brightness", "blur", "noise", "lowres", "zoom", "scanner")
@@ -93,10 +94,12 @@ def shift_images(images: torch.Tensor, kinds: list[str], seed: int) -> torch.Ten
     return out
 
 
-def shifted(imageset: ImageSet, cfg: ShiftConfig) -> ImageSet:
-    """`imageset` re-imaged, each image under its seeded kind. Names get the kind as a suffix
-    ("name#kind") so predictions can be grouped by shift."""
+def shifted(imageset: ImageSet, cfg: ShiftConfig, intensity: str = "none") -> ImageSet:
+    """`imageset` re-imaged, each image under its seeded kind, then standardised by
+    `intensity` (data.intensity: give the images before standardisation, so that it sees what
+    the other scanner produced). Names get the kind as a suffix ("name#kind") so predictions
+    can be grouped by shift."""
     kinds = shift_kinds(len(imageset), cfg.seed)
-    images = shift_images(imageset.images, kinds, cfg.seed)
+    images = standardize(shift_images(imageset.images, kinds, cfg.seed), intensity)
     names = [f"{n}#{k}" for n, k in zip(imageset.names, kinds, strict=True)]
     return replace(imageset, images=images, names=names)

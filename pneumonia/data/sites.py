@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.intensity import standardize
 from pneumonia.data.partition import SITE_SEPARATOR, _deal, patients_by_class
 from pneumonia.data.transforms import gaussian_blur
 
@@ -111,10 +112,15 @@ def _image(x: torch.Tensor, p: SiteProfile, g: torch.Generator) -> torch.Tensor:
     return x + p.noise * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
 
-def image_site(imageset: ImageSet, site: int, profile: SiteProfile, seed: int) -> ImageSet:
-    """`imageset` as site `site` images; `seed` tells this set's noise from another's."""
+def image_site(
+    imageset: ImageSet, site: int, profile: SiteProfile, seed: int, intensity: str = "none"
+) -> ImageSet:
+    """`imageset` as site `site` images; `seed` tells this set's noise from another's. Then
+    standardised by `intensity` (data.intensity): give the images before standardisation, so
+    that it sees what the site's scanner produced."""
     noise_seed = seed * 1_000_003 + 7919 * (site + 1)
-    return replace(imageset, images=apply_profile(imageset.images, profile, noise_seed))
+    images = apply_profile(imageset.images, profile, noise_seed)
+    return replace(imageset, images=standardize(images, intensity))
 
 
 def profile_rows(profiles: list[SiteProfile]) -> list[dict]:

@@ -25,8 +25,10 @@ from pneumonia.bounds import (
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.decode import CorruptImageError, prepare, read_image
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.intensity import INTENSITIES, standardize
 from pneumonia.data.kermany import find_sites, find_splits, folder_classes, list_image_files
 from pneumonia.data.partition import SITE_SEPARATOR
+from pneumonia.data.progressive import ProgressiveConfig
 from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.data.split import split_by_patient
 from pneumonia.data.synthetic import generate_synthetic
@@ -57,6 +59,11 @@ class DataConfig:
     # full: the whole radiograph; lungs: the box of its lung field (a classical segmentation,
     # pneumonia.data.lungs; the whole image where the mask is implausible), then resized.
     roi: Literal["full", "lungs"] = "full"
+    # Each image's grey levels standardised after the resize (pneumonia.data.intensity), so
+    # that inputs vary less with the scanner: none (as decoded), equalize (global histogram
+    # equalisation) or clahe (contrast-limited adaptive equalisation). The checkpoint keeps
+    # it: prediction, serving and ONNX standardise new images alike.
+    intensity: Literal[INTENSITIES] = "none"
     val_fraction: OpenUnitInterval = 0.15
     # Train on this fraction of the training patients (stratified by class, seeded; the
     # validation split is unchanged): a small hospital's data set, as transfer learning meets it.
@@ -72,6 +79,8 @@ class DataConfig:
     cache_dir: str | None = None  # default: $PNEUMONIA_CACHE or ~/.cache/pneumonia
     num_workers: NonNegativeInt = 0  # tensors are decoded already; workers only add start-up time
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Low resolution early, data.image_size for the last part of training: progressive.py.
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -81,7 +90,12 @@ class Splits:
     """The images of one run, and a line saying where they came from. `val_shift` holds the
     validation patients under acquisition shifts (`pneumonia.data.shifts`), or None. A
     federated run adds `val_site`, the site of each validation image, and with
-    federated.hold_out `held_out`: every image of the site that trained nowhere."""
+    federated.hold_out `held_out`: every image of the site that trained nowhere.
+
+    With data.intensity other than none, `raw_train` and `raw_val` are the same images (same
+    order) before standardisation: simulated re-imaging (federated.site_shift: the cohort and
+    `pneumonia.run.sites`) starts from them and standardises after, as a model would see
+    another scanner's images. None with none (the images are their own raw versions)."""
 
     train: ImageSet
     val: ImageSet
@@ -90,6 +104,8 @@ class Splits:
     val_shift: ImageSet | None = None
     val_site: torch.Tensor | None = None
     held_out: ImageSet | None = None
+    raw_train: ImageSet | None = None
+    raw_val: ImageSet | None = None
 
     def evaluation_sets(self) -> dict[str, ImageSet]:
         """The sets a model is scored on after each epoch or round, by name."""
@@ -103,8 +119,18 @@ class Splits:
 
 
 def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, ImageSet]:
-    """Every split the source has ("train", maybe "val" and "test"), decoded. With `sites`,
-    each sub-folder of the root is a hospital and patient ids become "<site>/<patient>"."""
+    """Every split the source has ("train", maybe "val" and "test"), decoded and standardised
+    (data.intensity). With `sites`, each sub-folder of the root is a hospital and patient ids
+    become "<site>/<patient>"."""
+    return _load_images(cfg, seed, sites)[0]
+
+
+def _load_images(
+    cfg: DataConfig, seed: int, sites: bool, keep_raw: bool = False
+) -> tuple[dict[str, ImageSet], dict[str, ImageSet] | None]:
+    """(`load_images`, with `keep_raw` and data.intensity other than none the same splits
+    before standardisation, else None). Both come from the cache: the standardised file is
+    made from the other one."""
     if cfg.image_size < MIN_IMAGE_SIZE:
         raise UserError(
             f"data.image_size {cfg.image_size} is too small: use at least {MIN_IMAGE_SIZE}"
@@ -118,7 +144,24 @@ def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, Im
         images = generate_synthetic(s.n_patients, cfg.image_size, seed, s.pneumonia_fraction)
         if cfg.roi == "lungs":
             images = replace(images, images=crop_all(images.images, cfg.image_size))
-        return {"train": for_task(images, cfg.task, seed, synthetic=True)}
+        raw = {"train": for_task(images, cfg.task, seed, synthetic=True)}
+        if cfg.intensity == "none":
+            return raw, None
+        standardised = {k: standardized(v, cfg.intensity) for k, v in raw.items()}
+        return standardised, raw if keep_raw else None
+    images = _load_root(cfg, sites)  # first: it caches the un-standardised images too
+    if cfg.intensity == "none" or not keep_raw:
+        return images, None
+    return images, _load_root(replace(cfg, intensity="none"), sites)
+
+
+def standardized(imageset: ImageSet, intensity: str) -> ImageSet:
+    """`imageset` with its images standardised (`pneumonia.data.intensity.standardize`)."""
+    return replace(imageset, images=standardize(imageset.images, intensity))
+
+
+def _load_root(cfg: DataConfig, sites: bool) -> dict[str, ImageSet]:
+    """A data.root's splits (with `sites`, each hospital folder's, concatenated)."""
     if not sites:
         return _load_folder(cfg, cfg.root)
     per_site = {
@@ -143,6 +186,7 @@ def _load_folder(cfg: DataConfig, root: str | Path, site: str | None = None) -> 
             cfg.skip_corrupt,
             f"decode {label}",
             cfg.roi,
+            cfg.intensity,
         )
         images = for_task(replace(images, classes=folder_classes(folder)), cfg.task)
         if site is not None:  # patient ids are unique only within a hospital
@@ -157,21 +201,36 @@ def _load_folder(cfg: DataConfig, root: str | Path, site: str | None = None) -> 
 
 def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
     """Train and validation by patient from the training images (plus a folder's val/, which
-    in Kermany is too small to be a validation set alone), and the test split if any."""
-    images = load_images(cfg, seed, sites)
+    in Kermany is too small to be a validation set alone), and the test split if any.
+
+    With data.intensity, the shift validation re-images the validation patients before
+    standardising them (as a model would meet another scanner's images), and `raw_train` /
+    `raw_val` keep the un-standardised images for the site profiles."""
+    images, raw = _load_images(cfg, seed, sites, keep_raw=cfg.intensity != "none")
     pool = images["train"] if "val" not in images else concat(images["train"], images["val"])
+    raw_pool = None
+    if raw is not None:
+        raw_pool = raw["train"] if "val" not in raw else concat(raw["train"], raw["val"])
+        if raw_pool.names != pool.names:  # one cache file made from another: cannot happen
+            raise UserError("the decoded-image cache is out of step: delete data.cache_dir")
     if cfg.split_from:
         train_idx, val_idx = split_as(pool, cfg.split_from)
     else:
         train_idx, val_idx = split_by_patient(pool, cfg.val_fraction, seed)
     source = "SYNTHETIC images (no data.root given)" if cfg.root is None else str(cfg.root)
     val = pool.subset(val_idx)
-    val_shift = shifted(val, cfg.shift) if cfg.shift.enabled else None
+    raw_val = raw_pool.subset(val_idx) if raw_pool is not None else None
+    unstandardised = raw_val if raw_val is not None else val
+    val_shift = shifted(unstandardised, cfg.shift, cfg.intensity) if cfg.shift.enabled else None
     train = pool.subset(train_idx)
+    raw_train = raw_pool.subset(train_idx) if raw_pool is not None else None
     if cfg.train_fraction < 1.0:
         kept, _ = split_by_patient(train, 1.0 - cfg.train_fraction, seed + 1)
         train = train.subset(kept)
-    return Splits(train, val, images.get("test"), source, val_shift)
+        raw_train = raw_train.subset(kept) if raw_train is not None else None
+    return Splits(
+        train, val, images.get("test"), source, val_shift, raw_train=raw_train, raw_val=raw_val
+    )
 
 
 def split_as(pool: ImageSet, split_csv: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from pneumonia.bounds import (
     Degrees,
     FractionBelowOne,
     FractionUpToOne,
+    KernelSide,
     NonNegativeFloat,
     PositiveFloat,
 )
@@ -41,6 +42,11 @@ class AugmentConfig:
     intensity_p: ClosedUnitInterval = (
         0.8  # probability that an image gets the intensity changes at all
     )
+    # RandConv (Xu et al., ICLR 2021): the probability that an image is mixed with itself
+    # through a random convolution (odd kernel sides 1..randconv_max_kernel): new textures and
+    # contrasts from the same anatomy, so no extra data. 0: off.
+    randconv: ClosedUnitInterval = 0.0
+    randconv_max_kernel: KernelSide = 7  # the paper's sides {1, 3, 5, 7}
 
 
 def check_augment(cfg: AugmentConfig) -> None:
@@ -50,12 +56,35 @@ def check_augment(cfg: AugmentConfig) -> None:
             f"data.augment.scale_min {cfg.scale_min} is above data.augment.scale_max "
             f"{cfg.scale_max}: the scale is drawn from [scale_min, scale_max]"
         )
+    if not cfg.enabled and (on := _options_on(cfg)):
+        raise UserError(
+            f"data.augment.{on[0]} is set but data.augment.enabled is false, so it would not "
+            f"be applied: set data.augment.enabled true, or drop data.augment.{on[0]}"
+        )
+    if cfg.randconv_max_kernel % 2 == 0:
+        raise UserError(
+            f"data.augment.randconv_max_kernel {cfg.randconv_max_kernel} must be odd (a kernel "
+            "centred on its pixel): use 1, 3, 5, 7, ..."
+        )
+
+
+def _options_on(cfg: AugmentConfig) -> list[str]:
+    """The options that are off at their defaults and set here (the affine's defaults are on,
+    so its fields cannot tell whether someone set them)."""
+    zero_off = ("brightness", "contrast", "gamma", "noise", "blur", "randconv")
+    on = [name for name in zero_off if getattr(cfg, name) > 0]
+    return (
+        on + (["hflip"] if cfg.hflip else []) + (["crop_area_min"] if cfg.crop_area_min < 1 else [])
+    )
 
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     """The training augmentation of a float batch [B, C, H, W] in [0, 1]: affine and crop in
-    one resampling, then the intensity changes; seeded by torch's global RNG."""
+    one resampling, then random convolutions, then the intensity changes; seeded by torch's
+    global RNG."""
     images = random_affine(images, cfg)
+    if cfg.randconv > 0:  # off: no draw, so the other augmentations see the RNG they did
+        images = random_convolution(images, cfg.randconv, cfg.randconv_max_kernel)
     if _intensity_on(cfg):
         images = random_intensity(images, cfg)
     return images
@@ -111,6 +140,47 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = Non
     flat = F.conv2d(flat, kernel.view(b * c, 1, 1, -1), groups=b * c)
     flat = F.conv2d(flat, kernel.view(b * c, 1, -1, 1), groups=b * c)
     return flat.view(b, c, h, w)
+
+
+def random_convolution(images: torch.Tensor, p: float, max_kernel: int = 7) -> torch.Tensor:
+    """RandConv's "mix" variant (Xu et al., ICLR 2021) on a float batch [B, C, H, W] in [0, 1]:
+    with probability `p` an image becomes a x + (1 - a) conv(x), a ~ U(0, 1), through its own
+    random C -> C kernel of odd side k drawn from 1..max_kernel, weights N(0, 1 / (k k C)).
+    Shape, dtype and range [0, 1] are kept; seeded by torch's global RNG."""
+    if p <= 0:
+        return images
+    b, c, device, dtype = images.shape[0], images.shape[1], images.device, images.dtype
+    sides = 1 + 2 * torch.randint(0, max_kernel // 2 + 1, (b,), device=device)
+    std = 1 / (sides.to(dtype) * math.sqrt(c))  # 1 / sqrt(fan-in k k C)
+    weights = torch.randn(b, c, c, max_kernel, max_kernel, device=device, dtype=dtype)
+    # Each image's k x k kernel sits at the centre of the shared max_kernel square, zero
+    # outside it: one convolution for all sides. Reflect padding reads the same pixels
+    # whatever its width, so a padded k-kernel convolves exactly as a k x k one would.
+    reach = (torch.arange(max_kernel, device=device) - max_kernel // 2).abs()
+    inside = (reach.view(1, -1) <= sides.view(-1, 1) // 2).to(dtype)  # [B, K]
+    mask = inside.view(b, 1, 1, -1, 1) * inside.view(b, 1, 1, 1, -1)
+    weights = weights * mask * std.view(b, 1, 1, 1, 1)
+    mix = torch.rand(b, device=device, dtype=dtype)
+    mixed = convolve_mix(images, weights, mix)
+    keep = torch.rand(b, device=device).view(b, 1, 1, 1) >= p
+    return torch.where(keep, images, mixed)
+
+
+def convolve_mix(images: torch.Tensor, weights: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """mix[b] x[b] + (1 - mix[b]) conv(x[b], weights[b]) for a batch [B, C, H, W] in [0, 1] and
+    per-image kernels [B, C, C, K, K] (K odd), as one grouped convolution with reflected
+    borders; each conv(x[b]) is min-max scaled to [0, 1] first (its range is arbitrary), and a
+    constant one (nothing to scale) is replaced by x[b] itself."""
+    b, c, h, w = images.shape
+    k = weights.shape[-1]
+    flat = F.pad(images.reshape(1, b * c, h, w), (k // 2,) * 4, mode="reflect")
+    out = F.conv2d(flat, weights.reshape(b * c, c, k, k), groups=b).view(b, c, h, w)
+    low = out.amin(dim=(1, 2, 3), keepdim=True)
+    span = out.amax(dim=(1, 2, 3), keepdim=True) - low
+    constant = span <= 1e-6
+    out = torch.where(constant, images, (out - low) / span.clamp(min=1e-6))
+    mix = mix.view(b, 1, 1, 1)
+    return (mix * images + (1 - mix) * out).clamp(0.0, 1.0)
 
 
 def reframe(

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.imageset import ImageSet
+from pneumonia.data.progressive import ProgressiveConfig
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.privacy import PrivacyConfig, make_private, planned_steps
 from pneumonia.recipe import Recipe, build_module, loss_weights
@@ -60,6 +61,7 @@ class ClientSettings:
     keep_optimizer_state: bool = False
     privacy: PrivacyConfig | None = None  # DP-SGD on every client (privacy.*)
     planned_epochs: int = 1  # rounds x local epochs: what a target epsilon is spread over
+    progressive: ProgressiveConfig | None = None  # data.progressive, over planned_epochs
 
 
 class Client:
@@ -80,6 +82,8 @@ class Client:
             seed=settings.seed,
             num_workers=settings.num_workers,
             poisson=settings.privacy is not None,
+            progressive=settings.progressive,
+            planned_epochs=settings.planned_epochs,
         )
         self.module = build_module(recipe, loss_weights(settings.balance, data))
         # Its own accountant for the whole run: epsilon grows with every round it trains.
@@ -132,6 +136,9 @@ class Client:
         trainer = self.trainer
         trainer.callbacks.extend(callbacks)
         trainer.fit_loop.max_epochs = trainer.current_epoch + local_epochs
+        # The run's epoch, not this Trainer's: a client sampled in fewer rounds, or rebuilt on
+        # resume, still follows the run's resolution schedule (data.progressive).
+        self.datamodule.epoch_offset = round_index * local_epochs - trainer.current_epoch
         try:
             trainer.fit(self.module, self.datamodule)
         finally:

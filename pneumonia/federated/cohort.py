@@ -78,6 +78,7 @@ def client_settings(cfg: Namespace, trainer_args: dict) -> ClientSettings:
         keep_optimizer_state=cfg.federated.keep_optimizer_state,
         privacy=cfg.privacy if cfg.privacy.enabled else None,
         planned_epochs=cfg.federated.rounds * cfg.federated.local_epochs,
+        progressive=cfg.data.progressive,
     )
 
 
@@ -158,10 +159,13 @@ class LocalCohort:
         self.site_table = partition_table(splits.train, parts)
         self.site_data: list[ImageSet] = [splits.train.subset(idx) for idx in parts]
         if shifts_sites(fed):
+            # Re-imaged from the images before data.intensity's standardisation, then
+            # standardised: it sees what the site's scanner produced.
+            raw = splits.raw_train if splits.raw_train is not None else splits.train
             profiles = site_profiles(len(parts), fed.site_seed)
             self.site_data = [
-                image_site(data, j, profiles[j], fed.site_seed)
-                for j, data in enumerate(self.site_data)
+                image_site(raw.subset(idx), j, profiles[j], fed.site_seed, cfg.data.intensity)
+                for j, idx in enumerate(parts)
             ]
         if fed.hold_out is not None and len(parts) < 2:
             raise UserError("federated.hold_out needs at least 2 sites: one to hold out")

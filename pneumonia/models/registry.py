@@ -21,6 +21,7 @@ from torch import nn
 
 from pneumonia.bounds import (
     AtLeastOne,
+    ClosedUnitInterval,
     FractionBelowOne,
     NonNegativeFloat,
     NonNegativeInt,
@@ -30,6 +31,7 @@ from pneumonia.bounds import (
 from pneumonia.errors import UserError, first_line
 from pneumonia.models.heads import classifier_layer, replace_classifier
 from pneumonia.models.layers import ACTIVATIONS, DropConnectLinear
+from pneumonia.models.mixstyle import attach_mixstyle
 from pneumonia.models.pretrained import load_pretrained
 
 IN_CHANS = 1
@@ -66,6 +68,11 @@ class ModelConfig:
     # Inside the blocks: DropBlock (Ghiasi et al. 2018, timm's) in the last two stages.
     block_drop_rate: FractionBelowOne = 0.0
     drop_connect: FractionBelowOne = 0.0  # DropConnect on the classifier's weights
+    # MixStyle (Zhou et al., ICLR 2021): the probability per training batch that the channel
+    # statistics after layer1 and layer2 are mixed between images (Beta(alpha, alpha)), new
+    # styles without extra data (pneumonia.models.mixstyle). No weights; off in eval. 0: off.
+    mixstyle: ClosedUnitInterval = 0.0
+    mixstyle_alpha: PositiveFloat = 0.1
     pretrained: str | None = None  # local weights file (ImageNet, or a checkpoint of ours)
     # The ResNet family's attention block in every residual block: auto is the one the name
     # says (se_resnet*: se; resnet*: none); cbam and eca are timm's CbamModule and EcaModule.
@@ -128,6 +135,8 @@ def create_model(
         parent, attr = classifier_layer(model, num_classes)
         linear = getattr(parent, attr)
         setattr(parent, attr, DropConnectLinear.from_linear(linear, cfg.drop_connect))
+    if cfg.mixstyle > 0:  # hooks, not layers: the state dict keeps its keys
+        attach_mixstyle(model, cfg.mixstyle, cfg.mixstyle_alpha)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if image_size is not None:

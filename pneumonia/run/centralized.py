@@ -179,6 +179,8 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
         val_shift=splits.val_shift,
         num_workers=d.num_workers,
         poisson=cfg.privacy.enabled,
+        progressive=d.progressive,
+        planned_epochs=int(cfg.trainer.max_epochs or 1),
     )
 
 

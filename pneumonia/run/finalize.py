@@ -23,6 +23,7 @@ from pneumonia.scoring import (
     predict_probabilities,
     score,
     score_classes,
+    score_groups,
     score_with_intervals,
     site_indices,
 )
@@ -85,6 +86,10 @@ def finalize(
             results["val_shift_by_kind"] = by_shift_kind(module, imageset, probs)
         if name == "val" and splits.val_site is not None:
             results["val_by_site"] = by_site(module, imageset, probs, splits.val_site)
+        if name in ("val", "val_shift") and (groups := score_groups(module, imageset, probs)):
+            results[f"{name}_by_group"] = groups
+            for family, values in groups.items():
+                tensorboard.add_scalar(f"best/{name}_by_group/{family}", values["accuracy"], 0)
         for key, value in values.items():
             if isinstance(value, float):
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)
@@ -98,6 +103,8 @@ def finalize(
         trained.logger.log_hyperparams(config, trained.hparams_metrics)
     best = {f"best_{trained.unit}": int(ckpt[trained.unit]), "selected_by": trained.selected_by}
     summary = trained.details | best | results
+    if worst := worst_groups(summary):
+        summary["worst_group"] = worst
     card = model_card_of(summary, splits, config, module.negative_and_positive[1])
     finish_checkpoint(trained.checkpoint, ckpt, chosen, card)
     return summary
@@ -155,6 +162,8 @@ def model_card_of(summary: dict, splits: Splits, config: dict, positive: str) ->
     for name in ("val", "val_shift", "test", "held_out"):  # test: a data.root with a test/
         if name in summary:
             card[name] = _figures(summary[name])
+    if "worst_group" in summary:  # the group the model serves worst, beside the averages
+        card["worst_group"] = summary["worst_group"]
     if "privacy" in summary:
         card["privacy"] = privacy_statement(summary["privacy"])
     card["caveat"] = CAVEAT
@@ -204,6 +213,30 @@ def by_site(module: ClassifierModule, val, probs, val_site: torch.Tensor) -> dic
         f"site{j}": score_with_intervals(module, probs[index], val.subset(index))[0]
         for j, index in site_indices(val_site).items()
     }
+
+
+def worst_groups(summary: dict) -> dict[str, dict]:
+    """For val and val_shift: the subgroup (file-name family or site) of lowest accuracy, with
+    its interval, and whether that interval lies wholly below the whole set's (`hidden`: the
+    average hides a group the model serves worse)."""
+    out = {}
+    for name in ("val", "val_shift"):
+        groups = dict(summary.get(f"{name}_by_group", {}))
+        if name == "val":
+            groups |= summary.get("val_by_site", {})
+        if not groups or name not in summary:
+            continue
+        group, values = min(groups.items(), key=lambda item: item[1]["accuracy"])
+        low, high = values["ci95"]["accuracy"]
+        whole_low = summary[name]["ci95"]["accuracy"][0]
+        out[name] = {
+            "group": group,
+            "accuracy": round(values["accuracy"], 4),
+            "ci95": [round(low, 4), round(high, 4)],
+            "n": values["n"],
+            "hidden": bool(high < whole_low),
+        }
+    return out
 
 
 def by_shift_kind(module: ClassifierModule, imageset, probs) -> dict[str, dict]:
@@ -285,6 +318,7 @@ def print_summary(summary: dict, best_key: str, summary_path: Path) -> None:
                 print(f"{'':9s} {format_classes(summary[name]['classes'])}")
     for site, values in summary.get("val_by_site", {}).items():
         print(f"  val {site:5s} {format_metrics(values)}")
+    print_groups(summary)
     if "cross_site" in summary:
         print("cross-site accuracy (model on site):")
         for row in summary["cross_site"]:
@@ -299,6 +333,28 @@ def print_summary(summary: dict, best_key: str, summary_path: Path) -> None:
             f"({t['frozen_parameters']:,} parameters); {t['trainable_parameters']:,} trained"
         )
     print(f"summary: {summary_path}  (intervals: 95% bootstrap over patients)")
+
+
+def print_groups(summary: dict) -> None:
+    """Accuracy by file-name family with intervals (a one-class family's accuracy is its
+    specificity or recall), and a warning for a group the average hides."""
+    for name in ("val", "val_shift"):
+        groups = summary.get(f"{name}_by_group", {})
+        if groups:
+            cells = []
+            for family, values in groups.items():
+                low, high = values["ci95"]["accuracy"]
+                accuracy = f"{values['accuracy']:.3f} [{low:.3f}, {high:.3f}]"
+                cells.append(f"{family} {accuracy} (n={values['n']})")
+            print(f"  {name} acc by file family: " + "; ".join(cells))
+    for name, worst in summary.get("worst_group", {}).items():
+        if worst["hidden"]:
+            low, high = worst["ci95"]
+            print(
+                f"warning: {name} group {worst['group']} has accuracy {worst['accuracy']:.3f} "
+                f"[{low:.3f}, {high:.3f}], wholly below the {name} average's interval: the "
+                f"average hides it"
+            )
 
 
 def format_classes(values: dict) -> str:

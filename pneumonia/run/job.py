@@ -9,6 +9,7 @@ federated alike:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pneumonia.config import (
     trainer_arguments,
 )
 from pneumonia.data.cache import default_cache_dir
+from pneumonia.data.progressive import check_progressive
 from pneumonia.data.sources import Splits, full_samples, load_splits
 from pneumonia.data.tasks import task_classes
 from pneumonia.data.transforms import check_augment
@@ -99,6 +101,7 @@ def preflight(cfg: Namespace) -> dict:
     check_decay(cfg.optim.decay)
     check_loss(cfg.loss, cfg.model.drop_connect)
     check_augment(cfg.data.augment)
+    check_progressive(cfg.data.progressive, cfg.data.image_size)
     if cfg.federated.enabled:
         check_federated(cfg.federated)
     elif simulates_sites(cfg.federated):
@@ -219,6 +222,8 @@ def run_job(
         recipe = make_recipe(cfg, splits.train.classes, clients.moments())
         sizes = {f"client {row['client']}": row["images"] for row in clients.table}
     else:
+        # Nothing re-images a central run's images: let data.intensity's originals go.
+        splits = dataclasses.replace(splits, raw_train=None, raw_val=None)
         recipe = make_recipe(cfg, splits.train.classes, [splits.train.pixel_moments()])
         sizes = {"the training split": len(splits.train)}
     if cfg.privacy.enabled:

@@ -37,19 +37,23 @@ def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
     patients moved, with its training images, to `held_out`."""
     fed = cfg.federated
     if not isinstance(cohort, LocalCohort):  # a deployment's nodes hold no part of these
-        return splits
+        return replace(splits, raw_train=None, raw_val=None)
     folders = site_names(splits.train) if fed.partition == "sites" else None
     val_site = validation_sites(splits.val, cohort.site_table, cfg.seed, folders)
     val = splits.val
     if shifts_sites(fed):
+        # From the images before data.intensity's standardisation (then standardised).
+        raw = splits.raw_val if splits.raw_val is not None else val
         images = val.images.clone()
         for j, profile in enumerate(site_profiles(len(cohort.site_table), fed.site_seed)):
             index = torch.nonzero(val_site == j).flatten()
             if len(index):
-                site = image_site(val.subset(index), j, profile, fed.site_seed + VAL_NOISE)
+                seed = fed.site_seed + VAL_NOISE
+                site = image_site(raw.subset(index), j, profile, seed, cfg.data.intensity)
                 images[index] = site.images
         val = replace(val, images=images)
-    out = replace(splits, val=val, val_site=val_site)
+    # The raw images have served (the cohort re-imaged its sites already).
+    out = replace(splits, val=val, val_site=val_site, raw_train=None, raw_val=None)
     if fed.hold_out is None:
         return out
     keep = torch.nonzero(val_site != fed.hold_out).flatten()

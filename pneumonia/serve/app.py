@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from pneumonia.data.decode import CorruptImageError, crop_to_roi, decode_bytes, square
+from pneumonia.data.decode import CorruptImageError, crop_to_roi, decode_bytes, to_input
 from pneumonia.explain import overlay, png_bytes
 from pneumonia.predictor import Predictor, preview, reason_of
 from pneumonia.serve.uploads import ACCEPTED, LimitBody, check_type
@@ -116,7 +116,7 @@ def answer(predictor: Predictor, data: bytes, name: str, cam: bool, lock=None) -
         full = crop_to_roi(decode_bytes(data, name), predictor.model.roi)[0]
     except CorruptImageError as err:
         raise HTTPException(422, f"{name}: {reason_of(err)}") from None
-    image = square(full, predictor.model.image_size)[None]
+    image = to_input(full, predictor.model.image_size, predictor.model.intensity)[None]
     with lock or contextlib.nullcontext():
         probs, class_probs = predictor.scores(image)
         cam = cam and predictor.explains

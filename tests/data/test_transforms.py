@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pneumonia.data.transforms import AugmentConfig, random_affine
+from pneumonia.data.transforms import AugmentConfig, check_augment, random_affine
+from pneumonia.errors import UserError
 
 IDENTITY = dict(rotation=0.0, translate=0.0, scale_min=1.0, scale_max=1.0)
 
@@ -137,3 +138,13 @@ def test_tta_views_start_with_the_image_itself():
     assert len(views) == len(TTA_FRAMES)
     assert torch.allclose(views[0], images, atol=1e-5)
     assert not torch.allclose(views[1], images, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "option", [{"noise": 0.1}, {"randconv": 0.5}, {"hflip": True}, {"crop_area_min": 0.5}]
+)
+def test_an_option_under_disabled_augmentation_is_refused(option):
+    with pytest.raises(UserError, match=f"data.augment.{next(iter(option))} is set but"):
+        check_augment(AugmentConfig(enabled=False, **option))
+    check_augment(AugmentConfig(enabled=True, **option))  # on: accepted
+    check_augment(AugmentConfig(enabled=False))  # nothing set: accepted

@@ -1,0 +1,71 @@
+"""Subgroups of a validation set by file-name family, and their figures in a run's summary."""
+
+import torch
+
+from pneumonia.data.groups import OTHER, family_groups, file_family
+from pneumonia.data.imageset import ImageSet
+from pneumonia.module import ClassifierModule
+from pneumonia.run.finalize import worst_groups
+from pneumonia.scoring import score_groups
+
+
+def test_kermany_families():
+    assert file_family("IM-0115-0001.jpeg") == "IM"
+    assert file_family("IM-0629-0001-0003.jpeg") == "IM"
+    assert file_family("NORMAL2-IM-1427-0001.jpeg") == "NORMAL-IM"
+    assert file_family("person1000_bacteria_2931.jpeg") == "person-bacteria"
+    assert file_family("person447_virus_921_1.jpeg") == "person-virus"
+    assert file_family("person1_virus_1.jpeg#blur") == "person-virus"  # a shifted copy
+    assert file_family("0001.png") == OTHER
+
+
+def test_small_families_pooled_and_one_family_is_no_grouping():
+    names = ["IM-1-1.jpeg"] * 25 + ["person1_virus_1.jpeg"] * 21 + ["odd.png"] * 3
+    groups = family_groups(names)
+    assert list(groups) == ["IM", "person-virus", OTHER]
+    assert groups[OTHER] == [46, 47, 48]
+    assert family_groups(["IM-1-1.jpeg"] * 30) == {}
+
+
+def module_at(threshold: float = 0.5) -> ClassifierModule:
+    model = {"name": "resnet18", "width": 16}
+    return ClassifierModule(model, {}, image_size=32, threshold=threshold)
+
+
+def test_group_figures_against_a_hand_counted_matrix():
+    # 20 NORMAL "IM" images (4 called PNEUMONIA), 20 NORMAL "NORMAL2-IM" (10 called
+    # PNEUMONIA), 20 bacterial pneumonias (all found): one patient per image.
+    names = [f"IM-{i}-0001.jpeg" for i in range(20)]
+    names += [f"NORMAL2-IM-{i}-0001.jpeg" for i in range(20)]
+    names += [f"person{i}_bacteria_{i}.jpeg" for i in range(20)]
+    labels = torch.tensor([0] * 40 + [1] * 20)
+    probs = torch.tensor([0.9] * 4 + [0.1] * 16 + [0.8] * 10 + [0.2] * 10 + [0.7] * 20)
+    images = ImageSet(torch.zeros(60, 1, 32, 32, dtype=torch.uint8), labels, names, names)
+    groups = score_groups(module_at(), images, probs)
+    assert set(groups) == {"IM", "NORMAL-IM", "person-bacteria"}
+    im = groups["IM"]
+    assert im["confusion_matrix"] == [[16, 4], [0, 0]]
+    assert abs(im["accuracy"] - 16 / 20) < 1e-6 and abs(im["specificity"] - 0.8) < 1e-6
+    normal2 = groups["NORMAL-IM"]
+    assert normal2["confusion_matrix"] == [[10, 10], [0, 0]]
+    assert abs(normal2["accuracy"] - 0.5) < 1e-6
+    assert groups["person-bacteria"]["confusion_matrix"] == [[0, 0], [0, 20]]
+    low, high = normal2["ci95"]["accuracy"]
+    assert low < 0.5 < high
+
+
+def test_worst_group_and_the_warning():
+    summary = {
+        "val": {"accuracy": 0.9, "ci95": {"accuracy": [0.85, 0.95]}},
+        "val_by_group": {
+            "IM": {"accuracy": 0.92, "ci95": {"accuracy": [0.88, 0.96]}, "n": 50},
+            "NORMAL-IM": {"accuracy": 0.70, "ci95": {"accuracy": [0.6, 0.8]}, "n": 40},
+        },
+        "val_by_site": {"site0": {"accuracy": 0.8, "ci95": {"accuracy": [0.7, 0.9]}, "n": 30}},
+    }
+    worst = worst_groups(summary)
+    assert worst == {
+        "val": {"group": "NORMAL-IM", "accuracy": 0.7, "ci95": [0.6, 0.8], "n": 40, "hidden": True}
+    }
+    summary["val_by_group"]["NORMAL-IM"]["ci95"]["accuracy"] = [0.6, 0.86]
+    assert worst_groups(summary)["val"]["hidden"] is False  # overlaps the average's interval

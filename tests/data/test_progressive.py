@@ -1,0 +1,116 @@
+"""Progressive resizing: the schedule, the batches it shrinks, and the final side of a model."""
+
+import pytest
+import torch
+
+from pneumonia import fit
+from pneumonia.checkpoint import read_checkpoint
+from pneumonia.data.progressive import (
+    ProgressiveConfig,
+    check_progressive,
+    resize_batch,
+    size_at,
+)
+from pneumonia.errors import UserError
+from pneumonia.module import ClassifierModule
+
+TINY = [
+    "--figures_every", "0",
+    "--data.image_size", "64",
+    "--data.synthetic.n_patients", "24",
+    "--data.batch_size", "16",
+    "--data.progressive.start_size", "32",
+    "--data.progressive.final_fraction", "0.5",
+    "--model.name", "resnet18",
+    "--model.width", "16",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def test_schedule_by_hand():
+    # 64 -> 128 over 12 epochs, the last quarter at 128: the ramp ends at epoch 9; sides are
+    # 64 + 64 e / 9 rounded down to 16 px.
+    cfg = ProgressiveConfig(start_size=64, final_fraction=0.25)
+    sides = [size_at(e, 12, cfg, 128) for e in range(12)]
+    assert sides == [64, 64, 64, 80, 80, 96, 96, 112, 112, 128, 128, 128]
+
+
+def test_off_is_the_final_side():
+    assert {size_at(e, 5, ProgressiveConfig(), 96) for e in range(5)} == {96}
+
+
+@pytest.mark.parametrize("start", [8, 64, 100])
+def test_start_outside_the_range_is_refused(start):
+    with pytest.raises(UserError, match="data.progressive.start_size"):
+        check_progressive(ProgressiveConfig(start_size=start), 64)
+
+
+def test_resize_keeps_range_and_dtype():
+    images = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    out = resize_batch(images, 32)
+    assert out.shape == (3, 1, 32, 32) and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # Antialiased: a 2x reduction of a constant image stays that constant.
+    flat = torch.full((1, 1, 64, 64), 200, dtype=torch.uint8)
+    assert torch.allclose(resize_batch(flat, 32), torch.full((1, 1, 32, 32), 200 / 255))
+
+
+@pytest.fixture
+def sides_seen(monkeypatch):
+    """(epoch of the Trainer, side) of every training batch the module sees."""
+    seen: list[tuple[int, int]] = []
+    original = ClassifierModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append((self.current_epoch, batch[0].shape[-1]))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifierModule, "training_step", spy)
+    return seen
+
+
+def test_centralized_run_follows_the_schedule(tmp_path, sides_seen):
+    run_dir = tmp_path / "run"
+    fit.main([*TINY, "--federated.enabled", "false", "--trainer.max_epochs", "4",
+              "--run_dir", str(run_dir)])  # fmt: skip
+    by_epoch = {epoch: side for epoch, side in sides_seen}
+    # 32 -> 64 over 4 epochs, the last half at 64: the ramp ends at epoch 2.
+    assert by_epoch == {0: 32, 1: 48, 2: 64, 3: 64}
+    assert len({(e, s) for e, s in sides_seen}) == 4  # one side per epoch
+    recipe, _, _ = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert recipe.image_size == 64  # what evaluate, predict, serve and ONNX resize to
+
+
+def test_federated_run_follows_the_rounds(tmp_path, sides_seen):
+    run_dir = tmp_path / "run"
+    fit.main([*TINY, "--federated.enabled", "true", "--federated.clients", "2",
+              "--federated.rounds", "4", "--federated.local_epochs", "1",
+              "--run_dir", str(run_dir)])  # fmt: skip
+    # Each client's kept Trainer counts its own epochs 0..3; the schedule counts the run's
+    # (rounds x local epochs), the same here: 2 clients x 4 rounds.
+    sides = [side for _, side in sides_seen]
+    per_round = len(sides) // 4
+    assert [sides[r * per_round] for r in range(4)] == [32, 48, 64, 64]
+    recipe, _, _ = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert recipe.image_size == 64
+
+
+def test_a_late_client_takes_the_rounds_side(tmp_path):
+    """A client's Trainer that trained fewer epochs (not sampled, or rebuilt on resume) still
+    trains at the side of the run's round."""
+    from pneumonia.data.datamodule import ChestXrayDataModule
+    from pneumonia.data.imageset import ImageSet
+
+    images = ImageSet(torch.zeros(4, 1, 64, 64, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
+                      ["a", "b", "c", "d"], ["a", "b", "c", "d"])  # fmt: skip
+    dm = ChestXrayDataModule(images, None, progressive=ProgressiveConfig(32, 0.5), planned_epochs=4)
+
+    class FakeTrainer:
+        current_epoch, training = 0, True
+
+    dm.trainer = FakeTrainer()
+    dm.epoch_offset = 3 * 1 - 0  # round index 3 of 1 local epoch, a Trainer at epoch 0
+    assert dm.training_side() == 64
+    dm.epoch_offset = 1
+    assert dm.training_side() == 48

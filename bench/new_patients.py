@@ -128,11 +128,16 @@ def cell(values: dict, key: str) -> str:
 
 
 COLUMNS = ("accuracy", "specificity", "recall", "auroc")
+# Kermany's file-name families (pneumonia.data.groups): two series of normals, whose accuracy
+# is their specificity, and the two causes of pneumonia, whose accuracy is their recall.
+FAMILIES = ("IM", "NORMAL-IM", "person-bacteria", "person-virus")
 
 
 def row(name: str, result: dict, minutes: float) -> tuple[str, dict]:
     worst_name, worst = min(result["groups"].items(), key=lambda item: item[1]["accuracy"])
     cells = [cell(result[s], c) for s in ("val", "val_shift") for c in COLUMNS]
+    groups = result["groups"]
+    cells += [cell(groups[g], "accuracy") if g in groups else "-" for g in FAMILIES]
     cells += [f"{worst_name} {cell(worst, 'accuracy')}"]
     line = f"| {name} | {VARIANTS[name][0]} | " + " | ".join(cells) + f" | {minutes:.1f} |"
     record = {"variant": name, "worst_group": worst_name, "wall_min": round(minutes, 2)}
@@ -161,8 +166,8 @@ def main() -> None:
     runs, out = Path(args.runs).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     head = ["variant", "change"] + [f"{s} {c}" for s in ("val", "shift") for c in COLUMNS]
-    lines = ["| " + " | ".join(head + ["worst val group acc", "min"]) + " |"]
-    lines.append("|" + " --- |" * (len(head) + 2))
+    head += [f"val {family}" for family in FAMILIES] + ["worst val group acc", "min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     records = []
     for name in names:
         if name == "ensemble3":

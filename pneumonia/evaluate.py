@@ -124,7 +124,7 @@ def scored(module, images, args, progress: bool = False) -> dict:
     values, _ = score_with_intervals(module, probs, images, args.seed)
     keys = ("loss", *SCALARS, "confusion_matrix", "n", "ci95")
     out = {k: values[k] for k in keys}
-    if groups := score_groups(module, probs=probs, images=images):  # file-name families
+    if groups := score_groups(module, images, probs, args.seed):  # file-name families
         out["by_group"] = {name: {k: v[k] for k in keys} for name, v in groups.items()}
     if images.classes == module.classes and len(module.classes) > 2:
         class_probs = predict_class_probabilities(

@@ -131,13 +131,13 @@ def score_with_intervals(
     return values, metrics
 
 
-def score_groups(module: ClassifierModule, images: ImageSet, probs) -> dict[str, dict]:
+def score_groups(module: ClassifierModule, images: ImageSet, probs, seed: int = 0) -> dict:
     """Every metric with its 95% interval on each file-name family of `images`
     (`pneumonia.data.groups`); empty when the names carry no grouping."""
     with warnings.catch_warnings():  # a one-class family: torchmetrics warns, figures are nan
         warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
         return {
-            family: score_with_intervals(module, probs[index], images.subset(index))[0]
+            family: score_with_intervals(module, probs[index], images.subset(index), seed)[0]
             for family, index in family_groups(images.names).items()
         }
 

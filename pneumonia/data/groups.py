@@ -28,16 +28,18 @@ def file_family(name: str) -> str:
     return "-".join(words) or OTHER
 
 
-def family_groups(names: list[str], min_size: int = MIN_GROUP) -> dict[str, list[int]]:
+def family_groups(names: list[str], min_size: int | None = None) -> dict[str, list[int]]:
     """Family -> the indices of its images, largest first; families under `min_size` images
-    pooled as "other". Empty when the names carry no grouping (one family only)."""
+    pooled as "other" (left out while that too holds fewer). Empty when the names carry no
+    grouping (one family only)."""
+    min_size = MIN_GROUP if min_size is None else min_size
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(file_family(name), []).append(i)
     small = [f for f, index in groups.items() if len(index) < min_size]
-    if small:
-        pooled = sorted(i for f in small for i in groups.pop(f))
-        groups[OTHER] = sorted(groups.get(OTHER, []) + pooled)
+    pooled = sorted(i for f in small for i in groups.pop(f))
+    if len(pooled) >= min_size:  # else too few to say anything about: left out
+        groups[OTHER] = pooled
     if len(groups) < 2:
         return {}
     return dict(sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])))

@@ -11,6 +11,7 @@ any side; low resolution costs about (side / final)^2 of a final-size step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,24 @@ class ProgressiveConfig:
 
 
 def check_progressive(cfg: ProgressiveConfig, image_size: int) -> None:
-    """A start side that is no smaller than the final one, or too small for the model."""
-    if cfg.start_size and not STEP <= cfg.start_size < image_size:
+    """A start side no smaller than the final one or below 16 px, and a final fraction that
+    would switch the ramp off or that nothing reads."""
+    if not cfg.start_size:
+        if cfg.final_fraction != ProgressiveConfig.final_fraction:
+            raise UserError(
+                f"data.progressive.final_fraction {cfg.final_fraction} is set but "
+                f"data.progressive.start_size is 0 (off): set a start size, or drop it"
+            )
+        return
+    if not STEP <= cfg.start_size < image_size:
         raise UserError(
             f"data.progressive.start_size {cfg.start_size} must lie in [{STEP}, "
             f"data.image_size {image_size}) or be 0 (off)"
+        )
+    if cfg.final_fraction >= 1.0:
+        raise UserError(
+            "data.progressive.final_fraction 1 leaves no epoch to ramp over: use a fraction "
+            "below 1, or data.progressive.start_size 0 to switch progressive resizing off"
         )
 
 
@@ -45,7 +59,8 @@ def size_at(epoch: int, total: int, cfg: ProgressiveConfig, final: int) -> int:
     """The training side at 0-based `epoch` of `total`: `final` when off, else the ramp."""
     if not cfg.start_size:
         return final
-    ramp_end = (1.0 - cfg.final_fraction) * total  # the first epoch at the final side
+    # The first epoch at the final side: at least the last one, however short the run.
+    ramp_end = min(math.ceil((1.0 - cfg.final_fraction) * total), max(total - 1, 0))
     if epoch >= ramp_end:
         return final
     side = cfg.start_size + (final - cfg.start_size) * epoch / ramp_end

@@ -176,8 +176,11 @@ def _create_timm(cfg: ModelConfig) -> nn.Module:
     )
 
 
-def check_image_size(model: nn.Module, name: str, image_size: int) -> None:
-    """Fail with a clear message if a forward pass at `image_size` is impossible."""
+def check_image_size(
+    model: nn.Module, name: str, image_size: int, key: str = "data.image_size"
+) -> None:
+    """Fail with a clear message, naming the config `key`, if a forward pass at `image_size`
+    is impossible."""
     was_training = model.training
     model.eval()
     try:
@@ -185,7 +188,7 @@ def check_image_size(model: nn.Module, name: str, image_size: int) -> None:
             model(torch.zeros(1, IN_CHANS, image_size, image_size))
     except RuntimeError as err:
         raise UserError(
-            f"data.image_size {image_size} is too small for model {name}: use a larger size "
+            f"{key} {image_size} is too small for model {name}: use a larger size "
             f"({first_line(err, 80)})"
         ) from None
     finally:

@@ -88,8 +88,8 @@ def finalize(
             results["val_by_site"] = by_site(module, imageset, probs, splits.val_site)
         if name in ("val", "val_shift") and (groups := score_groups(module, imageset, probs)):
             results[f"{name}_by_group"] = groups
-            for family, values in groups.items():
-                tensorboard.add_scalar(f"best/{name}_by_group/{family}", values["accuracy"], 0)
+            for family, figures in groups.items():
+                tensorboard.add_scalar(f"best/{name}_by_group/{family}", figures["accuracy"], 0)
         for key, value in values.items():
             if isinstance(value, float):
                 tensorboard.add_scalar(f"best/{name}/{key}", value, 0)

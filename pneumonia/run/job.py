@@ -39,7 +39,12 @@ from pneumonia.federated.state import STATE_FILE
 from pneumonia.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.interrupt import interrupted
 from pneumonia.losses import check_loss
-from pneumonia.models.registry import classifier_layer, count_parameters, create_model
+from pneumonia.models.registry import (
+    check_image_size,
+    classifier_layer,
+    count_parameters,
+    create_model,
+)
 from pneumonia.models.transfer import freeze
 from pneumonia.privacy import (
     check_delta,
@@ -102,6 +107,9 @@ def preflight(cfg: Namespace) -> dict:
     check_loss(cfg.loss, cfg.model.drop_connect)
     check_augment(cfg.data.augment)
     check_progressive(cfg.data.progressive, cfg.data.image_size)
+    if cfg.data.progressive.start_size:  # the model must take the first epochs' side too
+        start = cfg.data.progressive.start_size
+        check_image_size(model, cfg.model.name, start, "data.progressive.start_size")
     if cfg.federated.enabled:
         check_federated(cfg.federated)
     elif simulates_sites(cfg.federated):

@@ -108,9 +108,11 @@ def _defaults() -> dict:
 
 
 def _longer_ok(key: str, old: dict, new: dict) -> bool:
-    """More rounds or epochs, where neither the learning-rate schedule nor the reported
-    model's averaging depends on their number."""
+    """More rounds or epochs, where neither the learning-rate schedule, the reported model's
+    averaging nor progressive resizing depends on their number."""
     if key not in LONGER or not isinstance(new.get(key), int) or new[key] < (old.get(key) or 0):
+        return False
+    if new.get("data.progressive.start_size"):  # its ramp is spread over the planned epochs
         return False
     if key == "federated.rounds":
         return new.get("federated.round_lr") == "constant" and not new.get(

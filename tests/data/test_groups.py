@@ -20,10 +20,11 @@ def test_kermany_families():
 
 
 def test_small_families_pooled_and_one_family_is_no_grouping():
-    names = ["IM-1-1.jpeg"] * 25 + ["person1_virus_1.jpeg"] * 21 + ["odd.png"] * 3
+    # Two families of 12 and 10 images, each too small alone: 22 together, kept as "other".
+    names = ["IM-1-1.jpeg"] * 25 + ["person1_virus_1.jpeg"] * 21 + ["odd.png", "x1.png"] * 11
     groups = family_groups(names)
-    assert list(groups) == ["IM", "person-virus", OTHER]
-    assert groups[OTHER] == [46, 47, 48]
+    assert list(groups) == ["IM", OTHER, "person-virus"]
+    assert groups[OTHER] == list(range(46, 68))
     assert family_groups(["IM-1-1.jpeg"] * 30) == {}
 
 
@@ -69,3 +70,35 @@ def test_worst_group_and_the_warning():
     }
     summary["val_by_group"]["NORMAL-IM"]["ci95"]["accuracy"] = [0.6, 0.86]
     assert worst_groups(summary)["val"]["hidden"] is False  # overlaps the average's interval
+
+
+def test_a_small_other_is_left_out():
+    names = ["IM-1-1.jpeg"] * 25 + ["person1_virus_1.jpeg"] * 21 + ["odd.png"] * 3
+    assert list(family_groups(names, min_size=20)) == ["IM", "person-virus"]
+
+
+def test_a_run_reports_its_groups(tmp_path, kermany_root, monkeypatch, capsys):
+    """A real folder's families reach summary.json, TensorBoard and the printed summary, and
+    the whole set's best/val/* scalars stay the whole set's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pneumonia import fit
+    from pneumonia.data import groups
+
+    monkeypatch.setattr(groups, "MIN_GROUP", 2)  # the tiny folder's families are small
+    run_dir = tmp_path / "run"
+    summary = fit.main([
+        "--data.root", str(kermany_root), "--data.image_size", "32", "--data.val_fraction", "0.5",
+        "--model.name", "resnet18", "--model.width", "16", "--federated.enabled", "false",
+        "--trainer.max_epochs", "1", "--figures_every", "0", "--run_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ])  # fmt: skip
+    by_group = summary["val_by_group"]
+    assert len(by_group) >= 2 and sum(v["n"] for v in by_group.values()) <= summary["val"]["n"]
+    assert summary["worst_group"]["val"]["group"] in by_group
+    assert "val acc by file family" in capsys.readouterr().out
+    events = EventAccumulator(str(run_dir)).Reload()
+    tags = events.Tags()["scalars"]
+    assert {f"best/val_by_group/{family}" for family in by_group} <= set(tags)
+    accuracy = events.Scalars("best/val/accuracy")[-1].value
+    assert abs(accuracy - summary["val"]["accuracy"]) < 1e-6

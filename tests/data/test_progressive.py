@@ -16,10 +16,10 @@ from pneumonia.module import ClassifierModule
 
 TINY = [
     "--figures_every", "0",
-    "--data.image_size", "64",
+    "--data.image_size", "48",
     "--data.synthetic.n_patients", "24",
     "--data.batch_size", "16",
-    "--data.progressive.start_size", "32",
+    "--data.progressive.start_size", "16",
     "--data.progressive.final_fraction", "0.5",
     "--model.name", "resnet18",
     "--model.width", "16",
@@ -75,25 +75,25 @@ def test_centralized_run_follows_the_schedule(tmp_path, sides_seen):
     fit.main([*TINY, "--federated.enabled", "false", "--trainer.max_epochs", "4",
               "--run_dir", str(run_dir)])  # fmt: skip
     by_epoch = {epoch: side for epoch, side in sides_seen}
-    # 32 -> 64 over 4 epochs, the last half at 64: the ramp ends at epoch 2.
-    assert by_epoch == {0: 32, 1: 48, 2: 64, 3: 64}
+    # 16 -> 48 over 4 epochs, the last half at 48: the ramp ends at epoch 2.
+    assert by_epoch == {0: 16, 1: 32, 2: 48, 3: 48}
     assert len({(e, s) for e, s in sides_seen}) == 4  # one side per epoch
     recipe, _, _ = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
-    assert recipe.image_size == 64  # what evaluate, predict, serve and ONNX resize to
+    assert recipe.image_size == 48  # what evaluate, predict, serve and ONNX resize to
 
 
 def test_federated_run_follows_the_rounds(tmp_path, sides_seen):
     run_dir = tmp_path / "run"
-    fit.main([*TINY, "--federated.enabled", "true", "--federated.clients", "2",
-              "--federated.rounds", "4", "--federated.local_epochs", "1",
-              "--run_dir", str(run_dir)])  # fmt: skip
-    # Each client's kept Trainer counts its own epochs 0..3; the schedule counts the run's
-    # (rounds x local epochs), the same here: 2 clients x 4 rounds.
+    fit.main([*TINY, "--federated.enabled", "true", "--federated.clients", "3",
+              "--federated.fraction", "0.34", "--federated.rounds", "4",
+              "--federated.local_epochs", "1", "--run_dir", str(run_dir)])  # fmt: skip
+    # One client of three a round: each kept Trainer counts only the epochs it trained, the
+    # schedule counts the run's (rounds x local epochs). Sides in the order trained, once per
+    # change: the ramp by round, never back to a smaller side.
     sides = [side for _, side in sides_seen]
-    per_round = len(sides) // 4
-    assert [sides[r * per_round] for r in range(4)] == [32, 48, 64, 64]
+    assert [s for i, s in enumerate(sides) if i == 0 or s != sides[i - 1]] == [16, 32, 48]
     recipe, _, _ = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
-    assert recipe.image_size == 64
+    assert recipe.image_size == 48
 
 
 def test_a_late_client_takes_the_rounds_side(tmp_path):
@@ -114,3 +114,45 @@ def test_a_late_client_takes_the_rounds_side(tmp_path):
     assert dm.training_side() == 64
     dm.epoch_offset = 1
     assert dm.training_side() == 48
+
+
+@pytest.mark.parametrize(
+    ("total", "sides"),
+    [(1, [64]), (2, [32, 64]), (3, [32, 48, 64]), (4, [32, 32, 48, 64])],
+)
+def test_a_short_run_ends_at_the_final_side(total, sides):
+    cfg = ProgressiveConfig(start_size=32, final_fraction=0.05)
+    assert [size_at(e, total, cfg, 64) for e in range(total)] == sides
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (ProgressiveConfig(start_size=32, final_fraction=1.0), "leaves no epoch to ramp over"),
+        (ProgressiveConfig(start_size=0, final_fraction=0.5), "is set but"),
+    ],
+)
+def test_a_fraction_that_means_nothing_is_refused(cfg, message):
+    with pytest.raises(UserError, match=message):
+        check_progressive(cfg, 64)
+
+
+def test_a_start_side_the_model_cannot_take_is_one_line(tmp_path, capsys):
+    # AlexNet takes 64 px but not 16: refused before any data is read, naming the key.
+    with pytest.raises(SystemExit) as exit_info:
+        fit.main([*TINY, "--model.name", "alexnet", "--model.width", "64",
+                  "--data.image_size", "64", "--run_dir", str(tmp_path / "run")])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.progressive.start_size 16 is too small for model alexnet" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_resume_may_not_lengthen_a_progressive_schedule():
+    from pneumonia.run.rundir import _longer_ok
+
+    old = {"trainer.max_epochs": 8, "optim.scheduler": "none", "optim.weight_averaging": "none"}
+    new = dict(old, **{"trainer.max_epochs": 16})
+    assert _longer_ok("trainer.max_epochs", old, new)  # without progressive resizing: allowed
+    new["data.progressive.start_size"] = 32
+    assert not _longer_ok("trainer.max_epochs", old, new)

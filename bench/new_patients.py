@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -133,14 +134,16 @@ COLUMNS = ("accuracy", "specificity", "recall", "auroc")
 FAMILIES = ("IM", "NORMAL-IM", "person-bacteria", "person-virus")
 
 
-def row(name: str, result: dict, minutes: float) -> tuple[str, dict]:
+def row(name: str, result: dict, minutes: float, per_round: float) -> tuple[str, dict]:
     worst_name, worst = min(result["groups"].items(), key=lambda item: item[1]["accuracy"])
     cells = [cell(result[s], c) for s in ("val", "val_shift") for c in COLUMNS]
     groups = result["groups"]
     cells += [cell(groups[g], "accuracy") if g in groups else "-" for g in FAMILIES]
     cells += [f"{worst_name} {cell(worst, 'accuracy')}"]
-    line = f"| {name} | {VARIANTS[name][0]} | " + " | ".join(cells) + f" | {minutes:.1f} |"
+    cells += [f"{minutes:.1f}", f"{per_round:.0f}"]
+    line = f"| {name} | {VARIANTS[name][0]} | " + " | ".join(cells) + " |"
     record = {"variant": name, "worst_group": worst_name, "wall_min": round(minutes, 2)}
+    record["median_round_s"] = round(per_round, 1)
     for s in ("val", "val_shift"):
         for c in COLUMNS:
             record[f"{s}_{c}"] = round(result[s][c], 4)
@@ -166,7 +169,7 @@ def main() -> None:
     runs, out = Path(args.runs).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     head = ["variant", "change"] + [f"{s} {c}" for s in ("val", "shift") for c in COLUMNS]
-    head += [f"val {family}" for family in FAMILIES] + ["worst val group acc", "min"]
+    head += [f"val {family}" for family in FAMILIES] + ["worst val group acc", "min", "s/round"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     records = []
     for name in names:
@@ -175,10 +178,12 @@ def main() -> None:
                 run_variant(member, args.root, runs)
             result = scored(ensemble(runs))
             minutes = sum(_minutes(runs / m) for m in MEMBERS)
+            per_round = sum(_round_seconds(runs / m) for m in MEMBERS)
         else:
             run_dir = run_variant(name, args.root, runs)
             result, minutes = scored(predictions(run_dir)), _minutes(run_dir)
-        line, record = row(name, result, minutes)
+            per_round = _round_seconds(run_dir)
+        line, record = row(name, result, minutes, per_round)
         lines.append(line)
         records.append(record)
         (out / "ablation.md").write_text("\n".join(lines) + "\n")
@@ -192,6 +197,14 @@ def main() -> None:
 
 def _minutes(run_dir: Path) -> float:
     return json.loads((run_dir / "summary.json").read_text())["wall_time_s"] / 60
+
+
+def _round_seconds(run_dir: Path) -> float:
+    """The median round's seconds (training and the round's validation): robust to a round
+    slowed by another process on a shared machine, which the wall time is not."""
+    with open(run_dir / "rounds.csv", newline="") as f:
+        elapsed = [0.0] + [float(r["elapsed_s"]) for r in csv.DictReader(f)]
+    return statistics.median(b - a for a, b in zip(elapsed, elapsed[1:], strict=False))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def entry_row(entry: Entry, summary: dict) -> dict:
     for split in SPLITS:
         row |= split_columns(summary.get(split), split)
     row |= site_columns(summary)
+    row |= group_columns(summary)
     row |= {
         "parameters": summary.get("parameters", entry.parameters),
         "wall_time_s": summary.get("wall_time_s", math.nan),
@@ -122,6 +123,39 @@ def site_columns(summary: dict) -> dict:
         out[f"worst_site_{key}"] = min(values) if values else ""
         out[f"best_site_{key}"] = max(values) if values else ""
     return out
+
+
+def group_columns(summary: dict) -> dict:
+    """The validation subgroup (file-name family or site) of lowest accuracy, with its 95%
+    interval (`worst_group` in summary.json; empty cells where the data has no groups)."""
+    worst = (summary.get("worst_group") or {}).get("val") or {}
+    low, high = worst.get("ci95") or ("", "")
+    return {
+        "worst_group": worst.get("group", ""),
+        "worst_group_accuracy": worst.get("accuracy", ""),
+        "worst_group_accuracy_low": low,
+        "worst_group_accuracy_high": high,
+    }
+
+
+def groups_markdown(rows: list[dict]) -> str:
+    """Each entry's worst validation subgroup beside its whole validation accuracy."""
+    lines = [
+        "| entry | val accuracy | worst group | its accuracy |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("worst_group", "") == "":
+            continue
+        whole = (
+            f"{r['val_accuracy']:.3f} [{r['val_accuracy_low']:.3f}, {r['val_accuracy_high']:.3f}]"
+        )
+        worst = (
+            f"{r['worst_group_accuracy']:.3f} [{r['worst_group_accuracy_low']:.3f}, "
+            f"{r['worst_group_accuracy_high']:.3f}]"
+        )
+        lines.append(f"| {r['label']} | {whole} | {r['worst_group']} | {worst} |")
+    return "\n".join(lines)
 
 
 def _finite(value) -> bool:
@@ -207,6 +241,8 @@ def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
             parts += [f"## {title}", markdown_table(rows, split)]
     if any(r.get("worst_site_accuracy", "") != "" for r in rows):
         parts += ["## Sites and traffic", sites_markdown(rows)]
+    if any(r.get("worst_group", "") != "" for r in rows):
+        parts += ["## The worst validation subgroup", groups_markdown(rows)]
     thresholds = sorted({str(r["threshold"]) for r in rows if r["threshold"] != ""})
     parts.append(
         "Intervals are 95% bootstrap intervals resampled by patient. The validation split is "

@@ -567,3 +567,22 @@ def test_a_report_with_a_diverged_entry_is_drawn(tiny_report, tmp_path):
     assert "![Normalisation](family_normalisation.png)" in section
     for name in ("family_normalisation.png", "roc.png", "curves_loss.png"):
         assert (report / name).stat().st_size > 10_000, name
+
+
+def test_the_worst_subgroup_columns_and_table():
+    from pneumonia.compare.report import group_columns, groups_markdown
+
+    assert group_columns({"val": {}})["worst_group"] == ""
+    worst = {"group": "person-virus", "accuracy": 0.63, "ci95": [0.55, 0.70], "n": 205}
+    columns = group_columns({"worst_group": {"val": worst}})
+    assert columns == {
+        "worst_group": "person-virus",
+        "worst_group_accuracy": 0.63,
+        "worst_group_accuracy_low": 0.55,
+        "worst_group_accuracy_high": 0.70,
+    }
+    row = {"label": "FedAvg", "val_accuracy": 0.84, "val_accuracy_low": 0.81,
+           "val_accuracy_high": 0.87} | columns  # fmt: skip
+    table = groups_markdown([row, {"label": "no groups", "worst_group": ""}]).splitlines()
+    assert table[2] == "| FedAvg | 0.840 [0.810, 0.870] | person-virus | 0.630 [0.550, 0.700] |"
+    assert len(table) == 3  # the entry without groups has no row

@@ -128,8 +128,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         images, labels = batch
         if self.trainer is None or not self.trainer.training or len(labels) == 0:
             return images, labels  # evaluation, or an empty Poisson batch
-        side = self.training_side()
-        if side != images.shape[-1]:
+        if self.progressive.start_size and (side := self.training_side()) != images.shape[-1]:
             images = resize_batch(images, side)
         if self.augment.enabled:
             images = augment_batch(

@@ -14,11 +14,15 @@ Centralized runs have Lightning write it (ModelCheckpoint, which adds the Traine
 through `CheckpointIO`, so that Lightning too writes atomically and reads back weights-only
 (Lightning's own reader honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which would let a crafted
 last.ckpt run code on --resume); federated runs write the same keys with `write_checkpoint`.
-Everything else reads it with `read_checkpoint` or `load_module`.
+Everything else reads it with `read_checkpoint` or `load_module`, which trust no size in it:
+its recipe must lie within the fit config's ranges (`Recipe.out_of_range`), every tensor must
+hold the values its shape claims, and the tensors must fit the model its recipe names, built
+first on the meta device (`module_from`), so that a file claiming a huge model costs nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +60,34 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict]:
     if not isinstance(hparams, dict) or "model" not in hparams or "state_dict" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by pneumonia.fit (no model hparams)")
     state = ckpt["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: its state_dict is not a dict of tensors")
+    if not isinstance(state, dict) or not all(_plain(v) for v in state.values()):
+        raise UserError(f"{path}: its state_dict is not a dict of (dense, CPU) tensors")
+    # A tensor can claim more elements than its file holds (zero strides over a small
+    # storage): anything computed from it would take memory the file never had.
+    hollow = next((k for k, v in state.items() if _elements_bytes(v) > _storage_bytes(v)), None)
+    if hollow is not None:
+        raise UserError(
+            f"{path}: its tensor {str(hollow)[:80]} claims shape {tuple(state[hollow].shape)} "
+            f"but holds fewer values: give a checkpoint written by pneumonia.fit"
+        )
     return _recipe(hparams, path), state, ckpt
+
+
+def _plain(value: object) -> bool:
+    """A dense tensor with its values on the CPU (loaded there: not a meta or sparse one)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and value.device.type == "cpu"
+    )
+
+
+def _elements_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()
 
 
 def _recipe(hparams: dict, path: str | Path) -> Recipe:
@@ -82,6 +111,13 @@ def _recipe(hparams: dict, path: str | Path) -> Recipe:
             f"{path}: its hyper-parameters are not those of a pneumonia.fit model (model, "
             f"image_size, classes, normalisation, threshold): was it written by another program?"
         )
+    bad = recipe.out_of_range()
+    if bad is not None:
+        key, value, allowed = bad
+        raise UserError(
+            f"checkpoint {path}: {key} {repr(value)[:40]} is outside the range a run may have "
+            f"({allowed}): give a checkpoint written by pneumonia.fit"
+        )
     return recipe
 
 
@@ -94,7 +130,9 @@ def load_module(path: str | Path, threshold: float | None = None) -> ClassifierM
 
 
 def module_from(recipe: Recipe, state: dict, path: str | Path) -> ClassifierModule:
-    """The module of a checkpoint already read (`path` names it in errors)."""
+    """The module of a checkpoint already read (`path` names it in errors). Its weights come
+    from `state` alone: the model.pretrained file it was trained from is not read (it may be
+    long gone, or be anything)."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise UserError(
@@ -102,20 +140,49 @@ def module_from(recipe: Recipe, state: dict, path: str | Path) -> ClassifierModu
             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): it cannot be scored; "
             f"use an earlier checkpoint of the run"
         )
+    recipe = replace(recipe, model=recipe.model | {"pretrained": None})
+    _check_shapes(recipe, state, path)
+    module = _build(recipe, path)
+    _load(module, state, recipe, path)
+    return module
+
+
+def _check_shapes(recipe: Recipe, state: dict, path: str | Path) -> None:
+    """What the file claims of its model must match the tensors it holds before the model
+    takes memory of its own: checked on the meta device, allocating nothing."""
     try:
-        module = build_module(recipe)
+        with torch.device("meta"):
+            module = build_module(recipe)
+    # Some heads cannot be built without data (pytorch-metric-learning's margin losses make
+    # numpy arrays), and any error of the recipe's recurs in the real build, which reports
+    # it: the sizes it may allocate are within the config's ranges (`read_checkpoint`).
+    except Exception:
+        return
+    _load(module, state, recipe, path, assign=True)
+
+
+def _build(recipe: Recipe, path: str | Path) -> ClassifierModule:
+    try:
+        return build_module(recipe)
     except (TypeError, ValueError, KeyError) as err:
         raise UserError(
             f"checkpoint {path}: cannot build its model: {first_line(err, 120)}"
         ) from None
+
+
+def _load(
+    module: ClassifierModule, state: dict, recipe: Recipe, path: str | Path, assign: bool = False
+) -> None:
+    """`module.load_state_dict(state)`, or a one-line UserError naming the first mismatch."""
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(state, assign=assign)
     except RuntimeError as err:
+        # Its first line only says "Error(s) in loading state_dict": the next names the key.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise UserError(
             f"checkpoint {path} does not match model {recipe.model.get('name')!r} it names: "
-            f"{first_line(err, 120)}"
+            f"{(lines[1] if len(lines) > 1 else first_line(err))[:160]}"
         ) from None
-    return module
 
 
 def set_threshold(path: Path, ckpt: dict, threshold: float) -> None:

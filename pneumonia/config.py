@@ -11,6 +11,7 @@ import functools
 import logging
 import re
 import sys
+import typing
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -172,28 +173,15 @@ def parse_args(parser: ArgumentParser, argv: list[str] | None = None) -> Namespa
 
 
 def check_config_sources(parser: ArgumentParser, argv: list[str]) -> None:
-    """Each `--config` must be YAML text holding a mapping of keys, groups holding mappings:
-    one line naming the file otherwise (jsonargparse would say "Unexpected config", or take a
-    group given as a number for its defaults)."""
+    """Every config source, read before jsonargparse reads it (its parse imports any class a
+    value names, so a refusal after it comes too late): each `--config` must be YAML text
+    holding a mapping of keys, groups holding mappings, no key given twice; neither a
+    `--config` nor the command line may name a class (`refuse_classes`). One line naming the
+    file and the key otherwise (jsonargparse would say "Unexpected config", take a group given
+    as a number for its defaults, or keep the last of two values)."""
     groups = _groups(parser)
-    for i, arg in enumerate(argv[:-1]):
-        if arg != "--config":
-            continue
-        source = argv[i + 1]
-        path, is_file = Path(source), _is_file(source)
-        if not is_file and "\n" not in source and ":" not in source:
-            raise UserError(f"config file {source} not found: --config takes a YAML file")
-        name = str(path) if is_file else "the --config text"
-        try:
-            text = path.read_text() if is_file else source
-            tree = yaml.safe_load(text)
-        except UnicodeDecodeError:
-            raise UserError(f"{name} is not text: --config takes a YAML file") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or first_line(err, 120)
-            raise UserError(f"{name} is not valid YAML{where}: {problem}") from None
+    for source in _option_values(argv, "config"):
+        name, tree = read_config(source)
         if not isinstance(tree, dict) or not tree:
             what = "empty" if tree is None else f"a {type(tree).__name__}"
             raise UserError(f"{name} is {what}: a config is a mapping of keys, e.g. 'seed: 0'")
@@ -202,6 +190,208 @@ def check_config_sources(parser: ArgumentParser, argv: list[str]) -> None:
                 raise UserError(
                     f"{name}: {key} is a group of keys, not {value!r}: e.g. {key}: {{...}}"
                 )
+        if tree.get("config") is not None:  # jsonargparse would read that file unchecked
+            raise UserError(
+                f"{name}: config {tree['config']} names another config: give each file its "
+                "own --config"
+            )
+        refuse_classes(f"{name}: ", tree)
+    for key, value in _command_line(argv):
+        refuse_classes("", _nest(key, _cli_value(key, value)), "--")
+
+
+def read_config(source: str) -> tuple[str, object]:
+    """(how to name it, its YAML tree) of a `--config` value: a file or YAML text."""
+    path, is_file = Path(source), _is_file(source)
+    if not is_file and "\n" not in source and ":" not in source:
+        raise UserError(f"config file {source} not found: --config takes a YAML file")
+    name = str(path) if is_file else "the --config text"
+    try:
+        text = path.read_text() if is_file else source
+        return name, strict_yaml(text, name)
+    except UnicodeDecodeError:
+        raise UserError(f"{name} is not text: --config takes a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or first_line(err, 120)
+        raise UserError(f"{name} is not valid YAML{where}: {problem}") from None
+
+
+def strict_yaml(text: str, name: str) -> object:
+    """YAML's value of `text`, refusing a key given twice in one mapping (which YAML loaders
+    resolve silently, the last one winning) in one line naming `name`, the key and its lines."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        size, duplicate = _expanded_size(root, {}), _duplicate_key(root)
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise UserError(
+            f"{name} nests values too deeply to read: a config is a few levels deep"
+        ) from None
+    if size > MAX_CONFIG_VALUES:  # aliases of aliases: a "billion laughs"
+        raise UserError(
+            f"{name} holds more than {MAX_CONFIG_VALUES:,} values, its YAML aliases written "
+            "out: a config is a few hundred keys"
+        )
+    if duplicate is not None:
+        key, first, second = duplicate
+        lines = f"lines {first} and {second}" if first < second else f"both on line {first}"
+        raise UserError(f"{name}: {key} is given twice ({lines}): keep one")
+    return yaml.safe_load(text)
+
+
+def _expanded_size(node: yaml.Node | None, sizes: dict[int, int]) -> int:
+    """How many nodes `node` stands for with every alias written out (each node counted once:
+    an alias is the same node object again)."""
+    if id(node) not in sizes:
+        children: list = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _duplicate_key(node: yaml.Node | None, prefix: str = "") -> tuple[str, int, int] | None:
+    """(dotted key, its first line, its second line) of the first key given twice."""
+    if isinstance(node, yaml.SequenceNode):
+        found = (_duplicate_key(item, prefix) for item in node.value)
+        return next((d for d in found if d is not None), None)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    lines: dict[str, int] = {}
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+            continue
+        dotted, line = f"{prefix}{key.value}", key.start_mark.line + 1
+        if dotted in lines:
+            return dotted, lines[dotted], line
+        lines[dotted] = line
+        duplicate = _duplicate_key(value, f"{dotted}.")
+        if duplicate is not None:
+            return duplicate
+    return None
+
+
+# A resolved fit config holds about 300 values; aliases may not multiply one past this.
+MAX_CONFIG_VALUES = 100_000
+# Keys by which jsonargparse names a class to import (and its arguments).
+CLASS_KEYS = ("class_path", "init_args", "dict_kwargs")
+# A word of Lightning's own for a class-valued Trainer argument ("cpu", "ddp", "simple"):
+# jsonargparse imports a value with a dot in it as a module path.
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+LIGHTNING_WORDS = {
+    "trainer.accelerator": "cpu",
+    "trainer.strategy": "auto",
+    "trainer.profiler": "simple",
+}
+
+
+@functools.cache
+def class_valued_trainer_keys() -> frozenset[str]:
+    """The trainer.* keys whose Lightning type admits a class (accelerator, strategy,
+    profiler, plugins), read from Trainer's signature: what a config could make it import."""
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    return frozenset(
+        f"trainer.{name}"
+        for name, hint in hints.items()
+        if name not in TRAINER_MANAGED and name != "return" and _names_a_class(hint)
+    )
+
+
+def _names_a_class(hint: object) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return False
+    if typing.get_origin(hint) is None:
+        return isinstance(hint, type) and hint.__module__ not in ("builtins", "datetime")
+    return any(_names_a_class(arg) for arg in typing.get_args(hint))
+
+
+def refuse_classes(where: str, tree: object, dash: str = "", prefix: str = "") -> None:
+    """No config value names a class: a `class_path` (anywhere), or a trainer.* value that is
+    not one of Lightning's words, would be imported by the parse, and a module planted beside a
+    shared config or run directory would run (the working directory is on the import path).
+    `where`: "FILE: " or ""; `dash`: "--" for the command line's keys."""
+    if isinstance(tree, str) and tree.lstrip()[:1] in ("{", "["):
+        # jsonargparse reads such a string as YAML again
+        tree = _yaml_or_none(tree, f"{where}{dash}{prefix.rstrip('.')}")
+    if isinstance(tree, list):
+        for item in tree:
+            refuse_classes(where, item, dash, prefix)
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        trainer_class = dotted in class_valued_trainer_keys() and not _lightning_word(value)
+        if str(key) in CLASS_KEYS or trainer_class:
+            word = LIGHTNING_WORDS.get(dotted)
+            instead = f", or give one of Lightning's names (e.g. {word})" if word else ""
+            raise UserError(
+                f"{where}{dash}{dotted} names a class ({_shown(value)}), which a config never "
+                f"imports: drop {dash}{dotted}{instead}"
+            )
+        refuse_classes(where, value, dash, f"{dotted}.")
+
+
+def _lightning_word(value: object) -> bool:
+    """Whether a class-valued trainer.* value is one jsonargparse imports nothing for."""
+    if isinstance(value, str):
+        return _NAME.fullmatch(value) is not None
+    return not isinstance(value, (dict, list))
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, dict) and "class_path" in value:
+        value = value["class_path"]
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _yaml_or_none(text: str, name: str) -> object:
+    try:
+        return strict_yaml(text, name)
+    except yaml.YAMLError:
+        return None
+
+
+def _option_values(argv: list[str], option: str) -> list[str]:
+    """The values of `--option VALUE` and `--option=VALUE` on a command line."""
+    values = [v for a, v in zip(argv, argv[1:], strict=False) if a == f"--{option}"]
+    return values + [a.split("=", 1)[1] for a in argv if a.startswith(f"--{option}=")]
+
+
+def _command_line(argv: list[str]) -> list[tuple[str, str | None]]:
+    """(dotted key, value or None) of every `--key VALUE`, `--key=VALUE` or flag, less
+    --config and --resume (read as files)."""
+    options = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            value = None if following is None or following.startswith("--") else following
+        if key not in ("config", "resume"):
+            options.append((key, value))
+    return options
+
+
+def _cli_value(key: str, value: str | None) -> object:
+    """A command-line value as jsonargparse reads it (YAML), a key given twice refused."""
+    if value is None:
+        return None
+    try:
+        return strict_yaml(value, f"--{key}")
+    except yaml.YAMLError:
+        return value
+
+
+def _nest(key: str, value: object) -> dict:
+    """{"a": {"b": value}} for "a.b"."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def _is_file(source: str) -> bool:

@@ -47,8 +47,8 @@ from pneumonia.checkpoint import (
 )
 from pneumonia.config import parse_args, tool_parser
 from pneumonia.data.imageset import CLASSES
-from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.files import check_writable_folder, write_json
+from pneumonia.errors import UserError, exit_on_user_error, first_line
+from pneumonia.files import check_not_input, check_writable_folder, write_json
 from pneumonia.intervals import bootstrap_intervals, weighted_metrics
 from pneumonia.models.ensemble import EPS, RULES, member_config, pneumonia_index
 from pneumonia.models.registry import ModelConfig, create_model
@@ -144,26 +144,41 @@ def read_predictions(path: Path) -> dict[tuple[str, str], dict]:
             f"{path} not found: a member must be a run's checkpoints/best.ckpt, with the "
             f"run's {PREDICTIONS} two folders up"
         )
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path} lacks column(s) {', '.join(missing)}: is it a run's?")
-        rows: dict[tuple[str, str], dict] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                p, positive = float(row["probability"]), int(row["positive"])
-            except (TypeError, ValueError):
-                p, positive = math.nan, -1
-            if not 0 <= p <= 1 or positive not in (0, 1):
-                raise UserError(
-                    f"{path} line {line}: probability {row['probability']!r} and positive "
-                    f"{row['positive']!r} must be a number in [0, 1] and 0 or 1"
-                )
-            key = (row["split"], row["image"])
-            if key in rows:
-                raise UserError(f"{path} line {line}: image {key[1]} appears twice in {key[0]}")
-            rows[key] = {"patient": row["patient"] or row["image"], "positive": positive, "p": p}
+    not_a_run = f"so not the {PREDICTIONS} a run writes: give members whose run folder is intact"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return checked_rows(reader, path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text, {not_a_run}") from None
+    # csv's own refusals: a field over csv.field_size_limit(), left at its 128 KB (an image
+    # path is at most 4 KB, so no run writes one near it; a process-wide limit is not ours).
+    except csv.Error as err:
+        raise UserError(
+            f"{path} line {reader.reader.line_num}: {first_line(err, 80)}, {not_a_run}"
+        ) from None
+
+
+def checked_rows(reader: csv.DictReader, path: Path) -> dict[tuple[str, str], dict]:
+    """The rows of a predictions.csv being read, checked: {(split, image): row}."""
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: is it a run's?")
+    rows: dict[tuple[str, str], dict] = {}
+    for line, row in enumerate(reader, start=2):
+        try:
+            p, positive = float(row["probability"]), int(row["positive"])
+        except (TypeError, ValueError):
+            p, positive = math.nan, -1
+        if not 0 <= p <= 1 or positive not in (0, 1):
+            raise UserError(
+                f"{path} line {line}: probability {row['probability']!r} and positive "
+                f"{row['positive']!r} must be a number in [0, 1] and 0 or 1"
+            )
+        key = (row["split"], row["image"])
+        if key in rows:
+            raise UserError(f"{path} line {line}: image {key[1]} appears twice in {key[0]}")
+        rows[key] = {"patient": row["patient"] or row["image"], "positive": positive, "p": p}
     return rows
 
 
@@ -447,6 +462,13 @@ def print_table(report: dict) -> None:
     print(f"\nthreshold {THRESHOLD}; intervals: 95% bootstrap over patients", flush=True)
 
 
+def member_files(checkpoint: Path) -> list[Path]:
+    """What the ensemble reads of a member, and what its run's summary says of it: none may
+    be overwritten by the ensemble's checkpoint or its report."""
+    run = Path(checkpoint).resolve().parent.parent
+    return [Path(checkpoint), run / PREDICTIONS, run / "summary.json", run / "config.yaml"]
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     """Fit, report, write; return the report (for tests)."""
@@ -457,10 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_dir() or report_path == out:
         raise UserError(f"--out {out}: give the path of a checkpoint file to write, e.g. e.ckpt")
     members = check_members(args.members)
-    if out.resolve() in {m.path.resolve() for m in members} | {
-        m.path.resolve().with_suffix(".json") for m in members
-    }:
-        raise UserError(f"--out {out} would overwrite a member: choose another path")
+    for written in (out, report_path):
+        check_not_input("--out", written, [f for m in members for f in member_files(m.path)])
     val = join(members, "val")
     if isinstance(val, str):
         raise UserError(

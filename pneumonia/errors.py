@@ -26,17 +26,29 @@ def first_line(err: BaseException | str, limit: int = 200) -> str:
     return lines[0][:limit] if lines else type(err).__name__
 
 
+AGAIN = "run the command again"  # what continues a command that has no resume of its own
+
+
+def continue_with(err: OSError, then: str) -> OSError:
+    """Mark a failed read or write with the command that continues the work once the cause is
+    fixed (a run's `--resume`); `os_error_line` ends with it instead of `AGAIN`."""
+    err.continue_with = then  # type: ignore[attr-defined]
+    return err
+
+
 def os_error_line(err: OSError) -> str:
     """One line for a failed read or write: the path, the reason, what to do."""
     path = err.filename or "a file"
     reason = err.strerror or first_line(err, 160)
+    then = getattr(err, "continue_with", AGAIN)
     hint = {
-        errno.ENOSPC: "free some space, then continue the run with --resume RUN_DIR",
-        errno.EACCES: "choose a folder you may write to (runs_root, data.cache_dir)",
-        errno.EROFS: "choose a folder you may write to (runs_root, data.cache_dir)",
+        errno.ENOSPC: f"free some space, then {then}",
+        errno.EDQUOT: f"free some space, then {then}",
+        errno.EACCES: "change its permissions or choose a path you may write to",
+        errno.EROFS: "choose a folder you may write to",
         errno.ENOTDIR: "a file stands where a folder is expected: move it or choose another path",
         errno.EISDIR: "a folder stands where a file is expected: choose another path",
-    }.get(err.errno or 0, "check the path, its permissions and the free space")
+    }.get(err.errno or 0, f"check the path, its permissions and the free space, then {then}")
     return f"{path}: {reason}: {hint}"
 
 

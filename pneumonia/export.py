@@ -13,8 +13,8 @@ The model's metadata_props hold image_size, mean, std, threshold, classes (JSON)
 positive_class, model, checkpoint (the first 16 hex digits of the checkpoint's SHA-256),
 model_card (JSON) and preprocessing (the above as a sentence).
 `python -m pneumonia.predict --onnx OUT INPUT...` scores with it. Prints one line: where the
-file went, its size and the preprocessing. Exit code 2 on a bad checkpoint, 1 when the file
-cannot be written.
+file went, its size and the preprocessing. Exit code 2 on a bad checkpoint (or an --onnx that
+is the checkpoint), 1 when the file cannot be written.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jsonargparse import ArgumentParser
 
 from pneumonia.config import parse_args, tool_parser
 from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.files import check_writable_folder
+from pneumonia.files import check_not_input, check_writable_folder
 from pneumonia.onnx_model import export_onnx
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     check_writable_folder("--onnx", out.parent)
     if out.is_dir():
         raise UserError(f"--onnx {out} is a folder: give the path of the file to write")
+    check_not_input("--onnx", out, [args.ckpt])
     metadata = export_onnx(args.ckpt, out)
     size = out.stat().st_size / 1e6
     print(f"wrote {out} ({size:.1f} MB); input: {metadata['preprocessing']}", flush=True)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -15,8 +16,10 @@ from pneumonia.errors import UserError, first_line
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    write_bytes_atomic(path, text.encode())
+    """Write via a temporary file and rename, so readers never see half a file. A file name
+    that is not valid UTF-8 (its bytes kept as surrogates) is written as \\udcXX escapes, so the
+    file stays UTF-8 for every reader."""
+    write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -25,6 +28,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as err:  # a failed write() names no file, a failed open() the hidden one
+        raise OSError(err.errno, err.strerror or first_line(err, 100), str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -42,6 +47,50 @@ def check_writable_folder(key: str, folder: str | Path) -> None:
         )
 
 
+def check_not_input(key: str, output: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse to write `output` (the value of option `key`) when it is one of the files the
+    command reads, under any name (a symlink, a hard link, another spelling of the path):
+    writing it would destroy what is being read."""
+    target = _identity(output)
+    if target is None:  # a file that does not exist yet is no input
+        return
+    for source in inputs:
+        if _identity(source) == target:
+            raise UserError(
+                f"{key} {output} would overwrite {source}, which this command reads: choose "
+                f"another path for {key}"
+            )
+
+
+def check_not_input_folder(key: str, folder: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse a folder of outputs named after their inputs when it is an input folder or holds
+    an input file: an output could replace an input."""
+    target = _identity(folder)
+    if target is None:
+        return
+    folders: dict[str, str] = {}  # one stat per folder, however many files it holds
+    for source in map(str, inputs):
+        path = os.path.abspath(source)
+        is_folder = os.path.isdir(path)
+        where = f"is the input folder {source}" if is_folder else f"holds the input {source}"
+        folders.setdefault(path if is_folder else os.path.dirname(path), where)
+    for path, where in folders.items():
+        if _identity(path) == target:
+            raise UserError(
+                f"{key} {folder} {where}: what is written there could replace an input; "
+                f"choose a folder outside the inputs' folders for {key}"
+            )
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of what `path` names after following links, or None if nothing."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def save_atomic(obj: object, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +100,8 @@ def save_atomic(obj: object, path: Path) -> None:
         os.replace(tmp, path)
     except RuntimeError as err:  # torch's writer reports a full disk as "file write failed"
         raise OSError(None, f"could not be written ({first_line(err, 100)})", str(path)) from err
+    except OSError as err:  # named by the file the user knows, not the hidden temporary one
+        raise OSError(err.errno, err.strerror or first_line(err, 100), str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumonia.bounds import ImageSide, allowed, out_of_range
 from pneumonia.errors import UserError, first_line
 from pneumonia.files import write_bytes_atomic
 from pneumonia.module import ClassifierModule, positive_indices
@@ -50,6 +51,8 @@ PREPROCESSING = (
     "{standardise}float32 pixel values 0-255, shape [N, 1, {size}, {size}]; the graph divides "
     "by 255 and normalises with mean {mean} and std {std}"
 )
+# What to do about a file whose metadata or graph cannot be used.
+EXPORT_AGAIN = "export the checkpoint again: python -m pneumonia.export --ckpt CKPT --onnx FILE"
 # data.intensity's step in that sentence (none: no step, the sentence of earlier exports).
 STANDARDISE = {
     "none": "",
@@ -136,6 +139,8 @@ class OnnxPredictor:
         if threshold is not None and not 0 < threshold < 1:
             raise UserError(f"threshold {threshold}: give a probability between 0 and 1")
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"{path} is a folder: give a model file written by pneumonia.export")
         if not self.path.is_file():
             raise UserError(f"{path}: no such file: give a model written by pneumonia.export")
         data = self.path.read_bytes()  # a failed read is an OSError: exit 1, naming the path
@@ -160,6 +165,7 @@ class OnnxPredictor:
                 f"{path}: its graph has inputs {names} and outputs {outputs}, not "
                 f"{INPUT} -> {', '.join(OUTPUTS)}: export it again with pneumonia.export"
             )
+        _check_graph_size(self.session.get_inputs()[0].shape, self.model.image_size, path)
 
     def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(P(positive class) [N], logits [N, 2]) of uint8 images [N, 1, S, S]."""
@@ -223,6 +229,22 @@ def _model(metadata: dict[str, str], path: str | Path, threshold: float | None) 
     if not valid:
         raise UserError(
             f"{path}: its pneumonia metadata (image_size, threshold, classes, positive_class, "
-            f"intensity) is not valid: export the checkpoint again with python -m pneumonia.export"
+            f"intensity) is not valid: {EXPORT_AGAIN}"
+        )
+    if out_of_range(model.image_size, ImageSide):  # before any image is resized to it
+        raise UserError(
+            f"{path}: its metadata image_size {model.image_size} is outside the range a model "
+            f"may have ({allowed(ImageSide)}): {EXPORT_AGAIN}"
         )
     return model
+
+
+def _check_graph_size(shape: list, image_size: int, path: str | Path) -> None:
+    """The graph's input [N, 1, S, S] fixes the image size (every export does): metadata
+    saying another is refused before any image is resized to it."""
+    sides = shape[2:] if len(shape) == 4 else []
+    if all(isinstance(s, int) for s in sides) and sides != [image_size, image_size]:
+        raise UserError(
+            f"{path}: its metadata says image_size {image_size}, but its graph takes images "
+            f"of shape {shape}: {EXPORT_AGAIN}"
+        )

@@ -5,7 +5,8 @@ One row per readable image on stdout (or --output FILE), as CSV, JSON or JSON li
 probability, decision, threshold, model, image_size, checkpoint. Unreadable files are listed
 on stderr with the reason and skipped. Exit code: 0 when every input was read, 3 when some
 were skipped (the rows of the others are still written), 2 on a usage error (a bad
-checkpoint, no images at all), 1 when a file cannot be written.
+checkpoint, no images at all, an --output or --cam that would overwrite an input), 1 when a
+file cannot be written.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from pneumonia.config import (
     tool_parser,
 )
 from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.files import check_writable_folder, write_text_atomic
+from pneumonia.files import (
+    check_not_input,
+    check_not_input_folder,
+    check_writable_folder,
+    write_text_atomic,
+)
 from pneumonia.predictor import COLUMNS, HeatmapWriter, Predictor, find_inputs, predict_files
 
 SOME_SKIPPED = 3  # the exit code when some inputs could not be read
@@ -82,6 +88,15 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     return out.getvalue()
 
 
+def check_outputs(args, files: list[Path]) -> None:
+    """Nothing written may replace what is read: an input, the model, an input's folder."""
+    if args.output:
+        check_not_input("--output", args.output, [args.ckpt or args.onnx, *files])
+    if args.cam:
+        folders = [item for item in args.inputs if Path(item).is_dir()]
+        check_not_input_folder("--cam", args.cam, [*folders, *files])
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[dict]:
     """Score the inputs; return the rows (for tests), exit 3 when some were skipped."""
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     files, missing = find_inputs(args.inputs)
     if not files and missing:
         raise UserError(f"{missing[0][0]}: {missing[0][1]}: give image files or folders")
+    check_outputs(args, files)
     writer = HeatmapWriter(predictor, args.cam) if args.cam else None
     rows, unreadable = predict_files(predictor, files, args.batch_size, on_batch=writer)
     if writer is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +25,15 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from pneumonia.checkpoint import model_card, module_from, read_checkpoint
-from pneumonia.data.decode import CorruptImageError, crop_to_roi, is_dicom, read_image, to_input
+from pneumonia.data.budget import not_regular
+from pneumonia.data.decode import (
+    CorruptImageError,
+    crop_to_roi,
+    image_format,
+    read_image,
+    read_regular,
+    to_input,
+)
 from pneumonia.errors import UserError
 from pneumonia.explain import heatmaps, overlay, png_bytes
 from pneumonia.files import write_bytes_atomic
@@ -153,38 +162,58 @@ class Predictor:
 
 def find_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """(image files, [(input, why it was skipped)]): files as given, folders walked recursively
-    for image files (hidden ones left out), in sorted order within each folder."""
+    for image files (hidden ones left out), in sorted order within each folder. Only regular
+    files are read: a named pipe or a device, given or met in a folder, is skipped unopened."""
     files: list[Path] = []
-    missing: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files += _images_under(path)
-        elif path.is_file():
-            files.append(path)
+        try:
+            mode = path.stat().st_mode  # links followed: what would be read
+        except OSError as err:
+            missing = isinstance(err, FileNotFoundError | NotADirectoryError)
+            why = "no such file or folder" if missing else err.strerror or type(err).__name__
+            skipped.append((str(item), why))
+            continue
+        if stat.S_ISDIR(mode):
+            found, passed = _images_under(path)
+            files += found
+            skipped += passed
+        elif reason := not_regular(mode):
+            skipped.append((str(item), reason))
         else:
-            missing.append((str(item), "no such file or folder"))
-    return files, missing
+            files.append(path)
+    return files, skipped
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
+def _images_under(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(the image files under `folder`, [(file, why it was skipped)]): files with an image
+    suffix, and files without a suffix that carry DICOM's mark; of those, any that is not a
+    regular file is skipped with the reason, never opened (a named pipe would block)."""
+    found, skipped = [], []
     for parent, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = Path(parent) / name
-            if name.startswith("."):
+            if name.startswith(".") or (path.suffix and path.suffix.lower() not in IMAGE_SUFFIXES):
                 continue
-            if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and _has_dicom_mark(path)):
+            try:
+                reason = not_regular(path.stat().st_mode)
+            except OSError as err:  # a link that leads nowhere: named when named as an image
+                if path.suffix:
+                    skipped.append((str(path), err.strerror or type(err).__name__))
+                continue
+            if reason:
+                skipped.append((str(path), reason))
+            elif path.suffix or _has_dicom_mark(path):
                 found.append(path)
-    return found
+    return found, skipped
 
 
 def _has_dicom_mark(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
-            return is_dicom(f.read(132))
-    except OSError:
+        return image_format(read_regular(path, head=132)) == "dicom"
+    except CorruptImageError:
         return False
 
 

@@ -17,10 +17,11 @@ update a client sent, can learn about whether that image was used.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import timm.layers
@@ -36,7 +37,7 @@ from pneumonia.errors import UserError, first_line
 # would then be printed. Import it once here, and take the handler away again.
 _root_handlers = list(logging.getLogger().handlers)
 from opacus.accountants import RDPAccountant, create_accountant  # noqa: E402
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier  # noqa: E402
 from opacus.grad_sample import GradSampleHooks, register_grad_sampler  # noqa: E402
 from opacus.grad_sample.group_norm import compute_group_norm_grad_sample  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
@@ -73,6 +74,12 @@ def check_privacy(cfg) -> None:
     """What DP-SGD rules out, before any data is read (cfg: the fit config). Raises UserError."""
     p = cfg.privacy
     if not p.enabled:
+        if set_without_dp := _changed_settings(p):
+            key = f"privacy.{set_without_dp[0]}"
+            raise UserError(
+                f"{key} is set but privacy.enabled is false, so training would not be private: "
+                f"set privacy.enabled true, or drop {key}"
+            )
         return
     if (p.noise_multiplier is None) == (p.target_epsilon is None):
         raise UserError(
@@ -139,6 +146,64 @@ def check_privacy(cfg) -> None:
             raise UserError(f"privacy.enabled: {why}")
 
 
+def _changed_settings(cfg: PrivacyConfig) -> list[str]:
+    """The privacy.* settings that differ from their defaults (a run's config.yaml holds every
+    key, at its default unless someone set it)."""
+    default = PrivacyConfig()
+    return [
+        f.name
+        for f in fields(cfg)
+        if f.name != "enabled" and getattr(cfg, f.name) != getattr(default, f.name)
+    ]
+
+
+def check_budget(cfg, images: dict[str, int]) -> None:
+    """What the privacy settings ask of each trainer's images, once their counts are known and
+    before a run directory exists: delta below 1 / N, and a target epsilon that DP-SGD can
+    reach (cfg: the fit config; images: trainer name -> its training images)."""
+    p = cfg.privacy
+    check_delta(p.delta, images)
+    if p.target_epsilon is None:
+        return
+    fl = cfg.federated
+    epochs = fl.rounds * fl.local_epochs if fl.enabled else int(cfg.trainer.max_epochs or 1)
+    batch = cfg.data.batch_size
+    for who, n in images.items():
+        rate, steps = sample_rate(n, batch), planned_steps(n, batch, epochs)
+        floor = smallest_epsilon(p, rate, steps)
+        if p.target_epsilon < floor or not _reachable(p, rate, steps):
+            raise UserError(
+                f"privacy.target_epsilon {p.target_epsilon:g} is below what DP-SGD can reach "
+                f"for {who} at privacy.delta {p.delta:g} with the {p.accountant} accountant "
+                f"({floor:.3g}, however much noise is added): raise privacy.target_epsilon to "
+                f"{_rounded_up(floor)} or more"
+            )
+
+
+def _reachable(cfg: PrivacyConfig, rate: float, steps: int) -> bool:
+    try:
+        noise_for_budget(cfg, rate, steps)  # cached: the trainer's DPSGD asks again
+    except ValueError:  # Opacus's "The privacy budget is too low"
+        return False
+    return True
+
+
+def _rounded_up(value: float) -> str:
+    """`value` rounded up to two significant digits: 0.1029 -> "0.11"."""
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return f"{math.ceil(value / step) * step:.2g}"
+
+
+def smallest_epsilon(cfg: PrivacyConfig, rate: float, steps: int) -> float:
+    """The epsilon of `steps` steps at `rate` under the most noise Opacus's search tries: no
+    target below it can be met (RDP's conversion alone gives about log(1 / delta) / 62)."""
+    accountant = create_accountant(cfg.accountant)
+    accountant.history = [(MAX_SIGMA / 2, rate, max(steps, 1))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=cfg.delta))
+
+
 def check_private_model(model: nn.Module, name: str) -> None:
     """Refuse a model Opacus cannot train privately, in one line naming the fix."""
     errors = ModuleValidator.validate(model, strict=False)
@@ -194,15 +259,26 @@ def noise_for_budget(cfg: PrivacyConfig, sample_rate: float, steps: int) -> floa
     privacy.target_epsilon (Opacus's own search), or privacy.noise_multiplier."""
     if cfg.target_epsilon is None:
         return float(cfg.noise_multiplier)
+    return _searched_noise(
+        cfg.target_epsilon, cfg.delta, sample_rate, max(steps, 1), cfg.accountant
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _searched_noise(
+    epsilon: float, delta: float, rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus's search, once per process for the same inputs: preflight's check and the
+    trainer's DPSGD ask the same (PRV's search takes seconds)."""
     with warnings.catch_warnings():  # PRV's "optimal order" notes
         warnings.simplefilter("ignore")
         return float(
             get_noise_multiplier(
-                target_epsilon=cfg.target_epsilon,
-                target_delta=cfg.delta,
-                sample_rate=sample_rate,
-                steps=max(steps, 1),
-                accountant=cfg.accountant,
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=rate,
+                steps=steps,
+                accountant=accountant,
             )
         )
 

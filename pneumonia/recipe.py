@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from pneumonia.bounds import ImageSide, allowed, first_out_of_range, out_of_range
 from pneumonia.data.datamodule import class_balanced_weights
 from pneumonia.data.imageset import CLASSES, ImageSet
-from pneumonia.module import ClassifierModule
+from pneumonia.losses import LossConfig
+from pneumonia.models.registry import ModelConfig
+from pneumonia.module import ClassifierModule, OptimConfig
 
 Moments = tuple[int, float, float]  # images, mean pixel, mean squared pixel (in [0, 1])
 
@@ -49,6 +52,48 @@ class Recipe:
 
     def with_threshold(self, threshold: float) -> Recipe:
         return replace(self, threshold=float(threshold))
+
+    def out_of_range(self) -> tuple[str, object, str] | None:
+        """(key, value, allowed range) of its first value outside the fit config's ranges
+        (`pneumonia.bounds`), an ensemble's members included; None when all are in range. A
+        recipe read from a file is checked before a module is built from it: its sizes (model
+        width, image size) decide what the builder allocates."""
+        if out_of_range(self.image_size, ImageSide):
+            return "image_size", self.image_size, allowed(ImageSide)
+        return (
+            first_out_of_range(OptimConfig, self.optim, "optim")
+            or first_out_of_range(LossConfig, self.loss or {}, "loss")
+            or _model_out_of_range(self.model, "model")
+        )
+
+
+def _model_out_of_range(model: dict, key: str) -> tuple[str, object, str] | None:
+    """`Recipe.out_of_range` of a model config as a dict, its ensemble's members too."""
+    if not isinstance(model, dict):
+        return None  # ModelConfig refuses it
+    bad = first_out_of_range(ModelConfig, model, key)
+    spec = model.get("ensemble") if model.get("name") == "ensemble" else None
+    members = spec.get("members") if isinstance(spec, dict) else None
+    for k, member in enumerate(members if isinstance(members, list) else []):
+        bad = bad or _member_out_of_range(member, f"{key}.ensemble.members[{k}]")
+    return bad
+
+
+def _member_out_of_range(member: object, key: str) -> tuple[str, object, str] | None:
+    """An ensemble member's sizes (`pneumonia.models.ensemble`); its builder refuses the
+    rest of what may be wrong with it."""
+    if not isinstance(member, dict):
+        return None
+    model, classes = member.get("model"), member.get("classes")
+    if isinstance(model, dict) and model.get("name") == "ensemble":
+        return f"{key}.model.name", "ensemble", "a model that is not an ensemble itself"
+    if out_of_range(member.get("image_size"), ImageSide):
+        return f"{key}.image_size", member.get("image_size"), allowed(ImageSide)
+    if not isinstance(classes, list | tuple):
+        return f"{key}.classes", type(classes).__name__, "a list of 2 or 3 classes"
+    if len(classes) not in (2, 3):
+        return f"{key}.classes", f"{len(classes)} classes", "2 or 3 classes"
+    return _model_out_of_range(model, f"{key}.model")
 
 
 def normalisation(moments: list[Moments]) -> tuple[float, float]:

@@ -14,6 +14,10 @@ def safe_load(path: str | Path, mmap: bool = False) -> object:
     `mmap`: map the tensors instead of reading them, for a glance at a checkpoint's plain
     values (its epoch or round) that should not cost a read of every weight."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a file: {_inside(path)}")
+    if path.exists() and not path.is_file():  # a pipe or a device: never read (it may not end)
+        raise UserError(f"{path} is not a regular file: give a checkpoint or weights file")
     if not path.is_file():
         raise UserError(f"{path} does not exist: check the checkpoint or weights path")
     try:
@@ -25,3 +29,11 @@ def safe_load(path: str | Path, mmap: bool = False) -> object:
             f"cannot read {path}: not a PyTorch checkpoint, or it holds pickled objects beyond "
             f"tensors and plain containers (refused: loading them could run code)"
         ) from None
+
+
+def _inside(folder: Path) -> str:
+    """What to give instead of a folder: the best.ckpt in it or in its run's checkpoints/."""
+    for candidate in (folder / "checkpoints" / "best.ckpt", folder / "best.ckpt"):
+        if candidate.is_file():
+            return f"give the checkpoint inside it, {candidate}"
+    return "give a checkpoint file, such as a run's checkpoints/best.ckpt"

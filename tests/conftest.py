@@ -268,3 +268,16 @@ def draw_radiograph(side: int = 256):
 def radiograph():
     """(uint8 [1, 256, 256] film, bool [256, 256] mask of its two lungs)."""
     return draw_radiograph()
+
+
+def run_predict(capsys, *argv: str) -> tuple[int, str, str]:
+    """`python -m pneumonia.predict ARGV` in this process: (exit code, stdout, stderr)."""
+    from pneumonia import predict
+
+    try:
+        predict.main(list(argv))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err

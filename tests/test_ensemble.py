@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -324,3 +325,42 @@ def test_bad_members_are_one_line_exit_2_and_write_nothing(members, tmp_path, ca
     assert "predictions.csv not found" in err
     assert "--folds 99" in refused(capsys, "--members", a, b, "--out", str(out), "--folds", "99")
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_an_out_that_would_overwrite_what_a_member_holds_is_refused(members, tmp_path, capsys):
+    a, b = map(str, members)
+    run = members[0].parents[1]
+    summary = (run / "summary.json").read_bytes()
+    # e.ckpt's report would be the member's summary.json; a hard link is the checkpoint itself.
+    err = refused(capsys, "--members", a, b, "--out", str(run / "summary.ckpt"))
+    assert "would overwrite" in err and "summary.json" in err
+    linked = tmp_path / "linked.ckpt"
+    os.link(members[1], linked)
+    assert "would overwrite" in refused(capsys, "--members", a, b, "--out", str(linked))
+    assert (run / "summary.json").read_bytes() == summary
+
+
+HEADER = "split,image,patient,positive,probability\n"
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ((HEADER + "val,café.png,p1,0,0.5\n").encode("latin-1"), "is not UTF-8 text"),
+        ((HEADER + f"val,{'a' * 200_000}.png,p1,0,0.5\n").encode(), "line 2: field larger"),
+    ],
+    ids=["latin-1", "200 KB field"],
+)
+def test_a_predictions_csv_no_run_writes_is_one_line_naming_it(
+    table, says, tiny_checkpoint, tmp_path, capsys
+):
+    """No training: conftest's tiny checkpoint in two run folders, one table unreadable."""
+    members = []
+    for name, text in (("bad", table), ("good", (HEADER + "val,a.png,p1,0,0.5\n").encode())):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        members.append(shutil.copy(tiny_checkpoint, tmp_path / name / "checkpoints"))
+        (tmp_path / name / "predictions.csv").write_bytes(text)
+    out = tmp_path / "e.ckpt"
+    err = refused(capsys, "--members", *map(str, members), "--out", str(out))
+    assert f"{tmp_path / 'bad' / 'predictions.csv'}" in err and says in err
+    assert "give members whose run folder is intact" in err and not out.exists()

@@ -1,5 +1,6 @@
 """Bad input: one line naming the file or key and what to do, exit code 2, nothing written."""
 
+import errno
 import random
 import re
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from pneumonia import evaluate, fit
-from pneumonia.errors import UserError
+from pneumonia.errors import UserError, continue_with, os_error_line
 from pneumonia.safeload import safe_load
 
 
@@ -163,3 +164,16 @@ def test_junk_checkpoint_bytes_are_one_user_error(tmp_path, seed):
     path.write_bytes(random.Random(seed).randbytes(4096))
     with pytest.raises(UserError, match=f"cannot read {re.escape(str(path))}: not a PyTorch"):
         safe_load(path)
+
+
+def test_a_full_disk_says_run_again_unless_the_work_has_its_own_continuation():
+    """predict and export have no resume: "run the command again"; a run names its own."""
+    err = OSError(errno.ENOSPC, "No space left on device", "out/model.onnx")
+    assert os_error_line(err) == (
+        "out/model.onnx: No space left on device: free some space, then run the command again"
+    )
+    continue_with(err, "continue with python -m pneumonia.fit --resume runs/x/version_0")
+    assert os_error_line(err) == (
+        "out/model.onnx: No space left on device: free some space, then continue with "
+        "python -m pneumonia.fit --resume runs/x/version_0"
+    )

@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 from conftest import TINY_CARD, write_image, write_tiny_checkpoint
+from hostile_files import one_line, predict_in_child
 
 from pneumonia import export, predict
 from pneumonia.checkpoint import read_checkpoint
@@ -179,3 +180,34 @@ def test_onnx_files_the_predictor_cannot_use_are_one_line_errors_naming_them(tmp
     with pytest.raises(UserError, match=f"^{foreign} has no pneumonia metadata") as err:
         OnnxPredictor(foreign)
     assert "\n" not in str(err.value)
+
+
+def edited_onnx(source: Path, out: Path, metadata_size: int | None, graph_size: int | None):
+    """A copy of `source` whose metadata image_size or graph input sides say otherwise."""
+    model = onnx.load(str(source))
+    if metadata_size is not None:
+        next(p for p in model.metadata_props if p.key == "image_size").value = str(metadata_size)
+    if graph_size is not None:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_value = dims[3].dim_value = graph_size
+    onnx.save(model, str(out))
+    return out
+
+
+def test_onnx_sizes_that_lie_are_refused_in_one_line_before_any_image_is_resized(
+    exported, tmp_path
+):
+    """The graph's input fixes the image size: metadata that disagrees, or a size out of
+    range (60000 px: 14 GB an image), is refused by predict before it decodes anything."""
+    files = {
+        "both_60000": edited_onnx(exported.onnx, tmp_path / "a.onnx", 60000, 60000),
+        "says_48": edited_onnx(exported.onnx, tmp_path / "b.onnx", 48, None),
+        "graph_60000": edited_onnx(exported.onnx, tmp_path / "c.onnx", None, 60000),
+        "folder": tmp_path,
+    }
+    image = str(next(exported.folder.glob("*.jpeg")))
+    done = predict_in_child([(k, ["--onnx", str(f), image]) for k, f in files.items()])
+    one_line(done["both_60000"], files["both_60000"], "image_size 60000", ">= 16 and <= 2048")
+    one_line(done["says_48"], files["says_48"], "says image_size 48", "1, 32, 32]")
+    one_line(done["graph_60000"], files["graph_60000"], "image_size 32", "1, 60000, 60000]")
+    one_line(done["folder"], tmp_path, "is a folder")

@@ -5,6 +5,7 @@ process where a signal is involved): the exit code, the one line, the files left
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's contents and modification time."""
+    return {
+        str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
 def metrics_rows(run_dir: Path) -> list[dict]:
     with (run_dir / "metrics.csv").open() as file:
         return list(csv.DictReader(file))
@@ -113,6 +121,7 @@ def test_a_crafted_resume_file_runs_no_code(
     kind, central_run, fl_run, tmp_path, capsys, unsafe_env
 ):
     run_dir = copy_run(central_run if kind == "central" else fl_run, tmp_path / "run")
+    (run_dir / "summary.json").unlink()  # unfinished: a resume reads its checkpoints
     target = "last.ckpt" if kind == "central" else "federated_state.pt"
     marker = tmp_path / "pwned"
     plant(run_dir / "checkpoints" / target, marker)
@@ -272,12 +281,66 @@ def test_the_other_signal_too(kind, signum, tmp_path):
 # 3. Resume keeps every history file and refuses an edited config.
 
 
-def test_resuming_a_finished_run_keeps_its_history(central_run, tmp_path, capsys):
-    run_dir = copy_run(central_run, tmp_path / "run")
-    before = (run_dir / "metrics.csv").read_text()
+@pytest.mark.parametrize("kind", ["central", "federated"])
+def test_resuming_a_finished_run_changes_nothing(kind, central_run, fl_run, tmp_path, capsys):
+    """Its summary (wall_time_s included), history, checkpoints and events stay as they were."""
+    run_dir = copy_run(central_run if kind == "central" else fl_run, tmp_path / "run")
+    before = snapshot(run_dir)
+    summary = fit.main(["--resume", str(run_dir)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{run_dir} is complete: nothing to resume (its results: {run_dir / 'summary.json'})"
+    )
+    assert snapshot(run_dir) == before
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["central", "federated"])
+def test_a_signal_during_the_final_scoring_names_the_resume_that_completes_it(
+    kind, tmp_path, monkeypatch, capsys
+):
+    """Every epoch or round is saved when the scoring of best.ckpt starts: the line says so
+    and names the command that finishes the run (running the command again is refused)."""
+    from pneumonia.run import job
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    run_dir = tmp_path / "run"
+    if kind == "central":
+        argv, saved = [*CENTRAL, "--trainer.max_epochs", "2"], "epochs 1-2"
+    else:
+        argv, saved = [*FEDERATED, "--federated.rounds", "2"], "rounds 1-2"
+    with monkeypatch.context() as patch:
+        patch.setattr(job, "finalize", terminated)
+        assert fit_exit([*argv, "--run_dir", str(run_dir)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted by SIGTERM: {saved} are saved in {run_dir} (the final scoring did not "
+        f"finish): continue with python -m pneumonia.fit --resume {run_dir}"
+    )
+    assert not (run_dir / "summary.json").exists()
     fit.main(["--resume", str(run_dir)])
-    assert (run_dir / "metrics.csv").read_text() == before
-    assert_same_weights(weights(run_dir), weights(central_run))
+    assert json.loads((run_dir / "summary.json").read_text())["run_dir"] == str(run_dir)
+
+
+@pytest.mark.parametrize("damage", ["a file", "missing"])
+def test_a_resume_whose_client_folder_is_gone_names_the_hospital(damage, fl_run, tmp_path, capsys):
+    """Not a warning and a hospital left out of every later round: its folder (its curves)
+    fails each round it trains in."""
+    run_dir = copy_run(fl_run, tmp_path / "run")
+    (run_dir / "summary.json").unlink()  # stopped during its final scoring: resumable
+    folder = run_dir / "clients" / "client_0"
+    subprocess.run(["rm", "-r", str(folder)], check=True)
+    if damage == "a file":
+        folder.write_text("")
+    before = snapshot(run_dir)
+    assert fit_exit(["--resume", str(run_dir)]) == 2
+    problem = "is not a folder" if damage == "a file" else "is missing"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder}, the folder of client 0, {problem}: put that client's folder back "
+        f"(or replace it with an empty folder to continue without its earlier curves), then "
+        f"run the command again"
+    )
+    assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize(
@@ -337,6 +400,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monk
     line = one_error_line(capsys)
     assert line.startswith(f"error: {run_dir / 'checkpoints'}/")
     assert "could not be written (" in line and "file write failed" in line
+    assert line.endswith(f"then continue with python -m pneumonia.fit --resume {run_dir}")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert not list(run_dir.rglob("*.tmp"))
 
@@ -419,4 +483,6 @@ def test_interrupt_hint_names_a_fresh_start_when_nothing_was_saved(tmp_path):
     from pneumonia.run.job import resume_hint, saved_so_far
 
     assert saved_so_far(tmp_path, federated=False) == f"no epoch was completed in {tmp_path}"
-    assert resume_hint(tmp_path, resumable=False).startswith("start the run again")
+    assert resume_hint(tmp_path, resumable=False) == (
+        f"start the run again (remove {tmp_path} first)"
+    )

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_dicom, write_image, write_tiny_checkpoint
+from conftest import run_predict, write_dicom, write_image, write_tiny_checkpoint
 from PIL import Image
 
 from pneumonia import predict
@@ -36,14 +36,7 @@ def inputs(tmp_path_factory):
     return folder, broken
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        predict.main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_predict
 
 
 def test_a_folder_gives_one_csv_row_per_image_with_the_checkpoint_identity(

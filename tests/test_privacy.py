@@ -3,6 +3,7 @@ its refusals, resume, and the server-side DP-FedAvg wrapper."""
 
 import csv
 import math
+import re
 
 import pytest
 import torch
@@ -13,11 +14,13 @@ from torch import nn
 
 from pneumonia import fit
 from pneumonia.checkpoint import model_card, read_checkpoint
+from pneumonia.config import parse_fit_config
+from pneumonia.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.client import Client
 from pneumonia.federated.config import ServerDPConfig
 from pneumonia.federated.strategies import FedAdam, FedAvg, ServerDP, clip_update
-from pneumonia.privacy import DPSGD, PrivacyConfig, make_private
+from pneumonia.privacy import DPSGD, PrivacyConfig, check_budget, check_privacy, make_private
 from pneumonia.recipe import Recipe, build_module
 
 TINY = [
@@ -325,3 +328,64 @@ def test_the_prv_accountant_is_tighter_than_rdp_for_the_same_steps():
     # docs/design/privacy.md: 6.035 (RDP) and 5.516 (PRV) from Opacus's own functions
     assert spent["rdp"] == pytest.approx(6.035, abs=5e-3)
     assert spent["prv"] == pytest.approx(5.516, abs=0.05) and spent["prv"] < spent["rdp"]
+
+
+def test_a_budget_dp_sgd_cannot_reach_is_one_line_before_any_run_directory(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = [*TINY, *PRIVATE, "--federated.enabled", "false", "--trainer.max_epochs", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        fit.main([*argv, "--privacy.target_epsilon", "0.01", "--runs_root", str(runs)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: privacy.target_epsilon 0.01 is below what DP-SGD can reach for the training "
+        "split at privacy.delta 0.001 with the rdp accountant ("
+    )
+    assert err[0].endswith("or more") and not runs.exists()
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_smallest_reachable_epsilon_named_is_reached(accountant):
+    argv = ["--privacy.enabled", "true", "--privacy.accountant", accountant]
+    cfg = parse_fit_config([*argv, "--privacy.target_epsilon", "0.001"])[0]
+    images = {"client 0": 300, "client 1": 2000}
+    with pytest.raises(UserError, match=r"for client 0 at privacy.delta 1e-05") as refused:
+        check_budget(cfg, images)
+    least = float(
+        re.search(r"raise privacy.target_epsilon to (\S+) or more", str(refused.value))[1]
+    )
+    cfg.privacy.target_epsilon = least
+    check_budget(cfg, images)  # Opacus finds a noise for it: the suggestion works
+    assert 0.001 < least < 0.2
+
+
+def test_a_privacy_setting_without_privacy_enabled_is_refused_not_ignored(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = [*TINY, "--federated.enabled", "false", "--trainer.max_epochs", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        fit.main([*argv, "--privacy.target_epsilon", "8", "--runs_root", str(runs)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: privacy.target_epsilon is set but privacy.enabled is false, so training would "
+        "not be private: set privacy.enabled true, or drop privacy.target_epsilon"
+    )
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ["--privacy.noise_multiplier", "1"],
+        ["--privacy.max_grad_norm", "2"],
+        ["--privacy.delta", "1e-6"],
+        ["--privacy.accountant", "prv"],
+    ],
+)
+def test_every_privacy_setting_counts_and_a_run_config_at_its_defaults_still_resumes(setting):
+    key = setting[0][2:]
+    with pytest.raises(UserError, match=rf"^{key} is set but privacy.enabled is false"):
+        check_privacy(parse_fit_config(setting)[0])
+    # config.yaml of an earlier run holds every privacy key, at its default: not refused
+    written = parse_fit_config([])[1]
+    assert "privacy:\n  enabled: false\n  noise_multiplier: null" in written
+    check_privacy(parse_fit_config(["--config", written])[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -59,3 +61,31 @@ def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "y.ckpt")
     with pytest.raises(UserError, match="not a checkpoint written by pneumonia.fit"):
         read_checkpoint(tmp_path / "y.ckpt")
+
+
+RANGE = "is outside the range a run may have"
+WIDTH = "(an integer > 0 and <= 512)"
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"model": MODEL | {"width": 65536}}, f"model.width 65536 {RANGE} {WIDTH}"),
+        ({"model": MODEL | {"width": "64"}}, f"model.width '64' {RANGE} {WIDTH}"),
+        ({"model": MODEL | {"maxout_pieces": 10**6}}, f"model.maxout_pieces 1000000 {RANGE}"),
+        ({"image_size": 60000}, f"image_size 60000 {RANGE} (an integer >= 16 and <= 2048)"),
+        ({"optim": {"decay": {"warmup": -1}}}, f"optim.decay.warmup -1 {RANGE} (an integer >= 0)"),
+        ({"loss": {"angular_margin": 0}}, f"loss.angular_margin 0 {RANGE} (an integer > 0)"),
+    ],
+    ids=["width", "width as text", "maxout pieces", "image size", "optim", "loss"],
+)  # fmt: skip
+def test_a_recipe_outside_the_config_ranges_is_one_line_naming_field_value_and_range(
+    change, says, tmp_path
+):
+    """Read back, before any module is built: the file's sizes never reach a builder."""
+    path = tmp_path / "x.ckpt"
+    write_checkpoint(path, {"model.fc.weight": torch.zeros(1)}, replace(RECIPE, **change), 1)
+    with pytest.raises(UserError) as err:
+        read_checkpoint(path)
+    assert str(err.value).startswith(f"checkpoint {path}: {says}")
+    assert "\n" not in str(err.value)

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import Namespace
 
-from pneumonia.config import parse_fit_config
+from pneumonia.config import parse_fit_config, strict_yaml
 from pneumonia.errors import UserError
 from pneumonia.federated.config import clients_per_round
 from pneumonia.metrics import SCALARS
@@ -142,7 +142,7 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"comparison config {path} not found: see configs/compare/")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = strict_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(spec, dict):

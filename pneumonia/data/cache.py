@@ -21,7 +21,8 @@ from pneumonia.errors import UserError
 from pneumonia.files import save_atomic
 from pneumonia.safeload import safe_load
 
-CACHE_VERSION = 2  # bump when decoding changes, to orphan old cache files
+CACHE_VERSION = 3  # bump when decoding changes, to orphan old cache files (3: a PNG named
+# .dcm read by its content, a header that turns an image into one grey level refused)
 
 
 def default_cache_dir() -> Path:
@@ -44,8 +45,11 @@ def cache_key(
         stat = f.path.stat()
         if f.path.parent not in folders:
             folders[f.path.parent] = os.path.realpath(f.path.parent)
-        path = os.path.join(folders[f.path.parent], f.path.name)
-        digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
+        # The name's bytes, not its text: a name that is not UTF-8 holds undecodable bytes
+        # (surrogate escapes) that str.encode refuses; the bytes of a UTF-8 name are its
+        # encoding, so earlier keys still hold.
+        path = os.fsencode(os.path.join(folders[f.path.parent], f.path.name))
+        digest.update(b"|" + path + f"|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
     return digest.hexdigest()[:24]
 
 

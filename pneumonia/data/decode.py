@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,15 +11,31 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from pneumonia.data.budget import (
+    MAX_FILE_BYTES,
+    MAX_FRAMES,
+    not_regular,
+    over_bytes,
+    over_pixels,
+)
+from pneumonia.data.headers import HeaderError, raster_format, read_header
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import ImageFile
 from pneumonia.data.lungs import crop_to_lungs
 from pneumonia.errors import UserError
 
+# Pixels converted to grey uint8 at a time (`_grey_uint8`).
+CONVERT_PIXELS = 1 << 20
+
 
 class CorruptImageError(Exception):
     """A file that is not a readable image (args: its path, and why if known)."""
+
+
+class ImageTooLarge(CorruptImageError):
+    """An image whose header promises more than the decode budget (pixels, frames, bytes):
+    refused before its pixels are materialised (args: its path, and why)."""
 
 
 def corrupt_image_error(path: str, reason: str = "") -> UserError:
@@ -30,22 +47,40 @@ def corrupt_image_error(path: str, reason: str = "") -> UserError:
     )
 
 
+def image_format(data: bytes, name: str = "") -> str | None:
+    """dicom, jpeg, png, gif or webp by the file's content, or None. DICOM's "DICM" mark after
+    the 128-byte preamble first; a .dcm name counts only when the bytes carry no other known
+    magic (some writers leave the preamble out, and a PNG named .dcm is still a PNG)."""
+    if data[128:132] == b"DICM":
+        return "dicom"
+    kind = raster_format(data)
+    if kind is None and name.lower().endswith((".dcm", ".dicom")):
+        return "dicom"
+    return kind
+
+
 def is_dicom(data: bytes, name: str = "") -> bool:
-    """A DICOM file: the "DICM" mark after the 128-byte preamble, or a .dcm name (some
-    writers leave the preamble out)."""
-    return data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
+    """A DICOM file, by `image_format`."""
+    return image_format(data, name) == "dicom"
 
 
 def decode_bytes(data: bytes, name: str) -> torch.Tensor:
     """An image file's bytes (`name` says where they came from) -> uint8 [1, H, W] at its own
     size: JPEG, PNG, GIF and WebP by torchvision, DICOM by pydicom (`pneumonia.data.dicom`).
-    Raises CorruptImageError(name, why)."""
-    if is_dicom(data, name):
+    The decode budget (`pneumonia.data.budget`) is checked from the header first.
+    Raises CorruptImageError(name, why), ImageTooLarge for an image over the budget."""
+    if reason := over_bytes("file", len(data), MAX_FILE_BYTES):
+        raise ImageTooLarge(name, reason)
+    kind = image_format(data, name)
+    if kind == "dicom":
         from pneumonia.data.dicom import decode_dicom  # pydicom loads only for DICOM inputs
 
         return decode_dicom(data, name)
     if not data:
         raise CorruptImageError(name, "empty file")
+    if kind is None:
+        raise CorruptImageError(name, "not a JPEG, PNG, GIF, WebP or DICOM file")
+    _check_header(data, name)
     try:
         image = decode_image(
             torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY
@@ -53,6 +88,19 @@ def decode_bytes(data: bytes, name: str) -> torch.Tensor:
     except (RuntimeError, ValueError) as err:
         raise CorruptImageError(name, _decoder_reason(err)) from err
     return _grey_uint8(image, name)
+
+
+def _check_header(data: bytes, name: str) -> None:
+    """Refuse a raster image over the decode budget, or of more than one frame, before a
+    decoder allocates its pixels."""
+    try:
+        header = read_header(data)
+    except HeaderError as err:
+        raise CorruptImageError(name, "truncated or corrupt image data") from err
+    if header.frames > MAX_FRAMES:
+        raise CorruptImageError(name, f"{header.frames} frames, expected one image")
+    if reason := over_pixels(header.width, header.height):
+        raise ImageTooLarge(name, reason)
 
 
 def _decoder_reason(err: Exception) -> str:
@@ -72,23 +120,59 @@ def _grey_uint8(image: torch.Tensor, name: str) -> torch.Tensor:
         if image.shape[0] != 1:
             raise CorruptImageError(name, f"{image.shape[0]} frames, expected one image")
         image = image[0]
-    # GIF and WebP ignore the grey mode and come back as RGB: make them grey here.
+    if image.shape[0] == 2:  # grey + alpha
+        image = image[:1]
+    if image.shape[0] == 1 and image.dtype == torch.uint8:
+        return image
+    # GIF and WebP ignore the grey mode and come back as RGB, 16-bit PNGs as uint16: converted
+    # a band of rows at a time, whose float temporaries then take a few MB, not several bytes
+    # a pixel (hundreds of MB for an image at the pixel limit).
+    grey = torch.empty((1, *image.shape[-2:]), dtype=torch.uint8)
+    step = max(1, CONVERT_PIXELS // image.shape[-1])
+    for row in range(0, image.shape[-2], step):
+        grey[:, row : row + step] = _to_grey(image[:, row : row + step])
+    return grey
+
+
+def _to_grey(image: torch.Tensor) -> torch.Tensor:
     if image.shape[0] in (3, 4):
         image = TF.rgb_to_grayscale(image[:3])
-    elif image.shape[0] == 2:  # grey + alpha
-        image = image[:1]
-    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: rescale to 0..255
+    if image.dtype != torch.uint8:  # 16-bit: rescale to 0..255
         image = TF.to_dtype(image, torch.uint8, scale=True)
     return image
 
 
 def read_image(path: str | Path) -> torch.Tensor:
     """An image file -> uint8 [1, H, W] at its own size (see `decode_bytes`)."""
+    return decode_bytes(read_regular(path), str(path))
+
+
+def read_regular(path: str | Path, head: int | None = None) -> bytes:
+    """A file's bytes (its first `head` bytes only, with `head`), or CorruptImageError: a file
+    that is not a regular one once links are followed (a named pipe would block the reader, a
+    device never end) is refused from its stat, unopened, as is one over the byte budget."""
+    name = str(path)
     try:
-        data = Path(path).read_bytes()
+        _check_file(name, os.stat(path), head)
+        # O_NONBLOCK: should the path have become a named pipe since, opening it cannot block;
+        # the fstat then refuses what was opened.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            size = _check_file(name, os.fstat(fd), head)
+            # As much as fstat says (a file still being written is read as it was then).
+            return f.read(size if head is None else head)
     except OSError as err:
-        raise CorruptImageError(str(path), err.strerror or type(err).__name__) from err
-    return decode_bytes(data, str(path))
+        raise CorruptImageError(name, err.strerror or type(err).__name__) from err
+
+
+def _check_file(name: str, status: os.stat_result, head: int | None) -> int:
+    """A regular file's size; CorruptImageError for any other kind, ImageTooLarge for a whole
+    file over the byte budget."""
+    if reason := not_regular(status.st_mode):
+        raise CorruptImageError(name, reason)
+    if head is None and (reason := over_bytes("file", status.st_size, MAX_FILE_BYTES)):
+        raise ImageTooLarge(name, reason)
+    return status.st_size
 
 
 def square(image: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -89,7 +89,8 @@ def list_image_files(folder: str | Path) -> list[ImageFile]:
     """Every image under the class folders of `folder`, sorted by class then name.
 
     Hidden files (.DS_Store and the like) are ignored; every other file is taken as an image,
-    so a stray non-image file is reported when it is decoded rather than silently skipped.
+    so a stray non-image file is reported when it is decoded rather than silently skipped;
+    so is a named pipe or a device, which the decoder refuses unopened.
     """
     folder = Path(folder)
     dirs = _class_dirs(folder)
@@ -102,9 +103,21 @@ def list_image_files(folder: str | Path) -> list[ImageFile]:
         # scandir's entries know their type without a stat call per file, and sorting names
         # (not Paths) keeps listing 5,000 files well under a second.
         with os.scandir(dirs[name]) as entries:
-            names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith("."))
+            names = sorted(e.name for e in entries if _listed(e) and not e.name.startswith("."))
         paths = [dirs[name] / n for n in names]
         if not paths:
             raise UserError(f"class folder {dirs[name]} is empty: add images or remove the folder")
         files += [ImageFile(p, label, patient_id(p.name)) for p in paths]
     return files
+
+
+def _listed(entry: os.DirEntry) -> bool:
+    """Every entry but folders and links that lead nowhere: a regular file by its type alone,
+    a special file (named pipe, device) after a stat, so that decoding names it."""
+    if entry.is_file() or entry.is_dir():
+        return entry.is_file()
+    try:
+        entry.stat()
+    except OSError:
+        return False
+    return True

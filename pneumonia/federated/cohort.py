@@ -94,8 +94,10 @@ def client_trainer_arguments(trainer_args: dict) -> dict:
 
 
 def names_digest(names: Sequence[str]) -> str:
-    """Which images a client holds, as a hash (a resumed run must see the same partition)."""
-    return hashlib.sha256(("\n".join(names) + "\0").encode()).hexdigest()
+    """Which images a client holds, as a hash (a resumed run must see the same partition).
+    A name that is not valid UTF-8 (its bytes kept as surrogates) hashes as its bytes."""
+    text = "\n".join(names) + "\0"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def combined_digest(digests: Sequence[str]) -> str:
@@ -229,4 +231,22 @@ class LocalCohort:
 
     def load_state_dict(self, states: list) -> None:
         for client, state in zip(self.clients, states, strict=True):
+            self.check_log_folder(client, state)
             client.load_state_dict(state)
+
+    def check_log_folder(self, client: Client, state: dict) -> None:
+        """A resumed client that has trained finds its folder (its TensorBoard curves) as it
+        left it: anything else would fail its every later round and leave the hospital out."""
+        folder = Path(client.logger.log_dir)
+        if int(state["steps"]) == 0 or folder.is_dir():
+            return
+        sites = self.client_sites[client.index]
+        who = f"client {client.index}" + (
+            f" (site {', '.join(map(str, sites))})" if sites != [client.index] else ""
+        )
+        problem = "is missing" if not folder.exists() else "is not a folder"
+        raise UserError(
+            f"{folder}, the folder of {who}, {problem}: put that client's folder back (or "
+            f"replace it with an empty folder to continue without its earlier curves), then "
+            f"run the command again"
+        )

@@ -25,7 +25,7 @@ from pneumonia.federated.aggregate import (
 )
 from pneumonia.federated.strategies import FedAvg
 
-RESUME = "The last completed round is saved: fix the cause and continue with --resume RUN_DIR"
+SAVED = "The last completed round is saved: fix the cause and "
 
 
 class ClientExcludedWarning(UserWarning):
@@ -52,7 +52,9 @@ class Server:
         min_clients: int,
         seed: int,
         checks: UpdateChecks | None = None,
+        resume: str = "continue with --resume RUN_DIR",
     ) -> None:
+        """`resume`: what continues the run after a failed round (the run layer names it)."""
         if min_clients > per_round:
             raise UserError(
                 f"federated.min_clients {min_clients} is more than the {per_round} client(s) "
@@ -63,6 +65,7 @@ class Server:
         self.n_clients, self.per_round, self.min_clients = n_clients, per_round, min_clients
         self.sampler = torch.Generator().manual_seed(seed)
         self.checks = checks or UpdateChecks()
+        self.resume = SAVED + resume
 
     def sample_clients(self) -> list[int]:
         """The clients of the next round, drawn without replacement (sorted)."""
@@ -104,7 +107,7 @@ class Server:
         liars = {u.client: why for u in result.updates if (why := self.checks.count_problem(u))}
         if liars:
             reasons = "; ".join(f"client {c}: {w}" for c, w in sorted(liars.items()))
-            raise UserError(f"{prefix}: {reasons}, inside the secure sum. {RESUME}")
+            raise UserError(f"{prefix}: {reasons}, inside the secure sum. {self.resume}")
         if result.aggregate is None or len(result.updates) < self.min_clients:
             self.fail(round_index, len(result.updates), excluded, result.halted)
         total = sum(u.n for u in result.updates)
@@ -115,7 +118,8 @@ class Server:
                 f"{prefix}: the secure aggregate of clients "
                 f"{', '.join(str(u.client) for u in result.updates)} is unusable: {problem}; "
                 f"secure aggregation cannot tell whose update caused it (a bound too tight "
-                f"for honest updates: raise federated.max_update_norm). {RESUME}"
+                f"for honest updates needs a new run with a higher federated.max_update_norm: "
+                f"a resume keeps the run's own). {self.resume}"
             )
         self.global_state = self.strategy.aggregate(self.global_state, [mean])
         return sorted(excluded)
@@ -144,7 +148,7 @@ class Server:
         cause = f"{cause}; " if cause else ""
         raise UserError(
             f"round {round_index + 1} failed: {cause}{valid} valid update(s), "
-            f"federated.min_clients is {self.min_clients} ({reasons}). {RESUME}"
+            f"federated.min_clients is {self.min_clients} ({reasons}). {self.resume}"
         )
 
     def state_dict(self) -> dict:

@@ -23,10 +23,12 @@ from pneumonia.bounds import (
     AtLeastOne,
     ClosedUnitInterval,
     FractionBelowOne,
+    MaxoutPieces,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Width,
 )
 from pneumonia.errors import UserError, first_line
 from pneumonia.models.heads import classifier_layer, replace_classifier
@@ -56,12 +58,13 @@ class ModelConfig:
     brn_warmup: NonNegativeInt = 500
     se_reduction: PositiveInt = 16
     # First-stage channels of the ResNet family (paper: 64). Smaller widths make the quick
-    # models the tests and smoke runs use; other models refuse anything but 64.
-    width: PositiveInt = 64
+    # models the tests and smoke runs use; other models refuse anything but 64. At most 512
+    # (bounds.Width: twice the widest published ResNet).
+    width: Width = 64
     # The ResNet family's activation (every block and the stem; SE gates keep theirs), with
     # the parameters of maxout (pieces) and noisy softplus (k, sigma): pneumonia.models.layers.
     activation: Literal[ACTIVATION_NAMES] = "relu"
-    maxout_pieces: PositiveInt = 2
+    maxout_pieces: MaxoutPieces = 2
     noisy_softplus_k: PositiveFloat = 0.5
     noisy_softplus_sigma: PositiveFloat = 1.0
     drop_rate: FractionBelowOne = 0.0  # dropout on the features before the classifier
@@ -180,19 +183,32 @@ def check_image_size(
     model: nn.Module, name: str, image_size: int, key: str = "data.image_size"
 ) -> None:
     """Fail with a clear message, naming the config `key`, if a forward pass at `image_size`
-    is impossible."""
+    is impossible. A model built on the meta device is checked without computing anything."""
     was_training = model.training
+    device = next(model.parameters(), torch.zeros(0)).device
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, IN_CHANS, image_size, image_size))
-    except RuntimeError as err:
-        raise UserError(
-            f"{key} {image_size} is too small for model {name}: use a larger size "
-            f"({first_line(err, 80)})"
-        ) from None
+            model(torch.zeros(1, IN_CHANS, image_size, image_size, device=device))
+    except (RuntimeError, MemoryError) as err:
+        # An operation without a meta kernel says nothing of the size: the real build checks.
+        if not (device.type == "meta" and isinstance(err, NotImplementedError)):
+            raise UserError(_size_refusal(key, image_size, name, err)) from None
     finally:
         model.train(was_training)
+
+
+def _size_refusal(key: str, image_size: int, name: str, err: BaseException) -> str:
+    """Why a forward pass at `image_size` failed: the model's shapes, or the memory."""
+    if isinstance(err, MemoryError) or "allocate" in str(err):
+        return (
+            f"{key} {image_size} is too large for model {name}: one image at that size needs "
+            f"more memory than is free; use a smaller size"
+        )
+    return (
+        f"{key} {image_size} is too small for model {name}: use a larger size "
+        f"({first_line(err, 80)})"
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

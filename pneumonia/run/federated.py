@@ -33,6 +33,7 @@ from pneumonia.recipe import build_module
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.monitor import Best, log_round, progress_line, round_row
+from pneumonia.run.rundir import resume_hint
 from pneumonia.scoring import evaluate_sets
 
 
@@ -63,6 +64,7 @@ class FederatedTraining:
                 norm_ratio=fed.update_norm_ratio,
                 max_norm=fed.max_update_norm,
             ),
+            resume_hint(run.run_dir),
         )
         self.device = "cuda" if uses_cuda(trainer_arguments(cfg)) else "cpu"
         self.history: list[dict] = []

@@ -65,6 +65,9 @@ def finalize(
     if trained.details.get("diverged") and not finite_checkpoint(trained.checkpoint):
         return unscored(trained, threshold)
     recipe, state, ckpt = read_checkpoint(trained.checkpoint)
+    # Trained at 0.5: a finalize interrupted after writing its choice back must not, on
+    # resume, take that choice for the training threshold (and drop val_at_0.5).
+    recipe = recipe.with_threshold(0.5)
     module = module_from(recipe, state, trained.checkpoint)
     chosen = choose_threshold(module, splits, threshold, batch_size)
     results: dict = {"threshold": round(chosen, 6), "threshold_rule": str(threshold)}

@@ -9,10 +9,12 @@ federated alike:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +33,7 @@ from pneumonia.data.progressive import check_progressive
 from pneumonia.data.sources import Splits, full_samples, load_splits
 from pneumonia.data.tasks import task_classes
 from pneumonia.data.transforms import check_augment
-from pneumonia.errors import UserError
+from pneumonia.errors import UserError, continue_with
 from pneumonia.explain import lung_panel
 from pneumonia.federated.cohort import Cohort, LocalCohort
 from pneumonia.federated.config import check_averaging, check_federated, simulates_sites
@@ -47,23 +49,26 @@ from pneumonia.models.registry import (
 )
 from pneumonia.models.transfer import freeze
 from pneumonia.privacy import (
-    check_delta,
+    check_budget,
     check_privacy,
     check_private_model,
     probe_per_image_gradients,
 )
-from pneumonia.recipe import make_recipe
+from pneumonia.recipe import Recipe, make_recipe
 from pneumonia.run.centralized import train_centralized
 from pneumonia.run.federated import train_federated
-from pneumonia.run.finalize import finalize, print_summary
+from pneumonia.run.finalize import Trained, finalize, print_summary
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress
 from pneumonia.run.rundir import (
     check_experiment_name,
     check_resume_config,
+    is_complete,
+    locked,
     new_run_dir,
     record_config,
     remove_temporary_files,
+    resume_hint,
     write_split_table,
 )
 from pneumonia.run.sites import cross_site, refuse_for_deployments, with_sites
@@ -153,14 +158,12 @@ def describe_splits(splits: Splits) -> str:
     return "\n".join(lines)
 
 
-def prepare_run_dir(cfg: Namespace, config_yaml: str, splits: Splits) -> Path:
-    """runs/<experiment>/version_N with config.yaml and split.csv."""
-    run_dir = new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
+def write_run_files(run_dir: Path, config_yaml: str, splits: Splits) -> None:
+    """A new run directory's config.yaml and split.csv."""
     write_text_atomic(run_dir / "config.yaml", config_yaml)
     record_config(run_dir, config_yaml)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     write_split_table(run_dir / "split.csv", parts | {"held_out": splits.held_out})
-    return run_dir
 
 
 def saved_so_far(run_dir: Path, federated: bool) -> str:
@@ -182,10 +185,40 @@ def saved_so_far(run_dir: Path, federated: bool) -> str:
     )
 
 
-def resume_hint(run_dir: Path, resumable: bool = True) -> str:
-    if not resumable:
-        return "start the run again (its directory can be removed)"
-    return f"continue with python -m pneumonia.fit --resume {run_dir}"
+@contextlib.contextmanager
+def stops_said(run_dir: Path, federated: bool, unfinished: str = "") -> Iterator[None]:
+    """Inside, an interruption or a failed write ends with what the run directory keeps and
+    the command that continues it. `unfinished`: the step that did not end, when the epochs or
+    rounds are all saved."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, OSError) as err:  # Lightning: Ctrl-C is exit(1)
+        saved = saved_so_far(run_dir, federated)
+        resumable = not saved.startswith("no ")
+        hint = resume_hint(run_dir, resumable)
+        if isinstance(err, OSError):  # a full disk, say: its line ends with the hint
+            continue_with(err, hint)
+            raise
+        note = f" ({unfinished})" if unfinished and resumable else ""
+        stopped = interrupted(err, saved + note, hint)
+        if stopped is None:
+            raise
+        raise stopped from None
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    removed = remove_temporary_files(run_dir)
+    if removed:
+        print(f"removed {removed} temporary file(s) an interrupted write left", flush=True)
+
+
+def finished_summary(run_dir: Path) -> dict:
+    """A complete run's summary, left as it is: resuming it has nothing to do."""
+    print(
+        f"{run_dir} is complete: nothing to resume (its results: {run_dir / 'summary.json'})",
+        flush=True,
+    )
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def run_job(
@@ -197,18 +230,58 @@ def run_job(
 ) -> dict:
     """Train, evaluate the reported model, write the run directory; return the summary.
     `resume`: a run directory to continue. `progress(done, total)` is called after every
-    epoch or round. Raises UserError."""
+    epoch or round. The run directory is locked while this process writes it. Raises
+    UserError."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    # A bad model, size or federated setting fails now, not after minutes of decoding images.
-    if resume:  # an edited config.yaml is named as such, not by what its values break
-        for change in check_resume_config(resume, config_yaml):
-            print(f"resuming with {change} (safe to change)", flush=True)
-    parameters = preflight(cfg)
-    if resume:
-        removed = remove_temporary_files(resume)
-        if removed:
-            print(f"removed {removed} temporary file(s) an interrupted write left", flush=True)
+    with contextlib.ExitStack() as held:
+        if resume:  # locked before anything is read or removed: another process may write it
+            wait = f"wait for it to end (or stop it), then {resume_hint(resume)} if it did not"
+            held.enter_context(locked(resume, wait))
+            held.enter_context(stops_said(resume, cfg.federated.enabled))  # its epochs stay
+            # an edited config.yaml is named as such, not by what its values break
+            changes = check_resume_config(resume, config_yaml)
+            for change in changes:
+                print(f"resuming with {change} (safe to change)", flush=True)
+            if is_complete(resume, changes):
+                remove_leftovers(resume)
+                return finished_summary(resume)
+        # A bad model, size or federated setting fails now, not after minutes of decoding.
+        parameters = preflight(cfg)
+        if resume:
+            remove_leftovers(resume)
+        splits, clients, recipe = prepare_inputs(cfg, config_yaml, cohort)
+        run_dir = resume or held.enter_context(
+            new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
+        )
+        run = RunInputs(cfg, recipe, splits, run_dir, progress, resume=bool(resume))
+        with stops_said(run_dir, cfg.federated.enabled):
+            trained = train(run, config_yaml, clients)
+        with stops_said(run_dir, cfg.federated.enabled, "the final scoring did not finish"):
+            results = report(run, config_yaml, trained, clients)
+            summary = {
+                "data": splits.source,
+                "synthetic": cfg.data.root is None,
+                "model": cfg.model.name,
+                "norm": cfg.model.norm,
+                **parameters,
+                "image_size": cfg.data.image_size,
+                **results,
+                "wall_time_s": round(time.time() - started, 1),
+                "run_dir": str(run_dir),
+            }
+            write_json(run_dir / "summary.json", summary)
+            if resume:  # the checkpoints are now trained under it (more epochs, say)
+                record_config(run_dir, config_yaml)
+    print_summary(summary, f"best_{trained.unit}", run_dir / "summary.json")
+    return summary
+
+
+def prepare_inputs(
+    cfg: Namespace, config_yaml: str, cohort: CohortFactory | None
+) -> tuple[Splits, Cohort | None, Recipe]:
+    """The splits, the clients of a federated run and the recipe, before any run directory
+    exists: data, partition and node errors surface here."""
     federated = cfg.federated.enabled
     if cohort is not None and not federated:
         raise UserError("a deployment across hospitals is federated: set federated.enabled true")
@@ -219,10 +292,10 @@ def run_job(
         )
     splits = load_splits(cfg.data, cfg.seed, sites=federated and cfg.federated.partition == "sites")
     print(describe_splits(splits), flush=True)
+    clients = None
     if federated:
         if cohort is not None and (why := refuse_for_deployments(cfg)):
             raise UserError(why)
-        # Partition and node errors surface here, before a run directory exists.
         clients = (
             cohort(cfg, config_yaml) if cohort else LocalCohort(cfg, splits, trainer_arguments(cfg))
         )
@@ -235,37 +308,29 @@ def run_job(
         recipe = make_recipe(cfg, splits.train.classes, [splits.train.pixel_moments()])
         sizes = {"the training split": len(splits.train)}
     if cfg.privacy.enabled:
-        check_delta(cfg.privacy.delta, sizes)
-    run_dir = resume or prepare_run_dir(cfg, config_yaml, splits)
-    print(f"run: {run_dir}  (tensorboard --logdir {run_dir.parent})", flush=True)
-    run = RunInputs(cfg, recipe, splits, run_dir, progress, resume=bool(resume))
-    try:
-        trained = train_federated(run, clients) if federated else train_centralized(run)
-    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into exit(1)
-        saved = saved_so_far(run_dir, federated)
-        stopped = interrupted(err, saved, resume_hint(run_dir, " no " not in saved))
-        if stopped is None:
-            raise
-        raise stopped from None
+        check_budget(cfg, sizes)
+    return splits, clients, recipe
+
+
+def train(run: RunInputs, config_yaml: str, clients: Cohort | None) -> Trained:
+    """A new run's first files, then the epochs or rounds (those not saved yet on resume)."""
+    if not run.resume:
+        write_run_files(run.run_dir, config_yaml, run.splits)
+    print(f"run: {run.run_dir}  (tensorboard --logdir {run.run_dir.parent})", flush=True)
+    return train_federated(run, clients) if clients is not None else train_centralized(run)
+
+
+def report(run: RunInputs, config_yaml: str, trained: Trained, clients: Cohort | None) -> dict:
+    """Score the reported model (`finalize`), and what a run asks for beyond it."""
+    cfg, splits, run_dir = run.cfg, run.splits, run.run_dir
     config = yaml.safe_load(config_yaml)
     results = finalize(trained, splits, cfg.data.eval_batch_size, cfg.threshold, run_dir, config)
-    if federated and cfg.federated.cross_site:
-        results["cross_site"] = cross_site(cfg, recipe, splits, clients, run_dir, trained.logger)
+    if clients is not None and cfg.federated.cross_site:
+        results["cross_site"] = cross_site(
+            cfg, run.recipe, splits, clients, run_dir, trained.logger
+        )
     if cfg.data.roi == "lungs":  # the masks the crops came from, for a reader to judge
         figure = lung_panel(full_samples(cfg.data, cfg.seed))
         trained.logger.experiment.add_figure("data/lung_masks", figure, 0)
         trained.logger.experiment.flush()
-    summary = {
-        "data": splits.source,
-        "synthetic": cfg.data.root is None,
-        "model": cfg.model.name,
-        "norm": cfg.model.norm,
-        **parameters,
-        "image_size": cfg.data.image_size,
-        **results,
-        "wall_time_s": round(time.time() - started, 1),
-        "run_dir": str(run_dir),
-    }
-    write_json(run_dir / "summary.json", summary)
-    print_summary(summary, f"best_{trained.unit}", run_dir / "summary.json")
-    return summary
+    return results

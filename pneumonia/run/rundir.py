@@ -17,12 +17,18 @@ federated runs add
   rounds.csv              one row per round: each client's n and loss, global metrics, times
   checkpoints/federated_state.pt   what `--resume` continues from (pneumonia.federated.state)
   clients/client_J/       each client's own TensorBoard curves
+and every run holds
+  .lock                   locked (flock) by the process writing the run, released when it ends
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -39,6 +45,7 @@ TRAINED_UNDER = "config.yaml"  # in checkpoints/
 SAFE_CHANGES = {"trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers"}
 # Keys that may grow, to train longer, where no schedule depends on them (checked below).
 LONGER = {"federated.rounds", "trainer.max_epochs"}
+LOCK = ".lock"
 
 
 def check_experiment_name(name: str) -> None:
@@ -50,25 +57,82 @@ def check_experiment_name(name: str) -> None:
         )
 
 
-def new_run_dir(runs_root: str | Path, experiment: str, run_dir: str | None = None) -> Path:
-    """Create the next runs_root/experiment/version_N (or `run_dir`, which must be empty)."""
-    if run_dir is not None:
+@contextlib.contextmanager
+def new_run_dir(
+    runs_root: str | Path, experiment: str, run_dir: str | None = None
+) -> Iterator[Path]:
+    """Create the next runs_root/experiment/version_N (or `run_dir`, which must be empty) and
+    hold its lock inside."""
+    if run_dir is None:
+        path = _next_version(Path(runs_root), experiment)
+    else:
         path = Path(run_dir)
-        if path.exists() and any(path.iterdir()):
-            raise UserError(
-                f"run_dir {path} already holds files: choose a new --run_dir or remove it"
-            )
+        _check_empty(path)
         path.mkdir(parents=True, exist_ok=True)
-        return path
+    hint = "choose a new --run_dir" if run_dir else "run the command again"
+    with locked(path, hint):
+        _check_empty(path)  # another run may have filled it between the check and the lock
+        yield path
+
+
+def _check_empty(path: Path) -> None:
+    if path.exists() and any(p.name != LOCK for p in path.iterdir()):
+        raise UserError(f"run_dir {path} already holds files: choose a new --run_dir or remove it")
+
+
+def _next_version(runs_root: Path, experiment: str) -> Path:
     while True:  # another run may take the same number between listing and creating
         # Lightning's loggers number their versions this way; ours must agree with them.
         version = CSVLogger(runs_root, name=experiment).version
-        path = Path(runs_root) / experiment / f"version_{version}"
+        path = runs_root / experiment / f"version_{version}"
         try:
             path.mkdir(parents=True)
             return path
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path, hint: str) -> Iterator[None]:
+    """Hold the run directory's lock inside: one process writes a run at a time (two would
+    interleave their epochs in metrics.csv). The kernel releases it when the process ends,
+    however it ends. `hint`: what to do when another process holds it."""
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{run_dir} is being written by another process{_holder(fd)}: {hint}"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock on `fd`'s file, as " (pid N)" where Linux tells, else ""."""
+    inode = f":{os.fstat(fd).st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()  # 1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ...
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(inode):
+                return f" (pid {fields[4]})"
+    return ""
+
+
+def resume_hint(run_dir: Path, resumable: bool = True) -> str:
+    """What continues an interrupted or failed run."""
+    if not resumable:
+        return f"start the run again (remove {run_dir} first)"
+    return f"continue with python -m pneumonia.fit --resume {run_dir}"
+
+
+def is_complete(run_dir: Path, changes: list[str]) -> bool:
+    """A finished run (summary.json is its last write) that a resume would not train longer:
+    resuming it has nothing to do."""
+    longer = any(change.split(" ", 1)[0] in LONGER for change in changes)
+    return (run_dir / "summary.json").is_file() and not longer
 
 
 def record_config(run_dir: Path, config_yaml: str) -> None:

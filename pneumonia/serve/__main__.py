@@ -1,14 +1,25 @@
-"""`python -m pneumonia.serve --ckpt FILE [--host 127.0.0.1 --port 8000]`: the web page and
-JSON API of one trained model (`pneumonia.serve.app`), until Ctrl-C.
+"""`python -m pneumonia.serve --ckpt FILE`: the web page and JSON API of one trained model.
+
+It serves `pneumonia.serve.app` on --host and --port (127.0.0.1:8000 by default) until Ctrl-C
+or SIGTERM, and then exits 130 or 143, as every entry point does.
 
 It binds to 127.0.0.1 (this machine only) unless --host says otherwise: the server has no
 authentication, so expose it beyond the machine only behind a proxy that adds it.
+
+It answers requests that name it (the Host header) by `localhost`, `127.0.0.1`, `::1` or the
+--host address; bound to another address than a loopback one (`--host 0.0.0.0`), also by this
+machine's host name and its addresses. --allowed_hosts adds names (an address the machine is
+reached by, a proxy's public name; `*`: any name). Any other name gets 400: a guard against DNS
+rebinding. A POST from a web page is answered only when the page is the server's own (the name
+and port it was reached by) or served under a name --allowed_hosts lists; 403 otherwise
+(`pneumonia.serve.uploads`).
 """
 
 from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
+from pneumonia import interrupt
 from pneumonia.bounds import PositiveInt
 from pneumonia.config import (
     add_device_option,
@@ -21,6 +32,7 @@ from pneumonia.config import (
 from pneumonia.errors import UserError, exit_on_user_error
 from pneumonia.predictor import Predictor
 from pneumonia.serve.app import MAX_UPLOAD, create_app
+from pneumonia.serve.uploads import host_names
 
 
 def build_parser() -> ArgumentParser:
@@ -28,6 +40,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ckpt", type=str, required=True, help="best.ckpt of a run")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind to")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    parser.add_argument(
+        "--allowed_hosts",
+        type=str,
+        default="",
+        help="comma-separated host names the server also answers to and whose pages may "
+        "POST to it (a proxy's public name; *: any Host); localhost, 127.0.0.1, ::1 and --host "
+        "always are",
+    )
     add_threshold_option(parser)
     parser.add_argument(
         "--max_upload_mb", type=PositiveInt, default=MAX_UPLOAD >> 20, help="upload size limit"
@@ -46,14 +66,25 @@ def main(argv: list[str] | None = None) -> None:
     check_device(args.device)
     threshold = threshold_override(args)
     predictor = Predictor.from_checkpoint(args.ckpt, threshold, args.device)
-    app = create_app(predictor, args.max_upload_mb << 20)
+    allowed = args.allowed_hosts.split(",")
+    app = create_app(predictor, args.max_upload_mb << 20, host_names(args.host, allowed), allowed)
     model = predictor.model
+    shown = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     print(
         f"serving {model.name} ({model.image_size} px, checkpoint {model.checkpoint}) on "
-        f"http://{args.host}:{args.port}/  (API: /docs; Ctrl-C stops)",
+        f"http://{shown}:{args.port}/  (API: /docs; Ctrl-C stops)",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    stopped_by_signal()
+
+
+def stopped_by_signal() -> None:
+    """uvicorn stops on SIGINT and SIGTERM with handlers of its own, then raises the signal
+    again into ours (`errors.exit_on_user_error`'s), which records it: exit with its code."""
+    signum = interrupt.received()
+    if signum is not None:
+        raise interrupt.Interrupted(signum, "the server stopped", "it keeps no state to save")
 
 
 if __name__ == "__main__":

@@ -586,3 +586,13 @@ def test_the_worst_subgroup_columns_and_table():
     table = groups_markdown([row, {"label": "no groups", "worst_group": ""}]).splitlines()
     assert table[2] == "| FedAvg | 0.840 [0.810, 0.870] | person-virus | 0.630 [0.550, 0.700] |"
     assert len(table) == 3  # the entry without groups has no row
+
+
+def test_a_comparison_config_with_a_key_given_twice_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path, TINY)
+    config.write_text(config.read_text() + "seed: 1\nseed: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        compare(tmp_path, config)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "seed is given twice" in err and len(err.splitlines()) == 1

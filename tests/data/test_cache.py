@@ -1,8 +1,10 @@
+import hashlib
 import io
 import os
 import random
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +174,29 @@ def test_corrupt_image_without_skip_raises_and_writes_no_cache(
     with pytest.raises(UserError, match=re.escape(str(corrupt_image))):
         load_or_decode(list_image_files(kermany_root), S, cache_dir)
     assert cache_files(cache_dir) == []
+
+
+def old_key(files, image_size: int) -> str:
+    """The key as it was computed from the names' text: what earlier cache files are named by."""
+    digest = hashlib.sha256(f"v{cache.CACHE_VERSION}|{image_size}".encode())
+    for f in files:
+        stat = f.path.stat()
+        path = os.path.join(os.path.realpath(f.path.parent), f.path.name)
+        digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}|{f.label}".encode())
+    return digest.hexdigest()[:24]
+
+
+def test_a_file_name_that_is_not_utf8_is_decoded_and_cached_like_any_other(
+    kermany_root, cache_dir, decodes
+):
+    assert cache.cache_key(list_image_files(kermany_root), S) == old_key(
+        list_image_files(kermany_root), S
+    )  # keyed by the names' bytes, the caches of UTF-8 names stay valid
+    # Linux names are bytes: 0xff is no UTF-8, so Python holds it as the surrogate \udcff.
+    odd = Path(os.fsdecode(bytes(kermany_root / "NORMAL") + b"/IM-0998-\xff.png"))
+    odd.write_bytes((kermany_root / "PNEUMONIA" / "person100_bacteria_10001.png").read_bytes())
+    files = list_image_files(kermany_root)
+    first = load_or_decode(files, S, cache_dir)
+    second = load_or_decode(files, S, cache_dir)
+    assert len(decodes) == 1 and len(first) == 28
+    assert odd.name in second.names and torch.equal(first.images, second.images)

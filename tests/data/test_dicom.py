@@ -1,16 +1,19 @@
 import io
+import tracemalloc
 
 import numpy as np
 import pydicom
 import pytest
 import torch
 from conftest import dicom_dataset as dataset
+from hostile_files import MALFORMED, bomb_dicom, malformed_dicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
@@ -234,3 +237,65 @@ def test_dcm_without_preamble_or_file_meta(tmp_path):
     ds.save_as(buffer, implicit_vr=True, little_endian=True)
     (tmp_path / "bare.dcm").write_bytes(buffer.getvalue())
     assert read_image(tmp_path / "bare.dcm").tolist() == [[[0, 64, 128, 255]]]
+
+
+# Files are untrusted: every header value read is checked, and whatever pydicom or numpy make
+# of the rest is a CorruptImageError; the decode budget holds for deflated data sets too.
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_header_value_is_refused_by_name(case):
+    assert refusal(malformed_dicom(case), f"{case}.dcm") == MALFORMED[case]
+
+
+def test_any_other_failure_inside_the_decoder_is_a_corrupt_image(monkeypatch):
+    data = dicom_bytes(windowed_12bit())
+
+    def fail(error):
+        def apply(*args):
+            raise error
+
+        return apply
+
+    monkeypatch.setattr("pneumonia.data.dicom.apply_modality_lut", fail(KeyError("0028,3002")))
+    assert refusal(data) == "malformed DICOM file: '0028,3002'"
+    # A MemoryError means the budget let something through: never disguised as a bad file.
+    monkeypatch.setattr("pneumonia.data.dicom.apply_modality_lut", fail(MemoryError()))
+    with pytest.raises(MemoryError):
+        decode_dicom(data, "x.dcm")
+
+
+def test_a_deflated_data_set_decodes_and_inflates_no_further_than_its_header_says():
+    ds = windowed_12bit()
+    plain = decoded(ds)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    np.testing.assert_array_equal(decoded(ds), plain)
+    np.testing.assert_array_equal(decoded(ds), WINDOWED_12)
+    # 64 x 64 pixels declared, 64 MiB held: refused at the declared size plus a margin.
+    tracemalloc.start()
+    try:
+        reason = refusal(bomb_dicom(64, holds=64 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reason.startswith("deflated DICOM data set inflates past ")
+    assert reason.endswith(" bytes, more than its header allows")
+    assert peak < 8 << 20, peak
+
+
+def test_decoding_holds_a_few_bytes_a_pixel():
+    """The display pipeline's float64 values are computed a band of rows at a time: the peak
+    is the stored pixels and the output, not 8 bytes a pixel several times over (28 before)."""
+    side = 2048
+    ramp = (np.add.outer(np.arange(side), np.arange(side)) % 4096).astype(np.uint16)
+    ds = dataset(ramp, 12, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=40)
+    ds.WindowWidth = 4000
+    data = dicom_bytes(ds)
+    tracemalloc.start()
+    try:
+        image = decode_dicom(data, "large.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.shape == (1, side, side)
+    assert peak / side**2 < 8, f"{peak / side**2:.1f} bytes a pixel"

@@ -7,7 +7,13 @@ from timm.layers import SEModule
 from torch import nn
 
 from pneumonia.errors import UserError
-from pneumonia.models.registry import ModelConfig, count_parameters, create_model, list_models
+from pneumonia.models.registry import (
+    ModelConfig,
+    check_image_size,
+    count_parameters,
+    create_model,
+    list_models,
+)
 
 SMALL = 64  # the smallest size every registered model (AlexNet's pooling) accepts
 
@@ -108,6 +114,36 @@ def test_unknown_timm_model():
 def test_image_size_too_small_for_alexnet():
     with pytest.raises(UserError, match="image_size 32 is too small for model alexnet"):
         create_model(ModelConfig(name="alexnet"), image_size=32)
+
+
+class OutOfMemory(nn.Linear):
+    """A model whose forward pass fails as torch's CPU allocator does for a huge image."""
+
+    def forward(self, images):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 14400000000 bytes"
+        )
+
+
+def test_an_image_size_without_the_memory_is_too_large_not_too_small():
+    with pytest.raises(UserError) as err:
+        check_image_size(OutOfMemory(1, 1), "se_resnet18", 2048)
+    assert str(err.value).startswith("data.image_size 2048 is too large for model se_resnet18")
+
+
+class NoMetaKernel(nn.Linear):
+    """A model with an operation that has no meta kernel (as some timm layers may)."""
+
+    def forward(self, images):
+        raise NotImplementedError("Could not run 'aten::op' with arguments from the 'Meta' backend")
+
+
+def test_a_meta_model_without_meta_kernels_is_left_to_the_real_build_to_check():
+    with torch.device("meta"):  # how checkpoint.module_from first builds a file's model
+        check_image_size(NoMetaKernel(1, 1), "timm/x", 32)
+    with pytest.raises(UserError, match="image_size 32 is too small for model timm/x"):
+        check_image_size(NoMetaKernel(1, 1), "timm/x", 32)  # on the CPU: it cannot run
 
 
 def test_gn_groups_must_divide_channels():

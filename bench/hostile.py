@@ -268,8 +268,12 @@ def cases(tmp: Path):
     def predict(*args: str, timeout: float = 120):
         return measured(["-m", "pneumonia.predict", "--ckpt", str(ckpt()), *args], tmp, timeout)
 
-    def row(result, left: str = "") -> tuple:
+    def row(result, left: str = "", naming: str = "skipped") -> tuple:
+        """The table's cells; the line is the first that holds `naming` (the file a command
+        skipped) when there is one, else the last."""
         code, line, peak, seconds = result
+        said = (tmp / ".stderr").read_text(errors="replace").splitlines()
+        line = next((x.strip()[:230] for x in said if naming in x), line)
         return code, line, left, f"{peak:.0f} MiB, {seconds:.1f} s" if peak else f"{seconds:.1f} s"
 
     # 1 code from a file
@@ -375,7 +379,7 @@ def cases(tmp: Path):
 
     def two_writers():
         run_dir = tmp / "shared-run"
-        argv = ["-m", "pneumonia.fit", *CENTRAL, "--trainer.max_epochs", "3",
+        argv = ["-m", "pneumonia.fit", *CENTRAL, "--trainer.max_epochs", "30",
                 "--run_dir", str(run_dir)]  # fmt: skip
         first = subprocess.Popen(
             [sys.executable, *argv], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -391,10 +395,11 @@ def cases(tmp: Path):
 
             with (run_dir / "metrics.csv").open() as file:
                 epochs = [r.get("epoch") for r in csv.DictReader(file) if r.get("val/loss")]
+        repeated = len(epochs) - len(set(epochs))
         return (
             f"{first.returncode} / {code}",
             line,
-            f"metrics.csv epochs: {' '.join(epochs)}",
+            f"metrics.csv: {len(epochs)} validation rows, {repeated} repeated",
             "",
         )
 
@@ -404,6 +409,7 @@ def cases(tmp: Path):
                 "--run_dir", str(run_dir)]  # fmt: skip
         measured(argv, tmp)
         state = run_dir / "checkpoints" / "federated_state.pt"
+        (run_dir / "summary.json").unlink(missing_ok=True)  # as if stopped after round 1
         if state.exists():  # rewind to round 1 so the resume has rounds left
             saved = torch.load(state, weights_only=True)
             saved["round"] = 1
@@ -512,7 +518,11 @@ def cases(tmp: Path):
     yield "2 memory", "30000 x 30000 black PNG (predict)", predict_bomb
     yield "2 memory", "cross-origin POST, foreign Origin and Host", cross_origin
     yield "3 bad DICOM", "NumberOfFrames 'abc' (predict)", malformed(NumberOfFrames="abc")
-    yield "3 bad DICOM", "RescaleSlope NaN (predict)", malformed(RescaleSlope="NaN")
+    yield (
+        "3 bad DICOM",
+        "RescaleSlope NaN (predict)",
+        malformed(RescaleSlope="NaN", RescaleIntercept="0"),
+    )
     yield "3 bad DICOM", "NumberOfFrames 'abc' (fit, skip_corrupt)", malformed_fit
     yield "4 data destroyed", "predict --output = an input", output_is_input
     yield "4 data destroyed", "predict --cam = the input folder", cam_is_input

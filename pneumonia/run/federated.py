@@ -64,7 +64,7 @@ class FederatedTraining:
                 norm_ratio=fed.update_norm_ratio,
                 max_norm=fed.max_update_norm,
             ),
-            resume_hint(run.run_dir),
+            resume_hint(run.run_dir, deployed=run.deployed),
         )
         self.device = "cuda" if uses_cuda(trainer_arguments(cfg)) else "cpu"
         self.history: list[dict] = []

@@ -15,7 +15,8 @@ from pneumonia.run.progress import Progress
 @dataclass(frozen=True)
 class RunInputs:
     """The parsed config, the recipe, the splits, the run directory (which exists and holds
-    config.yaml), the progress hook, and whether to continue the run saved there."""
+    config.yaml), the progress hook, whether to continue the run saved there, and whether it
+    runs over Flower."""
 
     cfg: Namespace
     recipe: Recipe
@@ -23,3 +24,4 @@ class RunInputs:
     run_dir: Path
     progress: Progress | None = None
     resume: bool = False
+    deployed: bool = False  # over Flower: resumed through the run config, not fit --resume

@@ -186,16 +186,18 @@ def saved_so_far(run_dir: Path, federated: bool) -> str:
 
 
 @contextlib.contextmanager
-def stops_said(run_dir: Path, federated: bool, unfinished: str = "") -> Iterator[None]:
+def stops_said(
+    run_dir: Path, federated: bool, deployed: bool, unfinished: str = ""
+) -> Iterator[None]:
     """Inside, an interruption or a failed write ends with what the run directory keeps and
-    the command that continues it. `unfinished`: the step that did not end, when the epochs or
-    rounds are all saved."""
+    the command that continues it (`deployed`: a Flower deployment's). `unfinished`: the step
+    that did not end, when the epochs or rounds are all saved."""
     try:
         yield
     except (KeyboardInterrupt, SystemExit, OSError) as err:  # Lightning: Ctrl-C is exit(1)
         saved = saved_so_far(run_dir, federated)
         resumable = not saved.startswith("no ")
-        hint = resume_hint(run_dir, resumable)
+        hint = resume_hint(run_dir, resumable, deployed)
         if isinstance(err, OSError):  # a full disk, say: its line ends with the hint
             continue_with(err, hint)
             raise
@@ -234,11 +236,13 @@ def run_job(
     UserError."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
+    deployed = cohort is not None
     with contextlib.ExitStack() as held:
         if resume:  # locked before anything is read or removed: another process may write it
-            wait = f"wait for it to end (or stop it), then {resume_hint(resume)} if it did not"
+            then = resume_hint(resume, deployed=deployed)
+            wait = f"wait for it to end (or stop it), then {then} if it did not"
             held.enter_context(locked(resume, wait))
-            held.enter_context(stops_said(resume, cfg.federated.enabled))  # its epochs stay
+            held.enter_context(stops_said(resume, cfg.federated.enabled, deployed))  # kept
             # an edited config.yaml is named as such, not by what its values break
             changes = check_resume_config(resume, config_yaml)
             for change in changes:
@@ -254,10 +258,11 @@ def run_job(
         run_dir = resume or held.enter_context(
             new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
         )
-        run = RunInputs(cfg, recipe, splits, run_dir, progress, resume=bool(resume))
-        with stops_said(run_dir, cfg.federated.enabled):
+        run = RunInputs(cfg, recipe, splits, run_dir, progress, bool(resume), deployed)
+        with stops_said(run_dir, cfg.federated.enabled, deployed):
             trained = train(run, config_yaml, clients)
-        with stops_said(run_dir, cfg.federated.enabled, "the final scoring did not finish"):
+        unfinished = "the final scoring did not finish"
+        with stops_said(run_dir, cfg.federated.enabled, deployed, unfinished):
             results = report(run, config_yaml, trained, clients)
             summary = {
                 "data": splits.source,

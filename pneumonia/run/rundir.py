@@ -121,10 +121,13 @@ def _holder(fd: int) -> str:
     return ""
 
 
-def resume_hint(run_dir: Path, resumable: bool = True) -> str:
-    """What continues an interrupted or failed run."""
+def resume_hint(run_dir: Path, resumable: bool = True, deployed: bool = False) -> str:
+    """What continues an interrupted or failed run; `deployed`: a Flower deployment, which
+    resumes through its run config (pneumonia.flower.server_app)."""
     if not resumable:
         return f"start the run again (remove {run_dir} first)"
+    if deployed:
+        return f"continue with flwr run APP_DIR CONNECTION --run-config \"resume='{run_dir}'\""
     return f"continue with python -m pneumonia.fit --resume {run_dir}"
 
 

@@ -134,7 +134,7 @@ def test_too_few_live_nodes_fail_the_round_clearly(scenario):
     failed = scenario["failed"]
     assert failed["ok"] is False
     assert failed["error"].startswith("round 3 failed: 0 valid update(s), federated.min_clients")
-    assert "--resume" in failed["error"]
+    assert "--run-config \"resume='" in failed["error"]  # how a deployment resumes
     assert len(scenario["rows_after_failure"]) == 2  # rounds 1-2 kept
 
 

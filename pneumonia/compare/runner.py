@@ -17,6 +17,7 @@ from pneumonia.federated.state import STATE_FILE
 from pneumonia.interrupt import Interrupted
 from pneumonia.run.job import run_job
 from pneumonia.run.progress import duration
+from pneumonia.run.rundir import locked
 
 DONE, PARTIAL, STALE, NEW = "done", "partial", "stale", "new"
 
@@ -131,14 +132,16 @@ def clear_run_dir(entry: Entry, status: str) -> None:
     if not path.exists():
         return
     config = path / "config.yaml"
-    if status == STALE:
-        kept = unused_path(
-            path.with_name(f"{path.name}.replaced-{config_hash(config.read_text())}")
-        )
-        path.rename(kept)
-        print(f"{path}: config changed, the old run moved to {kept}", flush=True)
-    else:
-        shutil.rmtree(path)  # --force on the same config, or a run with no finished epoch/round
+    # Not while another process writes it: a fit of it may be running beside the comparison.
+    with locked(path, "wait for it to end (or stop it), then run the comparison again"):
+        if status == STALE:
+            kept = unused_path(
+                path.with_name(f"{path.name}.replaced-{config_hash(config.read_text())}")
+            )
+            path.rename(kept)
+            print(f"{path}: config changed, the old run moved to {kept}", flush=True)
+        else:
+            shutil.rmtree(path)  # --force on the same config, or a run without a finished epoch
 
 
 def unused_path(path: Path) -> Path:

@@ -30,8 +30,10 @@ from pneumonia.compare.report import (
     split_columns,
     write_report,
 )
+from pneumonia.errors import UserError
 from pneumonia.metrics import SCALARS
 from pneumonia.models.registry import ModelConfig, count_parameters, create_model
+from pneumonia.run.rundir import locked
 
 ROOT = Path(__file__).parents[2]
 NOTEBOOK = ROOT / "notebooks" / "compare.ipynb"
@@ -596,3 +598,17 @@ def test_a_comparison_config_with_a_key_given_twice_is_refused(tmp_path, capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "seed is given twice" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_another_process_writes_is_neither_removed_nor_moved(tmp_path):
+    run_dir = tmp_path / "runs" / "entry"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    entry = SimpleNamespace(run_dir=run_dir)
+    with locked(run_dir, "wait"):  # as a fit of it would hold it
+        for status in (runner.STALE, "forced"):
+            with pytest.raises(UserError, match="being written by another process"):
+                runner.clear_run_dir(entry, status)
+    assert (run_dir / "config.yaml").read_text() == "seed: 0\n"
+    runner.clear_run_dir(entry, "forced")  # once it has ended
+    assert not run_dir.exists()

@@ -322,9 +322,10 @@ def refuse_classes(where: str, tree: object, dash: str = "", prefix: str = "") -
     if not isinstance(tree, dict):
         return
     for key, value in tree.items():
-        dotted = f"{prefix}{key}"
+        name = str(key).rstrip("+")  # jsonargparse's "key+" appends to a list: the same key
+        dotted = f"{prefix}{name}"
         trainer_class = dotted in class_valued_trainer_keys() and not _lightning_word(value)
-        if str(key) in CLASS_KEYS or trainer_class:
+        if name in CLASS_KEYS or trainer_class:
             word = LIGHTNING_WORDS.get(dotted)
             instead = f", or give one of Lightning's names (e.g. {word})" if word else ""
             raise UserError(

@@ -46,6 +46,7 @@ FILES = {  # config files naming the planted module
     "strategy.yaml": f"trainer:\n  strategy: {CLASS}\n",
     "group.yaml": f"data:\n  class_path: {CLASS}\n",
     "nested.yaml": "config: profiler.yaml\n",
+    "append.yaml": f"trainer:\n  plugins+: {CLASS}\n",  # jsonargparse's list append
 }
 CASES = [  # (argv, what the line names)
     (["--config", "profiler.yaml"], "profiler.yaml: trainer.profiler names a class"),
@@ -61,6 +62,9 @@ CASES = [  # (argv, what the line names)
     (["--trainer.profiler.help", CLASS], "--trainer.profiler names a class"),
     (["--trainer", f"{{profiler: {CLASS}}}"], "--trainer.profiler names a class"),
     (["--trainer.accelerator", f"{{class_path: {CLASS}}}"], "--trainer.accelerator names a"),
+    (["--config", "append.yaml"], "append.yaml: trainer.plugins names a class"),
+    (["--trainer.plugins+", CLASS], "--trainer.plugins names a class"),
+    ([f"--trainer.plugins+={CLASS}"], "--trainer.plugins names a class"),
 ]  # fmt: skip
 
 

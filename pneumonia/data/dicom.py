@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomBytesIO
 
 # The file meta reader dcmread itself uses: a deflated data set must be recognised the way
@@ -42,6 +43,7 @@ from pneumonia.data.budget import (
     over_pixels,
 )
 from pneumonia.data.decode import CorruptImageError, ImageTooLarge
+from pneumonia.data.headers import codestream_size
 from pneumonia.errors import first_line
 
 # Values the standard forbids are read as they are; those the decoder uses are checked here
@@ -324,6 +326,8 @@ def _stored_pixels(ds: Dataset, name: str) -> np.ndarray:
             f"compressed as {_syntax_name(syntax)}, which the installed pixel-data handlers "
             f"cannot decode: install pylibjpeg[all] or convert it to uncompressed",
         )
+    if syntax.is_compressed:
+        _check_frame_size(ds, syntax, name)
     try:
         stored = ds.pixel_array
     except MemoryError:
@@ -339,6 +343,25 @@ def _stored_pixels(ds: Dataset, name: str) -> np.ndarray:
     if stored.shape != (ds.Rows, ds.Columns):
         raise CorruptImageError(name, f"pixel data of shape {stored.shape}, expected one frame")
     return stored
+
+
+def _check_frame_size(ds: Dataset, syntax: UID, name: str) -> None:
+    """Compressed pixel data whose own header declares another size than Rows x Columns is
+    refused before a handler decodes it: handlers allocate what the codestream says, so a
+    64 x 64 header over a 13000 x 13000 JPEG would slip past the budget."""
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        size = codestream_size(frame)
+    except (StopIteration, ValueError) as err:  # HeaderError is a ValueError
+        why = first_line(err, 80) if str(err) else "no frame"
+        reason = f"cannot decode its {_syntax_name(syntax)} pixel data: {why}; it is corrupt"
+        raise CorruptImageError(name, reason) from err
+    if size is not None and size != (ds.Columns, ds.Rows):
+        raise CorruptImageError(
+            name,
+            f"its compressed image is {size[0]} x {size[1]} pixels, but its header says "
+            f"{ds.Columns} x {ds.Rows}",
+        )
 
 
 def _handler_reason(err: Exception) -> str:

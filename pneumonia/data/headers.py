@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # SOF markers (a frame header: precision, height, width); C4, C8 and CC are other segments.
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# SOF0-15 but DHT, JPG and DAC, and JPEG-LS's SOF55 (same layout: P, Y, X).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
 # Markers without a length: TEM and the restart markers.
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
 
@@ -53,6 +54,24 @@ def read_header(data: bytes) -> Header | None:
         raise HeaderError(f"{kind} header ends early") from None
 
 
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a compressed DICOM frame's own header declares: a JPEG (baseline to
+    lossless, JPEG-LS) or JPEG 2000 codestream (HTJ2K too, in a JP2 box or bare); None for
+    another kind. HeaderError when it is truncated or malformed."""
+    try:
+        if data[:2] == b"\xff\xd8":
+            header = _jpeg(data)
+            return header.width, header.height
+        siz = data.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ (ITU-T T.800 A.5.1)
+        if siz < 0:
+            return None
+        at = siz + 8  # SIZ: Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (4 bytes each)
+        grid = [_u32(data, at + 4 * k, "big") for k in range(4)]
+        return grid[0] - grid[2], grid[1] - grid[3]
+    except IndexError:
+        raise HeaderError("compressed frame header ends early") from None
+
+
 def _u16(data: bytes, at: int, order: str = "little") -> int:
     if at + 2 > len(data):
         raise IndexError(at)
@@ -82,8 +101,10 @@ def _jpeg(data: bytes) -> Header:
     """The first frame header (SOFn), found by walking the segments after SOI."""
     at = 2
     while True:
-        if data[at] != 0xFF:
-            raise HeaderError("JPEG segment without a marker")
+        if data[at] != 0xFF:  # libjpeg skips stray bytes before a marker ("extraneous bytes")
+            at = data.find(b"\xff", at)
+            if at < 0:
+                raise IndexError("no marker after stray bytes")
         marker = data[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1

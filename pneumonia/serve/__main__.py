@@ -8,8 +8,8 @@ authentication, so expose it beyond the machine only behind a proxy that adds it
 
 It answers requests that name it (the Host header) by `localhost`, `127.0.0.1`, `::1` or the
 --host address; bound to another address than a loopback one (`--host 0.0.0.0`), also by this
-machine's host name and its addresses. --allowed_hosts adds names (an address the machine is
-reached by, a proxy's public name; `*`: any name). Any other name gets 400: a guard against DNS
+machine's host name and any IP address. --allowed_hosts adds names (a proxy's public name;
+`*`: any name). Any other name gets 400: a guard against DNS
 rebinding. A POST from a web page is answered only when the page is the server's own (the name
 and port it was reached by) or served under a name --allowed_hosts lists; 403 otherwise
 (`pneumonia.serve.uploads`).

@@ -5,9 +5,10 @@ own names and from its own page.
 Names (against DNS rebinding: a page of another site whose name is made to resolve to this
 machine would reach the API through a visitor's browser, and read the answers): a request's
 Host must be `localhost`, `127.0.0.1`, `::1`, the address the server is bound to, this
-machine's host name and its addresses when bound to any other address than a loopback one
-(`--host 0.0.0.0`), or a name the server was started with (`--allowed_hosts`, `*`: any);
-otherwise 400. Ports are not compared: the listening socket has already chosen the port.
+machine's host name and any IP address when bound to any other address than a loopback one
+(`--host 0.0.0.0`: a rebinding attack needs a name, not an address), or a name the server was
+started with (`--allowed_hosts`, `*`: any); otherwise 400. Ports are not compared: the
+listening socket has already chosen the port.
 
 Origins (against cross-site request forgery: any page a user has open may POST to this
 server): a request other than GET, HEAD and OPTIONS whose Origin is not the server's own (the
@@ -37,6 +38,10 @@ ACCEPTED = "a JPEG, PNG or DICOM file"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# In a set of Host names: any IP address is one too. A server bound beyond the loopback is
+# reached by its network addresses, which its host name need not resolve to, and DNS
+# rebinding needs a name: an address in the Host header is safe.
+ANY_ADDRESS = "<any IP address>"
 
 
 def too_large(limit: int) -> HTTPException:
@@ -119,7 +124,7 @@ def host_names(bind: str, allowed: Iterable[str] = ()) -> frozenset[str] | None:
         return None
     names = {*LOOPBACK_NAMES, _bare(bind), *allowed}
     if not _is_loopback(bind):
-        names |= _machine_names()
+        names |= _machine_names() | {ANY_ADDRESS}
     return frozenset(names)
 
 
@@ -169,7 +174,7 @@ class SameOrigin:
         """(status, reason) when the request must be refused, else None."""
         host = headers.get("host", "")
         name, _ = _split_host(host)
-        if host and self.hosts is not None and name not in self.hosts:
+        if host and self.hosts is not None and not _known(name, self.hosts):
             allow = f", or start it with --allowed_hosts {name}" if name else ""
             return 400, (
                 f"Host {host[:100]} is not a name of this server (a guard against DNS "
@@ -197,6 +202,18 @@ class SameOrigin:
             f"cross-origin request refused: Origin {origin[:100]} is not this server "
             f"({host or 'no Host'}){proxy if name else ''}"
         )
+
+
+def _known(name: str, hosts: Collection[str]) -> bool:
+    return name in hosts or (ANY_ADDRESS in hosts and _is_address(name))
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _origin_parts(origin: str) -> tuple[str, int | None, str]:

@@ -105,6 +105,16 @@ def test_headers_give_the_size_decoders_give(fmt):
     assert (header.format, header.width, header.height, header.frames) == (fmt.lower(), 50, 37, 1)
 
 
+def test_a_jpeg_with_stray_bytes_before_a_marker_decodes_as_libjpeg_decodes_it():
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 80), 90, np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    frame = data.index(b"\xff\xc0")
+    stray = data[:frame] + b"\x00\x00" + data[frame:]  # libjpeg: "2 extraneous bytes"
+    assert read_header(stray).width == 80
+    assert decode_bytes(stray, "stray.jpeg").shape == (1, 64, 80)
+
+
 def test_an_animated_gif_is_refused_before_its_frames_are_decoded(monkeypatch):
     frames = [Image.new("L", (20, 20), v) for v in (0, 90, 180)]
     buffer = io.BytesIO()

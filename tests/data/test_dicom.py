@@ -187,6 +187,15 @@ def test_jpeg_baseline_decodes_through_pillow():
     np.testing.assert_array_equal(decoded(ds), expected)
 
 
+def test_a_jpeg_larger_than_its_dicom_header_says_is_refused_before_it_is_decoded():
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((1000, 2000), np.uint8)).save(jpeg, "JPEG")
+    ds = dataset(np.zeros((16, 16), np.uint8))  # the header: 16 x 16
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg.getvalue()])
+    assert "2000 x 1000 pixels, but its header says 16 x 16" in refusal(dicom_bytes(ds))
+
+
 def without_decoder() -> UID:
     """A compressed transfer syntax none of the installed pixel-data handlers decodes."""
     for syntax in (JPEGLSLossless, JPEGLSNearLossless, JPEGLosslessSV1):

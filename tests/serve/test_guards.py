@@ -19,10 +19,11 @@ import zlib
 import pytest
 from conftest import write_image
 from fastapi.testclient import TestClient
+from starlette.datastructures import Headers
 
 from pneumonia.predictor import Predictor
 from pneumonia.serve.app import create_app
-from pneumonia.serve.uploads import LOOPBACK_NAMES, host_names
+from pneumonia.serve.uploads import ANY_ADDRESS, LOOPBACK_NAMES, SameOrigin, host_names
 
 GET_ENDPOINTS = ["/", "/page.js", "/page.css", "/health", "/model", "/openapi.json", "/docs"]
 
@@ -153,9 +154,26 @@ def test_which_host_names_a_server_answers_to(monkeypatch):
     monkeypatch.setattr("socket.getaddrinfo", lambda *a: [(2, 1, 6, "", ("10.1.2.3", 0))])
     assert host_names("127.0.0.1") == {*LOOPBACK_NAMES}
     assert host_names("::1", ["xray.example.org", ""]) == {*LOOPBACK_NAMES, "xray.example.org"}
-    assert host_names("0.0.0.0") == {*LOOPBACK_NAMES, "0.0.0.0", "ward-pc", "10.1.2.3"}
-    assert host_names("10.1.2.3") == {*LOOPBACK_NAMES, "ward-pc", "10.1.2.3"}
+    everywhere = {*LOOPBACK_NAMES, "ward-pc", "10.1.2.3", ANY_ADDRESS}
+    assert host_names("0.0.0.0") == everywhere | {"0.0.0.0"}
+    assert host_names("10.1.2.3") == everywhere
     assert host_names("0.0.0.0", ["*"]) is None
+
+
+def test_a_server_bound_beyond_the_loopback_answers_any_address_but_not_a_foreign_name(
+    monkeypatch,
+):
+    # Its host name may resolve to a loopback address only (Debian's /etc/hosts does), while
+    # visitors reach it at its network address.
+    monkeypatch.setattr("socket.gethostname", lambda: "ward-pc")
+    monkeypatch.setattr("socket.getaddrinfo", lambda *a: [(2, 1, 6, "", ("127.0.1.1", 0))])
+    guard = SameOrigin(None, host_names("0.0.0.0"))
+    assert guard.refusal("GET", Headers({"host": "192.0.2.2:8000"})) is None
+    assert guard.refusal("GET", Headers({"host": "[2001:db8::2]:8000"})) is None
+    assert guard.refusal("GET", Headers({"host": "ward-pc:8000"})) is None
+    assert guard.refusal("GET", Headers({"host": "evil.example:8000"}))[0] == 400
+    loopback = SameOrigin(None, host_names("127.0.0.1"))
+    assert loopback.refusal("GET", Headers({"host": "192.0.2.2:8000"}))[0] == 400
 
 
 class Stalling:

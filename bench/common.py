@@ -38,7 +38,7 @@ def machine() -> str:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
-        from pneumonia.config import native_cpu_bf16
+        from pneumonia.run.config import native_cpu_bf16
 
         bf16 = "native bf16" if native_cpu_bf16() else "no native bf16 (AVX512-BF16 or AMX)"
         device = f"CPU {cpu_model()}, {bf16}, no GPU"

@@ -29,7 +29,7 @@ from pathlib import Path
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import Samples, machine, ratio_line
 
-from pneumonia.errors import exit_on_user_error
+from pneumonia.core.errors import exit_on_user_error
 
 BATCH = 32
 EPOCHS = 2  # the first pays for loading (ours) or worker start-up; later ones are steady state

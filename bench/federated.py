@@ -22,7 +22,7 @@ from pathlib import Path
 import common
 from common import Samples, machine, ratio_line, run_fit, train_images
 
-from pneumonia.errors import exit_on_user_error
+from pneumonia.core.errors import exit_on_user_error
 
 
 def fit_args(args: argparse.Namespace, run_dir: Path, federated: bool) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import common
 from common import machine, run_fit
 
-from pneumonia.errors import UserError, exit_on_user_error
+from pneumonia.core.errors import UserError, exit_on_user_error
 from pneumonia.flower.launch import Federation
 
 SEGMENTS = {  # name: (from, to) instants

@@ -31,8 +31,8 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
 from pneumonia.data.groups import family_groups
-from pneumonia.intervals import bootstrap_intervals
-from pneumonia.metrics import DiagnosisMetrics
+from pneumonia.metrics.classification import DiagnosisMetrics
+from pneumonia.metrics.intervals import bootstrap_intervals
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "fl_se_resnet_gn_cpu.yaml"

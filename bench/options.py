@@ -22,11 +22,11 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import torch
 from common import Samples, machine
 
-from pneumonia.errors import exit_on_user_error
-from pneumonia.losses import LOSS_NAMES
+from pneumonia.core.errors import exit_on_user_error
 from pneumonia.models.layers import ACTIVATIONS
-from pneumonia.optimizers import OPTIMIZER_NAMES
-from pneumonia.recipe import Recipe, build_module
+from pneumonia.training.losses import LOSS_NAMES
+from pneumonia.training.optimizers import OPTIMIZER_NAMES
+from pneumonia.training.recipe import Recipe, build_module
 
 GOAL = 1.5
 # Why an option may cost more than a plain step, for the flagged lines.

@@ -27,7 +27,7 @@ import torch
 import yaml
 from common import machine, ratio_line, run_fit, train_images
 
-from pneumonia.errors import exit_on_user_error
+from pneumonia.core.errors import exit_on_user_error
 
 GOAL_S = 600
 

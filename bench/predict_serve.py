@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pneumonia.checkpoint import write_checkpoint
 from pneumonia.data.decode import decode_file
-from pneumonia.predictor import Predictor, predict_files
-from pneumonia.recipe import Recipe, build_module
+from pneumonia.inference.predictor import Predictor, predict_files
 from pneumonia.serve.app import answer
+from pneumonia.training.checkpoint import write_checkpoint
+from pneumonia.training.recipe import Recipe, build_module
 
 PAPER_MODEL = {"name": "se_resnet18", "norm": "gn", "gn_groups": 16, "se_reduction": 16,
                "width": 64, "drop_rate": 0.0, "pretrained": None}  # fmt: skip

@@ -25,11 +25,11 @@ import torch
 from common import Samples, machine, ratio_line
 from train_step import random_images
 
+from pneumonia.core.errors import exit_on_user_error
 from pneumonia.data.transforms import AugmentConfig
-from pneumonia.errors import exit_on_user_error
 from pneumonia.federated.client import Client, ClientSettings
-from pneumonia.privacy import PrivacyConfig
-from pneumonia.recipe import Recipe
+from pneumonia.training.privacy import PrivacyConfig
+from pneumonia.training.recipe import Recipe
 
 
 def client(private: bool, args, log_dir: Path) -> Client:

@@ -78,10 +78,10 @@ def run_variant(name: str, extra: list[str], root: str, runs: Path) -> dict:
 def rescore(run_dir: Path, root: str, checkpoint: str = "best.ckpt", tta: bool = False) -> dict:
     """A run's checkpoint on its own validation patients (clean and shifted), with 95%
     intervals: e.g. with TTA, or a federated run's last round instead of its average."""
-    from pneumonia.checkpoint import load_module
-    from pneumonia.config import parse_fit_config
     from pneumonia.data.sources import load_splits
-    from pneumonia.scoring import predict_probabilities, score_with_intervals
+    from pneumonia.inference.scoring import predict_probabilities, score_with_intervals
+    from pneumonia.run.config import parse_fit_config
+    from pneumonia.training.checkpoint import load_module
 
     cfg = parse_fit_config(["--config", str(run_dir / "config.yaml"), "--data.root", root])[0]
     module = load_module(run_dir / "checkpoints" / checkpoint)

@@ -22,7 +22,7 @@ from pathlib import Path
 from common import machine
 from flower import fit_argv, flower_options, round_times
 
-from pneumonia.errors import UserError, exit_on_user_error
+from pneumonia.core.errors import UserError, exit_on_user_error
 from pneumonia.flower.launch import Federation
 
 

@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from common import Samples, device, machine, ratio_line, sync
 
-from pneumonia import config
-from pneumonia.config import build_fit_parser, parse_args
+from pneumonia.core.errors import exit_on_user_error, first_line
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sources import Splits
-from pneumonia.errors import exit_on_user_error, first_line
-from pneumonia.models.registry import ModelConfig, create_model
-from pneumonia.optimizers import make_optimizer
-from pneumonia.recipe import build_module, loss_weights, make_recipe
+from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.run import config
 from pneumonia.run.centralized import build_datamodule, build_trainer
+from pneumonia.run.config import build_fit_parser, parse_args
+from pneumonia.training.optimizers import make_optimizer
+from pneumonia.training.recipe import build_module, loss_weights, make_recipe
 
 
 def random_images(n: int, size: int, seed: int = 0) -> ImageSet:

@@ -19,7 +19,7 @@ validation patients under acquisition shifts) out of fold too, and for the regre
 on all validation images (optimistic: it has seen those patients unshifted); on test, when
 the runs had one, with the regression fitted on all validation images. The checkpoint loads
 wherever a best.ckpt does (evaluate, predict, serve, export); Grad-CAM refuses it
-(`pneumonia.models.ensemble`).
+(`pneumonia.models.ensemble_model`).
 Exit code 2 on bad input, with nothing written; 1 when a file cannot be written.
 """
 
@@ -37,23 +37,23 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from pneumonia.bounds import PositiveInt, Seed
-from pneumonia.checkpoint import (
+from pneumonia.core.bounds import PositiveInt, Seed
+from pneumonia.core.errors import UserError, exit_on_user_error, first_line
+from pneumonia.core.files import check_not_input, check_writable_folder, write_json
+from pneumonia.data.imageset import CLASSES
+from pneumonia.inference.predictor import file_sha256
+from pneumonia.metrics.intervals import bootstrap_intervals, weighted_metrics
+from pneumonia.models.ensemble_model import EPS, RULES, member_config, pneumonia_index
+from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.run.config import parse_args, tool_parser
+from pneumonia.training.checkpoint import (
     finish_checkpoint,
     model_card,
     module_from,
     read_checkpoint,
     write_checkpoint,
 )
-from pneumonia.config import parse_args, tool_parser
-from pneumonia.data.imageset import CLASSES
-from pneumonia.errors import UserError, exit_on_user_error, first_line
-from pneumonia.files import check_not_input, check_writable_folder, write_json
-from pneumonia.intervals import bootstrap_intervals, weighted_metrics
-from pneumonia.models.ensemble import EPS, RULES, member_config, pneumonia_index
-from pneumonia.models.registry import ModelConfig, create_model
-from pneumonia.predictor import file_sha256
-from pneumonia.recipe import Recipe
+from pneumonia.training.recipe import Recipe
 
 C = 1.0  # the meta-learner's inverse L2 strength: scikit-learn's default, not tuned
 THRESHOLD = 0.5
@@ -102,7 +102,7 @@ class Member:
         return str(self.recipe.model["name"])
 
     def spec(self) -> dict:
-        """What the ensemble's config holds of this member (`pneumonia.models.ensemble`)."""
+        """What the ensemble's config holds of this member (`pneumonia.models.ensemble_model`)."""
         model = dict(self.recipe.model) | {"pretrained": None}  # the weights come with it
         return {
             "model": model,

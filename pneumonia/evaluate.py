@@ -15,9 +15,21 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from pneumonia.bounds import PositiveInt, Seed
-from pneumonia.checkpoint import load_module
-from pneumonia.config import (
+from pneumonia.core.bounds import PositiveInt, Seed
+from pneumonia.core.errors import UserError, exit_on_user_error
+from pneumonia.data.cache import default_cache_dir, load_or_decode
+from pneumonia.data.kermany import find_splits, folder_classes, list_image_files
+from pneumonia.data.shifts import ShiftConfig, shifted
+from pneumonia.data.tasks import for_task
+from pneumonia.inference.scoring import (
+    predict_class_probabilities,
+    predict_probabilities,
+    score_classes,
+    score_groups,
+    score_with_intervals,
+)
+from pneumonia.metrics.classification import SCALARS
+from pneumonia.run.config import (
     add_device_option,
     add_threshold_option,
     check_device,
@@ -25,19 +37,7 @@ from pneumonia.config import (
     threshold_override,
     tool_parser,
 )
-from pneumonia.data.cache import default_cache_dir, load_or_decode
-from pneumonia.data.kermany import find_splits, folder_classes, list_image_files
-from pneumonia.data.shifts import ShiftConfig, shifted
-from pneumonia.data.tasks import for_task
-from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.metrics import SCALARS
-from pneumonia.scoring import (
-    predict_class_probabilities,
-    predict_probabilities,
-    score_classes,
-    score_groups,
-    score_with_intervals,
-)
+from pneumonia.training.checkpoint import load_module
 
 
 def build_parser() -> ArgumentParser:

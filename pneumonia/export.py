@@ -23,10 +23,10 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from pneumonia.config import parse_args, tool_parser
-from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.files import check_not_input, check_writable_folder
-from pneumonia.onnx_model import export_onnx
+from pneumonia.core.errors import UserError, exit_on_user_error
+from pneumonia.core.files import check_not_input, check_writable_folder
+from pneumonia.inference.onnx_model import export_onnx
+from pneumonia.run.config import parse_args, tool_parser
 
 
 def build_parser() -> ArgumentParser:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from pneumonia.config import parse_fit_config
-from pneumonia.errors import exit_on_user_error
+from pneumonia.core.errors import exit_on_user_error
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.job import run_job
 from pneumonia.run.progress import Progress
 

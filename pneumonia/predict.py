@@ -20,8 +20,22 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
-from pneumonia.bounds import PositiveInt
-from pneumonia.config import (
+from pneumonia.core.bounds import PositiveInt
+from pneumonia.core.errors import UserError, exit_on_user_error
+from pneumonia.core.files import (
+    check_not_input,
+    check_not_input_folder,
+    check_writable_folder,
+    write_text_atomic,
+)
+from pneumonia.inference.predictor import (
+    COLUMNS,
+    HeatmapWriter,
+    Predictor,
+    find_inputs,
+    predict_files,
+)
+from pneumonia.run.config import (
     add_device_option,
     add_threshold_option,
     check_device,
@@ -29,14 +43,6 @@ from pneumonia.config import (
     threshold_override,
     tool_parser,
 )
-from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.files import (
-    check_not_input,
-    check_not_input_folder,
-    check_writable_folder,
-    write_text_atomic,
-)
-from pneumonia.predictor import COLUMNS, HeatmapWriter, Predictor, find_inputs, predict_files
 
 SOME_SKIPPED = 3  # the exit code when some inputs could not be read
 
@@ -68,7 +74,7 @@ def load_predictor(args):
     if args.onnx is not None:
         if args.cam:
             raise UserError("--cam needs the PyTorch model: use --ckpt instead of --onnx")
-        from pneumonia.onnx_model import OnnxPredictor
+        from pneumonia.inference.onnx_model import OnnxPredictor
 
         return OnnxPredictor(args.onnx, threshold)
     return Predictor.from_checkpoint(args.ckpt, threshold, args.device)

@@ -191,8 +191,8 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, threshold: float = 0.5) -> 
     all: what predict, serve and export tests load."""
     import torch
 
-    from pneumonia.checkpoint import finish_checkpoint, read_checkpoint, write_checkpoint
-    from pneumonia.recipe import Recipe, build_module
+    from pneumonia.training.checkpoint import finish_checkpoint, read_checkpoint, write_checkpoint
+    from pneumonia.training.recipe import Recipe, build_module
 
     torch.manual_seed(seed)
     recipe = Recipe(model=TINY_MODEL, optim={}, image_size=32, mean=0.45, std=0.22)

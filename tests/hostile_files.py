@@ -195,7 +195,7 @@ CHILD = """
 import contextlib, io, json, sys, time
 import onnxruntime
 from pneumonia import predict
-import pneumonia.onnx_model
+import pneumonia.inference.onnx_model
 
 def kb(field):  # this process's own figures: ru_maxrss would carry the parent's over exec
     with open("/proc/self/status") as f:

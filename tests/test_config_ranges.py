@@ -12,13 +12,13 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from pneumonia import fit
-from pneumonia.config import EarlyStoppingConfig
 from pneumonia.data.sources import DataConfig
-from pneumonia.federated.config import FederatedConfig
-from pneumonia.losses import LossConfig
-from pneumonia.models.registry import ModelConfig
-from pneumonia.module import OptimConfig
-from pneumonia.privacy import PrivacyConfig
+from pneumonia.federated.options import FederatedConfig
+from pneumonia.models.factory import ModelConfig
+from pneumonia.run.config import EarlyStoppingConfig
+from pneumonia.training.losses import LossConfig
+from pneumonia.training.module import OptimConfig
+from pneumonia.training.privacy import PrivacyConfig
 
 GROUPS = {
     "data": DataConfig,
@@ -61,7 +61,7 @@ def outside(restriction) -> object:
 def test_every_numeric_field_has_a_range():
     assert len(FIELDS) > 40
     missing = [k for k, kind in FIELDS if not hasattr(kind, "_restrictions") and k not in UNBOUNDED]
-    assert not missing, f"give these a type from pneumonia.bounds: {missing}"
+    assert not missing, f"give these a type from pneumonia.core.bounds: {missing}"
 
 
 CASES = [

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pneumonia import fit
-from pneumonia.config import class_valued_trainer_keys, parse_fit_config
+from pneumonia.run.config import class_valued_trainer_keys, parse_fit_config
 
 # On old code the parse that follows a missed refusal must not train: this fails preflight.
 NO_TRAINING = ["--trainer.max_epochs", "0"]

@@ -17,15 +17,15 @@ from conftest import write_image
 from torch import nn
 
 from pneumonia import ensemble, evaluate, export, fit, predict
-from pneumonia.checkpoint import load_module, read_checkpoint, write_checkpoint
-from pneumonia.config import parse_fit_config
+from pneumonia.core.errors import UserError
 from pneumonia.data.sources import load_splits
-from pneumonia.errors import UserError
-from pneumonia.models.ensemble import Ensemble
-from pneumonia.models.registry import ModelConfig, create_model
-from pneumonia.predictor import Predictor
-from pneumonia.scoring import predict_probabilities
+from pneumonia.inference.predictor import Predictor
+from pneumonia.inference.scoring import predict_probabilities
+from pneumonia.models.ensemble_model import Ensemble
+from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.run.config import parse_fit_config
 from pneumonia.serve.app import answer
+from pneumonia.training.checkpoint import load_module, read_checkpoint, write_checkpoint
 
 N_PATIENTS = 60
 TINY = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pneumonia import evaluate, fit
-from pneumonia.errors import UserError, continue_with, os_error_line
-from pneumonia.safeload import safe_load
+from pneumonia.core.errors import UserError, continue_with, os_error_line
+from pneumonia.core.safeload import safe_load
 
 
 def run_fit_expecting_error(argv, capsys, tmp_path):
@@ -124,8 +124,8 @@ def _evaluate_error(argv, capsys):
 
 
 def test_checkpoint_from_another_model(tmp_path, kermany_root, capsys):
-    from pneumonia.models.registry import ModelConfig, create_model
-    from pneumonia.module import ClassifierModule
+    from pneumonia.models.factory import ModelConfig, create_model
+    from pneumonia.training.module import ClassifierModule
 
     module = ClassifierModule(model={"name": "resnet18"}, optim={}, image_size=32)
     ckpt = {

@@ -9,7 +9,7 @@ from conftest import TINY_MODEL
 from torch import nn
 
 from pneumonia.data.imageset import ImageSet
-from pneumonia.explain import (
+from pneumonia.inference.explain import (
     ALPHA,
     COLORMAP,
     _unit_scaled,
@@ -18,8 +18,8 @@ from pneumonia.explain import (
     seeded_panel,
     target_layer,
 )
-from pneumonia.recipe import Recipe, build_module
-from pneumonia.scoring import predict_probabilities
+from pneumonia.inference.scoring import predict_probabilities
+from pneumonia.training.recipe import Recipe, build_module
 
 
 def module(name: str = "se_resnet18", size: int = 64):

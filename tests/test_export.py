@@ -1,5 +1,6 @@
-"""ONNX export (`pneumonia.export`, `pneumonia.onnx_model`): the graph scores as the checkpoint
-does, carries what a client needs in its metadata, and `predict --onnx` answers as `--ckpt`.
+"""ONNX export (`pneumonia.export`, `pneumonia.inference.onnx_model`): the graph scores as the
+checkpoint does, carries what a client needs in its metadata, and `predict --onnx` answers as
+`--ckpt`.
 
 One untrained SE-ResNet-18 (width 16, 32 px: conftest's tiny checkpoint) is exported once for
 the whole file.
@@ -20,11 +21,11 @@ from conftest import TINY_CARD, write_image, write_tiny_checkpoint
 from hostile_files import one_line, predict_in_child
 
 from pneumonia import export, predict
-from pneumonia.checkpoint import read_checkpoint
+from pneumonia.core.errors import UserError
 from pneumonia.data.decode import decode_file
-from pneumonia.errors import UserError
-from pneumonia.onnx_model import METADATA_KEYS, OnnxPredictor
-from pneumonia.predictor import Predictor, file_sha256
+from pneumonia.inference.onnx_model import METADATA_KEYS, OnnxPredictor
+from pneumonia.inference.predictor import Predictor, file_sha256
+from pneumonia.training.checkpoint import read_checkpoint
 
 # float32 in both runtimes, the same operations fused and ordered differently: the largest
 # differences measured (30 random batches, the JPEG files, all-black and all-white images)

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from pneumonia import evaluate, fit
-from pneumonia.checkpoint import CheckpointIO
+from pneumonia.core.errors import UserError
 from pneumonia.data.cache import cache_path, load_or_decode
 from pneumonia.data.kermany import list_image_files
-from pneumonia.errors import UserError
+from pneumonia.training.checkpoint import CheckpointIO
 
 SMALL = [
     "--figures_every", "0",  # TensorBoard figures: the reported model's only
@@ -383,7 +383,7 @@ def test_a_safe_edit_is_accepted_and_said(central_run, tmp_path, capsys):
 
 
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monkeypatch, capsys):
-    import pneumonia.files
+    import pneumonia.core.files
 
     real_save, calls = torch.save, []
 
@@ -394,7 +394,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monk
             raise RuntimeError("[enforce fail at inline_container.cc:672] . file write failed")
         real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(pneumonia.files.torch, "save", full_after_epoch_one)
+    monkeypatch.setattr(pneumonia.core.files.torch, "save", full_after_epoch_one)
     run_dir = tmp_path / "run"
     assert fit_exit([*CENTRAL, "--trainer.max_epochs", "3", "--run_dir", str(run_dir)]) == 1
     line = one_error_line(capsys)

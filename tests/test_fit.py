@@ -179,7 +179,7 @@ def test_tensorboard_holds_scalars_and_figures(tiny_run):
 
 
 def test_best_checkpoint_carries_a_model_card_and_the_run_a_cases_panel(tiny_run):
-    from pneumonia.checkpoint import model_card, read_checkpoint
+    from pneumonia.training.checkpoint import model_card, read_checkpoint
 
     run_dir, summary = tiny_run
     _, _, ckpt = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
@@ -222,10 +222,10 @@ def test_folder_with_test_split_reports_test_metrics(tmp_path, write_kermany):
 def test_evaluate_threshold_moves_the_confusion_matrix_as_computed_by_hand(
     tiny_run, kermany_root, capsys
 ):
-    from pneumonia.checkpoint import load_module
     from pneumonia.data.cache import load_or_decode
     from pneumonia.data.kermany import list_image_files
-    from pneumonia.scoring import predict_probabilities
+    from pneumonia.inference.scoring import predict_probabilities
+    from pneumonia.training.checkpoint import load_module
 
     run_dir, _ = tiny_run
     ckpt = run_dir / "checkpoints" / "best.ckpt"

@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from pneumonia import evaluate, export, fit
-from pneumonia.checkpoint import load_module, read_checkpoint, write_checkpoint
-from pneumonia.config import parse_fit_config
+from pneumonia.core.errors import UserError
 from pneumonia.data.cache import load_or_decode
 from pneumonia.data.decode import square
 from pneumonia.data.intensity import standardize
@@ -22,12 +21,13 @@ from pneumonia.data.kermany import list_image_files
 from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.data.sources import load_splits
 from pneumonia.ensemble import check_members
-from pneumonia.errors import UserError
 from pneumonia.federated.cohort import LocalCohort
-from pneumonia.onnx_model import METADATA_KEYS, OnnxPredictor, _model
-from pneumonia.predictor import Predictor, predict_files
+from pneumonia.inference.onnx_model import METADATA_KEYS, OnnxPredictor, _model
+from pneumonia.inference.predictor import Predictor, predict_files
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.sites import with_sites
 from pneumonia.serve.app import answer
+from pneumonia.training.checkpoint import load_module, read_checkpoint, write_checkpoint
 
 TINY = [
     "--figures_every", "0",  # TensorBoard figures: the reported model's only

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pneumonia.intervals import bootstrap_intervals, patient_weights, weighted_metrics
-from pneumonia.metrics import DiagnosisMetrics
+from pneumonia.metrics.classification import DiagnosisMetrics
+from pneumonia.metrics.intervals import bootstrap_intervals, patient_weights, weighted_metrics
 
 
 def test_patient_weights_draw_whole_patients():

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pneumonia.models  # noqa: F401  (fills the model registry)
-from pneumonia.errors import UserError
-from pneumonia.losses import (
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.training.losses import (
     LOSS_NAMES,
     EmbeddingTap,
     L2SoftmaxLinear,
@@ -24,7 +25,6 @@ from pneumonia.losses import (
     list_losses,
     make_objective,
 )
-from pneumonia.models.registry import ModelConfig, create_model
 
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 LABELS = torch.tensor([0, 1, 1])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pneumonia.metrics import DiagnosisMetrics, youden_threshold
+from pneumonia.metrics.classification import DiagnosisMetrics, youden_threshold
 
 
 def test_metrics_match_hand_computed_confusion_matrix():
@@ -52,7 +52,11 @@ def test_youden_threshold_by_hand():
 
 
 def test_ece_and_reliability_bins_against_hand_values():
-    from pneumonia.metrics import DiagnosisMetrics, reliability_bins, reliability_figure
+    from pneumonia.metrics.classification import (
+        DiagnosisMetrics,
+        reliability_bins,
+        reliability_figure,
+    )
 
     probs = torch.tensor([0.1, 0.2, 0.8, 0.9, 0.95, 0.35])
     targets = torch.tensor([False, True, True, True, False, False])
@@ -68,8 +72,8 @@ def test_ece_and_reliability_bins_against_hand_values():
 
 
 def test_three_class_metrics_match_a_hand_computed_case():
-    from pneumonia.intervals import class_intervals, weighted_class_metrics
-    from pneumonia.metrics import ClassMetrics
+    from pneumonia.metrics.classification import ClassMetrics
+    from pneumonia.metrics.intervals import class_intervals, weighted_class_metrics
 
     classes = ("NORMAL", "BACTERIA", "VIRUS")
     # true:      N  N  B  B  B  V  V

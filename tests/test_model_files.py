@@ -19,10 +19,10 @@ from conftest import write_image
 from hostile_files import one_line, predict_in_child
 
 from pneumonia import ensemble, evaluate, export
-from pneumonia.checkpoint import load_module, read_checkpoint, write_checkpoint
-from pneumonia.errors import UserError
-from pneumonia.models.registry import ModelConfig, create_model
-from pneumonia.recipe import Recipe
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.training.checkpoint import load_module, read_checkpoint, write_checkpoint
+from pneumonia.training.recipe import Recipe
 
 
 def edited_checkpoint(source: Path, out: Path, **changes) -> Path:
@@ -158,8 +158,8 @@ def test_tensors_whose_values_the_file_does_not_hold_are_refused(
 
 
 def test_old_checkpoints_and_every_config_are_inside_the_ranges():
-    from pneumonia.config import parse_fit_config
-    from pneumonia.recipe import make_recipe
+    from pneumonia.run.config import parse_fit_config
+    from pneumonia.training.recipe import make_recipe
 
     root = Path(__file__).parents[1]
     for ckpt in sorted((root / "tests" / "fixtures").glob("*.ckpt")):

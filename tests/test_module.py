@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pneumonia import config
 from pneumonia.data.datamodule import class_balanced_weights
-from pneumonia.module import ClassifierModule
+from pneumonia.run import config
+from pneumonia.training.module import ClassifierModule
 
 MODEL = {"name": "resnet18", "norm": "gn"}
 

@@ -14,13 +14,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pneumonia import fit
-from pneumonia.config import build_fit_parser, parse_fit_config
-from pneumonia.errors import UserError
-from pneumonia.losses import LOSS_NAMES
+from pneumonia.core.errors import UserError
 from pneumonia.models.layers import ACTIVATIONS, BatchRenorm2d, DropConnectLinear
-from pneumonia.module import SCHEDULERS
-from pneumonia.optimizers import OPTIMIZER_NAMES
-from pneumonia.recipe import Recipe, build_module
+from pneumonia.run.config import build_fit_parser, parse_fit_config
+from pneumonia.training.losses import LOSS_NAMES
+from pneumonia.training.module import SCHEDULERS
+from pneumonia.training.optimizers import OPTIMIZER_NAMES
+from pneumonia.training.recipe import Recipe, build_module
 
 TINY = {"name": "se_resnet18", "norm": "gn", "width": 16, "gn_groups": 8}
 IMAGES = torch.randint(
@@ -186,7 +186,7 @@ def test_an_unknown_name_exits_2_with_one_line_on_the_command_line(capsys):
     ],
 )
 def test_resnet_family_options_are_refused_elsewhere(argv, words):
-    from pneumonia.models.registry import create_model
+    from pneumonia.models.factory import create_model
 
     cfg, _, _ = parse_fit_config(argv)
     with pytest.raises(UserError, match=words):
@@ -202,9 +202,9 @@ PINNED_SUM = 794.9821067147263
 @pytest.mark.parametrize("loss", ["cosface", "l2_softmax", "center"])
 def test_a_checkpoint_of_another_loss_predicts_and_exports_the_same_probabilities(loss, tmp_path):
     """Prediction and ONNX take the softmax of the logits the loss's head gives."""
-    from pneumonia.checkpoint import write_checkpoint
-    from pneumonia.onnx_model import OnnxPredictor, export_onnx
-    from pneumonia.predictor import Predictor
+    from pneumonia.inference.onnx_model import OnnxPredictor, export_onnx
+    from pneumonia.inference.predictor import Predictor
+    from pneumonia.training.checkpoint import write_checkpoint
 
     torch.manual_seed(0)
     recipe = recipe_with("loss", {"name": loss})
@@ -224,6 +224,8 @@ def test_a_checkpoint_of_another_loss_predicts_and_exports_the_same_probabilitie
 def test_denormal_floats_are_flushed_once_the_optimizers_are_imported():
     """RMSProp's and AdaGrad's shrinking states slowed CPU steps 3x through denormals. A fresh
     process: the flag is per thread and other libraries in this one may set it."""
-    code = "import pneumonia.optimizers, torch; print((torch.tensor([1e-39]) * 1.0).item())"
+    code = (
+        "import pneumonia.training.optimizers, torch; print((torch.tensor([1e-39]) * 1.0).item())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "0.0", done.stderr

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from pneumonia import config, fit
+from pneumonia import fit
 from pneumonia.federated import client as client_module
-from pneumonia.run import centralized
+from pneumonia.run import centralized, config
 
 TINY = [
     "--data.image_size", "32",

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pneumonia import predict
 from pneumonia.data.decode import decode_file
-from pneumonia.predictor import COLUMNS, Predictor
+from pneumonia.inference.predictor import COLUMNS, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, inputs, capsy
 
 
 def test_batches_come_back_in_order_with_the_unreadable_marked(inputs, tmp_path):
-    from pneumonia.predictor import decoded_batches
+    from pneumonia.inference.predictor import decoded_batches
 
     folder, broken = inputs
     files = sorted(folder.glob("*.*g")) * 2 + [broken]  # 5 files: batches of 2, 2, 1

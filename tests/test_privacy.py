@@ -13,15 +13,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from pneumonia import fit
-from pneumonia.checkpoint import model_card, read_checkpoint
-from pneumonia.config import parse_fit_config
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.client import Client
-from pneumonia.federated.config import ServerDPConfig
+from pneumonia.federated.options import ServerDPConfig
 from pneumonia.federated.strategies import FedAdam, FedAvg, ServerDP, clip_update
-from pneumonia.privacy import DPSGD, PrivacyConfig, check_budget, check_privacy, make_private
-from pneumonia.recipe import Recipe, build_module
+from pneumonia.run.config import parse_fit_config
+from pneumonia.training.checkpoint import model_card, read_checkpoint
+from pneumonia.training.privacy import (
+    DPSGD,
+    PrivacyConfig,
+    check_budget,
+    check_privacy,
+    make_private,
+)
+from pneumonia.training.recipe import Recipe, build_module
 
 TINY = [
     "--figures_every", "0",  # TensorBoard figures: the reported model's only

@@ -7,10 +7,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pneumonia.checkpoint import load_module, read_checkpoint, set_threshold, write_checkpoint
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
-from pneumonia.errors import UserError
-from pneumonia.recipe import Recipe, build_module, loss_weights, normalisation
+from pneumonia.training.checkpoint import (
+    load_module,
+    read_checkpoint,
+    set_threshold,
+    write_checkpoint,
+)
+from pneumonia.training.recipe import Recipe, build_module, loss_weights, normalisation
 
 MODEL = {"name": "resnet18", "norm": "gn", "gn_groups": 16, "se_reduction": 16, "width": 16,
          "drop_rate": 0.0, "pretrained": None}  # fmt: skip

@@ -9,10 +9,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pneumonia import fit
-from pneumonia.checkpoint import load_module
 from pneumonia.data.decode import prepare
-from pneumonia.explain import lung_energy_share
-from pneumonia.predictor import Predictor, predict_files
+from pneumonia.inference.explain import lung_energy_share
+from pneumonia.inference.predictor import Predictor, predict_files
+from pneumonia.training.checkpoint import load_module
 
 TINY = [
     "--figures_every", "0",  # TensorBoard figures: the reported model's only

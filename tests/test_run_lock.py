@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pneumonia import fit
-from pneumonia.config import parse_fit_config
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.rundir import LOCK, locked
 
 ROOT = Path(__file__).parents[1]

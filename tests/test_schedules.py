@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pneumonia.errors import UserError
-from pneumonia.schedules import (
+from pneumonia.core.errors import UserError
+from pneumonia.training.schedules import (
     DECAY_NAMES,
     DECAYS,
     DecayConfig,

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pneumonia import fit
-from pneumonia.federated.config import round_lr_scale
+from pneumonia.federated.options import round_lr_scale
 from pneumonia.run.centralized import Divergence
 from pneumonia.run.federated import rounds_without_improvement
-from pneumonia.schedules import DecayConfig
+from pneumonia.training.schedules import DecayConfig
 
 TINY = [
     "--figures_every", "0",  # TensorBoard figures: the reported model's only

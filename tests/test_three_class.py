@@ -10,11 +10,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from pneumonia import evaluate, fit, predict
-from pneumonia.checkpoint import load_module
 from pneumonia.data.imageset import THREE_CLASSES
-from pneumonia.predictor import Predictor
-from pneumonia.scoring import predict_probabilities
+from pneumonia.inference.predictor import Predictor
+from pneumonia.inference.scoring import predict_probabilities
 from pneumonia.serve.app import create_app
+from pneumonia.training.checkpoint import load_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_FED = [

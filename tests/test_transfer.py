@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pneumonia import fit
-from pneumonia.checkpoint import read_checkpoint, write_checkpoint
-from pneumonia.errors import UserError
-from pneumonia.models.registry import ModelConfig
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import ModelConfig
 from pneumonia.models.transfer import parse_transfer
-from pneumonia.module import OptimConfig
-from pneumonia.recipe import Recipe, build_module
+from pneumonia.training.checkpoint import read_checkpoint, write_checkpoint
+from pneumonia.training.module import OptimConfig
+from pneumonia.training.recipe import Recipe, build_module
 
 TINY_FED = [
     "--data.image_size", "32",

@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pneumonia.checkpoint import load_module  # noqa: E402
+from pneumonia.training.checkpoint import load_module  # noqa: E402
 from pneumonia.data.decode import read_image  # noqa: E402
 from pneumonia.data.kermany import find_splits, list_image_files  # noqa: E402
 from pneumonia.data.lungs import lung_box, lung_field, pixel_box  # noqa: E402
-from pneumonia.errors import UserError, exit_on_user_error  # noqa: E402
-from pneumonia.explain import lung_energy_share  # noqa: E402
+from pneumonia.core.errors import UserError, exit_on_user_error  # noqa: E402
+from pneumonia.inference.explain import lung_energy_share  # noqa: E402
 
 
 def validation_files(run_dir: Path, root: str, count: int) -> list[tuple[Path, str]]:

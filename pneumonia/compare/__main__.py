@@ -15,7 +15,7 @@ import sys
 from pneumonia.compare.plan import load_comparison
 from pneumonia.compare.report import write_report
 from pneumonia.compare.runner import DONE, entry_status, run_comparison
-from pneumonia.errors import UserError, exit_on_user_error
+from pneumonia.core.errors import UserError, exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,10 +32,10 @@ from pathlib import Path
 import yaml
 from jsonargparse import Namespace
 
-from pneumonia.config import parse_fit_config, strict_yaml
-from pneumonia.errors import UserError
-from pneumonia.federated.config import clients_per_round
-from pneumonia.metrics import SCALARS
+from pneumonia.core.errors import UserError
+from pneumonia.federated.options import clients_per_round
+from pneumonia.metrics.classification import SCALARS
+from pneumonia.run.config import parse_fit_config, strict_yaml
 from pneumonia.run.job import preflight
 
 TOP_KEYS = {"name", "description", "shared", "entries", "sweep", "reference"}

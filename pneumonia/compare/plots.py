@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torchmetrics.classification import BinaryConfusionMatrix  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
 
-from pneumonia.metrics import reliability_figure  # noqa: E402
+from pneumonia.metrics.classification import reliability_figure  # noqa: E402
 
 X_LABEL = "passes over the training images\n(centralized: epoch; federated: round x local epochs)"
 TITLES = {

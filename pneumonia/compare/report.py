@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pneumonia.compare import plots
 from pneumonia.compare.plan import Comparison, Entry, option
-from pneumonia.files import write_bytes_atomic, write_csv, write_text_atomic
-from pneumonia.metrics import SCALARS
+from pneumonia.core.files import write_bytes_atomic, write_csv, write_text_atomic
+from pneumonia.metrics.classification import SCALARS
 from pneumonia.run.progress import duration
 
 SHORT = {

@@ -11,10 +11,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pneumonia.compare.plan import Comparison, Entry, config_hash
-from pneumonia.config import parse_fit_config
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
+from pneumonia.core.interrupt import Interrupted
 from pneumonia.federated.state import STATE_FILE
-from pneumonia.interrupt import Interrupted
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.job import run_job
 from pneumonia.run.progress import duration
 from pneumonia.run.rundir import locked

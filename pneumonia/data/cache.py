@@ -13,13 +13,13 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from pneumonia.core.errors import UserError
+from pneumonia.core.files import save_atomic
+from pneumonia.core.safeload import safe_load
 from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import ImageFile
-from pneumonia.errors import UserError
-from pneumonia.files import save_atomic
-from pneumonia.safeload import safe_load
 
 CACHE_VERSION = 3  # bump when decoding changes, to orphan old cache files (3: a PNG named
 # .dcm read by its content, a header that turns an image into one grey level refused)

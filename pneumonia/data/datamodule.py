@@ -77,13 +77,14 @@ class ChestXrayDataModule(L.LightningDataModule):
         drop_last = train and len(images) % batch_size == 1
         batches = BatchSampler(sampler, batch_size, drop_last)
         if train and self.poisson:
-            # Imported here: Opacus's import configures the root logger (pneumonia.privacy
+            # Imported here: Opacus's import configures the root logger (pneumonia.training.privacy
             # imports it first and undoes that).
             from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
             batches = UniformWithReplacementSampler(
                 num_samples=len(images),
-                # q = B / N, the rate pneumonia.privacy.sample_rate accounts for (same formula).
+                # q = B / N, the rate pneumonia.training.privacy.sample_rate accounts for
+                # (same formula).
                 sample_rate=min(batch_size / len(images), 1.0),
                 generator=self.generator,
             )

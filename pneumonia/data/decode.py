@@ -11,6 +11,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.budget import (
     MAX_FILE_BYTES,
     MAX_FRAMES,
@@ -23,7 +24,6 @@ from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import ImageFile
 from pneumonia.data.lungs import crop_to_lungs
-from pneumonia.errors import UserError
 
 # Pixels converted to grey uint8 at a time (`_grey_uint8`).
 CONVERT_PIXELS = 1 << 20

@@ -35,6 +35,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from pneumonia.core.errors import first_line
 from pneumonia.data.budget import (
     MAX_FRAMES,
     MAX_HEADER_BYTES,
@@ -44,7 +45,6 @@ from pneumonia.data.budget import (
 )
 from pneumonia.data.decode import CorruptImageError, ImageTooLarge
 from pneumonia.data.headers import codestream_size
-from pneumonia.errors import first_line
 
 # Values the standard forbids are read as they are; those the decoder uses are checked here
 # (refused by name), so pydicom's warnings about them would only add lines to the output.

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, THREE_CLASSES
 from pneumonia.data.patients import patient_id
-from pneumonia.errors import UserError
 
 SPLITS = ("train", "val", "test")
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
-from pneumonia.errors import UserError
 
 Scheme = Literal["iid", "dirichlet", "quantity", "sites", "sites_shift"]
 SITE_SEPARATOR = "/"  # sites: patient ids are "<site>/<patient>", unique only within a site

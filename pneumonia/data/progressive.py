@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pneumonia.bounds import FractionUpToOne, NonNegativeInt
-from pneumonia.errors import UserError
+from pneumonia.core.bounds import FractionUpToOne, NonNegativeInt
+from pneumonia.core.errors import UserError
 
 STEP = 16  # sides move in steps of 16 px: fewer distinct shapes, each worth its warm-up
 

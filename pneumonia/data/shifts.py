@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from pneumonia.bounds import Seed
+from pneumonia.core.bounds import Seed
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import standardize
 from pneumonia.data.transforms import gaussian_blur, reframe

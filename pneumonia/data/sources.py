@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from pneumonia.bounds import (
+from pneumonia.core.bounds import (
     FractionUpToOne,
     ImageSide,
     NonNegativeInt,
@@ -22,6 +22,7 @@ from pneumonia.bounds import (
     PositiveInt,
     SyntheticPatients,
 )
+from pneumonia.core.errors import UserError
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.decode import CorruptImageError, prepare, read_image
 from pneumonia.data.imageset import ImageSet
@@ -34,7 +35,6 @@ from pneumonia.data.split import split_by_patient
 from pneumonia.data.synthetic import generate_synthetic
 from pneumonia.data.tasks import TASKS, for_task
 from pneumonia.data.transforms import AugmentConfig
-from pneumonia.errors import UserError
 
 MIN_IMAGE_SIZE = 16
 

@@ -6,8 +6,8 @@ from collections import defaultdict
 
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
-from pneumonia.errors import UserError
 
 
 def split_by_patient(

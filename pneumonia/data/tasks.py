@@ -18,8 +18,8 @@ from pathlib import PurePath
 
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, NEGATIVE_CLASS, THREE_CLASSES, ImageSet
-from pneumonia.errors import UserError
 
 TASKS = ("binary", "three_class")
 _CAUSE = re.compile(r"(?:^|_)(bacteria|virus)(?:_|$)", re.IGNORECASE)

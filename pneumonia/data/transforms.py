@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pneumonia.bounds import (
+from pneumonia.core.bounds import (
     ClosedUnitInterval,
     Degrees,
     FractionBelowOne,
@@ -17,7 +17,7 @@ from pneumonia.bounds import (
     NonNegativeFloat,
     PositiveFloat,
 )
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 
 @dataclass
@@ -50,7 +50,7 @@ class AugmentConfig:
 
 
 def check_augment(cfg: AugmentConfig) -> None:
-    """What the parser's ranges (pneumonia.bounds) cannot say: one field against another."""
+    """What the parser's ranges (pneumonia.core.bounds) cannot say: one field against another."""
     if cfg.scale_min > cfg.scale_max:
         raise UserError(
             f"data.augment.scale_min {cfg.scale_min} is above data.augment.scale_max "

@@ -1,7 +1,7 @@
 """Federated training's parts: clients with their own Trainers, a server that only sees state
 dicts. The rounds themselves are `pneumonia.run.federated`.
 
-config     FederatedConfig (the `federated.*` group) and its checks
+options    FederatedConfig (the `federated.*` group) and its checks
 client     one hospital: its data, LightningModule and Lightning Trainer, kept across rounds
 cohort     the clients as the server sees them; LocalCohort simulates them here
 aggregate  weighted averages of state dicts and the checks an update must pass

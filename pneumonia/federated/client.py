@@ -14,13 +14,13 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from pneumonia.core.seeding import seed_training
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.progressive import ProgressiveConfig
 from pneumonia.federated.aggregate import ClientUpdate, State
-from pneumonia.privacy import PrivacyConfig, make_private, planned_steps
-from pneumonia.recipe import Recipe, build_module, loss_weights
-from pneumonia.seeding import seed_training
+from pneumonia.training.privacy import PrivacyConfig, make_private, planned_steps
+from pneumonia.training.recipe import Recipe, build_module, loss_weights
 
 
 class OffsetTensorBoardLogger(TensorBoardLogger):

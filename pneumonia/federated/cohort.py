@@ -17,16 +17,16 @@ from typing import Protocol
 
 from jsonargparse import Namespace
 
+from pneumonia.core.errors import UserError, first_line
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import partition, partition_table
 from pneumonia.data.sites import image_site, site_profiles
 from pneumonia.data.sources import Splits, concat
-from pneumonia.errors import UserError, first_line
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.client import Client, ClientSettings
-from pneumonia.federated.config import shifts_sites
+from pneumonia.federated.options import shifts_sites
 from pneumonia.federated.strategies import Strategy, create_strategy
-from pneumonia.recipe import Moments, Recipe
+from pneumonia.training.recipe import Moments, Recipe
 
 # Options the loop sets on every client Trainer itself.
 CLIENT_MANAGED = {

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import torch
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.aggregate import (
     ClientUpdate,
     State,

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumonia.files import save_atomic
-from pneumonia.safeload import safe_load
+from pneumonia.core.files import save_atomic
+from pneumonia.core.safeload import safe_load
 
 STATE_FILE = "federated_state.pt"
 

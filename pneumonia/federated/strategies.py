@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate, State, weighted_average
-from pneumonia.privacy import rdp_accountant
+from pneumonia.training.privacy import rdp_accountant
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 _STRATEGIES: dict[str, type[Strategy]] = {}

@@ -13,11 +13,11 @@ from pathlib import Path
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from pneumonia.errors import UserError, first_line
+from pneumonia.core.errors import UserError, first_line
 from pneumonia.federated.cohort import RoundTask, combined_digest
 from pneumonia.federated.server import SecureRound
 from pneumonia.flower import secure, wire
-from pneumonia.recipe import Moments, Recipe
+from pneumonia.training.recipe import Moments, Recipe
 
 
 def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> list[int]:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumonia.errors import UserError, exit_on_user_error
+from pneumonia.core.errors import UserError, exit_on_user_error
 from pneumonia.flower.launch import Federation
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "flower_demo.yaml"

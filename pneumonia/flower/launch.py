@@ -21,9 +21,9 @@ from pathlib import Path
 
 import tomli_w
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
+from pneumonia.core.interrupt import check, deferred
 from pneumonia.flower import tls
-from pneumonia.interrupt import check, deferred
 
 APP_DIR = Path(__file__).parent / "app"  # the Flower App `flwr run` submits
 CONNECTION = "local-tls"

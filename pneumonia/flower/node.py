@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 
-from pneumonia.config import parse_fit_config, trainer_arguments
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import partition, partition_table
 from pneumonia.data.sources import load_images, load_splits
-from pneumonia.errors import UserError
 from pneumonia.federated.client import Client
 from pneumonia.federated.cohort import client_settings, names_digest
 from pneumonia.flower.wire import NodeInfo
-from pneumonia.recipe import Recipe
+from pneumonia.run.config import parse_fit_config, trainer_arguments
+from pneumonia.training.recipe import Recipe
 
 STATE_RECORD = "pneumonia"  # context.state key; it never leaves the node
 

@@ -35,7 +35,7 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from pneumonia.errors import first_line
+from pneumonia.core.errors import first_line
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.flower import wire
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from pneumonia.config import parse_fit_config
-from pneumonia.errors import UserError
-from pneumonia.files import write_text_atomic
+from pneumonia.core.errors import UserError
+from pneumonia.core.files import write_text_atomic
 from pneumonia.flower.cohort import FlowerCohort
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.job import run_job
 
 app = ServerApp()

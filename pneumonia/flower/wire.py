@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.cohort import RoundTask
-from pneumonia.recipe import Moments, Recipe
+from pneumonia.training.recipe import Moments, Recipe
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ from timm.layers import EcaModule, SEModule
 from timm.layers.cbam import CbamModule
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import ModelConfig
 from pneumonia.models.layers import BatchRenorm2d
-from pneumonia.models.registry import ModelConfig
 
 ATTENTIONS = ("none", "se", "cbam", "eca")  # model.attention, besides auto
 

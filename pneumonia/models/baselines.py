@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
-from pneumonia.models.registry import IN_CHANS, NUM_CLASSES, ModelConfig, register
+from pneumonia.models.factory import IN_CHANS, NUM_CLASSES, ModelConfig, register
 
 
 def _one_channel_first_conv(features: nn.Sequential) -> None:

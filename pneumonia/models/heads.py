@@ -17,7 +17,7 @@ import math
 
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 HIDDEN = 256  # the thesis head's hidden units
 
@@ -25,7 +25,8 @@ HIDDEN = 256  # the thesis head's hidden units
 def classifier_layer(model: nn.Module, num_classes: int = 2) -> tuple[nn.Module, str]:
     """(parent, attribute) of the model's classifier: its last layer with `num_classes`
     outputs, a Linear (timm's `fc`, torchvision's `classifier.6`, the thesis head's `out`) or a
-    loss's head in its place (pneumonia.losses), whose input is the penultimate features."""
+    loss's head in its place (pneumonia.training.losses), whose input is the penultimate
+    features."""
     found = None
     for name, layer in model.named_modules():
         if getattr(layer, "out_features", None) == num_classes:

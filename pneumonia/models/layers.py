@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 ActivationFactory = Callable[..., nn.Module]
 ACTIVATIONS: dict[str, ActivationFactory] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 STAGES = ("layer1", "layer2")
 EPS = 1e-6  # the paper's, added to the variance

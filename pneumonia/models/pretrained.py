@@ -8,8 +8,8 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from pneumonia.errors import UserError
-from pneumonia.safeload import safe_load
+from pneumonia.core.errors import UserError
+from pneumonia.core.safeload import safe_load
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

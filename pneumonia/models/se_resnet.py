@@ -39,10 +39,10 @@ from timm.models import checkpoint_seq
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.models.attention import AttnLayer, attention_layer, cbam_layer
+from pneumonia.models.factory import IN_CHANS, NUM_CLASSES, ModelConfig, register
 from pneumonia.models.layers import BatchRenorm2d, activation_layer
-from pneumonia.models.registry import IN_CHANS, NUM_CLASSES, ModelConfig, register
 
 STEM_CHANNELS = 64  # timm's 7x7 stem, whatever model.width is
 DEPTHS = {  # depth: (block, blocks per stage)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 STEM = ("conv1", "bn1", "pre_conv", "pre_norm", "pre_cbam")  # the ResNet family's stem
 STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -19,14 +19,13 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.checkpoint import CheckpointIO
-from pneumonia.config import monitor_mode, trainer_arguments
+from pneumonia.core.errors import UserError
+from pneumonia.core.interrupt import deferred
+from pneumonia.core.safeload import safe_load
+from pneumonia.core.seeding import seed_training
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
-from pneumonia.errors import UserError
-from pneumonia.interrupt import deferred
-from pneumonia.privacy import DPSGD, AccountantState, make_private, planned_steps
-from pneumonia.recipe import build_module, loss_weights
+from pneumonia.run.config import monitor_mode, trainer_arguments
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.progress import Progress, duration
@@ -36,8 +35,9 @@ from pneumonia.run.resumable import (
     RandomState,
     StopBetweenBatches,
 )
-from pneumonia.safeload import safe_load
-from pneumonia.seeding import seed_training
+from pneumonia.training.checkpoint import CheckpointIO
+from pneumonia.training.privacy import DPSGD, AccountantState, make_private, planned_steps
+from pneumonia.training.recipe import build_module, loss_weights
 
 
 class ReportEpochs(Callback):
@@ -247,7 +247,7 @@ def train_centralized(run: RunInputs) -> Trained:
     trainer, checkpoint = build_trainer(
         cfg, run_dir, run.progress, datamodule.generator, done, extra
     )
-    # The same seed a single federated client trains round 1 with: see pneumonia.seeding.
+    # The same seed a single federated client trains round 1 with: see pneumonia.core.seeding.
     seed_training(datamodule.generator, cfg.seed)
     with deferred():  # a signal stops the fit between batches: see pneumonia.run.resumable
         trainer.fit(module, datamodule, ckpt_path=last if resume else None)

@@ -12,14 +12,13 @@ import time
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.checkpoint import write_checkpoint
-from pneumonia.config import monitor_mode, trainer_arguments, uses_cuda
+from pneumonia.core.errors import UserError
+from pneumonia.core.files import write_csv
 from pneumonia.data.partition import format_table
 from pneumonia.data.sites import profile_rows, site_profiles
-from pneumonia.errors import UserError
 from pneumonia.federated.aggregate import UpdateChecks
 from pneumonia.federated.cohort import Cohort, RoundTask
-from pneumonia.federated.config import (
+from pneumonia.federated.options import (
     averaged_rounds,
     clients_per_round,
     round_lr_scale,
@@ -28,13 +27,14 @@ from pneumonia.federated.config import (
 from pneumonia.federated.server import Server
 from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
 from pneumonia.federated.strategies import ServerDP, create_strategy, with_server_dp
-from pneumonia.files import write_csv
-from pneumonia.recipe import build_module
+from pneumonia.inference.scoring import evaluate_sets
+from pneumonia.run.config import monitor_mode, trainer_arguments, uses_cuda
 from pneumonia.run.finalize import Trained
 from pneumonia.run.inputs import RunInputs
 from pneumonia.run.monitor import Best, log_round, progress_line, round_row
 from pneumonia.run.rundir import resume_hint
-from pneumonia.scoring import evaluate_sets
+from pneumonia.training.checkpoint import write_checkpoint
+from pneumonia.training.recipe import build_module
 
 
 class FederatedTraining:

@@ -11,13 +11,10 @@ import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.checkpoint import finish_checkpoint, module_from, read_checkpoint
+from pneumonia.core.files import write_csv
 from pneumonia.data.sources import Splits
-from pneumonia.explain import cases_panel, seeded_panel
-from pneumonia.files import write_csv
-from pneumonia.metrics import SCALARS, youden_threshold
-from pneumonia.module import ClassifierModule
-from pneumonia.scoring import (
+from pneumonia.inference.explain import cases_panel, seeded_panel
+from pneumonia.inference.scoring import (
     evaluate_imageset,
     predict_class_probabilities,
     predict_probabilities,
@@ -27,6 +24,9 @@ from pneumonia.scoring import (
     score_with_intervals,
     site_indices,
 )
+from pneumonia.metrics.classification import SCALARS, youden_threshold
+from pneumonia.training.checkpoint import finish_checkpoint, module_from, read_checkpoint
+from pneumonia.training.module import ClassifierModule
 
 
 @dataclass

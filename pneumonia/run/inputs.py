@@ -8,8 +8,8 @@ from pathlib import Path
 from jsonargparse import Namespace
 
 from pneumonia.data.sources import Splits
-from pneumonia.recipe import Recipe
 from pneumonia.run.progress import Progress
+from pneumonia.training.recipe import Recipe
 
 
 @dataclass(frozen=True)

@@ -21,41 +21,34 @@ import lightning as L
 import yaml
 from jsonargparse import Namespace
 
-from pneumonia.config import (
-    check_early_stopping,
-    check_monitor,
-    check_threshold,
-    check_trainer,
-    trainer_arguments,
-)
+from pneumonia.core.errors import UserError, continue_with
+from pneumonia.core.files import check_writable_folder, write_json, write_text_atomic
+from pneumonia.core.interrupt import interrupted
+from pneumonia.core.safeload import safe_load
 from pneumonia.data.cache import default_cache_dir
 from pneumonia.data.progressive import check_progressive
 from pneumonia.data.sources import Splits, full_samples, load_splits
 from pneumonia.data.tasks import task_classes
 from pneumonia.data.transforms import check_augment
-from pneumonia.errors import UserError, continue_with
-from pneumonia.explain import lung_panel
 from pneumonia.federated.cohort import Cohort, LocalCohort
-from pneumonia.federated.config import check_averaging, check_federated, simulates_sites
+from pneumonia.federated.options import check_averaging, check_federated, simulates_sites
 from pneumonia.federated.state import STATE_FILE
-from pneumonia.files import check_writable_folder, write_json, write_text_atomic
-from pneumonia.interrupt import interrupted
-from pneumonia.losses import check_loss
-from pneumonia.models.registry import (
+from pneumonia.inference.explain import lung_panel
+from pneumonia.models.factory import (
     check_image_size,
     classifier_layer,
     count_parameters,
     create_model,
 )
 from pneumonia.models.transfer import freeze
-from pneumonia.privacy import (
-    check_budget,
-    check_privacy,
-    check_private_model,
-    probe_per_image_gradients,
-)
-from pneumonia.recipe import Recipe, make_recipe
 from pneumonia.run.centralized import train_centralized
+from pneumonia.run.config import (
+    check_early_stopping,
+    check_monitor,
+    check_threshold,
+    check_trainer,
+    trainer_arguments,
+)
 from pneumonia.run.federated import train_federated
 from pneumonia.run.finalize import Trained, finalize, print_summary
 from pneumonia.run.inputs import RunInputs
@@ -72,8 +65,15 @@ from pneumonia.run.rundir import (
     write_split_table,
 )
 from pneumonia.run.sites import cross_site, refuse_for_deployments, with_sites
-from pneumonia.safeload import safe_load
-from pneumonia.schedules import check_decay
+from pneumonia.training.losses import check_loss
+from pneumonia.training.privacy import (
+    check_budget,
+    check_privacy,
+    check_private_model,
+    probe_per_image_gradients,
+)
+from pneumonia.training.recipe import Recipe, make_recipe
+from pneumonia.training.schedules import check_decay
 
 # Lightning advice that does not apply here: the run directory holds config.yaml before the
 # loggers start, and in-memory tensors need no loader workers.

@@ -10,7 +10,7 @@ from typing import NamedTuple
 from torch.utils.tensorboard import SummaryWriter
 
 from pneumonia.federated.aggregate import ClientUpdate
-from pneumonia.metrics import SCALARS
+from pneumonia.metrics.classification import SCALARS
 from pneumonia.run.progress import duration
 
 GLOBAL_METRICS = ("loss", *SCALARS)

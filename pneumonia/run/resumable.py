@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from pneumonia.core.files import write_text_atomic
+from pneumonia.core.interrupt import check
 from pneumonia.federated.state import rng_state, set_rng_state
-from pneumonia.files import write_text_atomic
-from pneumonia.interrupt import check
 
 
 class RandomState(Callback):
@@ -87,7 +87,7 @@ class FlushEachEpoch(Callback):
 
 
 class StopBetweenBatches(Callback):
-    """Where a signal deferred during `trainer.fit` (pneumonia.interrupt.deferred) stops the
+    """Where a signal deferred during `trainer.fit` (pneumonia.core.interrupt.deferred) stops the
     run: after a batch, or before an epoch, when everything written so far is consistent."""
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

@@ -4,7 +4,7 @@ runs/<experiment>/version_N/
   config.yaml             every option, defaults filled in (`--resume` reads it back)
   split.csv               every image's split, class and patient: the split can be checked
   events.out.tfevents.*   TensorBoard: curves, figures, and best/* of the reported model
-  checkpoints/best.ckpt   the reported model, with its threshold (pneumonia.checkpoint)
+  checkpoints/best.ckpt   the reported model, with its threshold (pneumonia.training.checkpoint)
   checkpoints/last.ckpt   the latest epoch's or round's model
   checkpoints/config.yaml the config the checkpoints were trained under: --resume refuses
                           a config.yaml edited since, except for the keys in SAFE_CHANGES
@@ -34,10 +34,10 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
-from pneumonia.config import parse_fit_config
+from pneumonia.core.errors import UserError
+from pneumonia.core.files import write_csv, write_text_atomic
 from pneumonia.data.imageset import ImageSet
-from pneumonia.errors import UserError
-from pneumonia.files import write_csv, write_text_atomic
+from pneumonia.run.config import parse_fit_config
 
 TRAINED_UNDER = "config.yaml"  # in checkpoints/
 # Keys a resumed run may take from an edited config.yaml: how the run is shown and how fast

@@ -11,19 +11,19 @@ import matplotlib.pyplot as plt
 import torch
 from jsonargparse import Namespace
 
-from pneumonia.checkpoint import load_module, write_checkpoint
+from pneumonia.core.files import write_csv
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import site_names
 from pneumonia.data.sites import image_site, site_profiles, validation_sites
 from pneumonia.data.sources import Splits, concat
 from pneumonia.federated.client import Client
 from pneumonia.federated.cohort import Cohort, LocalCohort
-from pneumonia.federated.config import shifts_sites, simulates_sites
-from pneumonia.files import write_csv
-from pneumonia.metrics import youden_threshold
-from pneumonia.module import ClassifierModule
-from pneumonia.recipe import Recipe, build_module
-from pneumonia.scoring import predict_probabilities, score_with_intervals
+from pneumonia.federated.options import shifts_sites, simulates_sites
+from pneumonia.inference.scoring import predict_probabilities, score_with_intervals
+from pneumonia.metrics.classification import youden_threshold
+from pneumonia.training.checkpoint import load_module, write_checkpoint
+from pneumonia.training.module import ClassifierModule
+from pneumonia.training.recipe import Recipe, build_module
 
 # The figures of each cell of the cross-site matrix (with their 95% intervals).
 MATRIX_METRICS = ("accuracy", "auroc", "recall", "specificity")

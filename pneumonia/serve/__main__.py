@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-from pneumonia import interrupt
-from pneumonia.bounds import PositiveInt
-from pneumonia.config import (
+from pneumonia.core import interrupt
+from pneumonia.core.bounds import PositiveInt
+from pneumonia.core.errors import UserError, exit_on_user_error
+from pneumonia.inference.predictor import Predictor
+from pneumonia.run.config import (
     add_device_option,
     add_threshold_option,
     check_device,
@@ -29,8 +31,6 @@ from pneumonia.config import (
     threshold_override,
     tool_parser,
 )
-from pneumonia.errors import UserError, exit_on_user_error
-from pneumonia.predictor import Predictor
 from pneumonia.serve.app import MAX_UPLOAD, create_app
 from pneumonia.serve.uploads import host_names
 

@@ -42,6 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
+from pneumonia.core.errors import first_line
 from pneumonia.data.decode import (
     CorruptImageError,
     ImageTooLarge,
@@ -49,9 +50,8 @@ from pneumonia.data.decode import (
     decode_bytes,
     to_input,
 )
-from pneumonia.errors import first_line
-from pneumonia.explain import overlay, png_bytes
-from pneumonia.predictor import Predictor, preview, reason_of
+from pneumonia.inference.explain import overlay, png_bytes
+from pneumonia.inference.predictor import Predictor, preview, reason_of
 from pneumonia.serve.uploads import ACCEPTED, LimitBody, SameOrigin, Slots, check_type, reply
 
 MAX_UPLOAD = 32 << 20  # bytes: a 16-bit DICOM chest radiograph is typically 8-20 MiB

@@ -30,9 +30,9 @@ from pneumonia.compare.report import (
     split_columns,
     write_report,
 )
-from pneumonia.errors import UserError
-from pneumonia.metrics import SCALARS
-from pneumonia.models.registry import ModelConfig, count_parameters, create_model
+from pneumonia.core.errors import UserError
+from pneumonia.metrics.classification import SCALARS
+from pneumonia.models.factory import ModelConfig, count_parameters, create_model
 from pneumonia.run.rundir import locked
 
 ROOT = Path(__file__).parents[2]
@@ -405,10 +405,10 @@ def write_three_class_source(path: Path) -> None:
     """An untrained three-class SE-ResNet-18-GN checkpoint: what a transfer comparison loads."""
     from dataclasses import asdict
 
-    from pneumonia.checkpoint import write_checkpoint
     from pneumonia.data.imageset import THREE_CLASSES
-    from pneumonia.models.registry import ModelConfig
-    from pneumonia.recipe import Recipe, build_module
+    from pneumonia.models.factory import ModelConfig
+    from pneumonia.training.checkpoint import write_checkpoint
+    from pneumonia.training.recipe import Recipe, build_module
 
     recipe = Recipe(model=asdict(ModelConfig()), optim={}, image_size=64, classes=THREE_CLASSES)
     path.parent.mkdir(parents=True)

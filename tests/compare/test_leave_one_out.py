@@ -8,7 +8,7 @@ import yaml
 from pneumonia.compare.__main__ import main as compare_main
 from pneumonia.compare.__main__ import only_entries
 from pneumonia.compare.plan import load_comparison
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 SPEC = {
     "name": "loso",

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.decode import decode_file, decode_files
 from pneumonia.data.kermany import ImageFile
-from pneumonia.errors import UserError
 
 S = 32
 

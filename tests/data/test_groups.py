@@ -4,9 +4,9 @@ import torch
 
 from pneumonia.data.groups import OTHER, family_groups, file_family
 from pneumonia.data.imageset import ImageSet
-from pneumonia.module import ClassifierModule
+from pneumonia.inference.scoring import score_groups
 from pneumonia.run.finalize import worst_groups
-from pneumonia.scoring import score_groups
+from pneumonia.training.module import ClassifierModule
 
 
 def test_kermany_families():

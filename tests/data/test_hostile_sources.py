@@ -14,9 +14,9 @@ from conftest import write_image, write_kermany_folder
 from hostile_files import MALFORMED, bomb_dicom, bomb_png, malformed_dicom, released_after
 
 from pneumonia import evaluate, fit
+from pneumonia.core.errors import UserError
 from pneumonia.data.decode import decode_files
 from pneumonia.data.kermany import ImageFile, list_image_files
-from pneumonia.errors import UserError
 
 S = 32
 TOO_LARGE = "pixels, over the decode limit of 67,108,864 (8192 x 8192)"

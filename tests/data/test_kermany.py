@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.kermany import find_splits, list_image_files
-from pneumonia.errors import UserError
 
 
 def test_flat_root_is_one_train_split(kermany_root):

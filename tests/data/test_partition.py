@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import format_table, partition, partition_table
-from pneumonia.errors import UserError
 
 
 def make_imageset(n_patients: int = 90, per_patient: int = 2, pneumonia_every: int = 3):

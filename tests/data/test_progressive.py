@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from pneumonia import fit
-from pneumonia.checkpoint import read_checkpoint
+from pneumonia.core.errors import UserError
 from pneumonia.data.progressive import (
     ProgressiveConfig,
     check_progressive,
     resize_batch,
     size_at,
 )
-from pneumonia.errors import UserError
-from pneumonia.module import ClassifierModule
+from pneumonia.training.checkpoint import read_checkpoint
+from pneumonia.training.module import ClassifierModule
 
 TINY = [
     "--figures_every", "0",

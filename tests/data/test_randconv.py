@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumonia import fit
+from pneumonia.core.errors import UserError
 from pneumonia.data.transforms import (
     AugmentConfig,
     augment_batch,
@@ -15,7 +16,6 @@ from pneumonia.data.transforms import (
     random_convolution,
     random_intensity,
 )
-from pneumonia.errors import UserError
 
 
 def batch(seed: int = 0, b: int = 6, c: int = 1, side: int = 16, dtype=torch.float32):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sources import DataConfig, load_splits
 from pneumonia.data.split import split_by_patient
-from pneumonia.errors import UserError
 
 
 def make_imageset(n_normal: int, n_pneumonia: int, seed: int = 0) -> ImageSet:

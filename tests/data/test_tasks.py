@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, THREE_CLASSES, ImageSet
 from pneumonia.data.kermany import folder_classes, list_image_files
 from pneumonia.data.sources import DataConfig, load_splits
 from pneumonia.data.split import split_by_patient
 from pneumonia.data.tasks import cause_of, for_task
-from pneumonia.errors import UserError
 from tests.conftest import write_image
 
 

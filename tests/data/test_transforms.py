@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from pneumonia.core.errors import UserError
 from pneumonia.data.transforms import AugmentConfig, check_augment, random_affine
-from pneumonia.errors import UserError
 
 IDENTITY = dict(rotation=0.0, translate=0.0, scale_min=1.0, scale_max=1.0)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate, update_problem, weighted_average
-from pneumonia.federated.config import FederatedConfig, clients_per_round
+from pneumonia.federated.options import FederatedConfig, clients_per_round
 from pneumonia.federated.server import ClientExcludedWarning, Server
 from pneumonia.federated.strategies import (
     FedAvg,
@@ -174,7 +174,7 @@ def test_server_side_code_imports_no_data_module(name):
 
 
 def test_round_learning_rate_schedule_by_hand():
-    from pneumonia.federated.config import round_lr_scale
+    from pneumonia.federated.options import round_lr_scale
 
     assert [round_lr_scale("constant", r, 4) for r in range(4)] == [1.0] * 4
     # 0.5 (1 + cos(pi r / 4)) for r = 0..3: 1, 0.854, 0.5, 0.146
@@ -184,7 +184,7 @@ def test_round_learning_rate_schedule_by_hand():
 
 def test_a_new_strategy_is_one_class_and_one_registry_line(monkeypatch):
     from pneumonia.federated import strategies
-    from pneumonia.federated.config import check_federated
+    from pneumonia.federated.options import check_federated
 
     monkeypatch.setattr(strategies, "_STRATEGIES", dict(strategies._STRATEGIES))
 

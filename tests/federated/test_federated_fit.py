@@ -9,15 +9,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pneumonia import fit
-from pneumonia.checkpoint import load_module
-from pneumonia.config import parse_fit_config
 from pneumonia.data.sources import load_splits
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.client import Client
 from pneumonia.federated.server import ClientExcludedWarning, Server
 from pneumonia.federated.strategies import normalization_keys
+from pneumonia.inference.scoring import evaluate_imageset
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.federated import FederatedTraining
-from pneumonia.scoring import evaluate_imageset
+from pneumonia.training.checkpoint import load_module
 
 TINY = [
     "--figures_every", "0",  # TensorBoard figures: the reported model's only
@@ -240,10 +240,10 @@ def test_too_few_valid_updates_fail_the_round_with_one_line(tmp_path, capsys):
 
 def test_fedbn_keeps_each_clients_norm_layers(tmp_path):
     cfg, _, _ = parse_fit_config([*TWO_ROUNDS, "--federated.strategy", "fedbn"])
-    from pneumonia.config import trainer_arguments
     from pneumonia.federated.cohort import LocalCohort
-    from pneumonia.recipe import make_recipe
+    from pneumonia.run.config import trainer_arguments
     from pneumonia.run.inputs import RunInputs
+    from pneumonia.training.recipe import make_recipe
 
     splits = load_splits(cfg.data, cfg.seed)
     cohort = LocalCohort(cfg, splits, trainer_arguments(cfg))
@@ -413,7 +413,7 @@ def test_negative_average_rounds_is_refused(capsys):
 
 
 def test_average_rounds_beyond_the_rounds_averages_them_all():
-    from pneumonia.federated.config import FederatedConfig, averaged_rounds
+    from pneumonia.federated.options import FederatedConfig, averaged_rounds
 
     assert averaged_rounds(FederatedConfig(rounds=2, average_rounds=5)) == 2
     assert averaged_rounds(FederatedConfig(rounds=8, average_rounds=3)) == 3

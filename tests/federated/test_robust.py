@@ -11,7 +11,7 @@ import torch
 
 from pneumonia import fit
 from pneumonia.federated.aggregate import ClientUpdate, UpdateChecks, update_norm
-from pneumonia.federated.config import FederatedConfig
+from pneumonia.federated.options import FederatedConfig
 from pneumonia.federated.server import ClientExcludedWarning, Server
 from pneumonia.federated.strategies import FedAvg, Median, TrimmedMean, create_strategy
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pneumonia import fit
-from pneumonia.errors import UserError
-from pneumonia.federated.config import FederatedConfig, ServerDPConfig, check_federated
+from pneumonia.core.errors import UserError
+from pneumonia.federated.options import FederatedConfig, ServerDPConfig, check_federated
 
 DEFAULT = str(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
 

@@ -10,8 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_federated_fit import FEDERATED
 
 from pneumonia import fit
-from pneumonia.checkpoint import load_module
-from pneumonia.config import parse_fit_config
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.sites import (
     SiteProfile,
@@ -21,11 +20,12 @@ from pneumonia.data.sites import (
     validation_sites,
 )
 from pneumonia.data.sources import load_splits
-from pneumonia.errors import UserError
 from pneumonia.federated.client import Client
 from pneumonia.federated.cohort import LocalCohort
+from pneumonia.inference.scoring import evaluate_imageset, evaluate_sets
+from pneumonia.run.config import parse_fit_config
 from pneumonia.run.sites import with_sites
-from pneumonia.scoring import evaluate_imageset, evaluate_sets
+from pneumonia.training.checkpoint import load_module
 
 
 def images(n=6, side=32, seed=0):

@@ -19,14 +19,14 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.task_identity import TaskIdentity
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate, UpdateChecks, weighted_average
 from pneumonia.federated.cohort import RoundTask
 from pneumonia.federated.server import SecureRound, Server
 from pneumonia.federated.strategies import FedAvg, FedAvgM
 from pneumonia.flower import client_app, node, secure, wire
 from pneumonia.flower.cohort import FlowerCohort
-from pneumonia.recipe import Recipe
+from pneumonia.training.recipe import Recipe
 
 NODES = {101: 10, 102: 30, 103: 60}  # node id -> images (clients 0, 1, 2)
 START = {"w": torch.randn(6, 5), "b": torch.randn(7), "steps": torch.tensor(4)}

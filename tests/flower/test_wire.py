@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.cohort import RoundTask
 from pneumonia.flower import node, wire
 from pneumonia.flower.cohort import wait_for_nodes
 from pneumonia.flower.launch import FLOWER_LOG, node_config_text
 from pneumonia.flower.server_app import fit_arguments
-from pneumonia.models.registry import ModelConfig, create_model
-from pneumonia.recipe import Recipe
+from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.training.recipe import Recipe
 
 
 def bn_state() -> dict:
@@ -58,7 +58,7 @@ def test_query_reply_carries_counts_and_moments_only():
 
 
 def parse(*extra: str):
-    from pneumonia.config import parse_fit_config
+    from pneumonia.run.config import parse_fit_config
 
     argv = ["--config", "configs/default.yaml", "--federated.clients", "2", *extra]
     return parse_fit_config(argv)[0]
@@ -78,9 +78,9 @@ def test_a_node_with_a_partition_id_holds_the_simulated_clients_images():
 
 def test_nodes_describe_what_the_simulated_clients_hold():
     """Same moments and the same run fingerprint as LocalCohort: a run resumes over either."""
-    from pneumonia.config import trainer_arguments
     from pneumonia.data.sources import load_splits
     from pneumonia.federated.cohort import LocalCohort, combined_digest
+    from pneumonia.run.config import trainer_arguments
 
     cfg = parse("--data.image_size", "32", "--data.synthetic.n_patients", "40")
     infos = [node.describe(cfg, {"partition-id": j}) for j in (0, 1)]

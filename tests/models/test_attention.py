@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from timm.layers import EcaModule, SEModule
 from timm.layers.cbam import CbamModule
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.models.attention import cbam_layer, se_layer
-from pneumonia.models.registry import ModelConfig, count_parameters, create_model
+from pneumonia.models.factory import ModelConfig, count_parameters, create_model
 
 TINY = {"width": 16, "gn_groups": 16, "se_reduction": 16}
 SIZE = 32

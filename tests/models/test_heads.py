@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from pneumonia.models.factory import ModelConfig, create_model
 from pneumonia.models.heads import HIDDEN, classifier_layer
-from pneumonia.models.registry import ModelConfig, create_model
 
 THESIS_ORDER = [
     nn.BatchNorm1d,

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pneumonia import fit
+from pneumonia.core.errors import UserError
 from pneumonia.data import transforms
-from pneumonia.errors import UserError
 from pneumonia.models import mixstyle as mixing
+from pneumonia.models.factory import ModelConfig, create_model
 from pneumonia.models.mixstyle import EPS, MixStyle, attach_mixstyle, mixstyle
-from pneumonia.models.registry import ModelConfig, create_model
 
 
 def features(seed: int = 0, b: int = 4, c: int = 3, side: int = 5) -> torch.Tensor:

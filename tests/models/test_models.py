@@ -6,8 +6,8 @@ import torch
 from timm.layers import SEModule
 from torch import nn
 
-from pneumonia.errors import UserError
-from pneumonia.models.registry import (
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import (
     ModelConfig,
     check_image_size,
     count_parameters,

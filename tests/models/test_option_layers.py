@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.models.layers import (
     BatchRenorm2d,
     DropConnectLinear,

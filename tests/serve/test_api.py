@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumonia.data.decode import decode_file
-from pneumonia.predictor import Predictor
+from pneumonia.inference.predictor import Predictor
 from pneumonia.serve.app import create_app
 
 LIMIT = 1 << 20  # 1 MiB: small enough to exceed cheaply

@@ -19,7 +19,7 @@ import pytest
 from conftest import TINY_CARD, write_image
 from test_process import serving
 
-from pneumonia.checkpoint import finish_checkpoint, read_checkpoint
+from pneumonia.training.checkpoint import finish_checkpoint, read_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

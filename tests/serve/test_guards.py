@@ -21,7 +21,7 @@ from conftest import write_image
 from fastapi.testclient import TestClient
 from starlette.datastructures import Headers
 
-from pneumonia.predictor import Predictor
+from pneumonia.inference.predictor import Predictor
 from pneumonia.serve.app import create_app
 from pneumonia.serve.uploads import ANY_ADDRESS, LOOPBACK_NAMES, SameOrigin, host_names
 
@@ -254,7 +254,7 @@ def black_png(side: int, rows: int = 1000) -> bytes:
 BOMB = """
 import json, resource, sys, time
 from fastapi.testclient import TestClient
-from pneumonia.predictor import Predictor
+from pneumonia.inference.predictor import Predictor
 from pneumonia.serve.app import create_app
 
 ckpt, bomb, xray = sys.argv[1:]

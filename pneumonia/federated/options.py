@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pneumonia.bounds import (
+from pneumonia.core.bounds import (
     FractionBelowHalf,
     FractionBelowOne,
     FractionUpToOne,
@@ -16,9 +16,9 @@ from pneumonia.bounds import (
     PositiveInt,
     Seed,
 )
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 from pneumonia.federated.strategies import strategy_class
-from pneumonia.schedules import DECAY_NAMES, DecayConfig, decay_factor
+from pneumonia.training.schedules import DECAY_NAMES, DecayConfig, decay_factor
 
 
 @dataclass
@@ -83,7 +83,7 @@ class FederatedConfig:
     min_clients: PositiveInt = 1  # a round fails with fewer valid updates than this
     keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
     # Client learning rate across rounds: optim.lr throughout (constant), or decayed by round
-    # with one of TensorFlow's decays (pneumonia.schedules; parameters in optim.decay.*).
+    # with one of TensorFlow's decays (pneumonia.training.schedules; parameters in optim.decay.*).
     round_lr: Literal[DECAY_NAMES] = "constant"
     # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
     # the last K rounds' global models (server-side weight averaging, SWA's counterpart; all
@@ -106,7 +106,7 @@ class FederatedConfig:
 
 
 def check_federated(cfg: FederatedConfig) -> None:
-    """What the parser's ranges (pneumonia.bounds) cannot say: a strategy by its registered
+    """What the parser's ranges (pneumonia.core.bounds) cannot say: a strategy by its registered
     name, and a hostile client among the clients."""
     strategy_class(cfg.strategy)  # an unknown name is a one-line error listing the known ones
     robust = cfg.strategy in ROBUST_STRATEGIES
@@ -206,8 +206,8 @@ def round_lr_scale(
     schedule: str, round_index: int, rounds: int, decay: DecayConfig | None = None
 ) -> float:
     """Factor on optim.lr for round `round_index` (0-based) of `rounds`: `schedule`'s decay
-    (pneumonia.schedules) stepped by round; cosine falls from 1 in the first round towards 0
-    (never reached) after the last."""
+    (pneumonia.training.schedules) stepped by round; cosine falls from 1 in the first round
+    towards 0 (never reached) after the last."""
     return decay_factor(
         schedule, round_index, rounds, decay or DecayConfig(), key="federated.round_lr"
     )

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from pneumonia.data.groups import family_groups
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import tta_views
-from pneumonia.intervals import bootstrap_intervals, class_intervals
-from pneumonia.metrics import ClassMetrics, DiagnosisMetrics
-from pneumonia.module import ClassifierModule
+from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics
+from pneumonia.metrics.intervals import bootstrap_intervals, class_intervals
+from pneumonia.training.module import ClassifierModule
 
 
 def predict_probabilities(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 
 def safe_load(path: str | Path, mmap: bool = False) -> object:

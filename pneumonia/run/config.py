@@ -22,14 +22,14 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from pneumonia.bounds import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, Seed
+from pneumonia.core.bounds import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, Seed
+from pneumonia.core.errors import UserError, first_line
 from pneumonia.data.sources import DataConfig
-from pneumonia.errors import UserError, first_line
-from pneumonia.federated.config import FederatedConfig
-from pneumonia.losses import LossConfig
-from pneumonia.models.registry import ModelConfig
-from pneumonia.module import OptimConfig
-from pneumonia.privacy import PrivacyConfig
+from pneumonia.federated.options import FederatedConfig
+from pneumonia.models.factory import ModelConfig
+from pneumonia.training.losses import LossConfig
+from pneumonia.training.module import OptimConfig
+from pneumonia.training.privacy import PrivacyConfig
 
 # The dataclass groups of the fit config (trainer.* stays a namespace).
 CONFIG_GROUPS = ("data", "model", "optim", "loss", "federated", "privacy", "early_stopping")
@@ -420,7 +420,7 @@ def _group_values(tree: dict, groups: set[str], prefix: str = "") -> list[tuple[
     return out
 
 
-# jsonargparse's words for a value outside a range of pneumonia.bounds.
+# jsonargparse's words for a value outside a range of pneumonia.core.bounds.
 _OUT_OF_RANGE = re.compile(
     r'Parser key "(?P<key>[\w.]+)":\s+Not of type \w+: (?P<value>\S+) does not conform to '
     r"restriction (?P<rule>.+)"
@@ -562,7 +562,7 @@ def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
 
 
 def plain_numbers(config: object) -> None:
-    """Turn the parser's range-checked numbers (pneumonia.bounds: subclasses of int and float)
+    """Turn the parser's range-checked numbers (pneumonia.core.bounds: subclasses of int and float)
     back into int and float, in place, through nested dataclasses: checkpoints carry these
     values and must load with torch.load(weights_only=True), which knows only the builtins."""
     for f in fields(config):

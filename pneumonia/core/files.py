@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pneumonia.errors import UserError, first_line
+from pneumonia.core.errors import UserError, first_line
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pneumonia.metrics import CALIBRATION_BINS
+from pneumonia.metrics.classification import CALIBRATION_BINS
 
 REPLICATES = 1000
 LEVEL = 0.95
@@ -70,7 +70,8 @@ def _weighted_auroc(p: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> 
 
 
 def _weighted_ece(p: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The ECE of `pneumonia.metrics` (10 bins of P(positive)), per row of weights."""
+    """The ECE of `pneumonia.metrics.classification` (10 bins of P(positive)), per row of
+    weights."""
     bins = (p * CALIBRATION_BINS).long().clamp(0, CALIBRATION_BINS - 1)
     n = torch.zeros(len(weights), CALIBRATION_BINS, dtype=weights.dtype)
     predicted, observed = n.clone(), n.clone()

@@ -24,7 +24,7 @@ coefficients are also persistent float64 buffers (`coef`, `intercept`): the stat
 scores as the config says. State-dict keys: `members.<k>.<member's keys>`.
 
 Grad-CAM reads one layer of one network, and no layer of an ensemble carries all its members'
-evidence: asking for it (`pneumonia.explain.target_layer`, through `layer4`) is a one-line
+evidence: asking for it (`pneumonia.inference.explain.target_layer`, through `layer4`) is a one-line
 UserError rather than a map of the last member alone.
 """
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumonia.errors import UserError
-from pneumonia.models.registry import ModelConfig, create_model, register
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import ModelConfig, create_model, register
 
 RULES = ("stacking", "soft_vote")
 NEGATIVE_CLASS = "NORMAL"  # every other class of a member is a kind of pneumonia
@@ -90,7 +90,7 @@ class Ensemble(nn.Module):
 
     @property
     def layer4(self) -> nn.Module:
-        """What `pneumonia.explain.target_layer` asks the ResNet family for: refused."""
+        """What `pneumonia.inference.explain.target_layer` asks the ResNet family for: refused."""
         raise UserError(
             "Grad-CAM cannot explain an ensemble (no one layer holds all its members' "
             "evidence): score it without heatmaps, or explain each member's checkpoint"

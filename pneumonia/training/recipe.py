@@ -2,7 +2,8 @@
 hyper-parameters a `ClassifierModule` is built from.
 
 Centralized runs, simulated clients, Flower nodes, evaluation and prediction all build their
-module from a `Recipe` (the last two read it back from a checkpoint: `pneumonia.checkpoint`).
+module from a `Recipe` (the last two read it back from a checkpoint:
+`pneumonia.training.checkpoint`).
 A new hyper-parameter is one field here, or one field of the config dataclass it belongs to
 (`OptimConfig`, `ModelConfig`), which travels inside `optim` or `model` untouched.
 """
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from pneumonia.bounds import ImageSide, allowed, first_out_of_range, out_of_range
+from pneumonia.core.bounds import ImageSide, allowed, first_out_of_range, out_of_range
 from pneumonia.data.datamodule import class_balanced_weights
 from pneumonia.data.imageset import CLASSES, ImageSet
-from pneumonia.losses import LossConfig
-from pneumonia.models.registry import ModelConfig
-from pneumonia.module import ClassifierModule, OptimConfig
+from pneumonia.models.factory import ModelConfig
+from pneumonia.training.losses import LossConfig
+from pneumonia.training.module import ClassifierModule, OptimConfig
 
 Moments = tuple[int, float, float]  # images, mean pixel, mean squared pixel (in [0, 1])
 
@@ -55,7 +56,7 @@ class Recipe:
 
     def out_of_range(self) -> tuple[str, object, str] | None:
         """(key, value, allowed range) of its first value outside the fit config's ranges
-        (`pneumonia.bounds`), an ensemble's members included; None when all are in range. A
+        (`pneumonia.core.bounds`), an ensemble's members included; None when all are in range. A
         recipe read from a file is checked before a module is built from it: its sizes (model
         width, image size) decide what the builder allocates."""
         if out_of_range(self.image_size, ImageSide):
@@ -80,7 +81,7 @@ def _model_out_of_range(model: dict, key: str) -> tuple[str, object, str] | None
 
 
 def _member_out_of_range(member: object, key: str) -> tuple[str, object, str] | None:
-    """An ensemble member's sizes (`pneumonia.models.ensemble`); its builder refuses the
+    """An ensemble member's sizes (`pneumonia.models.ensemble_model`); its builder refuses the
     rest of what may be wrong with it."""
     if not isinstance(member, dict):
         return None
@@ -106,7 +107,7 @@ def normalisation(moments: list[Moments]) -> tuple[float, float]:
 
 
 def make_recipe(cfg, classes: tuple[str, ...], moments: list[Moments]) -> Recipe:
-    """The recipe of a fit config (`pneumonia.config`) for training images whose pixel moments
+    """The recipe of a fit config (`pneumonia.run.config`) for training images whose pixel moments
     are `moments` (one entry per client, or one for all)."""
     mean, std = normalisation(moments)
     return Recipe(

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pneumonia.bounds import (
+from pneumonia.core.bounds import (
     AtLeastOne,
     ClosedUnitInterval,
     FractionBelowOne,
@@ -30,7 +30,7 @@ from pneumonia.bounds import (
     PositiveInt,
     Width,
 )
-from pneumonia.errors import UserError, first_line
+from pneumonia.core.errors import UserError, first_line
 from pneumonia.models.heads import classifier_layer, replace_classifier
 from pneumonia.models.layers import ACTIVATIONS, DropConnectLinear
 from pneumonia.models.mixstyle import attach_mixstyle

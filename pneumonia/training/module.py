@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pneumonia.bounds import (
+from pneumonia.core.bounds import (
     FractionBelowOne,
     FractionUpToOne,
     NonNegativeFloat,
@@ -24,14 +24,14 @@ from pneumonia.bounds import (
     PositiveFloat,
     PositiveInt,
 )
+from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, NEGATIVE_CLASS
-from pneumonia.errors import UserError
-from pneumonia.losses import EmbeddingTap, LossConfig, attach_head, make_objective
-from pneumonia.metrics import ClassMetrics, DiagnosisMetrics
-from pneumonia.models.registry import ModelConfig, classifier_layer, create_model
+from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics
+from pneumonia.models.factory import ModelConfig, classifier_layer, create_model
 from pneumonia.models.transfer import freeze
-from pneumonia.optimizers import OPTIMIZER_NAMES, make_optimizer
-from pneumonia.schedules import DECAY_NAMES, DecayConfig, lambda_scheduler
+from pneumonia.training.losses import EmbeddingTap, LossConfig, attach_head, make_objective
+from pneumonia.training.optimizers import OPTIMIZER_NAMES, make_optimizer
+from pneumonia.training.schedules import DECAY_NAMES, DecayConfig, lambda_scheduler
 
 SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
     name for name in DECAY_NAMES if name != "constant"
@@ -42,13 +42,13 @@ SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
 class OptimConfig:
     """Optimizer, learning-rate schedule and weight penalties (the `optim.*` config group)."""
 
-    name: Literal[OPTIMIZER_NAMES] = "adamw"  # pneumonia.optimizers
+    name: Literal[OPTIMIZER_NAMES] = "adamw"  # pneumonia.training.optimizers
     lr: PositiveFloat = 1e-3
     momentum: FractionBelowOne = 0.9  # momentum and nesterov only
     weight_decay: NonNegativeFloat = 1e-4  # the L2 penalty (AdamW: decoupled)
     l1: NonNegativeFloat = 0.0  # L1 penalty: l1 x the sum of |w| over conv and linear weights
     # step (StepLR), plateau (ReduceLROnPlateau on val/loss), onecycle (OneCycleLR), cosine
-    # (CosineAnnealingLR) or one of TensorFlow's decays (pneumonia.schedules; their
+    # (CosineAnnealingLR) or one of TensorFlow's decays (pneumonia.training.schedules; their
     # parameters and the warm-up are optim.decay.*), stepped every `interval`.
     scheduler: Literal[SCHEDULERS] = "cosine"
     interval: Literal["epoch", "step"] = "epoch"
@@ -130,7 +130,7 @@ class ClassifierModule(L.LightningModule):
         intensity: str = "none",  # how prediction standardises grey levels (data.intensity)
     ) -> None:
         super().__init__()
-        # The recipe (pneumonia.recipe) is the checkpoint's hyper-parameters; class weights
+        # The recipe (pneumonia.training.recipe) is the checkpoint's hyper-parameters; class weights
         # belong to one trainer's images (one client's, in a federation), not to the model.
         self.save_hyperparameters(ignore=["class_weights"])
         self.classes = tuple(classes)
@@ -148,7 +148,7 @@ class ClassifierModule(L.LightningModule):
         self.figures_every = 1
         model_cfg = ModelConfig(**model)
         self.model = create_model(model_cfg, image_size, len(self.classes))
-        # The training objective (pneumonia.losses). Margin losses and the L2-constrained
+        # The training objective (pneumonia.training.losses). Margin losses and the L2-constrained
         # softmax put their own head in place of the classifier layer (its logits are what
         # evaluation and prediction take the softmax of); the default leaves the model as is.
         self.loss_cfg = LossConfig(**(loss or {}))
@@ -174,8 +174,9 @@ class ClassifierModule(L.LightningModule):
             if len(self.classes) > 2
             else None
         )
-        # DP-SGD (pneumonia.privacy.DPSGD sets it): the per-image loss, the private optimizer
-        # and NCHW layout. Not a hyper-parameter: a private model's checkpoint is a checkpoint.
+        # DP-SGD (pneumonia.training.privacy.DPSGD sets it): the per-image loss, the private
+        # optimizer and NCHW layout. Not a hyper-parameter: a private model's checkpoint is a
+        # checkpoint.
         self.privacy = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from pneumonia.errors import UserError
+from pneumonia.core.errors import UserError
 
 # Optimizer states that shrink geometrically (RMSProp's square average, AdaGrad's and
 # AdaDelta's ratios of them) fill with denormal floats, each op on which costs the CPU many

@@ -11,7 +11,7 @@ the image size, normalisation, threshold, classes, model name, the checkpoint's 
 prefix, its model card and the preprocessing as a sentence (`METADATA_KEYS`).
 
 `OnnxPredictor` scores with onnxruntime alone, no torch module in the loop, and answers in
-the rows of `pneumonia.predictor`.
+the rows of `pneumonia.inference.predictor`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumonia.bounds import ImageSide, allowed, out_of_range
-from pneumonia.errors import UserError, first_line
-from pneumonia.files import write_bytes_atomic
-from pneumonia.module import ClassifierModule, positive_indices
-from pneumonia.predictor import Model, Predictor
+from pneumonia.core.bounds import ImageSide, allowed, out_of_range
+from pneumonia.core.errors import UserError, first_line
+from pneumonia.core.files import write_bytes_atomic
+from pneumonia.inference.predictor import Model, Predictor
+from pneumonia.training.module import ClassifierModule, positive_indices
 
 INPUT = "images"
 OUTPUTS = ("probability", "logits")

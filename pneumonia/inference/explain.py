@@ -33,7 +33,7 @@ from pneumonia.data.lungs import (  # noqa: E402
     lung_field,
     pixel_box,
 )
-from pneumonia.module import ClassifierModule  # noqa: E402
+from pneumonia.training.module import ClassifierModule  # noqa: E402
 
 COLORMAP = "jet"  # the convention of Grad-CAM figures: red = most weight
 ALPHA = 0.4  # how much of the heatmap covers the radiograph

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pneumonia.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat
-from pneumonia.errors import UserError
+from pneumonia.core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pneumonia.core.errors import UserError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A trained model applied to new radiographs: the checkpoint's preprocessing, its threshold and
 identity, one row per image. `pneumonia.predict` (files), `pneumonia.serve` (uploads) and
-`pneumonia.onnx_model` (the exported graph) all answer in these rows.
+`pneumonia.inference.onnx_model` (the exported graph) all answer in these rows.
 
 A row: path, probability (P(positive class)), decision (a class name: positive when the
 probability is above the threshold, as every metric of the package counts it), threshold,
@@ -24,7 +24,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from pneumonia.checkpoint import model_card, module_from, read_checkpoint
+from pneumonia.core.errors import UserError
+from pneumonia.core.files import write_bytes_atomic
 from pneumonia.data.budget import not_regular
 from pneumonia.data.decode import (
     CorruptImageError,
@@ -34,11 +35,10 @@ from pneumonia.data.decode import (
     read_regular,
     to_input,
 )
-from pneumonia.errors import UserError
-from pneumonia.explain import heatmaps, overlay, png_bytes
-from pneumonia.files import write_bytes_atomic
-from pneumonia.module import ClassifierModule
-from pneumonia.scoring import predict_class_probabilities, predict_probabilities
+from pneumonia.inference.explain import heatmaps, overlay, png_bytes
+from pneumonia.inference.scoring import predict_class_probabilities, predict_probabilities
+from pneumonia.training.checkpoint import model_card, module_from, read_checkpoint
+from pneumonia.training.module import ClassifierModule
 
 # What a folder walk takes as an image. Files named on the command line are read whatever
 # their name; in folders, files without a suffix are taken when they carry DICOM's mark.
@@ -156,7 +156,7 @@ class Predictor:
         return self.model.name != "ensemble"
 
     def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.explain`."""
+        """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.inference.explain`."""
         return heatmaps(self.module, images)
 
 

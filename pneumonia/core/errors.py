@@ -1,6 +1,6 @@
 """User-facing errors: one line naming the file or key and what to do, no traceback; and the
 entry points' exit codes: 2 for bad input, 1 for a file-system failure, 130/143 for an
-interruption (pneumonia.interrupt)."""
+interruption (pneumonia.core.interrupt)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from pneumonia.interrupt import Interrupted, interrupted, signals_interrupt
+from pneumonia.core.interrupt import Interrupted, interrupted, signals_interrupt
 
 T = TypeVar("T")
 

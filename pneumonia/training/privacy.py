@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from pneumonia.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
-from pneumonia.errors import UserError, first_line
+from pneumonia.core.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
+from pneumonia.core.errors import UserError, first_line
 
 # Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py), which gives
 # the root logger a handler: every library's INFO and DEBUG records (Flower's SecAgg+ stages)

@@ -3,7 +3,7 @@ they are written, read back and given a decision threshold.
 
 A checkpoint is a dict loadable with torch.load(weights_only=True):
     state_dict        the module's weights (`model.*`)
-    hyper_parameters  its `Recipe` (pneumonia.recipe): model, optim, image size, classes,
+    hyper_parameters  its `Recipe` (pneumonia.training.recipe): model, optim, image size, classes,
                       normalisation, threshold
     epoch             the epoch (centralized) or round (federated) it was taken at
     round             federated runs only: the round again
@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from pneumonia.errors import UserError, first_line
-from pneumonia.files import save_atomic
-from pneumonia.module import ClassifierModule, positive_indices
-from pneumonia.recipe import Recipe, build_module
-from pneumonia.safeload import safe_load
+from pneumonia.core.errors import UserError, first_line
+from pneumonia.core.files import save_atomic
+from pneumonia.core.safeload import safe_load
+from pneumonia.training.module import ClassifierModule, positive_indices
+from pneumonia.training.recipe import Recipe, build_module
 
 
 class CheckpointIO(TorchCheckpointIO):

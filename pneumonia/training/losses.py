@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml
 from torch import Tensor, nn
 
-from pneumonia.bounds import (
+from pneumonia.core.bounds import (
     NonNegativeFloat,
     OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
 )
-from pneumonia.errors import UserError
-from pneumonia.models.registry import classifier_layer as model_classifier_layer
+from pneumonia.core.errors import UserError
+from pneumonia.models.factory import classifier_layer as model_classifier_layer
 
 NUM_CLASSES = 2
 
@@ -97,7 +97,7 @@ def full_precision(x: Tensor) -> Iterator[None]:
 
 
 def classifier_layer(model: nn.Module) -> tuple[nn.Module, str]:
-    """`pneumonia.models.registry.classifier_layer`, refused in the words of loss.name."""
+    """`pneumonia.models.factory.classifier_layer`, refused in the words of loss.name."""
     try:
         return model_classifier_layer(model)
     except UserError:

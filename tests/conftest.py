@@ -9,6 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pneumonia.core.startup import startup
+
+# The tests call the commands' functions in-process, as the commands run: with the process-wide
+# settings (denormals, quiet warnings, the console that prints the package's log lines).
+startup()
+
 # (format, mode, (width, height)) cycled over the images of a folder: every variant a loader meets.
 IMAGE_VARIANTS = (
     ("JPEG", "L", (50, 37)),

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pneumonia.core.interrupt import Interrupted, interrupted, signals_interrupt
+from pneumonia.core.startup import startup
 
 T = TypeVar("T")
 
@@ -53,12 +54,14 @@ def os_error_line(err: OSError) -> str:
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point: a UserError prints `error: ...` and exits 2, a failed read or
-    write (OSError) exits 1 with one line naming the path, and SIGINT / SIGTERM exit 130 / 143
-    with what is saved; never a traceback for any of these."""
+    """Wrap an entry point: it starts with the process-wide settings of `startup`; a UserError
+    prints `error: ...` and exits 2, a failed read or write (OSError) exits 1 with one line
+    naming the path, and SIGINT / SIGTERM exit 130 / 143 with what is saved; never a traceback
+    for any of these."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        startup()
         try:
             with signals_interrupt():
                 return main(*args, **kwargs)

@@ -41,9 +41,11 @@ bench: $(STAMP)  ## CPU benchmarks, about 30 min (ROOT=a Kermany train folder, f
 # Flower files run one after another on one worker, first, while the other two compute
 # (tests/conftest.py: FlowerTogether, LONGEST_FIRST): fresh-clone pytest 670 s, against 730 s
 # with the files in xdist's own order and 814 s with four workers (2-core VM, 2026-12-03, a
-# study paused beside them); alone, a fresh clone's pytest took 360 s.
-test: $(STAMP)  ## lint, then the whole test suite (three one-thread workers, a file each)
+# study paused beside them); alone, a fresh clone's pytest took 360 s. mypy checks the types of
+# pneumonia/ ([tool.mypy] in pyproject.toml), incrementally through .mypy_cache.
+test: $(STAMP)  ## lint, type-check, then the whole test suite (three one-thread workers, a file each)
 	$(BIN)/ruff check pneumonia tests bench
+	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)  ## the suite without tests marked slow

@@ -84,7 +84,7 @@ class Stepper:
     def step(self) -> float:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.module._loss(self.module(self.images), self.labels, training=True)
+        loss = self.module.training_loss(self.module(self.images), self.labels)
         loss.backward()
         self.optimizer.step()
         return time.perf_counter() - start

@@ -46,6 +46,7 @@ from pneumonia.metrics.intervals import bootstrap_intervals, weighted_metrics
 from pneumonia.models.ensemble_model import EPS, RULES, member_config, pneumonia_index
 from pneumonia.models.factory import ModelConfig, create_model
 from pneumonia.run.config import parse_args, tool_parser
+from pneumonia.run.rundir import CONFIG, PREDICTIONS, SUMMARY
 from pneumonia.training.checkpoint import (
     finish_checkpoint,
     model_card,
@@ -58,7 +59,6 @@ from pneumonia.training.recipe import Recipe
 C = 1.0  # the meta-learner's inverse L2 strength: scikit-learn's default, not tuned
 THRESHOLD = 0.5
 REPORTED = ("accuracy", "recall", "specificity", "auroc", "log_loss")
-PREDICTIONS = "predictions.csv"
 COLUMNS = ("split", "image", "patient", "positive", "probability")
 META_LEARNER = f"scikit-learn LogisticRegression (L2, C={C}) on the members' logits"
 CAVEAT = (
@@ -466,7 +466,7 @@ def member_files(checkpoint: Path) -> list[Path]:
     """What the ensemble reads of a member, and what its run's summary says of it: none may
     be overwritten by the ensemble's checkpoint or its report."""
     run = Path(checkpoint).resolve().parent.parent
-    return [Path(checkpoint), run / PREDICTIONS, run / "summary.json", run / "config.yaml"]
+    return [Path(checkpoint), run / PREDICTIONS, run / SUMMARY, run / CONFIG]
 
 
 @exit_on_user_error

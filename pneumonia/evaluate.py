@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     def decoded(intensity: str):
         images = load_or_decode(
             list_image_files(folder),
-            module.hparams.image_size,
+            module.hparams["image_size"],
             cache_dir,
             args.data.skip_corrupt,
             roi=module.hparams.get("roi", "full"),  # a lung-field model sees lung fields
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     images = decoded(intensity)
     result = {
-        "threshold": float(module.hparams.threshold),
+        "threshold": float(module.hparams["threshold"]),
         "threshold_source": "checkpoint" if args.threshold == "checkpoint" else "--threshold",
         "tta": args.tta,
         **scored(module, images, args, progress=True),

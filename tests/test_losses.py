@@ -15,6 +15,7 @@ from pneumonia.core.errors import UserError
 from pneumonia.models.factory import ModelConfig, create_model
 from pneumonia.training.losses import (
     LOSS_NAMES,
+    LOSSES,
     EmbeddingTap,
     L2SoftmaxLinear,
     LossConfig,
@@ -22,7 +23,6 @@ from pneumonia.training.losses import (
     MarginHead,
     attach_head,
     classifier_layer,
-    list_losses,
     make_objective,
 )
 
@@ -352,13 +352,13 @@ def test_unknown_loss_name_is_one_line_naming_the_key_and_every_choice():
         make_objective(LossConfig(name="arcface"), nn.Linear(2, 2))
     line = str(err.value)
     assert "\n" not in line and line.startswith("unknown loss.name 'arcface'")
-    assert all(name in line for name in list_losses())
+    assert all(name in line for name in LOSSES.names())
     with pytest.raises(UserError):
         attach_head(nn.Linear(2, 2), LossConfig(name="arcface"))
 
 
 def test_the_config_literal_is_the_registry():
-    assert typing.get_args(LossName) == LOSS_NAMES == tuple(list_losses())
+    assert typing.get_args(LossName) == LOSS_NAMES == LOSSES.names()
     assert typing.get_type_hints(LossConfig)["name"] == LossName
     assert LossConfig().name == "cross_entropy"
 

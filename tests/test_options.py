@@ -106,7 +106,7 @@ def test_the_default_recipe_trains_to_the_numbers_it_had_before_the_options():
     losses = []
     for _ in range(3):
         optimizer.zero_grad()
-        loss = module._loss(module(IMAGES_PINNED), LABELS, training=True)
+        loss = module.training_loss(module(IMAGES_PINNED), LABELS)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -124,7 +124,7 @@ def test_l1_adds_the_sum_of_absolute_weights_by_hand():
     module.log = lambda *a, **k: None
     weights = [p for p in module.model.parameters() if p.ndim > 1]
     expected = torch.log(torch.tensor(2.0)) + 0.5 * sum(p.abs().sum() for p in weights)
-    loss = module._loss(torch.zeros(8, 2), LABELS, training=True)
+    loss = module.training_loss(torch.zeros(8, 2), LABELS)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -221,11 +221,19 @@ def test_a_checkpoint_of_another_loss_predicts_and_exports_the_same_probabilitie
     assert torch.allclose(exported, expected, atol=1e-4)
 
 
-def test_denormal_floats_are_flushed_once_the_optimizers_are_imported():
-    """RMSProp's and AdaGrad's shrinking states slowed CPU steps 3x through denormals. A fresh
-    process: the flag is per thread and other libraries in this one may set it."""
+def test_denormal_floats_are_flushed_by_a_command_start_not_by_an_import():
+    """RMSProp's and AdaGrad's shrinking states slowed CPU steps 3x through denormals: a
+    command's start-up flushes them; importing the optimizers leaves a library user's
+    setting alone. A fresh process: the flag is per thread and this one's start-up set it."""
+    denormal = "print((torch.tensor([1e-39]) * 1.0).item())"
     code = (
-        "import pneumonia.training.optimizers, torch; print((torch.tensor([1e-39]) * 1.0).item())"
+        "import torch, pneumonia.training.optimizers; "
+        f"{denormal}; "
+        "from pneumonia.core.startup import startup; startup(); "
+        f"{denormal}"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == "0.0", done.stderr
+    assert done.returncode == 0, done.stderr
+    after_import, after_startup = done.stdout.split()
+    assert float(after_import) != 0.0, done.stderr
+    assert after_startup == "0.0", done.stderr

@@ -176,7 +176,7 @@ def test_on_the_tiny_se_resnet_dp_sgd_without_noise_or_clip_equals_plain_sgd():
     for module in (plain, private):
         module.train()
         optimizer = module.configure_optimizers()
-        module._loss(module(images), labels, training=True).backward()
+        module.training_loss(module(images), labels).backward()
         optimizer.step()
     pairs = zip(plain.state_dict().items(), private.state_dict().values(), strict=True)
     for (name, a), b in pairs:

@@ -14,7 +14,7 @@ import torch
 from pneumonia import fit
 from pneumonia.federated.options import round_lr_scale
 from pneumonia.run.centralized import Divergence
-from pneumonia.run.federated import rounds_without_improvement
+from pneumonia.run.stopping import rounds_without_improvement
 from pneumonia.training.schedules import DecayConfig
 
 TINY = [

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torchmetrics.classification import BinaryConfusionMatrix
+from torchmetrics.functional.classification import binary_roc
 
-matplotlib.use("Agg")
-
-import torch  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torchmetrics.classification import BinaryConfusionMatrix  # noqa: E402
-from torchmetrics.functional.classification import binary_roc  # noqa: E402
-
-from pneumonia.metrics.classification import reliability_figure  # noqa: E402
+from pneumonia.core.figures import subplots
+from pneumonia.metrics.classification import reliability_figure
 
 X_LABEL = "passes over the training images\n(centralized: epoch; federated: round x local epochs)"
 TITLES = {
@@ -31,12 +27,11 @@ FAMILY_SPLITS = {"val": "clean validation", "val_shift": "shift validation"}
 def save(fig: Figure, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def curves(series: dict[str, dict], keys: list[str], ylabel: str, path) -> None:
     """One panel per key, one line per entry."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    fig, axes = subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for label, entry in series.items():
             points = entry[key]
@@ -59,7 +54,7 @@ def roc(predictions: dict[str, list[dict]], aurocs: dict[str, dict], path) -> No
     legend's AUROC is the results table's (`aurocs[label][split]`), so the two always agree."""
     # predictions.csv lists val, val_shift, test in that order: keep it for the panels.
     splits = list(dict.fromkeys(row["split"] for rows in predictions.values() for row in rows))
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 4.5), squeeze=False
     )
     for ax, split in zip(axes[0], splits, strict=False):
@@ -102,7 +97,7 @@ def confusion(matrices: dict[str, list], label: str, threshold: float, positive:
     """[[TN, FP], [FN, TP]] per split, counts written in the cells."""
     negative = "NORMAL" if positive == "PNEUMONIA" else "PNEUMONIA"
     names = [negative, positive]
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(matrices), figsize=(4 * len(matrices), 3.6), squeeze=False)
     for ax, (split, matrix) in zip(axes[0], matrices.items(), strict=True):
         # torchmetrics draws it as the training's TensorBoard figures do.
         BinaryConfusionMatrix().plot(val=torch.tensor(matrix), ax=ax, labels=names)
@@ -115,7 +110,7 @@ def confusion(matrices: dict[str, list], label: str, threshold: float, positive:
 
 def sweep(points: list[tuple], x: str, line: str, ylabel: str, path) -> None:
     """points: (x value, line name, y); one line per name, x sorted (log2 for batch sizes)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = subplots(figsize=(5.5, 4))
     for name in sorted({p[1] for p in points}):
         chosen = sorted((p[0], p[2]) for p in points if p[1] == name)
         xs, ys = zip(*chosen, strict=True)
@@ -139,7 +134,7 @@ def privacy(rows: list[dict], path) -> None:
     plain = [r for r in rows if r["epsilon"] == ""]
     xs = [float(r["epsilon"]) for r in private]
     far = max(xs, default=1.0) * 2.5  # where "no DP" is drawn on the log axis
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric in zip(axes, ("accuracy", "auroc"), strict=True):
         # Each split nudged sideways (on the log axis) so the intervals do not hide each other.
         for split, style, nudge in (("val", "o-", 0.97), ("val_shift", "s--", 1.03)):
@@ -192,7 +187,7 @@ def family(rows: list[dict], title: str, path) -> None:
     splits = [s for s in FAMILY_SPLITS if any(_finite(r[f"{s}_auroc"]) for r in rows)]
     splits = splits or ["val"]  # every entry diverged: still one panel of labelled rows
     height = 1.4 + 0.4 * len(rows)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1, len(splits), figsize=(5 * len(splits), height), sharey=True, squeeze=False
     )
     for ax, split in zip(axes[0], splits, strict=True):

@@ -16,6 +16,7 @@ from pneumonia.compare.plan import Comparison, Entry, option
 from pneumonia.core.files import write_bytes_atomic, write_csv, write_text_atomic
 from pneumonia.metrics.classification import SCALARS
 from pneumonia.run.progress import duration
+from pneumonia.run.rundir import CASES, CROSS_SITE_TABLE, METRICS, PREDICTIONS, ROUNDS, SUMMARY
 
 SHORT = {
     "accuracy": "ACC",
@@ -61,7 +62,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def read_summary(entry: Entry) -> dict:
-    return json.loads((entry.run_dir / "summary.json").read_text())
+    return json.loads((entry.run_dir / SUMMARY).read_text())
 
 
 def entry_row(entry: Entry, summary: dict) -> dict:
@@ -177,7 +178,7 @@ def split_columns(values: dict | None, split: str) -> dict:
     (older runs wrote no ci95) or a null (a diverged run's NaN, written as null)."""
     values = values or {}
     intervals = values.get("ci95") or {}
-    out = {}
+    out: dict = {}
     for key in (*SCALARS, "loss"):
         low, high = intervals.get(key) or ("", "")
         cells = {"": values.get(key), "_low": low, "_high": high}
@@ -347,7 +348,7 @@ def curve(entry: Entry) -> dict[str, list[tuple[float, float]]]:
         "val_accuracy": [],
     }
     if entry.federated:
-        for row in read_rows(entry.run_dir / "rounds.csv"):
+        for row in read_rows(entry.run_dir / ROUNDS):
             x = int(row["round"]) * entry.passes
             for key in series:
                 series[key].append((x, float(row[key])))
@@ -357,7 +358,7 @@ def curve(entry: Entry) -> dict[str, list[tuple[float, float]]]:
         "val_loss": "val/loss",
         "val_accuracy": "val/accuracy",
     }
-    for row in read_rows(entry.run_dir / "metrics.csv"):
+    for row in read_rows(entry.run_dir / METRICS):
         for key, column in columns.items():
             if row.get(column):
                 series[key].append((int(row["epoch"]) + 1, float(row[column])))
@@ -370,7 +371,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def predictions(entry: Entry) -> list[dict]:
-    return read_rows(entry.run_dir / "predictions.csv")
+    return read_rows(entry.run_dir / PREDICTIONS)
 
 
 def held_out_rows(entries: list[Entry], summaries: list[dict]) -> list[dict]:
@@ -390,7 +391,7 @@ def held_out_rows(entries: list[Entry], summaries: list[dict]) -> list[dict]:
             rows.append({"held_out": site, "model": "centralized over the rest", "n": values["n"]}
                         | cell)  # fmt: skip
             continue
-        matrix = entry.run_dir / "cross_site.csv"
+        matrix = entry.run_dir / CROSS_SITE_TABLE
         if not matrix.is_file():
             continue
         with open(matrix, newline="") as f:
@@ -462,7 +463,7 @@ def write_report(comparison: Comparison) -> Path:
         )
         copy_cases_panel(entry, out / f"cases_{entry.name}.png")
     if comparison.sweep:
-        sweep_figure(comparison, rows)
+        sweep_figure(comparison, comparison.sweep, rows)
     reference = comparison.reference or rows[0]["entry"]
     for family in families(rows, reference):
         chosen = family_rows(rows, family, reference)
@@ -475,13 +476,13 @@ def write_report(comparison: Comparison) -> Path:
 def copy_cases_panel(entry: Entry, target: Path) -> None:
     """The entry's Grad-CAM panel of its most confident correct and wrong validation decisions
     (drawn by the run: `pneumonia.run.finalize`), beside the entry's other figures."""
-    source = entry.run_dir / "cases.png"
+    source = entry.run_dir / CASES
     if source.is_file():  # runs from before heatmaps have none
         write_bytes_atomic(target, source.read_bytes())
 
 
-def sweep_figure(comparison: Comparison, rows: list[dict]) -> None:
-    sweep = comparison.sweep
+def sweep_figure(comparison: Comparison, sweep: dict, rows: list[dict]) -> None:
+    """The comparison's `sweep` plot (its config's sweep: x, line, metric, file)."""
     split = "test" if rows[0]["test_accuracy"] != "" else "val"
     points = [
         (

@@ -13,11 +13,10 @@ from tqdm.auto import tqdm
 from pneumonia.compare.plan import Comparison, Entry, config_hash
 from pneumonia.core.errors import UserError
 from pneumonia.core.interrupt import Interrupted
-from pneumonia.federated.state import STATE_FILE
 from pneumonia.run.config import parse_fit_config
 from pneumonia.run.job import run_job
 from pneumonia.run.progress import duration
-from pneumonia.run.rundir import locked
+from pneumonia.run.rundir import CONFIG, SUMMARY, last_checkpoint, locked, round_state
 
 DONE, PARTIAL, STALE, NEW = "done", "partial", "stale", "new"
 
@@ -25,15 +24,15 @@ DONE, PARTIAL, STALE, NEW = "done", "partial", "stale", "new"
 def entry_status(entry: Entry) -> str:
     """done: summary.json under the same config; partial: resumable (a saved epoch or round);
     stale: trained under another config; new: nothing usable."""
-    config = entry.run_dir / "config.yaml"
+    config = entry.run_dir / CONFIG
     if not config.is_file():
         return NEW
     if config_hash(config.read_text()) != entry.key:
         return STALE
-    if (entry.run_dir / "summary.json").is_file():
+    if (entry.run_dir / SUMMARY).is_file():
         return DONE
-    resumable = STATE_FILE if entry.federated else "last.ckpt"
-    return PARTIAL if (entry.run_dir / "checkpoints" / resumable).is_file() else NEW
+    resumable = round_state if entry.federated else last_checkpoint
+    return PARTIAL if resumable(entry.run_dir).is_file() else NEW
 
 
 class ComparisonProgress:
@@ -131,7 +130,7 @@ def clear_run_dir(entry: Entry, status: str) -> None:
     path = entry.run_dir
     if not path.exists():
         return
-    config = path / "config.yaml"
+    config = path / CONFIG
     # Not while another process writes it: a fit of it may be running beside the comparison.
     with locked(path, "wait for it to end (or stop it), then run the comparison again"):
         if status == STALE:

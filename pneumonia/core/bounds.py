@@ -77,7 +77,7 @@ def first_out_of_range(cls: type, values: dict, prefix: str) -> tuple[str, objec
         if f.name not in values:
             continue
         kind, value, key = hints[f.name], values[f.name], f"{prefix}.{f.name}"
-        if is_dataclass(kind):
+        if isinstance(kind, type) and is_dataclass(kind):
             bad = first_out_of_range(kind, value, key)
         else:
             kind = _numeric(kind, value)
@@ -95,8 +95,9 @@ def _numeric(kind: object, value: object) -> type | None:
         if value is None or len(inner) != 1:
             return None
         kind = inner[0]
-    plain = isinstance(kind, type) and not isinstance(kind, types.GenericAlias)
-    return kind if plain and issubclass(kind, (int, float)) and kind is not bool else None
+    if not isinstance(kind, type) or isinstance(kind, types.GenericAlias):
+        return None
+    return kind if issubclass(kind, (int, float)) and kind is not bool else None
 
 
 __all__ = [

@@ -8,6 +8,8 @@ it, so a notebook or the Flower app that imports `pneumonia` keeps its own setti
   when they start, so it must come before the first parallel op: at start-up. It changes no
   value above 1.2e-38.
 - Lightning and Opacus advice that does not apply here, silenced (`QUIET`).
+- matplotlib's Agg backend: figures go to files and TensorBoard, never to a screen (the
+  package's own figures need no backend, `core.figures`; torchmetrics' plots use pyplot's).
 - The package's log records (`logging.getLogger("pneumonia....")`) printed on stdout as bare
   lines: the console of a run. A library user sees nothing unless they ask for it.
 
@@ -20,6 +22,7 @@ import logging
 import sys
 import warnings
 
+import matplotlib
 import torch
 
 # (message regex, why): warnings a run would print on every start, for nothing the user can do.
@@ -51,6 +54,7 @@ class _Console(logging.Handler):
 def startup() -> None:
     """Apply the process-wide settings above (again: no effect)."""
     torch.set_flush_denormal(True)
+    matplotlib.use("Agg")
     for message, _owner in QUIET:
         warnings.filterwarnings("ignore", message=message)
     console()

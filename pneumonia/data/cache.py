@@ -8,6 +8,7 @@ any change to the data gives a new file instead of stale tensors.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from dataclasses import replace
@@ -20,6 +21,8 @@ from pneumonia.data.decode import corrupt_image_error, decode_files
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import ImageFile
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # bump when decoding changes, to orphan old cache files (3: a PNG named
 # .dcm read by its content, a header that turns an image into one grey level refused)
@@ -94,10 +97,9 @@ def load_or_decode(
     cached = _cached(files, image_size, cache_dir, skip_corrupt, desc, roi, intensity)
     imageset, skipped, whole = cached
     if roi == "lungs":
-        print(
+        log.info(
             f"data.roi lungs ({desc}): lung field cropped in {len(imageset) - len(whole)} of "
-            f"{len(imageset)} images; {len(whole)} kept whole (implausible mask)",
-            flush=True,
+            f"{len(imageset)} images; {len(whole)} kept whole (implausible mask)"
         )
     if skipped and not skip_corrupt:
         # Cached by an earlier run that skipped files; without the option that is an error.

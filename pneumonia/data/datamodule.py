@@ -9,6 +9,7 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     RandomSampler,
+    Sampler,
     SequentialSampler,
     TensorDataset,
     WeightedRandomSampler,
@@ -64,11 +65,12 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
         dataset = TensorDataset(images.images, images.labels)
+        sampler: Sampler[int]
         if train and self.balanced_sampling:
             per_class = 1.0 / torch.bincount(images.labels).float().clamp(min=1)
-            sampler = WeightedRandomSampler(
-                per_class[images.labels], len(images), generator=self.generator
-            )
+            # A tensor of weights, which the sampler takes as it is (torch types it a Sequence).
+            weights = per_class[images.labels]
+            sampler = WeightedRandomSampler(weights, len(images), generator=self.generator)  # type: ignore[arg-type]
         elif train:
             sampler = RandomSampler(dataset, generator=self.generator)
         else:
@@ -115,13 +117,14 @@ class ChestXrayDataModule(L.LightningDataModule):
         loaders = [self._loader(images, self.eval_batch_size, train=False) for images in sets]
         return loaders[0] if len(loaders) == 1 else loaders
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.test is None:
             return []
         return self._loader(self.test, self.eval_batch_size, train=False)
 
     def training_side(self) -> int:
         """The side training batches have in the Trainer's current epoch."""
+        assert self.trainer is not None, "training_side needs the datamodule in a Trainer"
         epoch = self.trainer.current_epoch + self.epoch_offset
         return size_at(epoch, self.planned_epochs, self.progressive, self.train.image_size)
 

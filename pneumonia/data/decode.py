@@ -19,6 +19,7 @@ from pneumonia.data.budget import (
     over_bytes,
     over_pixels,
 )
+from pneumonia.data.corrupt import CorruptImageError, ImageTooLarge  # raised here and by dicom
 from pneumonia.data.headers import HeaderError, raster_format, read_header
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import standardize
@@ -27,15 +28,6 @@ from pneumonia.data.lungs import crop_to_lungs
 
 # Pixels converted to grey uint8 at a time (`_grey_uint8`).
 CONVERT_PIXELS = 1 << 20
-
-
-class CorruptImageError(Exception):
-    """A file that is not a readable image (args: its path, and why if known)."""
-
-
-class ImageTooLarge(CorruptImageError):
-    """An image whose header promises more than the decode budget (pixels, frames, bytes):
-    refused before its pixels are materialised (args: its path, and why)."""
 
 
 def corrupt_image_error(path: str, reason: str = "") -> UserError:
@@ -97,6 +89,7 @@ def _check_header(data: bytes, name: str) -> None:
         header = read_header(data)
     except HeaderError as err:
         raise CorruptImageError(name, "truncated or corrupt image data") from err
+    assert header is not None  # decode_bytes checks JPEG, PNG, GIF and WebP files only
     if header.frames > MAX_FRAMES:
         raise CorruptImageError(name, f"{header.frames} frames, expected one image")
     if reason := over_pixels(header.width, header.height):
@@ -258,7 +251,7 @@ def decode_files(
     if not keep:
         raise UserError(f"no readable image among {len(files)} files, e.g. {files[0].path}")
     imageset = ImageSet(
-        images=torch.stack([images[i] for i in keep]),
+        images=torch.stack([image for image in images if image is not None]),  # those of keep
         labels=torch.tensor([files[i].label for i in keep], dtype=torch.long),
         patients=[files[i].patient for i in keep],
         names=[files[i].path.name for i in keep],

@@ -4,13 +4,18 @@ stored values -> modality LUT (rescale) -> VOI LUT or window -> 0..255, MONOCHRO
 A file is untrusted input: every header value the decoder reads is checked, and one that
 cannot give a sensible image is a CorruptImageError naming it; the decode budget
 (`pneumonia.data.budget`) is checked from the header before any pixel is decoded, and a
-deflated data set is inflated only as far as its header says it holds."""
+deflated data set is inflated only as far as its header says it holds.
+
+pydicom validates the values it reads against the standard; while one of our decodes runs (in
+any thread) that validation is off (`LENIENT`), and the caller's setting is back once the last
+one ends: importing this module changes nothing."""
 
 from __future__ import annotations
 
 import io
 import math
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -43,12 +48,8 @@ from pneumonia.data.budget import (
     over_bytes,
     over_pixels,
 )
-from pneumonia.data.decode import CorruptImageError, ImageTooLarge
+from pneumonia.data.corrupt import CorruptImageError, ImageTooLarge
 from pneumonia.data.headers import codestream_size
-
-# Values the standard forbids are read as they are; those the decoder uses are checked here
-# (refused by name), so pydicom's warnings about them would only add lines to the output.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
 BITS_ALLOCATED = (1, 8, 16, 32, 64)
@@ -61,13 +62,46 @@ TRAILER_BYTES = 1 << 20
 CHUNK_PIXELS = 1 << 18
 
 
+class LenientReading:
+    """pydicom's reading validation off while any thread is inside (values the standard
+    forbids are read as they are; those the decoder uses are checked here and refused by
+    name, so pydicom's warnings about them would only add lines to the output). The setting
+    is process-wide: the first to enter saves the caller's, the last to leave restores it, so
+    serve's decode threads overlap without racing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: int | None = None
+
+    def __enter__(self) -> None:
+        settings = pydicom.config.settings
+        with self._lock:
+            if self._inside == 0:
+                # The attribute, as pydicom's own disable_value_validation saves it: None
+                # means "by config.enforce_valid_values", which the property would not keep.
+                self._saved = settings._reading_validation_mode
+                settings.reading_validation_mode = pydicom.config.IGNORE
+            self._inside += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                pydicom.config.settings._reading_validation_mode = self._saved
+
+
+LENIENT = LenientReading()
+
+
 def decode_dicom(data: bytes, name: str) -> torch.Tensor:
     """A DICOM file's bytes (`name` says where they came from) -> uint8 [1, H, W] at its own
     size, bright = dense as on a viewer's screen. One grey frame only: multi-frame and colour
     files, and compressed pixel data the installed pydicom handlers cannot decode, are
     refused. Raises CorruptImageError(name, why), ImageTooLarge over the decode budget."""
     try:
-        return _decode(data, name)
+        with LENIENT:  # pydicom reads element values lazily: the whole decode, not dcmread
+            return _decode(data, name)
     except (CorruptImageError, MemoryError):
         raise  # ours, saying why; a MemoryError is a hole in the budget, never to be hidden
     except Exception as err:  # pydicom and numpy on untrusted values raise almost anything
@@ -110,7 +144,7 @@ def _parse(stream: io.IOBase, name: str, header_only: bool = False) -> Dataset:
     except (CorruptImageError, MemoryError):
         raise
     except Exception as err:  # pydicom parsing untrusted bytes can raise almost anything
-        if getattr(stream, "overflow", None):  # pydicom re-raised our refusal as its own
+        if isinstance(stream, Inflating) and stream.overflow:  # pydicom re-raised our refusal
             raise ImageTooLarge(name, stream.overflow) from err
         reason = f"truncated or corrupt DICOM file: {first_line(err)}"
         raise CorruptImageError(name, reason) from err
@@ -219,8 +253,9 @@ def _check_header(ds: Dataset, name: str) -> int:
     # pydicom reads a NumberOfFrames of 0 as 1, as files that say 0 mean.
     frames = _whole(ds, "NumberOfFrames", name, default=1, least=0) or 1
     if frames > MAX_FRAMES:  # which frame is the radiograph is not ours to guess
-        reason = f"multi-frame DICOM ({frames} frames), expected one radiograph"
-        raise CorruptImageError(name, reason)
+        raise CorruptImageError(
+            name, f"multi-frame DICOM ({frames} frames), expected one radiograph"
+        )
     samples = _whole(ds, "SamplesPerPixel", name, default=1)
     photometric = str(ds.get("PhotometricInterpretation") or "no PhotometricInterpretation")
     if samples != 1 or photometric not in GREY:

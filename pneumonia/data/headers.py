@@ -5,6 +5,7 @@ decode budget (`pneumonia.data.budget`) holds before a decoder allocates anythin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 # SOF markers (a frame header: precision, height, width); C4, C8 and CC are other segments.
 # SOF0-15 but DHT, JPG and DAC, and JPEG-LS's SOF55 (same layout: P, Y, X).
@@ -72,7 +73,7 @@ def codestream_size(data: bytes) -> tuple[int, int] | None:
         raise HeaderError("compressed frame header ends early") from None
 
 
-def _u16(data: bytes, at: int, order: str = "little") -> int:
+def _u16(data: bytes, at: int, order: Literal["little", "big"] = "little") -> int:
     if at + 2 > len(data):
         raise IndexError(at)
     return int.from_bytes(data[at : at + 2], order)
@@ -84,7 +85,7 @@ def _u24(data: bytes, at: int) -> int:
     return int.from_bytes(data[at : at + 3], "little")
 
 
-def _u32(data: bytes, at: int, order: str = "little") -> int:
+def _u32(data: bytes, at: int, order: Literal["little", "big"] = "little") -> int:
     if at + 4 > len(data):
         raise IndexError(at)
     return int.from_bytes(data[at : at + 4], order)

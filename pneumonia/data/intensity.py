@@ -11,11 +11,14 @@ validation, site profiles): a standardisation sees what the scanner produced.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 from skimage import exposure
 
-INTENSITIES = ("none", "equalize", "clahe")
+Intensity = Literal["none", "equalize", "clahe"]  # data.intensity's type: the parser checks it
+INTENSITIES: tuple[str, ...] = get_args(Intensity)
 CLAHE_CLIP = 0.01  # scikit-image's default
 
 

@@ -26,14 +26,14 @@ from pneumonia.core.errors import UserError
 from pneumonia.data.cache import default_cache_dir, load_or_decode
 from pneumonia.data.decode import CorruptImageError, prepare, read_image
 from pneumonia.data.imageset import ImageSet
-from pneumonia.data.intensity import INTENSITIES, standardize
+from pneumonia.data.intensity import Intensity, standardize
 from pneumonia.data.kermany import find_sites, find_splits, folder_classes, list_image_files
 from pneumonia.data.partition import SITE_SEPARATOR
 from pneumonia.data.progressive import ProgressiveConfig
 from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.data.split import split_by_patient
 from pneumonia.data.synthetic import generate_synthetic
-from pneumonia.data.tasks import TASKS, for_task
+from pneumonia.data.tasks import Task, for_task
 from pneumonia.data.transforms import AugmentConfig
 
 MIN_IMAGE_SIZE = 16
@@ -54,7 +54,7 @@ class DataConfig:
     root: str | None = None  # Kermany-style folder; None trains on synthetic images
     # binary: NORMAL vs PNEUMONIA; three_class: NORMAL, BACTERIA, VIRUS (from Kermany's file
     # names, or from three class folders): pneumonia.data.tasks.
-    task: Literal[TASKS] = "binary"
+    task: Task = "binary"
     image_size: ImageSide = 224
     # full: the whole radiograph; lungs: the box of its lung field (a classical segmentation,
     # pneumonia.data.lungs; the whole image where the mask is implausible), then resized.
@@ -63,7 +63,7 @@ class DataConfig:
     # that inputs vary less with the scanner: none (as decoded), equalize (global histogram
     # equalisation) or clahe (contrast-limited adaptive equalisation). The checkpoint keeps
     # it: prediction, serving and ONNX standardise new images alike.
-    intensity: Literal[INTENSITIES] = "none"
+    intensity: Intensity = "none"
     val_fraction: OpenUnitInterval = 0.15
     # Train on this fraction of the training patients (stratified by class, seeded; the
     # validation split is unchanged): a small hospital's data set, as transfer learning meets it.
@@ -149,10 +149,10 @@ def _load_images(
             return raw, None
         standardised = {k: standardized(v, cfg.intensity) for k, v in raw.items()}
         return standardised, raw if keep_raw else None
-    images = _load_root(cfg, sites)  # first: it caches the un-standardised images too
+    splits = _load_root(cfg, cfg.root, sites)  # first: it caches the un-standardised images too
     if cfg.intensity == "none" or not keep_raw:
-        return images, None
-    return images, _load_root(replace(cfg, intensity="none"), sites)
+        return splits, None
+    return splits, _load_root(replace(cfg, intensity="none"), cfg.root, sites)
 
 
 def standardized(imageset: ImageSet, intensity: str) -> ImageSet:
@@ -160,13 +160,12 @@ def standardized(imageset: ImageSet, intensity: str) -> ImageSet:
     return replace(imageset, images=standardize(imageset.images, intensity))
 
 
-def _load_root(cfg: DataConfig, sites: bool) -> dict[str, ImageSet]:
-    """A data.root's splits (with `sites`, each hospital folder's, concatenated)."""
+def _load_root(cfg: DataConfig, root: str, sites: bool) -> dict[str, ImageSet]:
+    """The splits of `root`, cfg's data.root (with `sites`, each hospital folder's,
+    concatenated)."""
     if not sites:
-        return _load_folder(cfg, cfg.root)
-    per_site = {
-        site: _load_folder(cfg, folder, site) for site, folder in find_sites(cfg.root).items()
-    }
+        return _load_folder(cfg, root)
+    per_site = {site: _load_folder(cfg, folder, site) for site, folder in find_sites(root).items()}
     out: dict[str, ImageSet] = {}
     for site_splits in per_site.values():
         for split, images in site_splits.items():

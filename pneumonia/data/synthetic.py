@@ -25,6 +25,7 @@ Everything is drawn from one `torch.Generator` seeded by `seed`; the global RNG 
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,10 @@ def _coin(g: torch.Generator, shape: tuple[int, ...], p: float) -> Tensor:
     return (torch.rand(shape, generator=g) < p).float()
 
 
-def _sq(t: Tensor) -> Tensor:
+_Num = TypeVar("_Num", Tensor, float)
+
+
+def _sq(t: _Num) -> _Num:
     """Square by multiplication: cheaper than `**` on large CPU tensors."""
     return t * t
 

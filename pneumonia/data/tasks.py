@@ -15,13 +15,15 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import PurePath
+from typing import Literal, get_args
 
 import torch
 
 from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, NEGATIVE_CLASS, THREE_CLASSES, ImageSet
 
-TASKS = ("binary", "three_class")
+Task = Literal["binary", "three_class"]  # data.task's type: the parser checks it
+TASKS: tuple[str, ...] = get_args(Task)
 _CAUSE = re.compile(r"(?:^|_)(bacteria|virus)(?:_|$)", re.IGNORECASE)
 # Kermany's training images: 2,530 bacterial and 1,345 viral pneumonias.
 SYNTHETIC_BACTERIA_FRACTION = 0.65

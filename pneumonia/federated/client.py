@@ -18,6 +18,7 @@ from pneumonia.core.seeding import seed_training
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.progressive import ProgressiveConfig
+from pneumonia.data.transforms import AugmentConfig
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.training.privacy import PrivacyConfig, make_private, planned_steps
 from pneumonia.training.recipe import Recipe, build_module, loss_weights
@@ -48,13 +49,19 @@ class RestoreOptimizer(Callback):
             group["lr"] = lr
 
 
+def _callbacks(trainer: L.Trainer) -> list[Callback]:
+    """The Trainer's list of callbacks, read afresh: a fit may replace the list (it orders it)."""
+    # Lightning's callback connector sets the attribute; the Trainer class does not declare it.
+    return trainer.callbacks  # type: ignore[attr-defined]
+
+
 @dataclass
 class ClientSettings:
     """What every client shares: loader and training settings, and where it logs."""
 
     batch_size: int
     balance: str  # data.balance: loss_weights, sampler or none
-    augment: object
+    augment: AugmentConfig | None
     num_workers: int
     seed: int
     trainer_args: dict
@@ -91,9 +98,11 @@ class Client:
             make_private(
                 self.module,
                 settings.privacy,
-                len(data),
-                settings.batch_size,
-                planned_steps(len(data), settings.batch_size, settings.planned_epochs),
+                images=len(data),
+                batch_size=settings.batch_size,
+                planned_steps=planned_steps(
+                    len(data), settings.batch_size, settings.planned_epochs
+                ),
             )
             if settings.privacy is not None
             else None
@@ -134,7 +143,7 @@ class Client:
         if self.settings.keep_optimizer_state and self.optimizer_state is not None:
             callbacks.append(RestoreOptimizer(self.optimizer_state))
         trainer = self.trainer
-        trainer.callbacks.extend(callbacks)
+        _callbacks(trainer).extend(callbacks)
         trainer.fit_loop.max_epochs = trainer.current_epoch + local_epochs
         # The run's epoch, not this Trainer's: a client sampled in fewer rounds, or rebuilt on
         # resume, still follows the run's resolution schedule (data.progressive).
@@ -143,7 +152,7 @@ class Client:
             trainer.fit(self.module, self.datamodule)
         finally:
             for callback in callbacks:
-                trainer.callbacks.remove(callback)
+                _callbacks(trainer).remove(callback)
         if self.settings.keep_optimizer_state:
             self.optimizer_state = trainer.optimizers[0].state_dict()
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}

@@ -17,7 +17,7 @@ from pneumonia.core.bounds import (
     Seed,
 )
 from pneumonia.core.errors import UserError
-from pneumonia.federated.strategies import strategy_class
+from pneumonia.federated.strategies import STRATEGIES
 from pneumonia.training.schedules import DECAY_NAMES, DecayConfig, decay_factor
 
 
@@ -84,7 +84,8 @@ class FederatedConfig:
     keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
     # Client learning rate across rounds: optim.lr throughout (constant), or decayed by round
     # with one of TensorFlow's decays (pneumonia.training.schedules; parameters in optim.decay.*).
-    round_lr: Literal[DECAY_NAMES] = "constant"
+    # The names come from the decay registry at import: a Literal only the parser can read.
+    round_lr: Literal[DECAY_NAMES] = "constant"  # type: ignore[valid-type]
     # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
     # the last K rounds' global models (server-side weight averaging, SWA's counterpart; all
     # rounds when there are fewer, so a shortened run keeps its config's rule).
@@ -108,7 +109,7 @@ class FederatedConfig:
 def check_federated(cfg: FederatedConfig) -> None:
     """What the parser's ranges (pneumonia.core.bounds) cannot say: a strategy by its registered
     name, and a hostile client among the clients."""
-    strategy_class(cfg.strategy)  # an unknown name is a one-line error listing the known ones
+    STRATEGIES.get(cfg.strategy)  # an unknown name is a one-line error listing the known ones
     robust = cfg.strategy in ROBUST_STRATEGIES
     if cfg.server_dp.enabled and robust:
         raise UserError(

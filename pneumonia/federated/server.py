@@ -23,7 +23,7 @@ from pneumonia.federated.aggregate import (
     update_norm,
     update_problem,
 )
-from pneumonia.federated.strategies import FedAvg
+from pneumonia.federated.strategies import Strategy
 
 SAVED = "The last completed round is saved: fix the cause and "
 
@@ -46,7 +46,8 @@ class Server:
     def __init__(
         self,
         global_state: State,
-        strategy: FedAvg,
+        strategy: Strategy,
+        *,
         n_clients: int,
         per_round: int,
         min_clients: int,
@@ -54,7 +55,8 @@ class Server:
         checks: UpdateChecks | None = None,
         resume: str = "continue with --resume RUN_DIR",
     ) -> None:
-        """`resume`: what continues the run after a failed round (the run layer names it)."""
+        """The four counts are keyword-only (one int is easily passed for another). `resume`:
+        what continues the run after a failed round (the run layer names it)."""
         if min_clients > per_round:
             raise UserError(
                 f"federated.min_clients {min_clients} is more than the {per_round} client(s) "

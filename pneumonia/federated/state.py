@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -18,11 +19,15 @@ from pneumonia.core.files import save_atomic
 from pneumonia.core.safeload import safe_load
 
 STATE_FILE = "federated_state.pt"
+MT19937State = tuple[str, np.ndarray, int, int, float]  # name, keys, pos, has_gauss, cached
 
 
 def rng_state() -> dict:
     """Python, NumPy and torch RNG states, as tensors and ints (loadable with weights_only)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # The global RandomState is an MT19937, whose legacy state is this tuple (NumPy's stub
+    # also allows the dict other bit generators give).
+    legacy = cast(MT19937State, np.random.get_state(legacy=True))
+    name, keys, pos, has_gauss, cached = legacy
     return {
         "python": random.getstate(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
@@ -50,4 +55,6 @@ def load_round_state(run_dir: Path) -> dict | None:
     path = Path(run_dir) / "checkpoints" / STATE_FILE
     if not path.is_file():
         return None
-    return safe_load(path)  # an unreadable file ends in safe_load's one-line error
+    # An unreadable file ends in safe_load's one-line error; a readable one is the dict
+    # save_round_state wrote (the resume reads its keys).
+    return cast(dict, safe_load(path))

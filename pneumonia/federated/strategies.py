@@ -5,53 +5,30 @@ and says what clients do differently: which keys they keep local (`local_keys`) 
 callbacks shape their training (`client_callbacks`). It never sees data, only state dicts.
 
 A new strategy is one class and one registry line: subclass `Strategy`, override what differs,
-build it from the config in `from_config`, and decorate it with `@register("name")`;
+build it from the config in `from_config`, and decorate it with `@STRATEGIES.register("name")`;
 `federated.strategy name` then selects it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from pneumonia.core.errors import UserError
+from pneumonia.core.registry import Registry
 from pneumonia.federated.aggregate import ClientUpdate, State, weighted_average
 from pneumonia.training.privacy import rdp_accountant
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-_STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator: make a strategy selectable as `federated.strategy name`."""
-
-    def add(cls: type[Strategy]) -> type[Strategy]:
-        _STRATEGIES[name] = cls
-        return cls
-
-    return add
-
-
-def list_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
-
-
-def strategy_class(name: str) -> type[Strategy]:
-    """The strategy registered as `name`, or a one-line error listing the names."""
-    if name not in _STRATEGIES:
-        raise UserError(
-            f"unknown federated.strategy {name!r}: choose one of {', '.join(list_strategies())}"
-        )
-    return _STRATEGIES[name]
+STRATEGIES: Registry[type[Strategy]] = Registry("federated.strategy", sort=True)
 
 
 def create_strategy(cfg, module: nn.Module) -> Strategy:
     """The strategy `cfg.strategy` (a FederatedConfig) names, for a model shaped like `module`."""
-    return strategy_class(cfg.strategy).from_config(cfg, module)
+    return STRATEGIES.get(cfg.strategy).from_config(cfg, module)
 
 
 def normalization_keys(module: nn.Module) -> set[str]:
@@ -87,7 +64,7 @@ class Strategy:
         pass
 
 
-@register("fedavg")
+@STRATEGIES.register("fedavg")
 class FedAvg(Strategy):
     """McMahan et al.: the sample-count-weighted average of the clients' state dicts."""
 
@@ -112,7 +89,7 @@ class ProximalTerm(Callback):
             param.grad.add_(param.detach() - self._on_device[name], alpha=self.mu)
 
 
-@register("fedprox")
+@STRATEGIES.register("fedprox")
 class FedProx(Strategy):
     """Li et al.: FedAvg with a proximal term that keeps local training near the global model."""
 
@@ -127,7 +104,7 @@ class FedProx(Strategy):
         return [ProximalTerm(self.mu, global_state)]
 
 
-@register("fedbn")
+@STRATEGIES.register("fedbn")
 class FedBN(Strategy):
     """Li et al. 2021: normalisation layers never leave their client. Clients train with their
     own norm layers; the server still averages them, and evaluates the global model with those
@@ -155,12 +132,16 @@ class ServerOptimizer(Strategy):
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict | None = None  # optimizer state restored before the first round
 
-    def _build(self, global_state: State) -> None:
-        self.params = {k: global_state[k].detach().clone().float() for k in self.parameter_keys}
-        self.optimizer = self.make_optimizer(list(self.params.values()))
-        if self._pending is not None:
-            self.optimizer.load_state_dict(self._pending)
-            self._pending = None
+    def _built(self, global_state: State) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+        """The server's float parameters and their optimizer, built at the first round (with
+        the optimizer state a resume restored)."""
+        if self.params is None or self.optimizer is None:
+            self.params = {k: global_state[k].detach().clone().float() for k in self.parameter_keys}
+            self.optimizer = self.make_optimizer(list(self.params.values()))
+            if self._pending is not None:
+                self.optimizer.load_state_dict(self._pending)
+                self._pending = None
+        return self.params, self.optimizer
 
     @classmethod
     def from_config(cls, cfg, module: nn.Module) -> ServerOptimizer:
@@ -172,15 +153,12 @@ class ServerOptimizer(Strategy):
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         average = super().aggregate(global_state, updates)
-        if self.params is None:
-            self._build(global_state)
-        for key, param in self.params.items():
+        params, optimizer = self._built(global_state)
+        for key, param in params.items():
             param.copy_(global_state[key])
             param.grad = global_state[key].float() - average[key].float()
-        self.optimizer.step()
-        return average | {
-            k: p.detach().clone().to(average[k].dtype) for k, p in self.params.items()
-        }
+        optimizer.step()
+        return average | {k: p.detach().clone().to(average[k].dtype) for k, p in params.items()}
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict() if self.optimizer is not None else (self._pending or {})
@@ -189,7 +167,7 @@ class ServerOptimizer(Strategy):
         self._pending = state or None
 
 
-@register("fedavgm")
+@STRATEGIES.register("fedavgm")
 class FedAvgM(ServerOptimizer):
     """Hsu et al.: server SGD with momentum on the averaged update (server_lr default 1)."""
 
@@ -197,7 +175,7 @@ class FedAvgM(ServerOptimizer):
         return torch.optim.SGD(tensors, lr=self.lr, momentum=self.momentum)
 
 
-@register("fedadam")
+@STRATEGIES.register("fedadam")
 class FedAdam(ServerOptimizer):
     """Reddi et al.: server Adam on the averaged update (server_lr default 0.01)."""
 
@@ -231,7 +209,7 @@ class CoordinateWise(Strategy):
         raise NotImplementedError
 
 
-@register("median")
+@STRATEGIES.register("median")
 class Median(CoordinateWise):
     """Yin et al. 2018: the coordinate-wise median (the mean of the two middle values for an
     even number of clients)."""
@@ -241,7 +219,7 @@ class Median(CoordinateWise):
         return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
 
 
-@register("trimmed_mean")
+@STRATEGIES.register("trimmed_mean")
 class TrimmedMean(CoordinateWise):
     """Yin et al. 2018: per coordinate, drop the ceil(trim_fraction x k) largest and as many
     smallest of the k clients' values (at least one each, while two or more clients remain

@@ -44,10 +44,14 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from pneumonia.core.startup import startup
     from pneumonia.federated.cohort import run_client_round
     from pneumonia.federated.strategies import create_strategy
     from pneumonia.flower import node, wire
 
+    # A command's process settings (denormals flushed, quiet warnings): the SuperNode starts a
+    # fresh process per message, and this one trains.
+    startup()
     started = time.time()
     request = wire.read_train_request(msg.content)
     cfg = node.parse_run_config(request.config_yaml)
@@ -55,7 +59,8 @@ def train(msg: Message, context: Context) -> Message:
     node.check_secure(cfg, dict(context.node_config), secure)
     client = node.build_client(cfg, dict(context.node_config), request.client, request.recipe)
     if node.STATE_RECORD in context.state:
-        client.load_state_dict(node.unpack_state(context.state[node.STATE_RECORD]["client"]))
+        saved = wire.record_of(context.state, node.STATE_RECORD, ConfigRecord)
+        client.load_state_dict(node.unpack_state(wire.bytes_of(saved, "client")))
     strategy = create_strategy(cfg.federated, client.module)
     ready = time.time()
     update = run_client_round(client, strategy, request.task)

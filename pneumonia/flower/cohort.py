@@ -14,6 +14,8 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from pneumonia.core.errors import UserError, first_line
+from pneumonia.data.imageset import ImageSet
+from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.cohort import RoundTask, combined_digest
 from pneumonia.federated.server import SecureRound
 from pneumonia.flower import secure, wire
@@ -64,7 +66,7 @@ def exchange(
 
 
 def reason(reply: Message) -> str:
-    return f"its node replied with an error: {first_line(reply.error.reason, 300)}"
+    return f"its node replied with an error: {first_line(str(reply.error.reason), 300)}"
 
 
 class FlowerCohort:
@@ -97,7 +99,7 @@ class FlowerCohort:
         self.infos = [info for _, info in infos]
         self.table = [{"client": j} | info.counts for j, info in enumerate(self.infos)]
         self.site_table = self.table  # a node is a site: none held out or pooled here
-        self.held_out = None
+        self.held_out: ImageSet | None = None
 
     def _query(self, nodes: list[int]):
         messages = [
@@ -112,7 +114,8 @@ class FlowerCohort:
         ]
         if problems:
             raise UserError("SuperNodes could not describe their data: " + "; ".join(problems))
-        return [(n, wire.read_query_reply(r.content)) for n, r in zip(nodes, replies, strict=True)]
+        answered = zip(nodes, replies, strict=True)
+        return [(n, wire.read_query_reply(r.content)) for n, r in answered if r is not None]
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -129,7 +132,9 @@ class FlowerCohort:
         so `log_dir`, the server's, is not theirs."""
         self.recipe = recipe
 
-    def train_round(self, chosen: Sequence[int], task: RoundTask):
+    def train_round(
+        self, chosen: Sequence[int], task: RoundTask
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
         """Send the round to the chosen nodes; a node that errs or stays silent is a failure."""
         messages = [
             Message(
@@ -137,7 +142,8 @@ class FlowerCohort:
             )
             for node, content in self.requests(chosen, task).items()
         ]
-        sent, received = time.time(), {}
+        sent = time.time()
+        received: dict[str, float] = {}
         replies = exchange(self.grid, messages, self.round_timeout, received)
         updates, failures, timings = [], {}, {}
         # In client order, as the simulated run averages (float sums depend on the order).
@@ -158,6 +164,7 @@ class FlowerCohort:
 
     def requests(self, chosen: Sequence[int], task: RoundTask) -> dict[int, RecordDict]:
         """Node -> its train request for this round."""
+        assert self.recipe is not None  # the round loop calls start() before any round
         return {
             self.nodes[j]: wire.train_request(
                 wire.TrainRequest(task, j, self.config_yaml, self.recipe, self.record_timings)

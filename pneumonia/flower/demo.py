@@ -45,7 +45,7 @@ def demo(args: argparse.Namespace, fit_options: list[str]) -> dict:
     started = time.time()
     with Federation(workdir) as federation:
         federation.start_superlink()
-        print(f"SuperLink on {federation.address} (TLS, CA {federation.certs.ca})", flush=True)
+        print(f"SuperLink on {federation.address} (TLS, CA {federation.ca})", flush=True)
         federation.start_partition_nodes(args.nodes)
         print(f"{args.nodes} SuperNodes started; logs in {federation.logs}", flush=True)
         status = federation.submit(run_config, echo=lambda line: print(line, flush=True))

@@ -151,6 +151,13 @@ class Federation:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def ca(self) -> Path:
+        """The CA certificate every node trusts by default (start_superlink made it)."""
+        if self.certs is None:
+            raise RuntimeError("start_superlink() first: this federation has no certificates")
+        return self.certs.ca
+
     def _wait_for_port(self, name: str, port: int, wait_s: float) -> None:
         deadline = time.time() + wait_s
         while time.time() < deadline:
@@ -175,7 +182,7 @@ class Federation:
         spinning on every core run many times slower than one."""
         # The node's own client curves stay with its logs, not in the working directory.
         node_config = {"log-dir": str(self.logs / f"{name}-tensorboard")} | node_config
-        ca = root_certificates or self.certs.ca
+        ca = root_certificates or self.ca
         trust = [] if "--insecure" in extra else ["--root-certificates", str(ca)]
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         command = [executable("flower-supernode")]
@@ -204,7 +211,8 @@ class Federation:
                 threads=threads_per_node(nodes),
             )
 
-    def _relay(self, run: subprocess.Popen, echo: Callable[[str], None]) -> None:
+    def _relay(self, run: subprocess.Popen[str], echo: Callable[[str], None]) -> None:
+        assert run.stdout is not None  # submit started it with stdout=PIPE
         with open(self.logs / "flwr-run.log", "a") as log:
             for line in run.stdout:
                 log.write(line)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import sys
 
+# The module constant both flwr modules read, each through its own binding of it.
+_INTERVAL = "HEARTBEAT_DEFAULT_INTERVAL"
+
 
 def main(argv: list[str]) -> int:
     # The SuperLink refuses a heartbeat outside 10-1800 s, and says so less plainly.
@@ -32,16 +35,17 @@ def main(argv: list[str]) -> int:
     # SuperLink, which declares the node dead after HEARTBEAT_PATIENCE of them.
     modules = (sender, connection)
     for module in modules:
-        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
-            message = f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL (made for flwr 1.41)"
+        if not hasattr(module, _INTERVAL):
+            message = f"{module.__name__} has no {_INTERVAL} (made for flwr 1.41)"
             print(f"error: {message}: start flower-supernode instead", file=sys.stderr)
             return 2
     for module in modules:
-        module.HEARTBEAT_DEFAULT_INTERVAL = float(argv[1])
+        setattr(module, _INTERVAL, float(argv[1]))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv[2:]]
-    return flower_supernode() or 0
+    flower_supernode()
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, Parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -119,7 +119,7 @@ class ProtocolGrid:
         for message, reply in zip(messages, self.send(messages, self.timeout), strict=True):
             node = message.metadata.dst_node_id
             problem = self.problem(stage, node, reply)
-            if problem is None:
+            if reply is not None and problem is None:
                 kept.append(reply)
             else:
                 self.failures.setdefault(node, f"{problem} (secure aggregation stage {stage})")
@@ -143,7 +143,7 @@ class ProtocolGrid:
         if reply is None:
             return f"no reply within {self.timeout:.0f} s"
         if reply.has_error():
-            return f"its node replied with an error: {first_line(reply.error.reason, 300)}"
+            return f"its node replied with an error: {first_line(str(reply.error.reason), 300)}"
         if RECORD_KEY_CONFIGS not in reply.content.config_records:
             return "its reply lacks the protocol's records"
         if stage != Stage.COLLECT_MASKED_VECTORS:
@@ -152,7 +152,8 @@ class ProtocolGrid:
             update = wire.read_metadata(reply.content, -1, {})
         except (KeyError, TypeError, ValueError) as err:
             return f"its reply lacks the clear-text metrics ({first_line(err)})"
-        masked_n = int(reply.content["fitres.num_examples"]["num_examples"])
+        weight = wire.record_of(reply.content, "fitres.num_examples", MetricRecord)
+        masked_n = int(wire.number_of(weight, "num_examples"))
         if update.n != self.declared[node] or masked_n != update.n:
             return (
                 f"it reports {update.n} training images (weight {masked_n}), but declared "
@@ -189,7 +190,8 @@ def secure_round(
         timeout=timeout,
     )
     try:
-        workflow(grid, context)
+        # The workflow calls a Grid's send_and_receive alone: ProtocolGrid is that much of one.
+        workflow(grid, context)  # type: ignore[arg-type]
     except Exception as err:  # a malformed share or key: the round fails, the run does not
         return Outcome({}, grid.failures, None, f"the protocol failed: {first_line(err)}")
     if strategy.results is None:

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.files import write_text_atomic
+from pneumonia.core.startup import startup
 from pneumonia.flower.cohort import FlowerCohort
 from pneumonia.run.config import parse_fit_config
 from pneumonia.run.job import run_job
@@ -70,6 +71,7 @@ def write_status(path: str, status: dict) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    startup()  # a command's process settings: the round lines print, as in a simulated run
     run_config = dict(context.run_config)
     status_file = str(run_config.get("status-file", ""))
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pneumonia.federated.aggregate import ClientUpdate, State
 from pneumonia.federated.cohort import RoundTask
 from pneumonia.training.recipe import Moments, Recipe
+
+AnyRecord = TypeVar("AnyRecord", ArrayRecord, ConfigRecord, MetricRecord)
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,14 @@ def to_arrays(state: State) -> tuple[ArrayRecord, str]:
     """A state dict as one flat array per dtype, plus the layout to rebuild it. Flower moves
     every Array as its own object, each with a request or two: one array per tensor made
     a round of SE-ResNet-18 cost seconds of messaging (bench/flower.py)."""
-    layout, groups = [], {}
+    layout: list[list] = []
+    groups: dict[str, list[torch.Tensor]] = {}
     for key, tensor in state.items():
         dtype = str(tensor.dtype).removeprefix("torch.")
         layout.append([key, dtype, list(tensor.shape)])
         groups.setdefault(dtype, []).append(tensor.detach().cpu().reshape(-1))
-    record = ArrayRecord({dtype: torch.cat(parts) for dtype, parts in groups.items()})
-    return record, json.dumps(layout)
+    flat: dict[str, torch.Tensor] = {dtype: torch.cat(parts) for dtype, parts in groups.items()}
+    return ArrayRecord(flat), json.dumps(layout)
 
 
 def from_arrays(record: ArrayRecord, layout: str) -> State:
@@ -77,6 +81,45 @@ def from_arrays(record: ArrayRecord, layout: str) -> State:
         state[key] = flat[dtype][start : start + n].reshape(shape).clone()
         offsets[dtype] = start + n
     return state
+
+
+# -- reading what the other side wrote: each value has the type its writer above gives it
+# (Flower types a record's values as any of its kinds); another type is a TypeError.
+
+
+def record_of(content: RecordDict, key: str, kind: type[AnyRecord]) -> AnyRecord:
+    """content[key], a record of `kind`."""
+    record = content[key]
+    if not isinstance(record, kind):
+        raise TypeError(f"record {key!r} is a {type(record).__name__}, not a {kind.__name__}")
+    return record
+
+
+def number_of(record: ConfigRecord | MetricRecord, key: str) -> int | float:
+    """record[key], an int or a float."""
+    value = record[key]
+    if not isinstance(value, int | float):
+        raise TypeError(f"{key!r} holds a {type(value).__name__}, not a number")
+    return value
+
+
+def text_of(record: ConfigRecord, key: str) -> str:
+    """record[key], a str."""
+    value = record[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key!r} holds a {type(value).__name__}, not text")
+    return value
+
+
+def bytes_of(record: ConfigRecord, key: str) -> bytes:
+    """record[key], bytes."""
+    value = record[key]
+    if not isinstance(value, bytes):
+        raise TypeError(f"{key!r} holds a {type(value).__name__}, not bytes")
+    return value
+
+
+# -- messages
 
 
 def query_request(config_yaml: str) -> RecordDict:
@@ -100,9 +143,10 @@ def query_reply(info: NodeInfo) -> RecordDict:
 
 
 def read_query_reply(content: RecordDict) -> NodeInfo:
-    node, m = content["node"], content["moments"]
-    moments = (int(m["n"]), float(m["mean"]), float(m["mean-sq"]))
-    return NodeInfo(str(node["key"]), moments, str(node["digest"]), json.loads(node["counts"]))
+    node, m = record_of(content, "node", ConfigRecord), record_of(content, "moments", MetricRecord)
+    moments = (int(number_of(m, "n")), float(number_of(m, "mean")), float(number_of(m, "mean-sq")))
+    counts = json.loads(text_of(node, "counts"))
+    return NodeInfo(str(node["key"]), moments, str(node["digest"]), counts)
 
 
 def train_request(request: TrainRequest) -> RecordDict:
@@ -128,11 +172,13 @@ def train_request(request: TrainRequest) -> RecordDict:
 
 
 def read_train_request(content: RecordDict) -> TrainRequest:
-    t = content["task"]
-    state = from_arrays(content["global"], str(t["layout"]))
-    task = RoundTask(state, int(t["round"]), int(t["local-epochs"]), float(t["lr"]))
-    recipe = Recipe.from_hparams(json.loads(t["hparams"]))
-    return TrainRequest(task, int(t["client"]), str(t["config"]), recipe, bool(t["timings"]))
+    t = record_of(content, "task", ConfigRecord)
+    state = from_arrays(record_of(content, "global", ArrayRecord), str(t["layout"]))
+    epochs, lr = int(number_of(t, "local-epochs")), float(number_of(t, "lr"))
+    task = RoundTask(state, int(number_of(t, "round")), epochs, lr)
+    recipe = Recipe.from_hparams(json.loads(text_of(t, "hparams")))
+    client = int(number_of(t, "client"))
+    return TrainRequest(task, client, str(t["config"]), recipe, bool(t["timings"]))
 
 
 def train_reply(update: ClientUpdate, timings: dict[str, float] | None = None) -> RecordDict:
@@ -162,24 +208,25 @@ def time_metrics(timings: dict[str, float] | None) -> dict:
 
 def read_metadata(content: RecordDict, client: int, state: State) -> ClientUpdate:
     """A reply's clear-text metrics as a ClientUpdate holding `state`."""
-    m = content["metrics"]
+    m = record_of(content, "metrics", MetricRecord)
     return ClientUpdate(
         client=client,
         state=state,
-        n=int(m["num-examples"]),
-        train_loss=float(m["train-loss"]),
-        train_accuracy=float(m["train-accuracy"]),
-        epsilon=float(m["epsilon"]) if "epsilon" in m else None,
+        n=int(number_of(m, "num-examples")),
+        train_loss=float(number_of(m, "train-loss")),
+        train_accuracy=float(number_of(m, "train-accuracy")),
+        epsilon=float(number_of(m, "epsilon")) if "epsilon" in m else None,
     )
 
 
 def read_train_reply(content: RecordDict, client: int) -> tuple[ClientUpdate, dict[str, float]]:
     """The update, and the node's timings if it was asked for them (instants, seconds since
     the epoch; else empty)."""
-    state = from_arrays(content["update"], str(content["layout"]["layout"]))
+    layout = str(content["layout"]["layout"])
+    state = from_arrays(record_of(content, "update", ArrayRecord), layout)
     update = read_metadata(content, client, state)
-    m = content["metrics"]
-    timings = {k[len("time-") :]: float(v) for k, v in m.items() if k.startswith("time-")}
+    m = record_of(content, "metrics", MetricRecord)
+    timings = {k[len("time-") :]: float(number_of(m, k)) for k in m if k.startswith("time-")}
     return update, timings
 
 

@@ -12,28 +12,26 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from captum.attr import LayerGradCam
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+from torch import nn
 
-matplotlib.use("Agg")  # no screen: figures go to files and TensorBoard
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from captum.attr import LayerGradCam  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-
-from pneumonia.data.decode import crop_to_roi, to_input  # noqa: E402
-from pneumonia.data.imageset import ImageSet  # noqa: E402
-from pneumonia.data.lungs import (  # noqa: E402
+from pneumonia.core.figures import subplots
+from pneumonia.data.decode import crop_to_roi, to_input
+from pneumonia.data.imageset import ImageSet
+from pneumonia.data.lungs import (
     WORK_SIDE,
     energy_inside,
     lung_box,
     lung_field,
     pixel_box,
 )
-from pneumonia.training.module import ClassifierModule  # noqa: E402
+from pneumonia.training.module import ClassifierModule
 
 COLORMAP = "jet"  # the convention of Grad-CAM figures: red = most weight
 ALPHA = 0.4  # how much of the heatmap covers the radiograph
@@ -42,8 +40,9 @@ ALPHA = 0.4  # how much of the heatmap covers the radiograph
 def target_layer(model: nn.Module) -> nn.Module:
     """Where Grad-CAM reads: the last residual stage of the ResNet family (timm's `layer4`), the
     last convolution of anything else (AlexNet, VGG, most timm models)."""
-    if isinstance(getattr(model, "layer4", None), nn.Module):
-        return model.layer4
+    layer4 = getattr(model, "layer4", None)
+    if isinstance(layer4, nn.Module):
+        return layer4
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM to read")
@@ -64,7 +63,7 @@ def heatmaps(
         with torch.no_grad():
             logits = module(batch)
             p = module.positive_probability(logits)
-        target = decided_class(module, logits, p > float(module.hparams.threshold))
+        target = decided_class(module, logits, p > float(module.hparams["threshold"]))
         with torch.enable_grad():
             attribution = cam.attribute(batch, target=target, relu_attributions=True)
         size = images.shape[-2:]
@@ -107,7 +106,7 @@ def panel(
 ) -> Figure:
     """A grid of overlays, one title under each (the figures TensorBoard and reports show)."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, heat, title in zip(axes.flat, images, maps, titles, strict=False):
@@ -155,7 +154,7 @@ def cases_panel(
 ) -> Figure:
     """The `per_kind` most confident correct and most confident wrong decisions on `imageset`
     (probabilities `probs`), with their heatmaps: top row correct, bottom row wrong."""
-    threshold = float(module.hparams.threshold)
+    threshold = float(module.hparams["threshold"])
     targets = module.is_positive(imageset.labels)
     decided = probs > threshold
     confidence = (probs - threshold).abs()
@@ -191,7 +190,7 @@ def lung_panel(fulls: list[torch.Tensor], columns: int = 4):
     """Decoded radiographs [1, H, W] with their lung-field masks (outlined; red: implausible,
     the full image is used) and the crop box: for a reader to judge the segmentation."""
     rows = max(1, -(-len(fulls) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, full in zip(axes.flat, fulls, strict=False):
@@ -201,7 +200,7 @@ def lung_panel(fulls: list[torch.Tensor], columns: int = 4):
         ax.contour(field.mask, levels=[0.5], colors="lime" if field.plausible else "red")
         if field.plausible:
             r0, r1, c0, c1 = pixel_box(lung_box(field.mask), WORK_SIDE, WORK_SIDE)
-            ax.add_patch(plt.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, color="yellow"))
+            ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, color="yellow"))
         ax.set_title("lung field" if field.plausible else field.reason, fontsize=8)
     figure.tight_layout()
     return figure
@@ -214,7 +213,7 @@ def lung_energy_share(module: ClassifierModule, full: torch.Tensor, roi: str) ->
     field = lung_field(full)
     if not field.plausible:
         return float("nan")
-    size = int(module.hparams.image_size)
+    size = int(module.hparams["image_size"])
     view, cropped = crop_to_roi(full, roi)
     intensity = module.hparams.get("intensity", "none")  # the input it was trained on
     cam = heatmaps(module, to_input(view, size, intensity)[None])[0][0]

@@ -100,13 +100,14 @@ def export_onnx(ckpt: str | Path, out: Path) -> dict[str, str]:
             f"checkpoint {ckpt}: model {model.name!r} cannot be exported to ONNX: "
             f"{first_line(err, 120)}"
         ) from None
+    assert program is not None  # the dynamo exporter always returns its program
     proto = program.model_proto
     metadata = {
         "image_size": str(model.image_size),
         "roi": model.roi,  # read as "full" when absent (files exported before data.roi)
         "intensity": model.intensity,  # read as "none" when absent (before data.intensity)
-        "mean": repr(float(hparams.mean)),
-        "std": repr(float(hparams.std)),
+        "mean": repr(float(hparams["mean"])),
+        "std": repr(float(hparams["std"])),
         "threshold": repr(model.threshold),
         "classes": json.dumps(list(model.classes)),
         "positive_class": model.positive_class,
@@ -115,8 +116,8 @@ def export_onnx(ckpt: str | Path, out: Path) -> dict[str, str]:
         "model_card": json.dumps(model.card),
         "preprocessing": PREPROCESSING.format(
             size=model.image_size,
-            mean=float(hparams.mean),
-            std=float(hparams.std),
+            mean=float(hparams["mean"]),
+            std=float(hparams["std"]),
             standardise=STANDARDISE[model.intensity],
         ),
     }

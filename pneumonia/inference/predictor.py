@@ -90,7 +90,7 @@ class Model:
         }
         if class_probs is not None:
             causes = {c: p for c, p in probs.items() if c != self.negative_class}
-            row["cause"] = max(causes, key=causes.get) if positive else ""
+            row["cause"] = max(causes, key=lambda c: causes[c]) if positive else ""
         return row
 
     def describe(self) -> dict:
@@ -228,6 +228,11 @@ class Decoded:
     error: str = ""
 
 
+def stacked_images(decoded: list[Decoded]) -> torch.Tensor:
+    """The model's views [B, 1, S, S] of files that all decoded."""
+    return torch.stack([d.image for d in decoded if d.image is not None])
+
+
 # Overlays keep the radiograph's own aspect ratio, at most this many pixels a side.
 OVERLAY_SIDE = 1024
 
@@ -316,7 +321,7 @@ def predict_files(
             good = [d for d in batch if d.image is not None]
             skipped += [(str(d.path), d.error) for d in batch if d.image is None]
             if good:
-                probs, class_probs = predictor.scores(torch.stack([d.image for d in good]))
+                probs, class_probs = predictor.scores(stacked_images(good))
                 per_class = class_probs if class_probs is not None else [None] * len(good)
                 rows += [
                     model.row(str(d.path), float(p), c)
@@ -340,8 +345,9 @@ class HeatmapWriter:
         self._taken: set[str] = set()
 
     def __call__(self, decoded: list[Decoded], probs: torch.Tensor) -> None:
-        maps, _ = self.predictor.heatmaps(torch.stack([d.image for d in decoded]))
+        maps, _ = self.predictor.heatmaps(stacked_images(decoded))
         for item, heat in zip(decoded, maps, strict=True):
+            assert item.full is not None  # predict_files keeps it for an on_batch (this writer)
             target = self.folder / self._unique(item.path.stem)
             write_bytes_atomic(target, png_bytes(overlay(item.full, heat)))
             self.written[str(item.path)] = str(target)

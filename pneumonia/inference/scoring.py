@@ -8,13 +8,12 @@ import contextlib
 import warnings
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pneumonia.data.groups import family_groups
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.transforms import tta_views
-from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics
+from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics, binary_log_loss
 from pneumonia.metrics.intervals import bootstrap_intervals, class_intervals
 from pneumonia.training.module import ClassifierModule
 
@@ -75,7 +74,7 @@ def evaluate_imageset(
     progress: bool = False,
     tta: bool = False,
 ) -> tuple[dict, DiagnosisMetrics]:
-    """Metrics of `module` on `imageset` (unweighted cross-entropy "loss", every scalar, the
+    """Metrics of `module` on `imageset` ("loss": `binary_log_loss`, every scalar, the
     confusion matrix and n), and the filled metric object for figures."""
     probs = predict_probabilities(module, imageset.images, batch_size, device, progress, tta)
     return score(module, probs, imageset.labels)
@@ -112,9 +111,9 @@ def score(
 ) -> tuple[dict, DiagnosisMetrics]:
     """Metrics of probabilities P(positive) against class labels, at the module's threshold."""
     targets = module.is_positive(labels)
-    metrics = DiagnosisMetrics(module.hparams.threshold)
+    metrics = DiagnosisMetrics(module.hparams["threshold"])
     metrics.update(probs, targets)
-    values = {"loss": cross_entropy(probs, targets)} | metrics.compute()
+    values = {"loss": float(binary_log_loss(probs, targets))} | metrics.compute()
     if len(targets) and bool(targets.all() | ~targets.any()):
         values["auroc"] = float("nan")  # one class only (a site's few patients): no ranking
     return values, metrics
@@ -126,7 +125,7 @@ def score_with_intervals(
     """`score`, plus "ci95": a 95% bootstrap interval of each metric, resampled by patient."""
     values, metrics = score(module, probs, imageset.labels)
     targets = module.is_positive(imageset.labels)
-    threshold = float(module.hparams.threshold)
+    threshold = float(module.hparams["threshold"])
     values["ci95"] = bootstrap_intervals(probs, targets, threshold, imageset.patients, seed=seed)
     return values, metrics
 
@@ -142,22 +141,10 @@ def score_groups(module: ClassifierModule, images: ImageSet, probs, seed: int = 
         }
 
 
-def cross_entropy(probs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean unweighted cross-entropy of P(positive) against boolean targets. Probabilities are
-    clipped to [1e-7, 1 - 1e-7]: one confident mistake costs 16 nats, not torch's cap of 100."""
-    if not len(probs):
-        return float("nan")
-    p = probs.double().clamp(1e-7, 1 - 1e-7)
-    return float(F.binary_cross_entropy(p, targets.double()))
-
-
 def score_classes(module: ClassifierModule, imageset: ImageSet, probs: torch.Tensor, seed=0):
     """Three-class figures (`ClassMetrics`) of class probabilities [N, C], with "ci95": 95%
     intervals by patient of each per-class and macro figure; and the filled metric object."""
     metrics = ClassMetrics(module.classes)
     metrics.update(probs, imageset.labels)
-    values = metrics.compute()
-    values["ci95"] = class_intervals(
-        probs, imageset.labels, imageset.patients, module.classes, seed=seed
-    )
-    return values, metrics
+    ci95 = class_intervals(probs, imageset.labels, imageset.patients, module.classes, seed=seed)
+    return {**metrics.compute(), "ci95": ci95}, metrics

@@ -1,20 +1,20 @@
-"""Binary diagnosis metrics (torchmetrics) and their figures.
+"""Binary diagnosis metrics (torchmetrics) and their figures, and the one validation loss.
 
 The positive class is PNEUMONIA by default, so recall is sensitivity and specificity is the
 recall of NORMAL. Scalars are thresholded at `threshold`; AUROC and the ROC curve are not.
+`binary_log_loss` is the loss every validation reports (the module's val/loss, a federation's
+rounds, the final scoring): the log loss of P(positive), whatever the number of classes.
 """
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are rendered to files and TensorBoard, never to a screen
-
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import nn  # noqa: E402
-from torchmetrics import MetricCollection  # noqa: E402
-from torchmetrics.classification import (  # noqa: E402
+import torch
+import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
     BinaryCalibrationError,
@@ -31,9 +31,11 @@ from torchmetrics.classification import (  # noqa: E402
     MulticlassPrecision,
     MulticlassRecall,
 )
-from torchmetrics.functional.classification import binary_calibration_error  # noqa: E402
-from torchmetrics.utilities.data import dim_zero_cat  # noqa: E402
+from torchmetrics.functional.classification import binary_calibration_error
+from torchmetrics.utilities.data import dim_zero_cat
 
+# Where binary_log_loss clips P(positive): one confident mistake costs -log(1e-7) = 16 nats.
+LOG_LOSS_CLIP = 1e-7
 SCALARS = ("accuracy", "precision", "recall", "f1", "specificity", "auroc", "ece")
 # Bins of the expected calibration error and of the reliability diagram.
 CALIBRATION_BINS = 10
@@ -46,21 +48,22 @@ class DiagnosisMetrics(nn.Module):
         super().__init__()
         # No argument validation: probabilities and 0/1 targets are valid by construction, and
         # the checks read tensor values, a host synchronisation per update on a GPU.
-        kw = {"validate_args": False}
         self.scalars = MetricCollection(
             {
-                "accuracy": BinaryAccuracy(threshold, **kw),
-                "precision": BinaryPrecision(threshold, **kw),
-                "recall": BinaryRecall(threshold, **kw),
-                "f1": BinaryF1Score(threshold, **kw),
-                "specificity": BinarySpecificity(threshold, **kw),
-                "auroc": BinaryAUROC(**kw),
+                "accuracy": BinaryAccuracy(threshold, validate_args=False),
+                "precision": BinaryPrecision(threshold, validate_args=False),
+                "recall": BinaryRecall(threshold, validate_args=False),
+                "f1": BinaryF1Score(threshold, validate_args=False),
+                "specificity": BinarySpecificity(threshold, validate_args=False),
+                "auroc": BinaryAUROC(validate_args=False),
                 # |observed - predicted| frequency of the positive class, over 10 equal bins.
-                "ece": BinaryCalibrationError(n_bins=CALIBRATION_BINS, norm="l1", **kw),
+                "ece": BinaryCalibrationError(
+                    n_bins=CALIBRATION_BINS, norm="l1", validate_args=False
+                ),
             }
         )
-        self.confusion = BinaryConfusionMatrix(threshold, **kw)
-        self.roc = BinaryROC(**kw)
+        self.confusion = BinaryConfusionMatrix(threshold, validate_args=False)
+        self.roc = BinaryROC(validate_args=False)
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
         """probs: P(positive) per image; targets: 1 for the positive class, else 0."""
@@ -80,9 +83,11 @@ class DiagnosisMetrics(nn.Module):
     def figures(self, class_names: tuple[str, str]) -> dict[str, Figure]:
         """The confusion matrix and ROC curve as matplotlib figures."""
         fig_cm, ax = self.confusion.plot(labels=list(class_names))
+        assert isinstance(ax, Axes)  # one metric, one panel (torchmetrics types an array too)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         fig_roc, ax = self.roc.plot(score=True)
+        assert isinstance(ax, Axes)
         ax.set_title("ROC (positive: " + class_names[1] + ")")
         probs, targets = dim_zero_cat(self.roc.preds), dim_zero_cat(self.roc.target)
         fig_rel = reliability_figure(probs, targets, class_names[1])
@@ -96,6 +101,26 @@ class DiagnosisMetrics(nn.Module):
         self.scalars.reset()
         self.confusion.reset()
         self.roc.reset()
+
+
+def binary_log_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean unweighted log loss of P(positive) `probs` against boolean `targets`, in float64
+    (a 0-d tensor on their device; nan for no images or a nan probability). Probabilities are
+    clipped to [1e-7, 1 - 1e-7]: one confident mistake costs 16 nats, not torch's cap of 100.
+
+    With two classes this is mathematically the softmax cross-entropy of the logits that
+    validation logged before; the values differ only in the last float digits (P is float32,
+    so an image whose 1 - P is tiny, a confident mistake, loses the most). With three it is
+    the diagnosis's (pneumonia vs normal) loss, not the three-class cross-entropy, so a
+    val/loss monitor selects on the same quantity centrally and in a federation."""
+    # MPS has no float64: its float32 differs in the seventh digit.
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    if not len(probs):
+        return torch.tensor(float("nan"), dtype=dtype, device=probs.device)
+    p = probs.detach().to(dtype).clamp(LOG_LOSS_CLIP, 1 - LOG_LOSS_CLIP)
+    if torch.isnan(p).any():  # a diverged model: its loss is nan (binary_cross_entropy raises)
+        return torch.tensor(float("nan"), dtype=dtype, device=probs.device)
+    return F.binary_cross_entropy(p, targets.to(dtype))
 
 
 def youden_threshold(probs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -184,17 +209,17 @@ class ClassMetrics(nn.Module):
     def __init__(self, classes: tuple[str, ...]) -> None:
         super().__init__()
         self.classes = tuple(classes)
-        k = {"num_classes": len(classes), "validate_args": False}
+        n = len(classes)
         self.collection = MetricCollection(
             {
-                "class_accuracy": MulticlassAccuracy(average="micro", **k),
-                "precision": MulticlassPrecision(average="none", **k),
-                "recall": MulticlassRecall(average="none", **k),
-                "f1": MulticlassF1Score(average="none", **k),
-                "auroc": MulticlassAUROC(average="none", **k),
+                "class_accuracy": MulticlassAccuracy(n, average="micro", validate_args=False),
+                "precision": MulticlassPrecision(n, average="none", validate_args=False),
+                "recall": MulticlassRecall(n, average="none", validate_args=False),
+                "f1": MulticlassF1Score(n, average="none", validate_args=False),
+                "auroc": MulticlassAUROC(n, average="none", validate_args=False),
             }
         )
-        self.confusion = MulticlassConfusionMatrix(**k)
+        self.confusion = MulticlassConfusionMatrix(n, validate_args=False)
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         probs, labels = probs.detach().float(), labels.detach().long()
@@ -217,6 +242,7 @@ class ClassMetrics(nn.Module):
 
     def confusion_figure(self) -> Figure:
         fig, ax = self.confusion.plot(labels=list(self.classes))
+        assert isinstance(ax, Axes)  # one metric, one panel (torchmetrics types an array too)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         return fig

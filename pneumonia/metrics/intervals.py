@@ -120,8 +120,8 @@ def weighted_class_metrics(
         for key, v in values.items():
             out[f"{key}_{name}"] = v
             per[key].append(v)
-    for key, values in per.items():
-        out[f"macro_{key}"] = torch.stack(values).mean(0)
+    for key, series in per.items():
+        out[f"macro_{key}"] = torch.stack(series).mean(0)
     return out
 
 

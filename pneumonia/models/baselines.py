@@ -9,17 +9,19 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
-from pneumonia.models.factory import IN_CHANS, NUM_CLASSES, ModelConfig, register
+from pneumonia.models.factory import IN_CHANS, MODELS, NUM_CLASSES, ModelConfig
 
 
 def _one_channel_first_conv(features: nn.Sequential) -> None:
     conv = features[0]
-    features[0] = nn.Conv2d(
-        IN_CHANS, conv.out_channels, conv.kernel_size, conv.stride, conv.padding
-    )
+    assert isinstance(conv, nn.Conv2d)  # torchvision's AlexNet and VGG start with one
+    # torch types a Conv2d's kernel_size, stride and padding as tuple[int, ...] but asks for
+    # pairs: these are the pairs a Conv2d was built with.
+    shape = conv.kernel_size, conv.stride, conv.padding
+    features[0] = nn.Conv2d(IN_CHANS, conv.out_channels, *shape)  # type: ignore[arg-type]
 
 
-@register("alexnet")
+@MODELS.register("alexnet")
 def alexnet(cfg: ModelConfig) -> nn.Module:
     """AlexNet (torchvision); `model.norm` does not apply."""
     model = tvm.alexnet(weights=None, num_classes=NUM_CLASSES, dropout=cfg.drop_rate or 0.5)
@@ -27,7 +29,7 @@ def alexnet(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-@register("vgg16")
+@MODELS.register("vgg16")
 def vgg16(cfg: ModelConfig) -> nn.Module:
     """VGG-16 (torchvision): with `model.norm: bn` the batch-normalised variant."""
     build = tvm.vgg16_bn if cfg.norm == "bn" else tvm.vgg16

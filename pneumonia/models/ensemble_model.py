@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pneumonia.core.errors import UserError
-from pneumonia.models.factory import ModelConfig, create_model, register
+from pneumonia.models.factory import MODELS, ModelConfig, create_model
 
 RULES = ("stacking", "soft_vote")
 NEGATIVE_CLASS = "NORMAL"  # every other class of a member is a kind of pneumonia
@@ -64,6 +64,9 @@ def clamped_logit(p: torch.Tensor) -> torch.Tensor:
 
 class Ensemble(nn.Module):
     """Members' P(pneumonia) combined by stacking or soft voting; logits [B, 2]."""
+
+    coef: torch.Tensor  # buffers (register_buffer), typed for the type checker
+    intercept: torch.Tensor
 
     def __init__(
         self,
@@ -123,7 +126,7 @@ def member_config(member: dict) -> ModelConfig:
     return ModelConfig(**member["model"])
 
 
-@register("ensemble")
+@MODELS.register("ensemble")
 def ensemble(cfg: ModelConfig) -> nn.Module:
     """The ensemble `cfg.ensemble` describes (written by `python -m pneumonia.ensemble`)."""
     spec = cfg.ensemble

@@ -1,7 +1,7 @@
 """Models by name: our registered builders, plus any timm model as `timm/<name>`.
 
 As in timm, the registry imports no model: each model module registers its builders with
-`@register`, and `pneumonia.models` imports those modules, so importing any part of the
+`@MODELS.register`, and `pneumonia.models` imports those modules, so importing any part of the
 package fills the registry.
 
 Every model takes 1-channel images and returns one logit per class: 2 (NORMAL, PNEUMONIA) by
@@ -31,16 +31,15 @@ from pneumonia.core.bounds import (
     Width,
 )
 from pneumonia.core.errors import UserError, first_line
+from pneumonia.core.registry import Registry
 from pneumonia.models.heads import classifier_layer, replace_classifier
-from pneumonia.models.layers import ACTIVATIONS, DropConnectLinear
+from pneumonia.models.layers import ACTIVATION_NAMES, DropConnectLinear
 from pneumonia.models.mixstyle import attach_mixstyle
 from pneumonia.models.pretrained import load_pretrained
 
 IN_CHANS = 1
 NUM_CLASSES = 2  # what every builder returns; create_model changes the output layer if asked
-
-
-ACTIVATION_NAMES = tuple(ACTIVATIONS)
+TIMM_PREFIX = "timm/"
 
 
 @dataclass
@@ -63,7 +62,8 @@ class ModelConfig:
     width: Width = 64
     # The ResNet family's activation (every block and the stem; SE gates keep theirs), with
     # the parameters of maxout (pieces) and noisy softplus (k, sigma): pneumonia.models.layers.
-    activation: Literal[ACTIVATION_NAMES] = "relu"
+    # The names come from the activation registry at import: a Literal only the parser can read.
+    activation: Literal[ACTIVATION_NAMES] = "relu"  # type: ignore[valid-type]
     maxout_pieces: MaxoutPieces = 2
     noisy_softplus_k: PositiveFloat = 0.5
     noisy_softplus_sigma: PositiveFloat = 1.0
@@ -93,26 +93,12 @@ class ModelConfig:
 
 
 Builder = Callable[[ModelConfig], nn.Module]
-_BUILDERS: dict[str, Builder] = {}
-_TAKES_WIDTH: set[str] = set()
+# `@MODELS.register(name, takes_width=True)` for our ResNet family: it honours model.width and
+# the family's options (check_family_options).
+MODELS: Registry[Builder] = Registry(
+    "model.name", sort=True, extra_choices=(f"{TIMM_PREFIX}<any timm model>",)
+)
 PAPER_WIDTH = 64
-
-
-def register(name: str, takes_width: bool = False) -> Callable[[Builder], Builder]:
-    """Decorator: make `name` buildable by `create_model` (`takes_width`: honours model.width)."""
-
-    def add(builder: Builder) -> Builder:
-        _BUILDERS[name] = builder
-        if takes_width:
-            _TAKES_WIDTH.add(name)
-        return builder
-
-    return add
-
-
-def list_models() -> list[str]:
-    """Registered names, plus the timm prefix."""
-    return sorted(_BUILDERS) + ["timm/<any timm model>"]
 
 
 def create_model(
@@ -120,16 +106,13 @@ def create_model(
 ) -> nn.Module:
     """Build the model `cfg` names with `num_classes` outputs; with `image_size`, check it can
     take images that small."""
-    if not cfg.name.startswith("timm/") and cfg.name not in _BUILDERS:
-        raise UserError(
-            f"unknown model.name {cfg.name!r}: choose one of {', '.join(list_models())}"
-        )
-    if cfg.width != PAPER_WIDTH and cfg.name not in _TAKES_WIDTH:
+    build = _create_timm if cfg.name.startswith(TIMM_PREFIX) else MODELS.get(cfg.name)
+    if cfg.width != PAPER_WIDTH and not _in_family(cfg.name):
         raise UserError(
             f"model.width applies to {family_names()} only: drop it for model {cfg.name}"
         )
     check_family_options(cfg)
-    model = _create_timm(cfg) if cfg.name.startswith("timm/") else _BUILDERS[cfg.name](cfg)
+    model = build(cfg)
     if cfg.head != "linear" or num_classes != NUM_CLASSES:
         # Builders make 2-class linear classifiers; only other heads pay for a new layer, so
         # the default model's initial weights stay what a seed gave them before.
@@ -147,9 +130,13 @@ def create_model(
     return model
 
 
+def _in_family(name: str) -> bool:
+    return name in MODELS.names(takes_width=True)
+
+
 def family_names() -> str:
     """Our ResNet family, for error messages."""
-    return "the ResNet family (" + ", ".join(sorted(_TAKES_WIDTH)) + ")"
+    return "the ResNet family (" + ", ".join(MODELS.names(takes_width=True)) + ")"
 
 
 def check_family_options(cfg: ModelConfig) -> None:
@@ -161,16 +148,16 @@ def check_family_options(cfg: ModelConfig) -> None:
         ("attention", cfg.attention, "auto"),
         ("block_drop_rate", cfg.block_drop_rate, 0.0),
     ):
-        if value != default and cfg.name not in _TAKES_WIDTH:
+        if value != default and not _in_family(cfg.name):
             raise UserError(f"model.{key} applies to {family} only: drop it for {cfg.name}")
-    if cfg.norm == "brn" and cfg.name not in _TAKES_WIDTH:
+    if cfg.norm == "brn" and not _in_family(cfg.name):
         raise UserError(f"model.norm brn applies to {family} only: use bn or gn for {cfg.name}")
 
 
 def _create_timm(cfg: ModelConfig) -> nn.Module:
     import timm
 
-    arch = cfg.name.removeprefix("timm/")
+    arch = cfg.name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(arch):
         raise UserError(f"unknown timm model {arch!r} in model.name: see timm.list_models()")
     # pretrained=False: weights only ever come from a local file (model.pretrained).

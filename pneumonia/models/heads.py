@@ -69,7 +69,8 @@ def replace_classifier(
     """Put `head` ("linear" or "thesis") with `num_classes` outputs in place of the model's
     2-class classifier, in place."""
     if head == "thesis" and _is_torchvision_mlp(model):
-        channels = [m.out_channels for m in model.features.modules() if isinstance(m, nn.Conv2d)]
+        features = model.get_submodule("features").modules()
+        channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)]
         model.avgpool = nn.AdaptiveAvgPool2d(1)
         model.classifier = thesis_head(channels[-1], num_classes, norm, dropout, groups)
         return
@@ -77,6 +78,7 @@ def replace_classifier(
     linear = getattr(parent, attr)
     if not isinstance(linear, nn.Linear):
         raise UserError(f"model.head {head}: this model's classifier is not a Linear layer")
+    new: nn.Module
     if head == "thesis":
         new = thesis_head(linear.in_features, num_classes, norm, dropout, groups)
     else:

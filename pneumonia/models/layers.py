@@ -1,11 +1,13 @@
 """Optional layers the models can be built with: activations by name, Batch Renormalization
 and DropConnect.
 
-- Activations: `model.activation` picks one from `ACTIVATIONS`; `activation_layer` turns the
-  name into timm's `act_layer`, a factory that timm's blocks call as `act_layer(inplace=True)`
-  once per activation, so each call builds a fresh module (a PReLU slope per layer). Two are
-  not in torch and are written here: Noisy Softplus (Liu and Furber 2016) and a channel
-  maxout that keeps the width (Goodfellow et al. 2013).
+- Activations: `model.activation` picks one from `ACTIVATIONS`, whose factories take
+  `inplace` and the activation options (`maxout_pieces`, `noisy_softplus_k`,
+  `noisy_softplus_sigma`) as keywords, ignoring those they have no use for.
+  `activation_layer` turns the name into timm's `act_layer`, a factory that timm's blocks call
+  as `act_layer(inplace=True)` once per activation, so each call builds a fresh module (a
+  PReLU slope per layer). Two are not in torch and are written here: Noisy Softplus (Liu and
+  Furber 2016) and a channel maxout that keeps the width (Goodfellow et al. 2013).
 - `BatchRenorm2d` (Ioffe 2017): no library ships it for torch. It subclasses BatchNorm2d, so
   its parameters and buffers have BatchNorm's names and shapes and everything that looks for
   BatchNorm (FedBN's local keys, the privacy check that refuses batch-mixing layers) finds it.
@@ -16,15 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pneumonia.core.errors import UserError
+from pneumonia.core.registry import Registry
 
 ActivationFactory = Callable[..., nn.Module]
-ACTIVATIONS: dict[str, ActivationFactory] = {}
+# BatchRenorm2d's warm-up progress: a tensor during the warm-up, 1.0 without one.
+Progress = TypeVar("Progress", torch.Tensor, float)
+ACTIVATIONS: Registry[ActivationFactory] = Registry("model.activation")
 
 
 class NoisySoftplus(nn.Module):
@@ -79,63 +85,44 @@ class Maxout(nn.Module):
         return f"pieces={self.pieces}"
 
 
-def register_activation(name: str) -> Callable[[ActivationFactory], ActivationFactory]:
-    """Decorator: make a factory selectable as `model.activation name`.
-
-    A factory takes `inplace` and the activation options (`maxout_pieces`, `noisy_softplus_k`,
-    `noisy_softplus_sigma`) as keywords, ignoring those it has no use for.
-    """
-
-    def add(factory: ActivationFactory) -> ActivationFactory:
-        ACTIVATIONS[name] = factory
-        return factory
-
-    return add
-
-
-def list_activations() -> list[str]:
-    """Registered names, in registration order."""
-    return list(ACTIVATIONS)
-
-
 # Only ReLU honours `inplace`: it is the default, where the memory saving matters, and the
 # one timm's blocks are known to be safe with; the others run out of place.
-@register_activation("relu")
+@ACTIVATIONS.register("relu")
 def _relu(inplace: bool = False, **_options) -> nn.Module:
     return nn.ReLU(inplace=inplace)
 
 
-@register_activation("sigmoid")
+@ACTIVATIONS.register("sigmoid")
 def _sigmoid(inplace: bool = False, **_options) -> nn.Module:
     return nn.Sigmoid()
 
 
-@register_activation("tanh")
+@ACTIVATIONS.register("tanh")
 def _tanh(inplace: bool = False, **_options) -> nn.Module:
     return nn.Tanh()
 
 
-@register_activation("prelu")
+@ACTIVATIONS.register("prelu")
 def _prelu(inplace: bool = False, **_options) -> nn.Module:
     return nn.PReLU()  # one shared slope per layer, initialised at 0.25
 
 
-@register_activation("rrelu")
+@ACTIVATIONS.register("rrelu")
 def _rrelu(inplace: bool = False, **_options) -> nn.Module:
     return nn.RReLU()  # slopes drawn in [1/8, 1/3] in training, their mean in eval
 
 
-@register_activation("elu")
+@ACTIVATIONS.register("elu")
 def _elu(inplace: bool = False, **_options) -> nn.Module:
     return nn.ELU()
 
 
-@register_activation("softplus")
+@ACTIVATIONS.register("softplus")
 def _softplus(inplace: bool = False, **_options) -> nn.Module:
     return nn.Softplus()
 
 
-@register_activation("noisy_softplus")
+@ACTIVATIONS.register("noisy_softplus")
 def _noisy_softplus(
     inplace: bool = False,
     noisy_softplus_k: float = 0.5,
@@ -145,9 +132,12 @@ def _noisy_softplus(
     return NoisySoftplus(noisy_softplus_k, noisy_softplus_sigma)
 
 
-@register_activation("maxout")
+@ACTIVATIONS.register("maxout")
 def _maxout(inplace: bool = False, maxout_pieces: int = 2, **_options) -> nn.Module:
     return Maxout(maxout_pieces)
+
+
+ACTIVATION_NAMES = ACTIVATIONS.names()  # model.activation's choices, in registration order
 
 
 def activation_layer(
@@ -157,12 +147,8 @@ def activation_layer(
     noisy_softplus_sigma: float = 1.0,
 ) -> ActivationFactory:
     """timm's `act_layer` for `model.activation name`: call it (with `inplace`) for a new module."""
-    if name not in ACTIVATIONS:
-        raise UserError(
-            f"unknown model.activation {name!r}: choose one of {', '.join(list_activations())}"
-        )
     factory = partial(
-        ACTIVATIONS[name],
+        ACTIVATIONS.get(name),
         maxout_pieces=maxout_pieces,
         noisy_softplus_k=noisy_softplus_k,
         noisy_softplus_sigma=noisy_softplus_sigma,
@@ -196,6 +182,12 @@ class BatchRenorm2d(nn.BatchNorm2d):
     BatchNorm's (FedBN keeps them local with the other normalisation keys); num_batches_tracked
     is an integer counter that only drives the warm-up.
     """
+
+    # Always tracked, with a momentum (BatchNorm's types allow neither to be None).
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    momentum: float
 
     def __init__(
         self,
@@ -258,13 +250,22 @@ class BatchRenorm2d(nn.BatchNorm2d):
 
     def _r_d(self, mu_b: torch.Tensor, sigma_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """r and d of the docstring, clipped to this step's limits (warm-up included)."""
+        sigma = torch.sqrt(self.running_var.float() + self.eps)
+        ratio, shift = sigma_b / sigma, (mu_b - self.running_mean.float()) / sigma
         progress = self._progress()
+        # One call each way: the checker then sees both limits tensors, or both floats.
+        if isinstance(progress, torch.Tensor):
+            return self._clip(ratio, shift, progress)
+        return self._clip(ratio, shift, progress)
+
+    def _clip(
+        self, ratio: torch.Tensor, shift: torch.Tensor, progress: Progress
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ratio to [1 / r_max_t, r_max_t], shift to [-d_max_t, d_max_t]: limits that are
+        tensors or floats as `progress` is (torch.clamp takes either, never one of each)."""
         r_max = 1.0 + (self.r_max - 1.0) * progress
         d_max = self.d_max * progress
-        sigma = torch.sqrt(self.running_var.float() + self.eps)
-        r = torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max)
-        d = torch.clamp((mu_b - self.running_mean.float()) / sigma, -d_max, d_max)
-        return r, d
+        return torch.clamp(ratio, 1.0 / r_max, r_max), torch.clamp(shift, -d_max, d_max)
 
     @torch.no_grad()
     def _update_running(self, mu_b: torch.Tensor, var_b: torch.Tensor, n: int) -> None:

@@ -69,8 +69,9 @@ class MixStyle(nn.Module):
 
 def attach_mixstyle(model: nn.Module, p: float, alpha: float = 0.1) -> MixStyle:
     """Hook one MixStyle after each of the model's STAGES; UserError for a model without them."""
-    stages = [getattr(model, name, None) for name in STAGES]
-    if not all(isinstance(stage, nn.Module) for stage in stages):
+    found = [getattr(model, name, None) for name in STAGES]
+    stages = [stage for stage in found if isinstance(stage, nn.Module)]
+    if len(stages) < len(STAGES):
         raise UserError(
             f"model.mixstyle needs residual stages named {' and '.join(STAGES)} (the ResNet "
             f"family, timm/resnet*): {type(model).__name__} has none; drop model.mixstyle"

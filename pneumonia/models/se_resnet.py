@@ -41,7 +41,7 @@ from torch import nn
 
 from pneumonia.core.errors import UserError
 from pneumonia.models.attention import AttnLayer, attention_layer, cbam_layer
-from pneumonia.models.factory import IN_CHANS, NUM_CLASSES, ModelConfig, register
+from pneumonia.models.factory import IN_CHANS, MODELS, NUM_CLASSES, ModelConfig
 from pneumonia.models.layers import BatchRenorm2d, activation_layer
 
 STEM_CHANNELS = 64  # timm's 7x7 stem, whatever model.width is
@@ -111,9 +111,17 @@ class ThesisCbamResNet(ResNet):
     max pooling and layer1 (`pre_conv`, `pre_norm`, `pre_act`, `pre_cbam`) and a CBAM block
     between layer4 and global pooling (`post_cbam`)."""
 
+    # timm adds its stages by name (add_module): their types, for the type checker.
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+
     def __init__(self, cbam: AttnLayer, **resnet_kwargs):
         super().__init__(**resnet_kwargs)
-        stem = self.conv1.out_channels
+        stem_conv = self.conv1
+        assert isinstance(stem_conv, nn.Conv2d)  # timm's 7x7 stem: resnet_args asks no deep one
+        stem = stem_conv.out_channels
         self.pre_conv = nn.Conv2d(stem, stem, kernel_size=3, stride=1, padding=1, bias=False)
         self.pre_norm = resnet_kwargs["norm_layer"](stem)
         self.pre_act = resnet_kwargs["act_layer"](inplace=True)
@@ -150,13 +158,13 @@ def _register_family() -> None:
                 return resnet(cfg, depth, attention)
 
             build.__doc__ = f"{prefix}{depth}: ResNet-{depth} with {attention} attention."
-            register(f"{prefix}{depth}", takes_width=True)(build)
+            MODELS.register(f"{prefix}{depth}", takes_width=True)(build)
 
 
 _register_family()
 
 
-@register("thesis_cbam_resnet50", takes_width=True)
+@MODELS.register("thesis_cbam_resnet50", takes_width=True)
 def thesis_cbam_resnet50(cfg: ModelConfig) -> ThesisCbamResNet:
     """The thesis's CBAM-ResNet-50: CBAM after the stem (behind a 3x3 conv) and after layer4."""
     attn_layer = attention_layer(cfg, "none")

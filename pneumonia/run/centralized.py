@@ -3,6 +3,7 @@ mirror image of `pneumonia.run.federated`."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -12,12 +13,10 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import (
     Callback,
-    EarlyStopping,
     EMAWeightAveraging,
     ModelCheckpoint,
     WeightAveraging,
 )
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.interrupt import deferred
@@ -26,8 +25,7 @@ from pneumonia.core.seeding import seed_training
 from pneumonia.data.datamodule import ChestXrayDataModule
 from pneumonia.data.sources import Splits
 from pneumonia.run.config import monitor_mode, trainer_arguments
-from pneumonia.run.finalize import Trained
-from pneumonia.run.inputs import RunInputs
+from pneumonia.run.inputs import RunInputs, Trained
 from pneumonia.run.progress import Progress, duration
 from pneumonia.run.resumable import (
     FlushEachEpoch,
@@ -35,9 +33,21 @@ from pneumonia.run.resumable import (
     RandomState,
     StopBetweenBatches,
 )
+from pneumonia.run.rundir import (
+    BEST,
+    CHECKPOINTS,
+    LAST,
+    checkpoints_dir,
+    last_checkpoint,
+    tensorboard_logger,
+)
+from pneumonia.run.selection import selection_rule
+from pneumonia.run.stopping import early_stopping, early_stopping_record, stopped_epoch
 from pneumonia.training.checkpoint import CheckpointIO
 from pneumonia.training.privacy import DPSGD, AccountantState, make_private, planned_steps
 from pneumonia.training.recipe import build_module, loss_weights
+
+log = logging.getLogger(__name__)
 
 
 class ReportEpochs(Callback):
@@ -79,10 +89,9 @@ class EpochLines(Callback):
         left = duration(elapsed / done * (total - done))
         if module.privacy is not None:  # read now: the module logs it after this callback
             best_text += f" | epsilon {module.privacy.epsilon():.2f}"
-        print(
+        log.info(
             f"epoch {done:{len(str(total))}d}/{total}  train loss "
-            f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left",
-            flush=True,
+            f"{m.get('train/loss_epoch', float('nan')):.3f}{val}{best_text} | {left} left"
         )
 
 
@@ -100,48 +109,13 @@ class Divergence(Callback):
             trainer.should_stop = True
 
 
-class ResumableEarlyStopping(EarlyStopping):
-    """Lightning's EarlyStopping, except that a run resumed after it had stopped (killed in
-    the steps after training) stops again at once: Lightning restores the callback's counts
-    but not `trainer.should_stop`, and would train one more epoch."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stopped_epoch:  # 0: never stopped
-            trainer.should_stop = True
-
-
-def early_stopping(cfg: Namespace) -> list[Callback]:
-    """Lightning's EarlyStopping on the run's monitor (early_stopping.patience > 0)."""
-    rule = cfg.early_stopping
-    if rule.patience == 0:
-        return []
-    return [
-        ResumableEarlyStopping(
-            cfg.monitor,
-            min_delta=rule.min_delta,
-            patience=rule.patience,
-            mode=monitor_mode(cfg.monitor),
-        )
-    ]
-
-
 def stopping_details(cfg: Namespace, trainer: L.Trainer, divergence: Divergence) -> dict:
     """summary.json's record of how training ended: early stopping's rule and epoch, and
     whether the loss diverged."""
     out: dict = {}
     if divergence.epoch is not None:
         out |= {"diverged": True, "diverged_in_epoch": divergence.epoch}
-    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
-    if stopper is not None:
-        out["early_stopping"] = {
-            "monitor": cfg.monitor,
-            "patience": cfg.early_stopping.patience,
-            "min_delta": cfg.early_stopping.min_delta,
-            "unit": "epoch",
-            # Lightning's stopped_epoch counts from 0; 0 also means "never stopped".
-            "stopped_after": stopper.stopped_epoch + 1 if stopper.stopped_epoch else None,
-        }
-    return out
+    return out | early_stopping_record(cfg, "epoch", stopped_epoch(trainer))
 
 
 class EpochAveraging(WeightAveraging):
@@ -198,19 +172,16 @@ def build_trainer(
     if trainer_args.get("enable_progress_bar") is None:
         trainer_args["enable_progress_bar"] = sys.stdout.isatty()
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
+        dirpath=checkpoints_dir(run_dir),
+        filename=Path(BEST).stem,
         monitor=cfg.monitor,
         mode=monitor_mode(cfg.monitor),
         auto_insert_metric_name=False,
     )
     # Its own callback: Lightning 2.6's save_last writes last.ckpt only in epochs that also
     # improve best.ckpt, so last.ckpt could be epochs old.
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None)
-    loggers = [
-        TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False),
-        HistoryCSVLogger(run_dir, epochs_done),
-    ]
+    last = ModelCheckpoint(dirpath=checkpoints_dir(run_dir), filename=Path(LAST).stem, monitor=None)
+    loggers = [tensorboard_logger(run_dir), HistoryCSVLogger(run_dir, epochs_done)]
     callbacks = [checkpoint, last, FlushEachEpoch(), StopBetweenBatches(), *(extra or [])]
     callbacks += [ReportEpochs(progress)] if progress else []
     if generator is not None:
@@ -237,9 +208,9 @@ def train_centralized(run: RunInputs) -> Trained:
     module.figures_every = cfg.figures_every  # monitoring, not the recipe: not saved
     datamodule = build_datamodule(cfg, splits)
     private = private_training(cfg, module, len(splits.train))
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     if resume and not last.is_file():
-        raise UserError(f"{run_dir} has no checkpoints/last.ckpt to resume from: start a new run")
+        raise UserError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to resume from: start a new run")
     done = int(safe_load(last, mmap=True)["epoch"]) + 1 if resume else 0
     divergence = Divergence()
     extra = [divergence, *early_stopping(cfg)]
@@ -254,7 +225,7 @@ def train_centralized(run: RunInputs) -> Trained:
     return Trained(
         unit="epoch",
         checkpoint=Path(checkpoint.best_model_path or last),
-        selected_by=selection_rule(cfg),
+        selected_by=selection_rule(cfg, "epoch"),
         logger=trainer.loggers[0],
         details={"epochs": trainer.current_epoch}
         | stopping_details(cfg, trainer, divergence)
@@ -268,10 +239,6 @@ def private_training(cfg: Namespace, module, images: int) -> DPSGD | None:
         return None
     epochs = int(trainer_arguments(cfg)["max_epochs"])
     steps = planned_steps(images, cfg.data.batch_size, epochs)
-    return make_private(module, cfg.privacy, images, cfg.data.batch_size, steps)
-
-
-def selection_rule(cfg: Namespace) -> str:
-    """How best.ckpt was chosen, in words, for summary.json and the reports."""
-    averaged = {"ema": "EMA weights", "swa": "SWA weights", "none": "weights"}
-    return f"the epoch whose {averaged[cfg.optim.weight_averaging]} had the best {cfg.monitor}"
+    return make_private(
+        module, cfg.privacy, images=images, batch_size=cfg.data.batch_size, planned_steps=steps
+    )

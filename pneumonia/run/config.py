@@ -15,7 +15,7 @@ import typing
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import torch
@@ -31,12 +31,15 @@ from pneumonia.training.losses import LossConfig
 from pneumonia.training.module import OptimConfig
 from pneumonia.training.privacy import PrivacyConfig
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 # The dataclass groups of the fit config (trainer.* stays a namespace).
 CONFIG_GROUPS = ("data", "model", "optim", "loss", "federated", "privacy", "early_stopping")
 # The fit entry point owns these Trainer arguments: where runs are written and how.
 TRAINER_MANAGED = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
 # `python -m pneumonia.fit` with no --config behaves like `make fit`: the repository's default.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 # Checkpoint selection. Clean validation saturates (specificity near 1), so its accuracy picks
 # by noise in recall; log loss is a proper scoring rule, and val_shift/* scores the same
 # patients under acquisition shifts (pneumonia.data.shifts).
@@ -365,11 +368,12 @@ def _option_values(argv: list[str], option: str) -> list[str]:
 def _command_line(argv: list[str]) -> list[tuple[str, str | None]]:
     """(dotted key, value or None) of every `--key VALUE`, `--key=VALUE` or flag, less
     --config and --resume (read as files)."""
-    options = []
+    options: list[tuple[str, str | None]] = []
     for i, arg in enumerate(argv):
         if not arg.startswith("--"):
             continue
-        key, eq, value = arg[2:].partition("=")
+        key, eq, after = arg[2:].partition("=")
+        value: str | None = after
         if not eq:
             following = argv[i + 1] if i + 1 < len(argv) else None
             value = None if following is None or following.startswith("--") else following
@@ -390,9 +394,11 @@ def _cli_value(key: str, value: str | None) -> object:
 
 def _nest(key: str, value: object) -> dict:
     """{"a": {"b": value}} for "a.b"."""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
+    *outer, last = key.split(".")
+    nested: dict = {last: value}
+    for part in reversed(outer):
+        nested = {part: nested}
+    return nested
 
 
 def _is_file(source: str) -> bool:
@@ -561,13 +567,13 @@ def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
     return cfg, to_yaml(parser, raw), resume
 
 
-def plain_numbers(config: object) -> None:
+def plain_numbers(config: DataclassInstance) -> None:
     """Turn the parser's range-checked numbers (pneumonia.core.bounds: subclasses of int and float)
     back into int and float, in place, through nested dataclasses: checkpoints carry these
     values and must load with torch.load(weights_only=True), which knows only the builtins."""
     for f in fields(config):
         value = getattr(config, f.name)
-        if is_dataclass(value):
+        if is_dataclass(value) and not isinstance(value, type):  # a config group in a group
             plain_numbers(value)
         elif isinstance(value, int) and type(value) not in (int, bool):
             setattr(config, f.name, int(value))

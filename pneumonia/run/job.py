@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from pneumonia.data.tasks import task_classes
 from pneumonia.data.transforms import check_augment
 from pneumonia.federated.cohort import Cohort, LocalCohort
 from pneumonia.federated.options import check_averaging, check_federated, simulates_sites
-from pneumonia.federated.state import STATE_FILE
 from pneumonia.inference.explain import lung_panel
 from pneumonia.models.factory import (
     check_image_size,
@@ -49,19 +48,25 @@ from pneumonia.run.config import (
     check_trainer,
     trainer_arguments,
 )
+from pneumonia.run.console import log_summary
 from pneumonia.run.federated import train_federated
-from pneumonia.run.finalize import Trained, finalize, print_summary
-from pneumonia.run.inputs import RunInputs
+from pneumonia.run.finalize import finalize
+from pneumonia.run.inputs import RunInputs, Trained
 from pneumonia.run.progress import Progress
 from pneumonia.run.rundir import (
+    CONFIG,
+    SPLIT,
+    SUMMARY,
     check_experiment_name,
     check_resume_config,
     is_complete,
+    last_checkpoint,
     locked,
     new_run_dir,
     record_config,
     remove_temporary_files,
     resume_hint,
+    round_state,
     write_split_table,
 )
 from pneumonia.run.sites import cross_site, refuse_for_deployments, with_sites
@@ -75,16 +80,11 @@ from pneumonia.training.privacy import (
 from pneumonia.training.recipe import Recipe, make_recipe
 from pneumonia.training.schedules import check_decay
 
-# Lightning advice that does not apply here: the run directory holds config.yaml before the
-# loggers start, and in-memory tensors need no loader workers.
-warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
-warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
 # Supplies a federation's clients from elsewhere (Flower's SuperNodes), given the config and
 # its resolved YAML; without one, the clients are simulated here (LocalCohort).
 CohortFactory = Callable[[Namespace, str], Cohort]
+
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: Namespace) -> dict:
@@ -160,20 +160,20 @@ def describe_splits(splits: Splits) -> str:
 
 def write_run_files(run_dir: Path, config_yaml: str, splits: Splits) -> None:
     """A new run directory's config.yaml and split.csv."""
-    write_text_atomic(run_dir / "config.yaml", config_yaml)
+    write_text_atomic(run_dir / CONFIG, config_yaml)
     record_config(run_dir, config_yaml)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
-    write_split_table(run_dir / "split.csv", parts | {"held_out": splits.held_out})
+    write_split_table(run_dir / SPLIT, parts | {"held_out": splits.held_out})
 
 
 def saved_so_far(run_dir: Path, federated: bool) -> str:
     """What an interrupted run keeps, read from the files `--resume` reads."""
     if federated:
-        state = run_dir / "checkpoints" / STATE_FILE
+        state = round_state(run_dir)
         done = int(safe_load(state, mmap=True)["round"]) if state.is_file() else 0
         unit = "round"
     else:
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(run_dir)
         done = int(safe_load(last, mmap=True)["epoch"]) + 1 if last.is_file() else 0
         unit = "epoch"
     if done == 0:
@@ -211,16 +211,13 @@ def stops_said(
 def remove_leftovers(run_dir: Path) -> None:
     removed = remove_temporary_files(run_dir)
     if removed:
-        print(f"removed {removed} temporary file(s) an interrupted write left", flush=True)
+        log.info(f"removed {removed} temporary file(s) an interrupted write left")
 
 
 def finished_summary(run_dir: Path) -> dict:
     """A complete run's summary, left as it is: resuming it has nothing to do."""
-    print(
-        f"{run_dir} is complete: nothing to resume (its results: {run_dir / 'summary.json'})",
-        flush=True,
-    )
-    return json.loads((run_dir / "summary.json").read_text())
+    log.info(f"{run_dir} is complete: nothing to resume (its results: {run_dir / SUMMARY})")
+    return json.loads((run_dir / SUMMARY).read_text())
 
 
 def run_job(
@@ -246,7 +243,7 @@ def run_job(
             # an edited config.yaml is named as such, not by what its values break
             changes = check_resume_config(resume, config_yaml)
             for change in changes:
-                print(f"resuming with {change} (safe to change)", flush=True)
+                log.info(f"resuming with {change} (safe to change)")
             if is_complete(resume, changes):
                 remove_leftovers(resume)
                 return finished_summary(resume)
@@ -275,10 +272,10 @@ def run_job(
                 "wall_time_s": round(time.time() - started, 1),
                 "run_dir": str(run_dir),
             }
-            write_json(run_dir / "summary.json", summary)
+            write_json(run_dir / SUMMARY, summary)
             if resume:  # the checkpoints are now trained under it (more epochs, say)
                 record_config(run_dir, config_yaml)
-    print_summary(summary, f"best_{trained.unit}", run_dir / "summary.json")
+    log_summary(summary, f"best_{trained.unit}", run_dir / SUMMARY)
     return summary
 
 
@@ -296,7 +293,7 @@ def prepare_inputs(
             "pneumonia.flower.demo, or flwr run): simulated clients share one process"
         )
     splits = load_splits(cfg.data, cfg.seed, sites=federated and cfg.federated.partition == "sites")
-    print(describe_splits(splits), flush=True)
+    log.info(describe_splits(splits))
     clients = None
     if federated:
         if cohort is not None and (why := refuse_for_deployments(cfg)):
@@ -321,7 +318,7 @@ def train(run: RunInputs, config_yaml: str, clients: Cohort | None) -> Trained:
     """A new run's first files, then the epochs or rounds (those not saved yet on resume)."""
     if not run.resume:
         write_run_files(run.run_dir, config_yaml, run.splits)
-    print(f"run: {run.run_dir}  (tensorboard --logdir {run.run_dir.parent})", flush=True)
+    log.info(f"run: {run.run_dir}  (tensorboard --logdir {run.run_dir.parent})")
     return train_federated(run, clients) if clients is not None else train_centralized(run)
 
 

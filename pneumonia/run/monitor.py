@@ -1,5 +1,6 @@
 """What a federated run shows while it runs: a line per round, TensorBoard curves by round,
-and the rows of rounds.csv (each client's n and loss, global metrics, wall time)."""
+and the rows of rounds.csv (each client's n and loss, global metrics, privacy spent, MB sent,
+wall time)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import NamedTuple
 
 from torch.utils.tensorboard import SummaryWriter
 
-from pneumonia.federated.aggregate import ClientUpdate
+from pneumonia.federated.aggregate import ClientUpdate, State
+from pneumonia.federated.strategies import ServerDP, Strategy
 from pneumonia.metrics.classification import SCALARS
 from pneumonia.run.progress import duration
 
@@ -27,6 +29,7 @@ class Best(NamedTuple):
 
 def round_row(
     round_number: int,
+    *,
     n_clients: int,
     updates: Sequence[ClientUpdate],
     excluded: Sequence[int],
@@ -62,6 +65,22 @@ def round_row(
             row[f"{split}_{key}"] = round(values[key], 5)
     row["round_s"], row["elapsed_s"] = round(round_s, 1), round(elapsed_s, 1)
     return row
+
+
+def traffic(global_state: State, updates: Sequence[ClientUpdate], excluded: Sequence[int]) -> dict:
+    """MB of model state sent this round, as a rounds.csv column: the global state to each
+    sampled client and each update back (full float state dicts, as the round loop and the
+    Flower wire copy them; secure aggregation's masking and key shares are not counted)."""
+    state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
+    sampled = len({u.client for u in updates} | set(excluded))
+    return {"mb_sent": round(state_bytes * (sampled + len(updates)) / 1e6, 3)}
+
+
+def server_privacy(strategy: Strategy) -> dict:
+    """server_dp's epsilon so far, as a rounds.csv column (none without server DP)."""
+    if not isinstance(strategy, ServerDP):
+        return {}
+    return {"server_epsilon": round(strategy.epsilon(), 4)}
 
 
 def log_round(tensorboard: SummaryWriter, row: dict) -> None:

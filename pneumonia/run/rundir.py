@@ -1,4 +1,5 @@
-"""The run directory: everything one training run leaves behind.
+"""The run directory: everything one training run leaves behind, and its one list of names
+(every module that writes or reads a run takes its paths from here).
 
 runs/<experiment>/version_N/
   config.yaml             every option, defaults filled in (`--resume` reads it back)
@@ -9,6 +10,7 @@ runs/<experiment>/version_N/
   checkpoints/config.yaml the config the checkpoints were trained under: --resume refuses
                           a config.yaml edited since, except for the keys in SAFE_CHANGES
   predictions.csv         P(positive) of best.ckpt for every validation (and test) image
+  cases.png               Grad-CAM of best.ckpt's most confident right and wrong decisions
   summary.json            metrics of best.ckpt with 95% intervals, and how it was chosen
 centralized runs add
   metrics.csv, hparams.yaml   Lightning's CSV logger: every logged scalar by step and epoch
@@ -16,7 +18,10 @@ federated runs add
   partition.csv           each client's images, patients and classes
   rounds.csv              one row per round: each client's n and loss, global metrics, times
   checkpoints/federated_state.pt   what `--resume` continues from (pneumonia.federated.state)
-  clients/client_J/       each client's own TensorBoard curves
+  clients/client_J/       each client's own TensorBoard curves (pneumonia.federated.client)
+and with federated.cross_site
+  cross_site.csv, cross_site.png   every site's local model and the global one on every site
+  checkpoints/local_site<J>.ckpt   site J's local model; local/ its TensorBoard curves
 and every run holds
   .lock                   locked (flock) by the process writing the run, released when it ends
 """
@@ -32,20 +37,78 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.files import write_csv, write_text_atomic
 from pneumonia.data.imageset import ImageSet
+from pneumonia.federated.state import STATE_FILE
 from pneumonia.run.config import parse_fit_config
 
-TRAINED_UNDER = "config.yaml"  # in checkpoints/
+CONFIG = "config.yaml"
+SPLIT = "split.csv"
+SUMMARY = "summary.json"
+PREDICTIONS = "predictions.csv"
+CASES = "cases.png"
+METRICS = ExperimentWriter.NAME_METRICS_FILE  # "metrics.csv": Lightning's CSV logger's name
+PARTITION = "partition.csv"
+ROUNDS = "rounds.csv"
+CROSS_SITE_TABLE = "cross_site.csv"
+CROSS_SITE_FIGURE = "cross_site.png"
+CLIENTS = "clients"  # clients/client_J/: pneumonia.federated.client names its own folder
+LOCAL = "local"  # the cross-site local models' curves
+CHECKPOINTS = "checkpoints"
+# In checkpoints/:
+BEST = "best.ckpt"
+LAST = "last.ckpt"
+ROUND_STATE = STATE_FILE  # pneumonia.federated.state writes and reads it
+TRAINED_UNDER = "config.yaml"
 # Keys a resumed run may take from an edited config.yaml: how the run is shown and how fast
 # it loads change nothing it computes.
 SAFE_CHANGES = {"trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers"}
 # Keys that may grow, to train longer, where no schedule depends on them (checked below).
 LONGER = {"federated.rounds", "trainer.max_epochs"}
 LOCK = ".lock"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The reported model."""
+    return checkpoints_dir(run_dir) / BEST
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """The latest epoch's or round's model."""
+    return checkpoints_dir(run_dir) / LAST
+
+
+def round_state(run_dir: Path) -> Path:
+    """What a federated run's --resume continues from."""
+    return checkpoints_dir(run_dir) / ROUND_STATE
+
+
+def local_checkpoint(run_dir: Path, site: int) -> Path:
+    """Site `site`'s local model of the cross-site matrix."""
+    return checkpoints_dir(run_dir) / f"local_site{site}.ckpt"
+
+
+def client_logs(run_dir: Path) -> Path:
+    """Where the clients of a federated run keep their curves, each in client_J/."""
+    return Path(run_dir) / CLIENTS
+
+
+def client_dir(run_dir: Path, client: int) -> Path:
+    """Client `client`'s TensorBoard curves (the folder pneumonia.federated.client writes)."""
+    return client_logs(run_dir) / f"client_{client}"
+
+
+def tensorboard_logger(run_dir: Path) -> TensorBoardLogger:
+    """The run's own events file, in the run directory itself (no version subfolder)."""
+    return TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
 
 
 def check_experiment_name(name: str) -> None:
@@ -135,20 +198,20 @@ def is_complete(run_dir: Path, changes: list[str]) -> bool:
     """A finished run (summary.json is its last write) that a resume would not train longer:
     resuming it has nothing to do."""
     longer = any(change.split(" ", 1)[0] in LONGER for change in changes)
-    return (run_dir / "summary.json").is_file() and not longer
+    return (run_dir / SUMMARY).is_file() and not longer
 
 
 def record_config(run_dir: Path, config_yaml: str) -> None:
     """Keep the config the checkpoints are trained under, for `check_resume_config`."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "checkpoints" / TRAINED_UNDER, config_yaml)
+    checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(checkpoints_dir(run_dir) / TRAINED_UNDER, config_yaml)
 
 
 def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     """Refuse a resume whose config.yaml was edited since the run started, naming the keys;
     return the safe changes accepted ("key old -> new"). Runs from before the record was kept
     are not checked."""
-    recorded = run_dir / "checkpoints" / TRAINED_UNDER
+    recorded = checkpoints_dir(run_dir) / TRAINED_UNDER
     if not recorded.is_file():
         return []
     old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(yaml.safe_load(config_yaml))
@@ -160,7 +223,7 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     if unsafe:
         shown = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in unsafe[:4])
         raise UserError(
-            f"{run_dir / 'config.yaml'} was edited since the run started ({shown}): a resumed "
+            f"{run_dir / CONFIG} was edited since the run started ({shown}): a resumed "
             f"run trains under its own config; undo the edit, or start a new run with it "
             f"(a resume may change only {', '.join(sorted(SAFE_CHANGES))}, and raise "
             f"federated.rounds or trainer.max_epochs where no schedule depends on them)"

@@ -4,6 +4,7 @@ model on every site's validation images, the matrix NVFlare reports)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +22,18 @@ from pneumonia.federated.cohort import Cohort, LocalCohort
 from pneumonia.federated.options import shifts_sites, simulates_sites
 from pneumonia.inference.scoring import predict_probabilities, score_with_intervals
 from pneumonia.metrics.classification import youden_threshold
+from pneumonia.run.rundir import (
+    CROSS_SITE_FIGURE,
+    CROSS_SITE_TABLE,
+    LOCAL,
+    best_checkpoint,
+    local_checkpoint,
+)
 from pneumonia.training.checkpoint import load_module, write_checkpoint
 from pneumonia.training.module import ClassifierModule
 from pneumonia.training.recipe import Recipe, build_module
+
+log = logging.getLogger(__name__)
 
 # The figures of each cell of the cross-site matrix (with their 95% intervals).
 MATRIX_METRICS = ("accuracy", "auroc", "recall", "specificity")
@@ -95,15 +105,13 @@ def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_
     paths = {}
     for c, sites in enumerate(cohort.client_sites):
         site = sites[0]
-        path = run_dir / "checkpoints" / f"local_site{site}.ckpt"
+        path = local_checkpoint(run_dir, site)
         paths[site] = path
         if path.is_file():
             continue
         epochs = fed.rounds * fed.local_epochs
-        print(
-            f"cross-site: site {site}'s local model, {epochs} epochs on its own images", flush=True
-        )
-        client = Client(c, cohort.data[c], cohort.settings, recipe, run_dir / "local")
+        log.info(f"cross-site: site {site}'s local model, {epochs} epochs on its own images")
+        client = Client(c, cohort.data[c], cohort.settings, recipe, run_dir / LOCAL)
         update = client.train_round(start, 0, epochs, lr=cfg.optim.lr)
         write_checkpoint(path, update.state, recipe, fed.rounds)
     return paths
@@ -149,9 +157,9 @@ def cross_site_matrix(
                 row |= {key: round(values[key], 4), f"{key}_low": round(low, 4)}
                 row |= {f"{key}_high": round(high, 4)}
             rows.append(row | {"loss": round(values["loss"], 4)})
-    write_csv(run_dir / "cross_site.csv", rows)
+    write_csv(run_dir / CROSS_SITE_TABLE, rows)
     figure = matrix_figure(rows, list(models), list(columns))
-    figure.savefig(run_dir / "cross_site.png", dpi=120, bbox_inches="tight")
+    figure.savefig(run_dir / CROSS_SITE_FIGURE, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return rows
 
@@ -189,7 +197,7 @@ def cross_site(
         own = columns.get(f"site{site}")
         threshold = local_threshold(module, own, cfg.threshold, cfg.data.eval_batch_size)
         models[f"local_site{site}"] = load_module(path, threshold=threshold)
-    models["global"] = load_module(run_dir / "checkpoints" / "best.ckpt")
+    models["global"] = load_module(best_checkpoint(run_dir))
     rows = cross_site_matrix(cfg, splits, models, run_dir)
     figure = matrix_figure(rows, list(models), list(columns))
     logger.experiment.add_figure("cross_site/accuracy", figure, 0)

@@ -184,6 +184,7 @@ def _static(name: str, media: str):
 def _docs_page(app: FastAPI):
     """GET /docs: FastAPI's Swagger UI, whose one inline script is allowed by its hash (the
     page shows the schema, nothing a checkpoint or an upload says)."""
+    assert app.openapi_url is not None  # the app keeps FastAPI's schema at /openapi.json
     page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI")
     scripts = re.findall(rb"<script>(.*?)</script>", page.body, re.DOTALL)
     hashes = " ".join(

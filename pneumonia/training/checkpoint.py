@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -44,7 +44,8 @@ class CheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, Path(path))
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: Any = None) -> dict:
-        return safe_load(path)
+        # What the file holds: Lightning checks it is one of its checkpoint dicts.
+        return cast(dict, safe_load(path))
 
 
 def write_checkpoint(path: Path, state: dict, recipe: Recipe, round_number: int) -> None:
@@ -57,7 +58,12 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict]:
     """(its recipe, its state dict, the whole checkpoint dict), or a one-line UserError."""
     ckpt = safe_load(path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "model" not in hparams or "state_dict" not in ckpt:
+    if (
+        not isinstance(ckpt, dict)
+        or not isinstance(hparams, dict)
+        or "model" not in hparams
+        or "state_dict" not in ckpt
+    ):
         raise UserError(f"{path} is not a checkpoint written by pneumonia.fit (no model hparams)")
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(_plain(v) for v in state.values()):

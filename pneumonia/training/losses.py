@@ -23,7 +23,7 @@ losses honour them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from pneumonia.core.bounds import (
     NonNegativeFloat,
@@ -39,6 +40,7 @@ from pneumonia.core.bounds import (
     PositiveInt,
 )
 from pneumonia.core.errors import UserError
+from pneumonia.core.registry import Registry
 from pneumonia.models.factory import classifier_layer as model_classifier_layer
 
 NUM_CLASSES = 2
@@ -101,7 +103,7 @@ def classifier_layer(model: nn.Module) -> tuple[nn.Module, str]:
     try:
         return model_classifier_layer(model)
     except UserError:
-        plain = [n for n, c in _LOSSES.items() if not (c.needs_embeddings or c.head_type)]
+        plain = [name for name in LOSSES if not LOSSES.get(name).reads_layer()]
         raise UserError(
             "the model has no final nn.Linear with 2 outputs, which this loss.name needs: "
             f"choose one of {', '.join(plain)}, or another model.name"
@@ -122,7 +124,7 @@ class EmbeddingTap:
 
     def __init__(self, model: nn.Module) -> None:
         self.embeddings: Tensor | None = None
-        self._handle = _layer(model).register_forward_pre_hook(self._record)
+        self._handle: RemovableHandle | None = _layer(model).register_forward_pre_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple) -> None:
         self.embeddings = args[0]
@@ -159,27 +161,34 @@ class Objective(nn.Module):
     appears twice in a state dict.
     """
 
-    name = ""
     needs_embeddings = False
     uses_class_weights = False
     uses_label_smoothing = False
     # The classifier layer this loss puts in the model, or None to keep the model's Linear.
     head_type: type[nn.Module] | None = None
 
-    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int) -> None:
+    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int | None) -> None:
         super().__init__()
         if self.head_type is not None and not isinstance(layer, self.head_type):
-            raise ValueError(f"loss {self.name}: call attach_head(model, cfg) first")
+            raise ValueError(f"{type(self).__name__}: call attach_head(model, cfg) first")
         # A plain tuple: an nn.Module attribute would register the layer as our submodule.
         self._layer = (layer,)
 
     @property
     def layer(self) -> nn.Module:
-        return self._layer[0]
+        """The classifier layer the loss reads; only losses that `reads_layer` are given one."""
+        layer = self._layer[0]
+        assert layer is not None, f"{type(self).__name__} reads no classifier layer"
+        return layer
+
+    @classmethod
+    def reads_layer(cls) -> bool:
+        """Whether the loss reads the classifier layer (its embeddings, or its own head)."""
+        return cls.needs_embeddings or cls.head_type is not None
 
     @classmethod
     def make_head(cls, linear: nn.Linear, cfg: LossConfig) -> nn.Module:
-        raise NotImplementedError(f"loss {cls.name} keeps the model's Linear")
+        raise NotImplementedError(f"{cls.__name__} keeps the model's Linear")
 
     def forward(
         self,
@@ -194,7 +203,7 @@ class Objective(nn.Module):
             return logits.sum() * 0
         if self.needs_embeddings:
             if embeddings is None:
-                raise ValueError(f"loss {self.name} needs the embeddings (EmbeddingTap)")
+                raise ValueError(f"{type(self).__name__} needs the embeddings (EmbeddingTap)")
             embeddings = embeddings.float()
         return self.loss(logits, embeddings, labels, class_weights, label_smoothing)
 
@@ -202,18 +211,8 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-_LOSSES: dict[str, type[Objective]] = {}
-
-
-def register_loss(name: str) -> Callable[[type[Objective]], type[Objective]]:
-    """Decorator: make the Objective subclass available as `loss.name: <name>`."""
-
-    def add(cls: type[Objective]) -> type[Objective]:
-        cls.name = name
-        _LOSSES[name] = cls
-        return cls
-
-    return add
+# `@LOSSES.register(name)` makes an Objective subclass available as `loss.name <name>`.
+LOSSES: Registry[type[Objective]] = Registry("loss.name")
 
 
 def _weighted_mean(per_image: Tensor, labels: Tensor, class_weights: Tensor | None) -> Tensor:
@@ -224,7 +223,7 @@ def _weighted_mean(per_image: Tensor, labels: Tensor, class_weights: Tensor | No
     return (w * per_image).sum() / w.sum()
 
 
-@register_loss("cross_entropy")
+@LOSSES.register("cross_entropy")
 class CrossEntropy(Objective):
     """-w_y log softmax(z)_y with label smoothing, the weighted mean over the batch: exactly
     the module's training loss before losses were configurable. P = softmax(z) of the Linear."""
@@ -237,7 +236,7 @@ class CrossEntropy(Objective):
         )
 
 
-@register_loss("softmax")
+@LOSSES.register("softmax")
 class Softmax(Objective):
     """The plain softmax loss -log softmax(z)_y, mean over the batch: cross-entropy without
     class weights or smoothing. P = softmax(z) of the Linear."""
@@ -246,7 +245,7 @@ class Softmax(Objective):
         return F.cross_entropy(logits, labels)
 
 
-@register_loss("mse")
+@LOSSES.register("mse")
 class MeanSquaredError(Objective):
     """Mean squared error on the probabilities (the Brier score): per image
     sum_k (p_k - onehot(y)_k)^2 with p = softmax(z), the class-weighted mean like
@@ -260,7 +259,7 @@ class MeanSquaredError(Objective):
         return _weighted_mean(per_image, labels, class_weights)
 
 
-@register_loss("hinge")
+@LOSSES.register("hinge")
 class Hinge(Objective):
     """Multi-class hinge on the logits (torch's multi_margin_loss): per image
     w_y sum_{k != y} max(0, m - (z_y - z_k)) / C, so for 2 classes
@@ -270,7 +269,7 @@ class Hinge(Objective):
 
     uses_class_weights = True
 
-    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int) -> None:
+    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int | None) -> None:
         super().__init__(cfg, layer, positive)
         self.margin = cfg.margin
 
@@ -279,7 +278,7 @@ class Hinge(Objective):
         return F.multi_margin_loss(logits, labels, margin=self.margin, weight=weight)
 
 
-@register_loss("focal")
+@LOSSES.register("focal")
 class Focal(Objective):
     """Focal loss (Lin et al. 2017): -alpha_t (1 - p_t)^gamma log p_t, p_t = softmax(z)_y,
     mean over the batch. alpha_t = loss.alpha for the positive class and 1 - alpha for the
@@ -288,7 +287,7 @@ class Focal(Objective):
 
     uses_class_weights = True
 
-    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int) -> None:
+    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int | None) -> None:
         super().__init__(cfg, layer, positive)
         self.gamma, self.alpha, self.positive = cfg.gamma, cfg.alpha, positive
 
@@ -303,7 +302,7 @@ class Focal(Objective):
         return per_image.mean()
 
 
-@register_loss("l2_softmax")
+@LOSSES.register("l2_softmax")
 class L2Softmax(Objective):
     """L2-constrained softmax (Ranjan et al. 2017): cross-entropy (class weights, smoothing)
     on z = W (alpha x / ||x||) + b, the L2SoftmaxLinear that replaces the classifier.
@@ -355,7 +354,7 @@ class _MarginLoss(Objective):
             return self.layer.loss(embeddings, labels)
 
 
-@register_loss("l_softmax")
+@LOSSES.register("l_softmax")
 class LargeMarginSoftmax(_MarginLoss):
     """L-Softmax (Liu et al. 2016, pml's LargeMarginSoftmaxLoss): cross-entropy on
     ||W_k|| ||x|| psi(theta_k), psi(theta) = (-1)^j cos(m theta) - 2j for the target class
@@ -371,7 +370,7 @@ class LargeMarginSoftmax(_MarginLoss):
         )
 
 
-@register_loss("a_softmax")
+@LOSSES.register("a_softmax")
 class SphereFace(_MarginLoss):
     """A-Softmax (SphereFace, Liu et al. 2017, pml's SphereFaceLoss): L-Softmax with the
     class weights normalised: cross-entropy on ||x|| psi(theta_y) and ||x|| cos(theta_k),
@@ -383,7 +382,7 @@ class SphereFace(_MarginLoss):
         return pml.SphereFaceLoss(NUM_CLASSES, embedding_size, margin=cfg.angular_margin, scale=1)
 
 
-@register_loss("cosface")
+@LOSSES.register("cosface")
 class CosFace(_MarginLoss):
     """CosFace (Wang et al. 2018, pml's CosFaceLoss): -log of the softmax of
     s (cos(theta_y) - m) against s cos(theta_k), theta_k the angle between x and W_k,
@@ -397,7 +396,7 @@ class CosFace(_MarginLoss):
         )
 
 
-@register_loss("center")
+@LOSSES.register("center")
 class Center(Objective):
     """Center loss (Wen et al. 2016): cross-entropy (class weights, smoothing) on the Linear's
     logits + loss.center_weight * 0.5 * mean_i ||e_i - c_{y_i}||^2, with the class centers
@@ -408,11 +407,13 @@ class Center(Objective):
     needs_embeddings = True
     uses_class_weights = uses_label_smoothing = True
 
-    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int) -> None:
+    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int | None) -> None:
         super().__init__(cfg, layer, positive)
         self.center_weight = cfg.center_weight
+        linear = self.layer
+        assert isinstance(linear, nn.Linear)  # the model's own classifier: no head replaces it
         self.centers = nn.Parameter(
-            torch.zeros(NUM_CLASSES, layer.in_features, device=layer.weight.device)
+            torch.zeros(NUM_CLASSES, linear.in_features, device=linear.weight.device)
         )
 
     def loss(self, logits, embeddings, labels, class_weights, label_smoothing):
@@ -441,14 +442,14 @@ class _Probed(Objective):
         raise NotImplementedError
 
 
-@register_loss("contrastive")
+@LOSSES.register("contrastive")
 class Contrastive(_Probed):
     """Contrastive loss (Hadsell et al. 2006, pml's ContrastiveLoss) over all pairs of the
     batch, on L2-normalised embeddings: d for same-class pairs, max(0, m - d) for the others,
     m = loss.margin, each kind averaged over its non-zero pairs, the two averages summed; plus
     the linear probe that gives P (see _Probed)."""
 
-    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int) -> None:
+    def __init__(self, cfg: LossConfig, layer: nn.Module | None, positive: int | None) -> None:
         super().__init__(cfg, layer, positive)
         self.pairs = pml.ContrastiveLoss(pos_margin=0, neg_margin=cfg.margin)
 
@@ -456,7 +457,7 @@ class Contrastive(_Probed):
         return self.pairs(embeddings, labels)
 
 
-@register_loss("euclidean")
+@LOSSES.register("euclidean")
 class Euclidean(_Probed):
     """Euclidean (L2) loss: 0.5 * mean_i ||e_i - t_{y_i}||^2, the regression of each
     embedding onto a fixed code of its class, t_k the k-th unit vector of the embedding space,
@@ -468,13 +469,9 @@ class Euclidean(_Probed):
         return 0.5 * (embeddings - targets).square().sum(dim=1).mean()
 
 
-LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
-LossName = Literal[LOSS_NAMES]  # the CLI help and the parser list the registered names
-
-
-def list_losses() -> list[str]:
-    """The registered loss names, the default first."""
-    return list(_LOSSES)
+LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # the default first
+# The CLI help and the parser list the registered names; a Literal only the parser can read.
+LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -499,15 +496,9 @@ class LossConfig:
     alpha: OpenUnitInterval | None = None
 
 
-def _loss_class(name: str) -> type[Objective]:
-    if name not in _LOSSES:
-        raise UserError(f"unknown loss.name {name!r}: choose one of {', '.join(list_losses())}")
-    return _LOSSES[name]
-
-
 def check_loss(cfg: LossConfig, drop_connect: float) -> None:
     """What the loss rules out of the model config, in one line."""
-    head = _loss_class(cfg.name).head_type
+    head = LOSSES.get(cfg.name).head_type
     if drop_connect > 0 and head is not None:
         raise UserError(
             f"model.drop_connect masks the classifier Linear that loss.name {cfg.name} "
@@ -519,7 +510,7 @@ def attach_head(model: nn.Module, cfg: LossConfig) -> None:
     """In place: replace the model's classifier Linear by the head `cfg`'s loss needs
     (margin losses, l2_softmax), starting from the Linear's weights; other losses leave the
     model untouched. Call it before loading a checkpoint of that loss."""
-    cls = _loss_class(cfg.name)
+    cls = LOSSES.get(cfg.name)
     if cls.head_type is None:
         return
     parent, attr = classifier_layer(model)
@@ -531,9 +522,8 @@ def attach_head(model: nn.Module, cfg: LossConfig) -> None:
     setattr(parent, attr, cls.make_head(layer, cfg))
 
 
-def make_objective(cfg: LossConfig, model: nn.Module, positive: int = 1) -> Objective:
+def make_objective(cfg: LossConfig, model: nn.Module, positive: int | None = 1) -> Objective:
     """The loss `cfg` names for `model` (after `attach_head`); `positive` is the index of the
-    positive class (focal's alpha)."""
-    cls = _loss_class(cfg.name)
-    uses_layer = cls.needs_embeddings or cls.head_type is not None
-    return cls(cfg, _layer(model) if uses_layer else None, positive)
+    positive class (focal's alpha), None with more than two classes (the module's)."""
+    cls = LOSSES.get(cfg.name)
+    return cls(cfg, _layer(model) if cls.reads_layer() else None, positive)

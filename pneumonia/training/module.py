@@ -8,7 +8,7 @@ checkpoint alone carries everything needed to evaluate or predict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import lightning as L
 import torch
@@ -26,12 +26,15 @@ from pneumonia.core.bounds import (
 )
 from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, NEGATIVE_CLASS
-from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics
+from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics, binary_log_loss
 from pneumonia.models.factory import ModelConfig, classifier_layer, create_model
 from pneumonia.models.transfer import freeze
 from pneumonia.training.losses import EmbeddingTap, LossConfig, attach_head, make_objective
 from pneumonia.training.optimizers import OPTIMIZER_NAMES, make_optimizer
 from pneumonia.training.schedules import DECAY_NAMES, DecayConfig, lambda_scheduler
+
+if TYPE_CHECKING:  # privacy imports Opacus: loaded only where DP-SGD is used
+    from pneumonia.training.privacy import DPSGD
 
 SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
     name for name in DECAY_NAMES if name != "constant"
@@ -42,7 +45,8 @@ SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
 class OptimConfig:
     """Optimizer, learning-rate schedule and weight penalties (the `optim.*` config group)."""
 
-    name: Literal[OPTIMIZER_NAMES] = "adamw"  # pneumonia.training.optimizers
+    # The names come from the optimizer registry at import: a Literal only the parser can read.
+    name: Literal[OPTIMIZER_NAMES] = "adamw"  # type: ignore[valid-type]
     lr: PositiveFloat = 1e-3
     momentum: FractionBelowOne = 0.9  # momentum and nesterov only
     weight_decay: NonNegativeFloat = 1e-4  # the L2 penalty (AdamW: decoupled)
@@ -50,7 +54,7 @@ class OptimConfig:
     # step (StepLR), plateau (ReduceLROnPlateau on val/loss), onecycle (OneCycleLR), cosine
     # (CosineAnnealingLR) or one of TensorFlow's decays (pneumonia.training.schedules; their
     # parameters and the warm-up are optim.decay.*), stepped every `interval`.
-    scheduler: Literal[SCHEDULERS] = "cosine"
+    scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]  # as name
     interval: Literal["epoch", "step"] = "epoch"
     step_size: PositiveInt = 10  # step: epochs between decays
     gamma: FractionUpToOne = 0.1  # step and plateau: decay factor
@@ -105,14 +109,19 @@ def positive_indices(classes: tuple[str, ...], positive_class: str) -> list[int]
     return [i for i, c in enumerate(classes) if c != NEGATIVE_CLASS]
 
 
-# What the module scores: training batches, the validation loaders in the DataModule's order
-# (clean, then shifted: `pneumonia.data.shifts`), and the test split.
-STAGES = ("train", "val", "val_shift", "test")
+# What the module scores: training batches and the validation loaders in the DataModule's
+# order (clean, then shifted: `pneumonia.data.shifts`). Test and held-out images are scored
+# after training (`pneumonia.inference.scoring`).
+STAGES = ("train", "val", "val_shift")
 VALIDATION_STAGES = ("val", "val_shift")
 
 
 class ClassifierModule(L.LightningModule):
-    """NORMAL vs PNEUMONIA classifier; logs train/, val/ and test/ metrics."""
+    """NORMAL vs PNEUMONIA classifier; logs train/, val/ and val_shift/ metrics."""
+
+    # Buffers, which register_buffer adds at run time.
+    positive_index: torch.Tensor
+    class_weights: torch.Tensor | None
 
     def __init__(
         self,
@@ -177,13 +186,13 @@ class ClassifierModule(L.LightningModule):
         # DP-SGD (pneumonia.training.privacy.DPSGD sets it): the per-image loss, the private
         # optimizer and NCHW layout. Not a hyper-parameter: a private model's checkpoint is a
         # checkpoint.
-        self.privacy = None
+        self.privacy: DPSGD | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits [B, 2] for uint8 images or floats in [0, 1]."""
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
-        images = (images - self.hparams.mean) / self.hparams.std
+        images = (images - self.hparams["mean"]) / self.hparams["std"]
         if images.is_cuda and self.privacy is None:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
@@ -220,14 +229,16 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = self._loss(logits, labels, stage == "train")
+        probs, positive = self.positive_probability(logits), self.is_positive(labels)
+        if stage == "train":
+            loss = self.training_loss(logits, labels)
+        else:  # the diagnosis's log loss, as a federation's rounds and the final scoring
+            loss = binary_log_loss(probs, positive)
         if len(labels) == 0:  # a Poisson batch may be empty: DP-SGD still steps (noise only)
             return loss
-        self.metrics[f"{stage}_metrics"].update(
-            self.positive_probability(logits), self.is_positive(labels)
-        )
-        if self.class_metrics is not None:
-            self.class_metrics[f"{stage}_classes"].update(logits.float().softmax(dim=1), labels)
+        self._diagnosis_metrics(stage).update(probs, positive)
+        if (per_class := self._class_metrics(stage)) is not None:
+            per_class.update(logits.float().softmax(dim=1), labels)
         self.log(
             f"{stage}/loss",
             loss,
@@ -239,12 +250,10 @@ class ClassifierModule(L.LightningModule):
         )
         return loss
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, training: bool) -> torch.Tensor:
-        """The training objective (loss.name, class weights, smoothing, the L1 penalty) in
-        training; val/test report the plain cross-entropy of the logits, the log loss of the
-        probabilities whatever the objective, as the federated server and `evaluation` do."""
-        if not training:
-            return F.cross_entropy(logits.float(), labels)
+    def training_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training objective: loss.name, class weights, smoothing, the L1 penalty.
+        Validation reports `binary_log_loss` of P(positive) instead, whatever the objective
+        (per batch; Lightning's epoch mean, weighted by batch size, is the mean over images)."""
         smoothing = self.optim_cfg.label_smoothing
         if self.privacy is not None:
             return self._private_loss(logits, labels, smoothing)
@@ -269,16 +278,14 @@ class ClassifierModule(L.LightningModule):
 
     def l1_norm(self) -> torch.Tensor:
         """Sum of |w| over the weights of convolutions and linear layers (not norms, biases)."""
-        return sum(p.abs().sum() for p in self.model.parameters() if p.ndim > 1)
+        # as_tensor returns the sum itself (sum() types it as possibly its start, 0).
+        return torch.as_tensor(sum(p.abs().sum() for p in self.model.parameters() if p.ndim > 1))
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._step(batch, VALIDATION_STAGES[dataloader_idx])
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
@@ -287,14 +294,11 @@ class ClassifierModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for stage in VALIDATION_STAGES:
-            if self.metrics[f"{stage}_metrics"].has_updates():
+            if self._diagnosis_metrics(stage).has_updates():
                 self._log_epoch_metrics(stage)
 
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
-
     def _log_epoch_metrics(self, stage: str) -> None:
-        metrics = self.metrics[f"{stage}_metrics"]
+        metrics = self._diagnosis_metrics(stage)
         values = metrics.compute()
         self.log_dict(
             {f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)}, prog_bar=False
@@ -302,8 +306,7 @@ class ClassifierModule(L.LightningModule):
         if stage != "train" and self._figure_epoch():
             self._log_figures(stage, metrics)
         metrics.reset()
-        if self.class_metrics is not None:
-            per_class = self.class_metrics[f"{stage}_classes"]
+        if (per_class := self._class_metrics(stage)) is not None:
             values = per_class.compute()
             self.log_dict({f"{stage}/{k}": v for k, v in values.items() if isinstance(v, float)})
             if stage != "train" and self._figure_epoch():
@@ -315,6 +318,16 @@ class ClassifierModule(L.LightningModule):
                         )
             per_class.reset()
 
+    # A ModuleDict's values are typed Module: __init__ fills these two with metric objects.
+    def _diagnosis_metrics(self, stage: str) -> DiagnosisMetrics:
+        return cast(DiagnosisMetrics, self.metrics[f"{stage}_metrics"])
+
+    def _class_metrics(self, stage: str) -> ClassMetrics | None:
+        """The stage's three-class metrics; None with two classes."""
+        if self.class_metrics is None:
+            return None
+        return cast(ClassMetrics, self.class_metrics[f"{stage}_classes"])
+
     def _figure_epoch(self) -> bool:
         """Whether this validation draws its figures: every `figures_every`-th epoch."""
         every = self.figures_every
@@ -324,7 +337,7 @@ class ClassifierModule(L.LightningModule):
     def negative_and_positive(self) -> tuple[str, str]:
         """Class names in the order the binary metrics use: (negative, positive)."""
         if self.positive is None:
-            return NEGATIVE_CLASS, self.hparams.positive_class
+            return NEGATIVE_CLASS, self.hparams["positive_class"]
         return self.classes[1 - self.positive], self.classes[self.positive]
 
     def _log_figures(self, stage: str, metrics: DiagnosisMetrics) -> None:

@@ -12,26 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from pneumonia.core.errors import UserError
-
-# Optimizer states that shrink geometrically (RMSProp's square average, AdaGrad's and
-# AdaDelta's ratios of them) fill with denormal floats, each op on which costs the CPU many
-# times a normal one: measured here, an AdaGrad step at 64 px went from 0.16 s to 0.48 s over
-# 120 steps, flat at 0.17 s with denormals flushed to zero. It must be set before torch starts
-# its CPU worker threads (they copy the flag when they start), so at import, not per run.
-# Process-wide and CPU only; it changes no value above 1.2e-38.
-torch.set_flush_denormal(True)
+from pneumonia.core.registry import Registry
 
 Builder = Callable[[list, float, object], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, Builder] = {}
-
-
-def register_optimizer(name: str) -> Callable[[Builder], Builder]:
-    def add(builder: Builder) -> Builder:
-        OPTIMIZERS[name] = builder
-        return builder
-
-    return add
+OPTIMIZERS: Registry[Builder] = Registry("optim.name")
 
 
 def _fused(params: list) -> bool | None:
@@ -41,19 +25,19 @@ def _fused(params: list) -> bool | None:
     return fused or None
 
 
-@register_optimizer("sgd")
+@OPTIMIZERS.register("sgd")
 def sgd(params, lr, cfg):
     """Plain stochastic gradient descent (optim.momentum is not used)."""
     return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-@register_optimizer("momentum")
+@OPTIMIZERS.register("momentum")
 def momentum(params, lr, cfg):
     """SGD with heavy-ball momentum optim.momentum (Polyak 1964; torch's form)."""
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-@register_optimizer("nesterov")
+@OPTIMIZERS.register("nesterov")
 def nesterov(params, lr, cfg):
     """SGD with Nesterov's accelerated momentum optim.momentum (Sutskever et al. 2013's form)."""
     return torch.optim.SGD(
@@ -61,56 +45,52 @@ def nesterov(params, lr, cfg):
     )
 
 
-@register_optimizer("adagrad")
+@OPTIMIZERS.register("adagrad")
 def adagrad(params, lr, cfg):
     """AdaGrad (Duchi et al. 2011): per-weight rates shrinking with the summed squared
     gradients."""
     return torch.optim.Adagrad(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-@register_optimizer("adadelta")
+@OPTIMIZERS.register("adadelta")
 def adadelta(params, lr, cfg):
     """AdaDelta (Zeiler 2012); its rate is a multiplier, 1.0 in the paper and in torch."""
     return torch.optim.Adadelta(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-@register_optimizer("rmsprop")
+@OPTIMIZERS.register("rmsprop")
 def rmsprop(params, lr, cfg):
     """RMSProp (Hinton's lecture 6e): torch's defaults, smoothing 0.99, no momentum."""
     return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-@register_optimizer("adam")
+@OPTIMIZERS.register("adam")
 def adam(params, lr, cfg):
     """Adam (Kingma and Ba 2015), weight decay as an L2 term in the gradient."""
     return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=_fused(params))
 
 
-@register_optimizer("adamw")
+@OPTIMIZERS.register("adamw")
 def adamw(params, lr, cfg):
     """AdamW (Loshchilov and Hutter 2019): Adam with decoupled weight decay (the default)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=_fused(params))
 
 
-@register_optimizer("adamax")
+@OPTIMIZERS.register("adamax")
 def adamax(params, lr, cfg):
     """Adamax (Kingma and Ba 2015, section 7): Adam under the infinity norm."""
     return torch.optim.Adamax(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-@register_optimizer("nadam")
+@OPTIMIZERS.register("nadam")
 def nadam(params, lr, cfg):
     """NAdam (Dozat 2016): Adam with Nesterov momentum."""
     return torch.optim.NAdam(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZER_NAMES = tuple(OPTIMIZERS)
+OPTIMIZER_NAMES = OPTIMIZERS.names()
 
 
 def make_optimizer(params, cfg, lr: float | None = None) -> torch.optim.Optimizer:
     """The optimizer `cfg.name` names (an `OptimConfig`) over `params`, at `lr` if given."""
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(
-            f"unknown optim.name {cfg.name!r}: choose one of {', '.join(OPTIMIZER_NAMES)}"
-        )
-    return OPTIMIZERS[cfg.name](list(params), cfg.lr if lr is None else lr, cfg)
+    return OPTIMIZERS.get(cfg.name)(list(params), cfg.lr if lr is None else lr, cfg)

@@ -16,11 +16,13 @@ update a client sent, can learn about whether that image was used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -32,24 +34,45 @@ from torch import nn
 from pneumonia.core.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
 from pneumonia.core.errors import UserError, first_line
 
+
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """The root logger's handlers and level as they were before the block."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 # Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py), which gives
-# the root logger a handler: every library's INFO and DEBUG records (Flower's SecAgg+ stages)
-# would then be printed. Import it once here, and take the handler away again.
-_root_handlers = list(logging.getLogger().handlers)
-from opacus.accountants import RDPAccountant, create_accountant  # noqa: E402
-from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier  # noqa: E402
-from opacus.grad_sample import GradSampleHooks, register_grad_sampler  # noqa: E402
-from opacus.grad_sample.group_norm import compute_group_norm_grad_sample  # noqa: E402
-from opacus.optimizers import DPOptimizer  # noqa: E402
-from opacus.validators import ModuleValidator  # noqa: E402
+# the root logger a stderr handler: every library's records that reach the root (Flower's
+# SecAgg+ stages) would then be printed. Import it once here and keep the root logger as the
+# importer had it (the DataModule's lazy import of Opacus's sampler then finds it imported).
+with _root_logger_kept():
+    from opacus.accountants import RDPAccountant, create_accountant
+    from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+    from opacus.grad_sample import GradSampleHooks, register_grad_sampler
+    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
 
-logging.getLogger().handlers[:] = _root_handlers
 
-# timm's GroupNorm subclasses torch's, and Opacus looks samplers up by exact type: without
-# this line its layers silently fall back to the slower functorch path.
-register_grad_sampler(timm.layers.GroupNorm)(compute_group_norm_grad_sample)
-# The stem's input (the images) needs no gradient; Opacus's hooks are right without it.
-warnings.filterwarnings("ignore", message=r"Full backward hook is firing")
+@functools.cache
+def _register_timm_group_norm() -> None:
+    """timm's GroupNorm subclasses torch's, and Opacus looks samplers up by exact type: without
+    this its layers silently fall back to the slower functorch path. Opacus's registry is
+    process-wide, so it is filled when DP-SGD is first used, not when this module is imported.
+    """
+    register_grad_sampler(timm.layers.GroupNorm)(compute_group_norm_grad_sample)
+
+
+def grad_sample_hooks(model: nn.Module, loss_reduction: str) -> GradSampleHooks:
+    """Opacus's per-sample gradient hooks on `model` (timm's GroupNorm by its own sampler)."""
+    _register_timm_group_norm()
+    return GradSampleHooks(model, loss_reduction=loss_reduction)
 
 
 @dataclass
@@ -224,7 +247,7 @@ def probe_per_image_gradients(model: nn.Module, name: str, image_size: int) -> N
     trial = copy.deepcopy(model)
     no_inplace(trial)
     first = next(m for m in trial.modules() if isinstance(m, nn.Conv2d))
-    hooks = GradSampleHooks(trial, loss_reduction="sum")
+    hooks = grad_sample_hooks(trial, loss_reduction="sum")
     try:
         trial(torch.rand(2, first.in_channels, image_size, image_size)).sum().backward()
     except RuntimeError as err:
@@ -251,13 +274,15 @@ def no_inplace(model: nn.Module) -> None:
     Opacus's backward hooks (timm's blocks use inplace=True)."""
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
-            module.inplace = False
+            # torch types a Module's attributes as tensors or modules; `inplace` is a flag.
+            module.inplace = False  # type: ignore[assignment]
 
 
 def noise_for_budget(cfg: PrivacyConfig, sample_rate: float, steps: int) -> float:
     """The noise multiplier whose `steps` Poisson steps at `sample_rate` end at
     privacy.target_epsilon (Opacus's own search), or privacy.noise_multiplier."""
     if cfg.target_epsilon is None:
+        assert cfg.noise_multiplier is not None  # check_privacy: one of the two, never neither
         return float(cfg.noise_multiplier)
     return _searched_noise(
         cfg.target_epsilon, cfg.delta, sample_rate, max(steps, 1), cfg.accountant
@@ -289,12 +314,13 @@ class DPSGD:
 
     `images`: the trainer's training images (N); `batch_size`: the expected batch (B; the
     sample rate is B / N); `planned_steps`: the optimizer steps of the whole run, over which
-    a target epsilon is spread."""
+    a target epsilon is spread. Counts by keyword: three ints are easy to swap."""
 
     def __init__(
         self,
         model: nn.Module,
         cfg: PrivacyConfig,
+        *,
         images: int,
         batch_size: int,
         planned_steps: int,
@@ -309,7 +335,7 @@ class DPSGD:
         self.noise_multiplier = noise_for_budget(cfg, self.sample_rate, planned_steps)
         self.accountant = create_accountant(cfg.accountant)
         # In a list: an nn.Module attribute would join the module tree and its state dict.
-        self._hooks = [GradSampleHooks(model, loss_reduction="mean")]
+        self._hooks = [grad_sample_hooks(model, loss_reduction="mean")]
         self._hooks[0].forbid_grad_accumulation()
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
@@ -358,12 +384,19 @@ class DPSGD:
 
 
 def make_private(
-    module, cfg: PrivacyConfig, images: int, batch_size: int, planned_steps: int
+    module, cfg: PrivacyConfig, *, images: int, batch_size: int, planned_steps: int
 ) -> DPSGD:
     """DP-SGD for a ClassifierModule, attached as `module.privacy`, which the module consults
     for its loss, its optimizer and its memory layout."""
     name = module.hparams.model["name"]
-    dpsgd = DPSGD(module.model, cfg, images, batch_size, planned_steps, name)
+    dpsgd = DPSGD(
+        module.model,
+        cfg,
+        images=images,
+        batch_size=batch_size,
+        planned_steps=planned_steps,
+        name=name,
+    )
     module.privacy = dpsgd
     return dpsgd
 

@@ -68,7 +68,7 @@ class Recipe:
         )
 
 
-def _model_out_of_range(model: dict, key: str) -> tuple[str, object, str] | None:
+def _model_out_of_range(model: object, key: str) -> tuple[str, object, str] | None:
     """`Recipe.out_of_range` of a model config as a dict, its ensemble's members too."""
     if not isinstance(model, dict):
         return None  # ModelConfig refuses it

@@ -10,7 +10,7 @@ state to resume (a LambdaLR's `last_epoch` is all) and serve the centralized sch
 T below is `decay_steps` when the config sets it (> 0), else `total`: a run of fixed length
 then decays over exactly its length, the natural choice when the length is known up front.
 
-A new decay is one function decorated with `@register_decay("name")`.
+A new decay is one function decorated with `@DECAYS.register("name")`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from pneumonia.core.bounds import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from pneumonia.core.errors import UserError
+from pneumonia.core.registry import Registry
 
 
 @dataclass
@@ -56,23 +57,10 @@ class DecayConfig:
     warmup: NonNegativeInt = 0
 
 
+# `decay(t, total, cfg, seed=0)`, selected by optim.scheduler or federated.round_lr (the key
+# decay_factor names in a refusal).
 Decay = Callable[[int, int, DecayConfig, int], float]
-DECAYS: dict[str, Decay] = {}
-
-
-def register_decay(name: str) -> Callable[[Decay], Decay]:
-    """Decorator: make `decay(t, total, cfg, seed=0)` selectable by `name`."""
-
-    def add(decay: Decay) -> Decay:
-        DECAYS[name] = decay
-        return decay
-
-    return add
-
-
-def list_decays() -> list[str]:
-    """Registered names, in registration order."""
-    return list(DECAYS)
+DECAYS: Registry[Decay] = Registry("optim.scheduler")
 
 
 def check_decay(cfg: DecayConfig, group: str = "optim.decay") -> None:
@@ -102,13 +90,13 @@ def _progress(t: int, T: int, staircase: bool) -> float:
     return float(t // T) if staircase else t / T
 
 
-@register_decay("constant")
+@DECAYS.register("constant")
 def constant(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """No decay: 1 throughout."""
     return 1.0
 
 
-@register_decay("piecewise")
+@DECAYS.register("piecewise")
 def piecewise(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.piecewise_constant(x, boundaries, values) / lr, with boundaries as
     fractions of `total`: factors[0] for t <= b[0] * total, factors[i] for
@@ -123,7 +111,7 @@ def piecewise(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     return float(cfg.factors[-1])
 
 
-@register_decay("polynomial")
+@DECAYS.register("polynomial")
 def polynomial(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.polynomial_decay (cycle=False) / lr:
     (1 - end) * (1 - min(t, T) / T) ^ power + end, with end = end_learning_rate / lr."""
@@ -132,28 +120,28 @@ def polynomial(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     return (1.0 - end) * (1.0 - min(t, T) / T) ** cfg.power + end
 
 
-@register_decay("exponential")
+@DECAYS.register("exponential")
 def exponential(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.exponential_decay / lr: decay_rate ^ (t / T), the exponent floored
     when staircase. Not clamped: it keeps decaying past T."""
     return cfg.decay_rate ** _progress(t, _span(total, cfg), cfg.staircase)
 
 
-@register_decay("inverse_time")
+@DECAYS.register("inverse_time")
 def inverse_time(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.inverse_time_decay / lr: 1 / (1 + decay_rate * t / T), t / T
     floored when staircase. Not clamped."""
     return 1.0 / (1.0 + cfg.decay_rate * _progress(t, _span(total, cfg), cfg.staircase))
 
 
-@register_decay("natural_exp")
+@DECAYS.register("natural_exp")
 def natural_exp(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.natural_exp_decay / lr: exp(-decay_rate * t / T), t / T floored
     when staircase. Not clamped."""
     return math.exp(-cfg.decay_rate * _progress(t, _span(total, cfg), cfg.staircase))
 
 
-@register_decay("cosine")
+@DECAYS.register("cosine")
 def cosine(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.cosine_decay / lr: (1 - alpha) * 0.5 * (1 + cos(pi * min(t, T) / T))
     + alpha. With alpha 0 and T = total it is, bit for bit, the round schedule's
@@ -172,7 +160,7 @@ def _linear_cosine(t: int, T: int, cfg: DecayConfig, eps: float) -> float:
     return (cfg.alpha + linear + eps) * cos + cfg.beta
 
 
-@register_decay("linear_cosine")
+@DECAYS.register("linear_cosine")
 def linear_cosine(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.linear_cosine_decay / lr, with s = min(t, T):
     linear = (T - s) / T; cosine = 0.5 * (1 + cos(pi * 2 * num_periods * s / T));
@@ -180,7 +168,7 @@ def linear_cosine(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     return _linear_cosine(t, _span(total, cfg), cfg, 0.0)
 
 
-@register_decay("noisy_linear_cosine")
+@DECAYS.register("noisy_linear_cosine")
 def noisy_linear_cosine(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> float:
     """tf.compat.v1.train.noisy_linear_cosine_decay / lr: linear_cosine with linear + eps_t,
     eps_t ~ N(0, initial_variance / (1 + s) ^ variance_decay) (a variance), s = min(t, T) as
@@ -195,8 +183,8 @@ def noisy_linear_cosine(t: int, total: int, cfg: DecayConfig, seed: int = 0) -> 
     return _linear_cosine(t, T, cfg, math.sqrt(variance) * normal)
 
 
-# The built-in names, in the review's order after "no decay" (list_decays() adds later ones).
-DECAY_NAMES = tuple(DECAYS)
+# The built-in names, in the review's order after "no decay" (DECAYS.names() adds later ones).
+DECAY_NAMES = DECAYS.names()
 
 
 def decay_factor(
@@ -209,13 +197,12 @@ def decay_factor(
 ) -> float:
     """lr_t / lr at unit `t` (0-based) of a `total`-unit schedule: decay `name`, warm-up
     included. `key` names the config field in the error for an unknown name."""
-    if name not in DECAYS:
-        raise UserError(f"unknown {key} {name!r}: choose one of {', '.join(list_decays())}")
+    decay = DECAYS.get(name, key)
     if total < 1 or t < 0:
         raise ValueError(f"a schedule needs total >= 1 and t >= 0, got total {total}, t {t}")
     if name == "piecewise":
         check_decay(cfg)
-    factor = DECAYS[name](t, total, cfg, seed)
+    factor = decay(t, total, cfg, seed)
     if t < cfg.warmup:
         factor *= (t + 1) / (cfg.warmup + 1)
     return factor

@@ -68,7 +68,20 @@ def test_update_problems_are_named():
 
 
 def make_server(min_clients=1, per_round=3, n_clients=3, strategy=None):
-    return Server(state(0.0, 0.0, 0), strategy or FedAvg(), n_clients, per_round, min_clients, 0)
+    return Server(
+        state(0.0, 0.0, 0),
+        strategy or FedAvg(),
+        n_clients=n_clients,
+        per_round=per_round,
+        min_clients=min_clients,
+        seed=0,
+    )
+
+
+def test_the_server_takes_its_counts_by_name():
+    # Four ints in a row are easily swapped: clients, per round, minimum and seed.
+    with pytest.raises(TypeError, match="positional"):
+        Server(state(0.0, 0.0, 0), FedAvg(), 3, 3, 1, 0)
 
 
 def test_server_leaves_out_nan_and_failed_clients_with_a_warning():
@@ -186,9 +199,11 @@ def test_a_new_strategy_is_one_class_and_one_registry_line(monkeypatch):
     from pneumonia.federated import strategies
     from pneumonia.federated.options import check_federated
 
-    monkeypatch.setattr(strategies, "_STRATEGIES", dict(strategies._STRATEGIES))
+    # A copy of the entries, so the new name is gone after the test.
+    registry = strategies.STRATEGIES
+    monkeypatch.setattr(registry, "_entries", dict(registry._entries))
 
-    @strategies.register("halfway")
+    @registry.register("halfway")
     class Halfway(strategies.Strategy):
         """Moves the global model half way to the clients' average."""
 

@@ -1,6 +1,7 @@
 """`python -m pneumonia.fit` with federated.enabled, end to end on tiny synthetic data."""
 
 import json
+import logging
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from pneumonia.federated.strategies import normalization_keys
 from pneumonia.inference.scoring import evaluate_imageset
 from pneumonia.run.config import parse_fit_config
 from pneumonia.run.federated import FederatedTraining
+from pneumonia.run.monitor import GLOBAL_METRICS, round_row
+from pneumonia.run.rounds import RoundRecord
+from pneumonia.run.rundir import client_dir
 from pneumonia.training.checkpoint import load_module
 
 TINY = [
@@ -117,11 +121,11 @@ def test_tensorboard_global_curves_by_round_and_client_curves_continue(fl_run):
     run_dir, _, _ = fl_run
     assert [s for s, _ in scalars(run_dir, "global/val/accuracy")] == [1, 2]
     assert [s for s, _ in scalars(run_dir, "global/train/loss")] == [1, 2]
-    steps = [s for s, _ in scalars(run_dir / "clients" / "client_0", "train/loss_step")]
+    steps = [s for s, _ in scalars(client_dir(run_dir, 0), "train/loss_step")]
     per_round = len(steps) // 2
     assert per_round >= 1 and steps == sorted(set(steps))  # round 2 continues round 1's axis
     assert steps[-1] >= 2 * per_round - 1
-    assert scalars(run_dir / "clients" / "client_2", "train/loss_epoch")
+    assert scalars(client_dir(run_dir, 2), "train/loss_epoch")
 
 
 def test_only_state_dicts_and_counts_cross_the_client_boundary(fl_run):
@@ -383,15 +387,15 @@ def test_resume_from_a_corrupt_round_state_is_one_line(fl_run, tmp_path, capsys)
 
 def test_average_rounds_reports_the_mean_of_the_last_global_models(tmp_path):
     globals_by_round: list[dict] = []
-    original = FederatedTraining.checkpoint
+    original = RoundRecord.checkpoint
 
-    def spy(self, round_number, row):
-        globals_by_round.append({k: v.clone() for k, v in self.server.global_state.items()})
-        return original(self, round_number, row)
+    def spy(self, row, server, cohort):
+        globals_by_round.append({k: v.clone() for k, v in server.global_state.items()})
+        return original(self, row, server, cohort)
 
     argv = [*FEDERATED, "--federated.rounds", "3", "--federated.average_rounds", "2"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FederatedTraining, "checkpoint", spy)
+        mp.setattr(RoundRecord, "checkpoint", spy)
         summary = fit.main([*argv, "--run_dir", str(tmp_path / "run")])
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     assert summary["selected_by"] == "mean of the global models of rounds 2-3"
@@ -418,3 +422,45 @@ def test_average_rounds_beyond_the_rounds_averages_them_all():
     assert averaged_rounds(FederatedConfig(rounds=2, average_rounds=5)) == 2
     assert averaged_rounds(FederatedConfig(rounds=8, average_rounds=3)) == 3
     assert averaged_rounds(FederatedConfig(rounds=8, average_rounds=0)) == 0
+
+
+class Lines(logging.Handler):
+    """Every line of the records it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += record.getMessage().splitlines()
+
+
+def test_every_line_a_federated_fit_prints_is_a_record_of_the_package_logger(tmp_path, capsys):
+    # Library code logs, never prints: whoever imports the package decides where lines go.
+    lines, logger = Lines(), logging.getLogger("pneumonia")
+    logger.addHandler(lines)
+    try:
+        fit.main([*FEDERATED, "--federated.rounds", "1", "--run_dir", str(tmp_path / "run")])
+    finally:
+        logger.removeHandler(lines)
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("round 1/1") for line in out)
+    assert out == lines.lines
+
+
+def test_round_row_takes_what_could_be_swapped_by_name():
+    update = ClientUpdate(0, {}, n=8, train_loss=0.5, train_accuracy=0.75)
+    evaluations = {"val": dict.fromkeys(GLOBAL_METRICS, 0.5)}
+    with pytest.raises(TypeError):
+        round_row(1, 2, [update], [], evaluations, 3.0, 9.0)  # type: ignore[misc]
+    row = round_row(
+        1,
+        n_clients=2,
+        updates=[update],
+        excluded=[],
+        evaluations=evaluations,
+        round_s=3.0,
+        elapsed_s=9.0,
+    )
+    assert row["client0_n"] == 8 and row["client1_n"] == ""
+    assert (row["round_s"], row["elapsed_s"]) == (3.0, 9.0)

@@ -89,7 +89,10 @@ def test_the_robust_aggregators_are_in_the_registry():
 
 
 def test_the_server_warns_naming_the_scaled_client_and_averages_the_others():
-    server = Server(GLOBAL, FedAvg(), 3, 3, 1, 0, UpdateChecks({0: 10, 1: 10, 2: 10}, 10))
+    checks = UpdateChecks({0: 10, 1: 10, 2: 10}, 10)
+    server = Server(
+        GLOBAL, FedAvg(), n_clients=3, per_round=3, min_clients=1, seed=0, checks=checks
+    )
     updates = [update(0, [1.0, 1.0]), update(1, [3.0, 3.0]), update(2, [1e6, 1e6])]
     with pytest.warns(ClientExcludedWarning, match="round 1: client 2 left out: its update norm"):
         assert server.aggregate(0, updates, {}) == [2]

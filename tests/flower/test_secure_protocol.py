@@ -199,7 +199,7 @@ def test_below_the_reconstruction_threshold_the_round_fails_and_can_resume():
     behaviour.silent |= {102: "collect_masked_vectors", 103: "collect_masked_vectors"}
     result = secure_round(behaviour)
     assert result.aggregate is None and sorted(result.failures) == [1, 2]
-    server = Server(START, FedAvg(), 3, 3, 1, 0)
+    server = Server(START, FedAvg(), n_clients=3, per_round=3, min_clients=1, seed=0)
     with (
         pytest.raises(UserError, match="reconstruction threshold 2") as err,
         warnings.catch_warnings(),
@@ -231,10 +231,13 @@ def members(*counts: int) -> list[ClientUpdate]:
 
 def test_the_strategy_gets_one_update_the_aggregate():
     mean = {k: v + 0.5 if v.is_floating_point() else v for k, v in START.items()}
-    server = Server(START, FedAvg(), 3, 3, 2, 0, UpdateChecks(declared={0: 10, 1: 30}))
+    checks = UpdateChecks(declared={0: 10, 1: 30})
+    server = Server(START, FedAvg(), n_clients=3, per_round=3, min_clients=2, seed=0, checks=checks)
     assert server.aggregate_secure(0, SecureRound(members(10, 30), mean, {2: "gone"})) == [2]
     assert all(torch.equal(server.global_state[k], mean[k]) for k in START)
-    momentum = Server(START, FedAvgM(["w", "b"], 1.0, 0.9), 3, 3, 1, 0)
+    momentum = Server(
+        START, FedAvgM(["w", "b"], 1.0, 0.9), n_clients=3, per_round=3, min_clients=1, seed=0
+    )
     momentum.aggregate_secure(0, SecureRound(members(10, 30), mean, {}))
     assert torch.allclose(momentum.global_state["w"], mean["w"])  # first step: lr 1, no history
 
@@ -242,7 +245,7 @@ def test_the_strategy_gets_one_update_the_aggregate():
 def test_what_the_server_can_still_check_fails_the_round():
     mean = {k: v + 0.5 if v.is_floating_point() else v for k, v in START.items()}
     checks = UpdateChecks(declared={0: 10, 1: 30}, max_norm=0.1)
-    server = Server(START, FedAvg(), 3, 3, 1, 0, checks)
+    server = Server(START, FedAvg(), n_clients=3, per_round=3, min_clients=1, seed=0, checks=checks)
     with pytest.raises(UserError, match="exceeds federated.max_update_norm"):
         server.aggregate_secure(0, SecureRound(members(10, 30), mean, {}))
     with pytest.raises(UserError, match="declared 30 when the run started"):
@@ -250,7 +253,7 @@ def test_what_the_server_can_still_check_fails_the_round():
     broken = mean | {"w": torch.full((6, 5), float("inf"))}
     with pytest.raises(UserError, match="non-finite"):
         server.aggregate_secure(0, SecureRound(members(10, 30), broken, {}))
-    strict = Server(START, FedAvg(), 3, 3, 3, 0)
+    strict = Server(START, FedAvg(), n_clients=3, per_round=3, min_clients=3, seed=0)
     with pytest.raises(UserError, match="2 valid update"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strict.aggregate_secure(0, SecureRound(members(10, 30), mean, {2: "gone"}))

@@ -9,12 +9,12 @@ from torch import nn
 
 from pneumonia.core.errors import UserError
 from pneumonia.models.layers import (
+    ACTIVATIONS,
     BatchRenorm2d,
     DropConnectLinear,
     Maxout,
     NoisySoftplus,
     activation_layer,
-    list_activations,
 )
 
 NAMES = ["relu", "sigmoid", "tanh", "prelu", "rrelu", "elu", "softplus", "noisy_softplus", "maxout"]
@@ -39,7 +39,7 @@ EXPECTED = {
 
 
 def test_registry_names_in_order():
-    assert list_activations() == NAMES
+    assert list(ACTIVATIONS.names()) == NAMES
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -1,0 +1,114 @@
+"""What a federated run keeps of its rounds: rounds.csv's rows, the best round so far, the
+average of the last rounds, and the files written after every round (rounds.csv, best.ckpt,
+last.ckpt, then the round state that --resume restores: each atomic, the state last)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from jsonargparse import Namespace
+
+from pneumonia.core.errors import UserError
+from pneumonia.core.files import write_csv
+from pneumonia.federated.aggregate import State
+from pneumonia.federated.cohort import Cohort
+from pneumonia.federated.server import Server
+from pneumonia.federated.state import load_round_state, save_round_state, set_rng_state
+from pneumonia.run.averaging import RoundAverage
+from pneumonia.run.config import monitor_mode
+from pneumonia.run.monitor import Best
+from pneumonia.run.rundir import BEST, LAST, ROUNDS, checkpoints_dir
+from pneumonia.run.selection import monitor_column
+from pneumonia.training.checkpoint import write_checkpoint
+from pneumonia.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class RoundRecord:
+    """The rounds a federated run has done, saved after each and restored on --resume."""
+
+    def __init__(self, cfg: Namespace, recipe: Recipe, run_dir: Path, fingerprint: str) -> None:
+        self.cfg, self.recipe, self.run_dir = cfg, recipe, run_dir
+        self.fingerprint = fingerprint  # which images: a resume must see the same
+        self.history: list[dict] = []  # rounds.csv's rows
+        self.best = Best(0, math.nan)
+        self.average = RoundAverage(cfg.federated)
+        self.next_round = 0
+        self.elapsed_before = 0.0  # seconds the rounds before a resume took
+
+    def add(self, row: dict, server: Server, cohort: Cohort) -> None:
+        """Record a completed round (its rounds.csv row) and save what it leaves."""
+        self.history.append(row)
+        # rounds.csv before the resume state: a kill between them leaves a row the next
+        # round rewrites, never a saved round without its row.
+        write_csv(self.run_dir / ROUNDS, self.history)
+        self.checkpoint(row, server, cohort)
+
+    def checkpoint(self, row: dict, server: Server, cohort: Cohort) -> None:
+        """best.ckpt, last.ckpt, then the resume state: all atomic, the state last."""
+        round_number, state = row["round"], server.global_state
+        checkpoints_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+        value = row[monitor_column(self.cfg.monitor)]
+        improved = self.improves(value)
+        if improved:
+            self.best = Best(round_number, value)
+        self.average.add(round_number, state)
+        reported = self.reported_state(round_number, state, improved)
+        if reported is not None:
+            self.write(BEST, reported, round_number)
+        self.write(LAST, state, round_number)
+        save_round_state(checkpoints_dir(self.run_dir), self.state_dict(row, server, cohort))
+
+    def improves(self, value: float) -> bool:
+        """Whether `value` of the monitored metric beats the best round so far."""
+        if self.best.step == 0:
+            return True
+        lower = monitor_mode(self.cfg.monitor) == "min"
+        return value < self.best.value if lower else value > self.best.value
+
+    def reported_state(self, round_number: int, state: State, improved: bool) -> State | None:
+        """What best.ckpt holds after this round, None to leave it: the average once the last
+        round is done (federated.average_rounds), else the round's model when it improved."""
+        if self.average.enabled:
+            return self.average.mean(state) if self.average.complete(round_number) else None
+        return state if improved else None
+
+    def write(self, name: str, state: State, round_number: int) -> None:
+        write_checkpoint(checkpoints_dir(self.run_dir) / name, state, self.recipe, round_number)
+
+    def state_dict(self, row: dict, server: Server, cohort: Cohort) -> dict:
+        """The round state (pneumonia.federated.state adds the RNG states)."""
+        return {
+            "round": row["round"],
+            "server": server.state_dict(),
+            "clients": cohort.state_dict(),
+            "history": self.history,
+            "best": list(self.best),
+            "average_sum": self.average.total,
+            "elapsed_s": row["elapsed_s"],
+            "fingerprint": self.fingerprint,
+        }
+
+    def restore(self, server: Server, cohort: Cohort) -> None:
+        """Continue after the last completed round saved in the run directory."""
+        state = load_round_state(self.run_dir)
+        if state is None:
+            raise UserError(
+                f"{self.run_dir} has no completed round to resume from: start a new run"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise UserError(
+                f"{self.run_dir}: the data or partition differs from when the run started "
+                f"(data.root changed?): resume needs the same images"
+            )
+        server.load_state_dict(state["server"])
+        cohort.load_state_dict(state["clients"])
+        self.history, self.best = list(state["history"]), Best(*state["best"])
+        self.average = RoundAverage(self.cfg.federated, state.get("average_sum"))
+        self.next_round, self.elapsed_before = int(state["round"]), float(state["elapsed_s"])
+        set_rng_state(state["rng"])
+        rounds = self.cfg.federated.rounds
+        log.info(f"resuming {self.run_dir} after round {self.next_round}/{rounds}")

@@ -23,6 +23,7 @@ from pneumonia.inference.predictor import Predictor
 from pneumonia.inference.scoring import predict_probabilities
 from pneumonia.models.ensemble_model import Ensemble
 from pneumonia.models.factory import ModelConfig, create_model
+from pneumonia.run import stacking
 from pneumonia.run.config import parse_fit_config
 from pneumonia.serve.app import answer
 from pneumonia.training.checkpoint import load_module, read_checkpoint, write_checkpoint
@@ -56,7 +57,7 @@ def test_the_informative_member_gets_the_larger_coefficient():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     z = np.stack([2.0 * (2 * y - 1) + rng.normal(0, 1.5, 400), rng.normal(0, 2, 400)], 1)
-    meta = ensemble.fit_meta(z, y)
+    meta = stacking.fit_meta(z, y)
     informative, noise = meta.coef_[0]
     assert informative > 0.5 and abs(noise) < informative / 5
 
@@ -66,24 +67,24 @@ def test_out_of_fold_probabilities_come_from_learners_that_never_saw_the_patient
     patients = [f"p{i // 2}" for i in range(80)]  # two images per patient, one class each
     y = np.array([int(i // 2 % 2 == 0) for i in range(80)])
     z = np.stack([3 * (2 * y - 1) + rng.normal(0, 0.5, 80), rng.normal(0, 1, 80)], 1)
-    oof, learners, fold_of = ensemble.cross_fit(z, y, patients, folds=4, seed=0)
+    oof, learners, fold_of = stacking.cross_fit(z, y, patients, folds=4, seed=0)
     assert len(learners) == 4 and set(fold_of) == set(patients)
     assert ((oof > 0.5) == (y == 1)).all()  # separable: every held-out image on its side
     for k, learner in enumerate(learners):
         held = np.array([fold_of[p] == k for p in patients])
-        refit = ensemble.fit_meta(z[~held], y[~held])  # the other folds' patients only
-        assert np.allclose(oof[held], ensemble.stacked(refit, z[held]))
+        refit = stacking.fit_meta(z[~held], y[~held])  # the other folds' patients only
+        assert np.allclose(oof[held], stacking.stacked(refit, z[held]))
         assert np.allclose(refit.coef_, learner.coef_)
-    again, _, _ = ensemble.cross_fit(z, y, patients, folds=4, seed=0)
+    again, _, _ = stacking.cross_fit(z, y, patients, folds=4, seed=0)
     assert np.array_equal(oof, again)  # the seed fixes the folds
 
 
 def test_too_many_folds_or_one_class_is_a_user_error():
     z, y = np.zeros((6, 2)), np.array([0, 1, 0, 1, 0, 1])
     with pytest.raises(UserError, match="--folds 5: give from 2 to 3"):
-        ensemble.cross_fit(z, y, ["a", "a", "b", "b", "c", "c"], folds=5, seed=0)
+        stacking.cross_fit(z, y, ["a", "a", "b", "b", "c", "c"], folds=5, seed=0)
     with pytest.raises(UserError, match="all of one class"):
-        ensemble.fit_meta(z, np.ones(6, dtype=int))
+        stacking.fit_meta(z, np.ones(6, dtype=int))
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -204,11 +205,11 @@ def test_the_checkpoint_scores_as_the_meta_learner_fitted_on_all_validation_imag
     assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(report))
     probs = member_probabilities(members, val_images.names)
     y = (val_images.labels == 1).numpy().astype(int)
-    meta = ensemble.fit_meta(logit(np.clip(probs, 1e-6, 1 - 1e-6)), y)
+    meta = stacking.fit_meta(logit(np.clip(probs, 1e-6, 1 - 1e-6)), y)
     assert np.allclose(meta.coef_[0], report["stacking"]["coef"])
     module = load_module(out)
     scored = predict_probabilities(module, val_images.images).double().numpy()
-    expected = ensemble.stacked(meta, logit(np.clip(probs, 1e-6, 1 - 1e-6)))
+    expected = stacking.stacked(meta, logit(np.clip(probs, 1e-6, 1 - 1e-6)))
     assert np.allclose(scored, expected, atol=1e-5)
     recipe, state, ckpt = read_checkpoint(out)
     assert (recipe.mean, recipe.std, recipe.threshold, recipe.image_size) == (0.0, 1.0, 0.5, 32)

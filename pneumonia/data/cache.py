@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.files import save_atomic
@@ -131,7 +132,9 @@ def _read_cache(path: Path) -> tuple[ImageSet, list[str], list[str]] | None:
     if not path.is_file():
         return None
     try:
-        return _from_payload(safe_load(path))  # the one weights-only loader
+        # The one weights-only loader. What a file holds is known only by reading it: a
+        # payload that is no dict of ours fails in _from_payload (below).
+        return _from_payload(cast(dict, safe_load(path)))
     # safe_load refuses damaged or crafted bytes (UserError); a foreign payload raises a
     # TypeError or KeyError here. The cache is disposable: either way, decode again.
     except (UserError, TypeError, KeyError, ValueError):

@@ -220,6 +220,7 @@ class LocalCohort:
         updates, failures = [], {}
         for j in chosen:
             try:
+                assert self.strategy is not None  # start() builds it with the clients
                 update = run_client_round(self.clients[j], self.strategy, task)
                 updates.append(misbehave(update, task.global_state, self.federated.hostile))
             except Exception as err:  # one hospital's failure must not end the federation

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import torch
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     WeightAveraging,
 )
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.interrupt import deferred
@@ -44,10 +46,18 @@ from pneumonia.run.rundir import (
 from pneumonia.run.selection import selection_rule
 from pneumonia.run.stopping import early_stopping, early_stopping_record, stopped_epoch
 from pneumonia.training.checkpoint import CheckpointIO
+from pneumonia.training.module import ClassifierModule
 from pneumonia.training.privacy import DPSGD, AccountantState, make_private, planned_steps
 from pneumonia.training.recipe import build_module, loss_weights
 
 log = logging.getLogger(__name__)
+
+
+def _max_epochs(trainer: L.Trainer) -> int:
+    """The fit's last epoch (from 1): Lightning's loop sets it when a fit starts."""
+    epochs = trainer.max_epochs
+    assert epochs is not None  # a callback runs inside a fit, which has set it
+    return epochs
 
 
 class ReportEpochs(Callback):
@@ -57,7 +67,7 @@ class ReportEpochs(Callback):
         self.progress = progress
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.progress(trainer.current_epoch + 1, trainer.max_epochs)
+        self.progress(trainer.current_epoch + 1, _max_epochs(trainer))
 
 
 class EpochLines(Callback):
@@ -70,7 +80,7 @@ class EpochLines(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        done, total = trainer.current_epoch + 1, trainer.max_epochs
+        done, total = trainer.current_epoch + 1, _max_epochs(trainer)
         elapsed = time.time() - self.started
         shift = (
             f" | shift acc {m['val_shift/accuracy']:.3f} auroc {m['val_shift/auroc']:.3f}"
@@ -87,6 +97,7 @@ class EpochLines(Callback):
             f" | best {self.checkpoint.monitor} {float(best):.3f}" if best is not None else ""
         )
         left = duration(elapsed / done * (total - done))
+        assert isinstance(module, ClassifierModule)  # the module train_centralized builds
         if module.privacy is not None:  # read now: the module logs it after this callback
             best_text += f" | epsilon {module.privacy.epsilon():.2f}"
         log.info(
@@ -211,7 +222,8 @@ def train_centralized(run: RunInputs) -> Trained:
     last = last_checkpoint(run_dir)
     if resume and not last.is_file():
         raise UserError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to resume from: start a new run")
-    done = int(safe_load(last, mmap=True)["epoch"]) + 1 if resume else 0
+    # cast: a loaded file's contents (a checkpoint: a dict that holds its epoch).
+    done = int(cast(dict, safe_load(last, mmap=True))["epoch"]) + 1 if resume else 0
     divergence = Divergence()
     extra = [divergence, *early_stopping(cfg)]
     extra += [AccountantState(private)] if private is not None else []
@@ -226,11 +238,18 @@ def train_centralized(run: RunInputs) -> Trained:
         unit="epoch",
         checkpoint=Path(checkpoint.best_model_path or last),
         selected_by=selection_rule(cfg, "epoch"),
-        logger=trainer.loggers[0],
+        logger=events_logger(trainer),
         details={"epochs": trainer.current_epoch}
         | stopping_details(cfg, trainer, divergence)
         | ({"privacy": {"dp_sgd": private.describe()}} if private is not None else {}),
     )
+
+
+def events_logger(trainer: L.Trainer) -> TensorBoardLogger:
+    """The run's TensorBoard logger: `build_trainer` gives the Trainer it first."""
+    logger = trainer.loggers[0]
+    assert isinstance(logger, TensorBoardLogger)  # build_trainer's loggers: TensorBoard, CSV
+    return logger
 
 
 def private_training(cfg: Namespace, module, images: int) -> DPSGD | None:

@@ -34,6 +34,8 @@ from pneumonia.training.privacy import PrivacyConfig
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+log = logging.getLogger(__name__)
+
 # The dataclass groups of the fit config (trainer.* stays a namespace).
 CONFIG_GROUPS = ("data", "model", "optim", "loss", "federated", "privacy", "early_stopping")
 # The fit entry point owns these Trainer arguments: where runs are written and how.
@@ -633,9 +635,9 @@ def cpu_precision(args: dict) -> object:
 
 @functools.cache
 def say_once(line: str) -> None:
-    """Print a line the first time this process asks (trainer_arguments runs for every
+    """Warn in a line the first time this process asks (trainer_arguments runs for every
     Trainer; a Flower node builds its client each round)."""
-    print(line, flush=True)
+    log.warning(line)
 
 
 def check_monitor(monitor: str, shift_enabled: bool) -> None:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import yaml
@@ -96,7 +97,7 @@ def preflight(cfg: Namespace) -> dict:
     if cfg.data.root is not None:
         check_writable_folder("data.cache_dir", cfg.data.cache_dir or default_cache_dir())
     model = create_model(cfg.model, cfg.data.image_size, len(task_classes(cfg.data.task)))
-    parameters = {"parameters": count_parameters(model)}
+    parameters: dict[str, object] = {"parameters": count_parameters(model)}
     if cfg.model.transfer != "finetune":
         head = getattr(*classifier_layer(model, len(task_classes(cfg.data.task))))
         parameters["transfer"] = {"mode": cfg.model.transfer} | freeze(
@@ -168,13 +169,14 @@ def write_run_files(run_dir: Path, config_yaml: str, splits: Splits) -> None:
 
 def saved_so_far(run_dir: Path, federated: bool) -> str:
     """What an interrupted run keeps, read from the files `--resume` reads."""
+    # cast: a loaded file's contents (a round state or checkpoint: a dict that holds its step).
     if federated:
         state = round_state(run_dir)
-        done = int(safe_load(state, mmap=True)["round"]) if state.is_file() else 0
+        done = int(cast(dict, safe_load(state, mmap=True))["round"]) if state.is_file() else 0
         unit = "round"
     else:
         last = last_checkpoint(run_dir)
-        done = int(safe_load(last, mmap=True)["epoch"]) + 1 if last.is_file() else 0
+        done = int(cast(dict, safe_load(last, mmap=True))["epoch"]) + 1 if last.is_file() else 0
         unit = "epoch"
     if done == 0:
         return f"no {unit} was completed in {run_dir}"
@@ -328,6 +330,8 @@ def report(run: RunInputs, config_yaml: str, trained: Trained, clients: Cohort |
     config = yaml.safe_load(config_yaml)
     results = finalize(trained, splits, cfg.data.eval_batch_size, cfg.threshold, run_dir, config)
     if clients is not None and cfg.federated.cross_site:
+        # A deployment's cohort was refused before training (refuse_for_deployments).
+        assert isinstance(clients, LocalCohort)
         results["cross_site"] = cross_site(
             cfg, run.recipe, splits, clients, run_dir, trained.logger
         )

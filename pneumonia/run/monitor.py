@@ -53,8 +53,9 @@ def round_row(
         update = by_client.get(j)
         row[f"client{j}_n"] = update.n if update else ""
         row[f"client{j}_loss"] = round(update.train_loss, 5) if update else ""
-        if private:
-            row[f"client{j}_epsilon"] = round(update.epsilon, 4) if update else ""
+        if private:  # with DP-SGD every client's update carries its epsilon
+            epsilon = update.epsilon if update else None
+            row[f"client{j}_epsilon"] = round(epsilon, 4) if epsilon is not None else ""
     total = sum(u.n for u in used)
     row["train_loss"] = round(sum(u.train_loss * u.n for u in used) / total, 5)
     if private:  # the weakest guarantee of the round: the largest epsilon any client spent

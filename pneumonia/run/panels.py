@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
 from pneumonia.inference.explain import cases_panel, seeded_panel
@@ -44,4 +43,3 @@ def log_heatmaps(
     tensorboard.add_figure("best/gradcam", seeded_panel(module, val.imageset), 0)
     figure = cases_panel(module, val.imageset, val.probs)
     figure.savefig(run_dir / CASES, dpi=110)
-    plt.close(figure)

@@ -65,6 +65,8 @@ class HistoryWriter(ExperimentWriter):
 class HistoryCSVLogger(CSVLogger):
     """The CSV logger of a run that may be resumed after `epochs` completed epochs."""
 
+    _experiment: HistoryWriter | None  # only `experiment` below sets it
+
     def __init__(self, run_dir: Path, epochs: int) -> None:
         super().__init__(run_dir, name="", version="")
         self.epochs = epochs

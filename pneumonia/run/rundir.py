@@ -256,7 +256,7 @@ def _longer_ok(key: str, old: dict, new: dict) -> bool:
 def _flat(tree: object, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix.rstrip("."): tree}
-    out = {}
+    out: dict[str, object] = {}
     for key, value in tree.items():
         out |= _flat(value, f"{prefix}{key}.")
     return out

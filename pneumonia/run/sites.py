@@ -8,10 +8,10 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from jsonargparse import Namespace
 
+from pneumonia.core.figures import subplots
 from pneumonia.core.files import write_csv
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import site_names
@@ -66,11 +66,13 @@ def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
     out = replace(splits, val=val, val_site=val_site, raw_train=None, raw_val=None)
     if fed.hold_out is None:
         return out
+    held_out = cohort.held_out
+    assert held_out is not None  # a LocalCohort keeps the site federated.hold_out names
     keep = torch.nonzero(val_site != fed.hold_out).flatten()
     gone = torch.nonzero(val_site == fed.hold_out).flatten()
-    held = concat(cohort.held_out, val.subset(gone)) if len(gone) else cohort.held_out
+    held = concat(held_out, val.subset(gone)) if len(gone) else held_out
     shift = splits.val_shift.subset(keep) if splits.val_shift is not None else None
-    away = set(cohort.held_out.names)  # split.csv and the model card: what trained
+    away = set(held_out.names)  # split.csv and the model card: what trained
     train = splits.train.subset([i for i, n in enumerate(splits.train.names) if n not in away])
     return replace(
         out,
@@ -132,9 +134,11 @@ def local_threshold(
 
 def data_sets(splits: Splits) -> dict[str, ImageSet]:
     """The matrix's columns: each site's validation images, then the held-out site's."""
+    val_site = splits.val_site
+    assert val_site is not None  # with_sites gives a federated run's splits their sites
     out = {}
-    for j in sorted(set(splits.val_site.tolist()) - {-1}):
-        out[f"site{j}"] = splits.val.subset(torch.nonzero(splits.val_site == j).flatten())
+    for j in sorted(set(val_site.tolist()) - {-1}):
+        out[f"site{j}"] = splits.val.subset(torch.nonzero(val_site == j).flatten())
     if splits.held_out is not None:
         out["held_out"] = splits.held_out
     return out
@@ -160,7 +164,6 @@ def cross_site_matrix(
     write_csv(run_dir / CROSS_SITE_TABLE, rows)
     figure = matrix_figure(rows, list(models), list(columns))
     figure.savefig(run_dir / CROSS_SITE_FIGURE, dpi=120, bbox_inches="tight")
-    plt.close(figure)
     return rows
 
 
@@ -168,7 +171,7 @@ def matrix_figure(rows: list[dict], models: list[str], columns: list[str], metri
     """Models down, data sets across; each cell its figure and interval."""
     cell = {(r["model"], r["data"]): r for r in rows}
     values = torch.tensor([[cell[m, d][metric] for d in columns] for m in models])
-    figure, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 0.7 * len(models) + 1.5))
+    figure, ax = subplots(figsize=(1.6 * len(columns) + 2, 0.7 * len(models) + 1.5))
     image = ax.imshow(values.numpy(), cmap="viridis", vmin=max(float(values.min()) - 0.05, 0))
     for i, m in enumerate(models):
         for k, d in enumerate(columns):

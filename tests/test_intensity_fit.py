@@ -20,12 +20,12 @@ from pneumonia.data.intensity import standardize
 from pneumonia.data.kermany import list_image_files
 from pneumonia.data.shifts import ShiftConfig, shifted
 from pneumonia.data.sources import load_splits
-from pneumonia.ensemble import check_members
 from pneumonia.federated.cohort import LocalCohort
 from pneumonia.inference.onnx_model import METADATA_KEYS, OnnxPredictor, _model
 from pneumonia.inference.predictor import Predictor, predict_files
 from pneumonia.run.config import parse_fit_config
 from pneumonia.run.sites import with_sites
+from pneumonia.run.stacking import check_members
 from pneumonia.serve.app import answer
 from pneumonia.training.checkpoint import load_module, read_checkpoint, write_checkpoint
 

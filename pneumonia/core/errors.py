@@ -33,6 +33,7 @@ AGAIN = "run the command again"  # what continues a command that has no resume o
 def continue_with(err: OSError, then: str) -> OSError:
     """Mark a failed read or write with the command that continues the work once the cause is
     fixed (a run's `--resume`); `os_error_line` ends with it instead of `AGAIN`."""
+    # An OSError has no such field: read back with getattr(err, "continue_with", None)
     err.continue_with = then  # type: ignore[attr-defined]
     return err
 

@@ -95,6 +95,7 @@ class Federation:
                 env=self.env | (env or {}),
                 start_new_session=True,
             )
+            # Popen has no field for its log file: kept on it so it closes with the process
             process.log = log  # type: ignore[attr-defined]
             self.processes[name] = process
         check()

@@ -68,6 +68,7 @@ class FederatedTraining:
         if not fed.secure_aggregation:
             updates, failures = self.cohort.train_round(chosen, task)
             return updates, self.server.aggregate(round_index, updates, failures)
+        # Only a FlowerCohort has it (the Cohort protocol does not): preflight refuses others
         result = self.cohort.secure_train_round(  # type: ignore[attr-defined]
             chosen, task, fed.max_update_norm
         )

@@ -100,6 +100,14 @@ def test_epsilon_in_tensorboard_and_model_card(private_fl):
     assert card["delta"] == 1e-3 and "image" in card["protects"]
 
 
+def test_dp_sgd_takes_its_three_counts_by_name():
+    # images, batch size and planned steps are three ints in a row: swapped, epsilon is wrong.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.1, delta=1e-5)
+    with pytest.raises(TypeError, match="positional"):
+        DPSGD(model, cfg, 1000, 32, 1000)
+
+
 def test_the_accountant_agrees_with_opacus_own_analysis():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
     cfg = PrivacyConfig(enabled=True, noise_multiplier=1.1, delta=1e-5)

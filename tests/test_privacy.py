@@ -3,8 +3,11 @@ its refusals, resume, and the server-side DP-FedAvg wrapper."""
 
 import csv
 import math
+import os
 import re
+import signal
 
+import lightning as L
 import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
@@ -18,6 +21,7 @@ from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.client import Client
 from pneumonia.federated.options import ServerDPConfig
 from pneumonia.federated.strategies import FedAdam, FedAvg, ServerDP, clip_update
+from pneumonia.run import centralized
 from pneumonia.run.config import parse_fit_config
 from pneumonia.training.checkpoint import model_card, read_checkpoint
 from pneumonia.training.privacy import (
@@ -216,7 +220,6 @@ def test_batchnorm_is_refused_in_one_line_naming_groupnorm(tmp_path, capsys):
         (["--trainer.precision", "16-mixed"], "16-mixed"),
         (["--privacy.target_epsilon", "3"], "exactly one of"),
         (["--privacy.delta", "0.5"], "must be below 1 /"),
-        (["--optim.weight_averaging", "ema"], "optim.weight_averaging"),
         (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches"),
         (["--trainer.gradient_clip_val", "1"], "gradient_clip_val"),
         (["--federated.enabled", "true", "--federated.strategy", "fedprox"], "fedprox"),
@@ -267,6 +270,155 @@ def test_a_resumed_central_run_keeps_the_epsilon_spent(tmp_path):
     assert spent["epsilon"] == pytest.approx(
         rdp_epsilon(1.0, spent["sample_rate"], spent["steps"], 1e-3), abs=1e-4
     )
+
+
+CENTRAL = [*TINY, *PRIVATE, "--federated.enabled", "false", "--privacy.noise_multiplier", "1"]
+EMA = ["--optim.weight_averaging", "ema", "--optim.ema_decay", "0.5", "--trainer.max_epochs", "2"]
+
+
+def weights_of(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class RawWeights(L.Callback):
+    """The weights DP-SGD produced: before training, after each step, at each epoch's end."""
+
+    def __init__(self) -> None:
+        self.initial: dict = {}
+        self.steps: list[dict] = []
+        self.epochs: list[dict] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        self.initial = weights_of(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.steps.append(weights_of(module))
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.epochs.append(weights_of(module))
+
+
+def private_fit(argv: list[str], extra: list[L.Callback] | None = None) -> tuple[dict, list]:
+    """fit.main with `extra` callbacks on the run's Trainer; the summary and the Trainers."""
+    trainers, build = [], centralized.build_trainer
+
+    def with_extra(*args, **kwargs):
+        trainer, checkpoint = build(*args, **kwargs)
+        trainer.callbacks[:0] = extra or []
+        trainers.append(trainer)
+        return trainer, checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(centralized, "build_trainer", with_extra)
+        return fit.main(argv), trainers
+
+
+def checkpoint_of(run_dir, name: str = "last") -> dict:
+    return torch.load(run_dir / "checkpoints" / f"{name}.ckpt", weights_only=True)
+
+
+def ema_by_hand(states: list[dict], decay: float) -> dict:
+    """torch's AveragedModel EMA: the first state, then decay x average + (1 - decay) x state."""
+    average = dict(states[0])
+    for state in states[1:]:
+        average = {k: decay * average[k] + (1 - decay) * state[k] for k in average}
+    return average
+
+
+def mean_by_hand(states: list[dict]) -> dict:
+    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+
+
+def assert_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-7), k
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def private_ema(tmp_path_factory):
+    """A private central run of 2 epochs with an EMA (decay 0.5) of the weights, and the raw
+    weights DP-SGD produced at every step."""
+    run_dir = tmp_path_factory.mktemp("dp_ema") / "run"
+    raw = RawWeights()
+    summary, trainers = private_fit([*CENTRAL, *EMA, "--run_dir", str(run_dir)], [raw])
+    return run_dir, summary, raw, trainers[0]
+
+
+def test_a_private_central_run_validates_and_keeps_the_ema_of_the_dp_sgd_weights(private_ema):
+    run_dir, summary, raw, _ = private_ema
+    assert "EMA" in summary["selected_by"]
+    steps = summary["privacy"]["dp_sgd"]["steps"]
+    assert len(raw.steps) == steps == 12
+    for name in ("best", "last"):
+        ckpt = checkpoint_of(run_dir, name)
+        updates = int(ckpt["averaging_state"]["n_averaged"])
+        assert updates == steps // 2 * (ckpt["epoch"] + 1)  # every step of every epoch so far
+        assert_close(ckpt["state_dict"], ema_by_hand(raw.steps[:updates], 0.5))
+        assert_close(ckpt["current_model_state"], raw.steps[updates - 1])
+    last = checkpoint_of(run_dir)
+    assert differs(last["state_dict"], last["current_model_state"])
+    assert differs(last["state_dict"], raw.initial)
+
+
+def test_the_averaged_copy_holds_neither_the_accountant_nor_the_per_sample_hooks(private_ema):
+    _, _, _, trainer = private_ema
+    averaging = next(c for c in trainer.callbacks if isinstance(c, centralized.PrivateEMA))
+    copy = averaging._average_model.module
+    assert copy.privacy is None
+    assert not any(m._forward_hooks or m._backward_hooks for m in copy.modules())
+    assert not hasattr(copy.model, "autograd_grad_sample_hooks")
+    trained = trainer.lightning_module  # still private: its hooks are its own
+    assert trained.privacy is not None
+    assert any(m._forward_hooks for m in trained.modules())
+
+
+def test_averaging_spends_no_privacy_and_leaves_the_training_alone(private_ema, tmp_path):
+    run_dir, summary, _, _ = private_ema
+    plain = fit.main([*CENTRAL, "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "p")])
+    assert plain["privacy"] == summary["privacy"]  # the same epsilon, steps and noise
+    raw = checkpoint_of(run_dir)["current_model_state"]
+    assert not differs(raw, checkpoint_of(tmp_path / "p")["state_dict"])
+
+
+def test_a_private_central_run_averages_its_epoch_end_weights_with_swa(tmp_path):
+    argv = [*CENTRAL, "--optim.weight_averaging", "swa", "--optim.swa_start", "0"]
+    raw = RawWeights()
+    summary, _ = private_fit(
+        [*argv, "--trainer.max_epochs", "3", "--run_dir", str(tmp_path)], [raw]
+    )
+    assert "SWA" in summary["selected_by"] and summary["privacy"]["dp_sgd"]["steps"] == 18
+    for name in ("best", "last"):
+        ckpt = checkpoint_of(tmp_path, name)
+        updates = int(ckpt["averaging_state"]["n_averaged"])
+        assert_close(ckpt["state_dict"], mean_by_hand(raw.epochs[:updates]))
+        assert differs(ckpt["state_dict"], ckpt["current_model_state"])
+    assert updates == 3  # last.ckpt: every epoch's end
+
+
+def test_a_resumed_private_ema_run_ends_at_the_weights_of_an_uninterrupted_one(
+    private_ema, tmp_path
+):
+    run_dir, summary, _, _ = private_ema
+
+    class TermAfterTheFirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if trainer.current_epoch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # the run stops between batches
+
+    killed = tmp_path / "killed"
+    with pytest.raises(SystemExit) as stopped:
+        private_fit([*CENTRAL, *EMA, "--run_dir", str(killed)], [TermAfterTheFirstEpoch()])
+    assert stopped.value.code == 143 and checkpoint_of(killed)["epoch"] == 0
+    resumed = fit.main(["--resume", str(killed)])
+    assert resumed["privacy"] == summary["privacy"]
+    whole, again = checkpoint_of(run_dir), checkpoint_of(killed)
+    for key in ("state_dict", "current_model_state", "averaging_state"):
+        assert not differs(again[key], whole[key]), key
 
 
 def update(client: int, state: dict, n: int = 10) -> ClientUpdate:

@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import nn
 
+from pneumonia.core.errors import UserError
 from pneumonia.core.figures import subplots
 from pneumonia.data.decode import crop_to_roi, to_input
 from pneumonia.data.imageset import ImageSet
@@ -39,7 +40,11 @@ ALPHA = 0.4  # how much of the heatmap covers the radiograph
 
 def target_layer(model: nn.Module) -> nn.Module:
     """Where Grad-CAM reads: the last residual stage of the ResNet family (timm's `layer4`), the
-    last convolution of anything else (AlexNet, VGG, most timm models)."""
+    last convolution of anything else (AlexNet, VGG, most timm models). A model with nothing to
+    read says why in its `gradcam_refusal` (scatter_linear): a one-line UserError."""
+    refusal = getattr(model, "gradcam_refusal", None)
+    if isinstance(refusal, str):
+        raise UserError(refusal)
     layer4 = getattr(model, "layer4", None)
     if isinstance(layer4, nn.Module):
         return layer4
@@ -47,6 +52,15 @@ def target_layer(model: nn.Module) -> nn.Module:
     if not convs:
         raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM to read")
     return convs[-1]
+
+
+def explainable(model: nn.Module) -> bool:
+    """Whether Grad-CAM can read `model` (`target_layer` refuses neither it nor its layer)."""
+    try:
+        target_layer(model)
+    except (UserError, ValueError):
+        return False
+    return True
 
 
 def heatmaps(

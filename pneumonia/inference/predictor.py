@@ -35,7 +35,7 @@ from pneumonia.data.decode import (
     read_regular,
     to_input,
 )
-from pneumonia.inference.explain import heatmaps, overlay, png_bytes
+from pneumonia.inference.explain import explainable, heatmaps, overlay, png_bytes
 from pneumonia.inference.scoring import predict_class_probabilities, predict_probabilities
 from pneumonia.training.checkpoint import model_card, module_from, read_checkpoint
 from pneumonia.training.module import ClassifierModule
@@ -153,7 +153,7 @@ class Predictor:
     def explains(self) -> bool:
         """Whether Grad-CAM can explain this model (an ensemble's members each have their own
         last stage: there is no one layer to read)."""
-        return self.model.name != "ensemble"
+        return explainable(self.module.model)
 
     def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.inference.explain`."""

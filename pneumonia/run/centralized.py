@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.interrupt import deferred
@@ -140,13 +141,63 @@ class EpochAveraging(WeightAveraging):
         return epoch_idx is not None and epoch_idx >= self.start
 
 
-def weight_averaging(optim, max_epochs: int) -> list[Callback]:
+# What Opacus's GradSampleHooks keep on a network's modules and parameters between a forward
+# and an optimizer step besides the hooks themselves (opacus/grad_sample/grad_sample_module.py),
+# and the sum its DPOptimizer leaves on each parameter.
+_OPACUS_MODULE_STATE = ("activations", "max_batch_len", "ft_compute_sample_grad")
+_OPACUS_PARAMETER_STATE = ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad")
+
+
+def strip_per_sample_hooks(copied: nn.Module) -> None:
+    """Take out of a deep copy of a private module what Opacus added to it. The copy's hook
+    handles point at the copy's own hook dicts (deepcopy copies them together), so removing
+    them leaves the private module's hooks in place."""
+    for module in copied.modules():
+        for handle in module.__dict__.pop("autograd_grad_sample_hooks", []):
+            handle.remove()
+        for name in _OPACUS_MODULE_STATE:
+            module.__dict__.pop(name, None)
+    for parameter in copied.parameters():
+        for name in _OPACUS_PARAMETER_STATE:
+            parameter.__dict__.pop(name, None)
+
+
+class HookFreeAveraging(WeightAveraging):
+    """Weight averaging of a private run (privacy.enabled): Lightning's, except that the
+    averaged copy is made without DP-SGD: no `privacy` (the run's one accountant stays with the
+    trained module) and none of Opacus's per-sample hooks (the copy never runs a batch:
+    Lightning swaps weights in and out of it). Averaging the weights DP-SGD produced is
+    post-processing, so it spends no privacy."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        assert isinstance(pl_module, ClassifierModule)  # the module train_centralized builds
+        privacy, pl_module.privacy = pl_module.privacy, None
+        try:
+            super().setup(trainer, pl_module, stage)  # deep-copies pl_module when a fit starts
+        finally:
+            pl_module.privacy = privacy
+        if self._average_model is not None:
+            strip_per_sample_hooks(self._average_model.module)
+
+
+class PrivateEMA(HookFreeAveraging, EMAWeightAveraging):
+    """`optim.weight_averaging ema` of a private run."""
+
+
+class PrivateEpochAveraging(HookFreeAveraging, EpochAveraging):
+    """`optim.weight_averaging swa` of a private run."""
+
+
+def weight_averaging(optim, max_epochs: int, private: bool = False) -> list[Callback]:
     """The callback of `optim.weight_averaging`: Lightning's own (it validates and saves the
-    averaged weights; the checkpoint keeps the raw ones as current_model_state)."""
+    averaged weights; the checkpoint keeps the raw ones as current_model_state), made from a
+    copy without the per-sample hooks in a private run."""
     if optim.weight_averaging == "ema":
-        return [EMAWeightAveraging(decay=optim.ema_decay)]
+        ema = PrivateEMA if private else EMAWeightAveraging
+        return [ema(decay=optim.ema_decay)]
     if optim.weight_averaging == "swa":
-        return [EpochAveraging(int(optim.swa_start * max_epochs))]
+        swa = PrivateEpochAveraging if private else EpochAveraging
+        return [swa(int(optim.swa_start * max_epochs))]
     return []
 
 
@@ -199,7 +250,8 @@ def build_trainer(
         callbacks.append(RandomState(generator))
     if not trainer_args["enable_progress_bar"]:
         callbacks.append(EpochLines(checkpoint))
-    callbacks += weight_averaging(cfg.optim, int(trainer_args.get("max_epochs") or 1))
+    epochs = int(trainer_args.get("max_epochs") or 1)
+    callbacks += weight_averaging(cfg.optim, epochs, private=cfg.privacy.enabled)
     plugins = [*(trainer_args.pop("plugins", None) or []), CheckpointIO()]
     trainer = L.Trainer(
         **trainer_args,

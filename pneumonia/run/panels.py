@@ -5,14 +5,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from pneumonia.inference.explain import cases_panel, seeded_panel
+from pneumonia.core.errors import UserError
+from pneumonia.inference.explain import cases_panel, seeded_panel, target_layer
 from pneumonia.run.rundir import CASES
 from pneumonia.run.scores import SetScores
 from pneumonia.training.module import ClassifierModule
+
+log = logging.getLogger(__name__)
 
 
 def log_set(
@@ -39,7 +43,12 @@ def log_heatmaps(
 ) -> None:
     """Grad-CAM of the reported model: a fixed, seeded panel of validation images in
     TensorBoard (best/gradcam), and its most confident correct and wrong validation decisions
-    in cases.png."""
+    in cases.png; none for a model Grad-CAM cannot read (scatter_linear), which says why."""
+    try:
+        target_layer(module.model)
+    except UserError as err:  # the model's one line says why
+        log.info("no Grad-CAM panels: %s", err)
+        return
     tensorboard.add_figure("best/gradcam", seeded_panel(module, val.imageset), 0)
     figure = cases_panel(module, val.imageset, val.probs)
     figure.savefig(run_dir / CASES, dpi=110)

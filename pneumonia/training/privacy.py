@@ -33,6 +33,7 @@ from torch import nn
 
 from pneumonia.core.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
 from pneumonia.core.errors import UserError, first_line
+from pneumonia.models.factory import IN_CHANS
 
 
 @contextlib.contextmanager
@@ -113,11 +114,6 @@ def check_privacy(cfg) -> None:
         (
             cfg.data.balance == "sampler",
             "data.balance sampler is not Poisson sampling: use data.balance loss_weights or none",
-        ),
-        (
-            cfg.optim.weight_averaging != "none",
-            "optim.weight_averaging copies the model and its per-sample hooks: use none (a "
-            "federation may use federated.average_rounds)",
         ),
         (
             cfg.federated.enabled and cfg.federated.strategy == "fedprox",
@@ -246,10 +242,9 @@ def probe_per_image_gradients(model: nn.Module, name: str, image_size: int) -> N
     shortcut with +=) fails here, in one line, instead of in the first training step."""
     trial = copy.deepcopy(model)
     no_inplace(trial)
-    first = next(m for m in trial.modules() if isinstance(m, nn.Conv2d))
     hooks = grad_sample_hooks(trial, loss_reduction="sum")
     try:
-        trial(torch.rand(2, first.in_channels, image_size, image_size)).sum().backward()
+        trial(torch.rand(2, IN_CHANS, image_size, image_size)).sum().backward()
     except RuntimeError as err:
         raise UserError(
             f"privacy.enabled: model {name} cannot give each image its own gradient under "

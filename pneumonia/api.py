@@ -81,8 +81,9 @@ def create_model(
 ) -> nn.Module:
     """A freshly initialised network by registry name (`list_models()`), built as `model.*`
     options would build it (`norm="gn"`, `width=16`, ...); one-channel input, `num_classes`
-    logits. With `image_size`, checks the network can take images that small. The options'
-    names are checked, their values are not range-checked as `--model.*` values are."""
+    logits. With `image_size`, checks the network can take images that small; a network
+    shaped to the image size (scatter_linear) needs it. The options' names are checked, their
+    values are not range-checked as `--model.*` values are."""
     unknown = sorted(set(options) - set(factory.ModelConfig.__dataclass_fields__))
     if unknown:
         raise UserError(f"unknown model option {unknown[0]!r}: see pneumonia.ModelConfig")

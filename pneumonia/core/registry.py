@@ -4,8 +4,9 @@ The shape of timm's model registry (a decorator fills it, and the modules that d
 register them when imported) with the suggestion of MONAI's `look_up_option`. Contracts:
 
 - `register(name, **tags)` is a decorator: it records its argument under `name`, with `tags`
-  as the entry's metadata (the models' `takes_width`), and returns it unchanged. Registering
-  a name twice is a programming error (ValueError), never a silent replacement.
+  as the entry's metadata (the models' `takes_width`, `takes_size`), and returns it
+  unchanged. Registering a name twice is a programming error (ValueError), never a silent
+  replacement.
 - `names()` lists the names in registration order, or sorted for `sort=True`. Config fields
   build their `Literal[...]` types from it, so this order is the one `fit --help` shows.
 - `get(name)` returns the entry. An unknown name is a one-line UserError naming the config

@@ -3,17 +3,18 @@ Tramèr & Boneh (ICLR 2021) train a linear model or a small CNN on fixed scatter
 (`pneumonia.models.scattering`, J=2, L=8: 81 channels at 1/4 of the image side), and a small
 convnet with weight-standardised convolutions and GroupNorm is the end-to-end baseline.
 
-  scatter_linear  scattering -> GroupNorm(27, 81) without affine -> 8 x 8 grid -> Linear
+  scatter_linear  scattering -> GroupNorm(27, 81) without affine -> Linear on the whole map
   scatter_cnn     scattering -> GroupNorm(27, 81) without affine -> three 3x3 convolutions with
                   GroupNorm and tanh -> global average pool -> Linear
   wsgn_cnn        four stages of weight-standardised 3x3 convolutions with GroupNorm and tanh
                   (1/1, 1/2, 1/4, 1/8 of the side) -> global average pool -> Linear
 
 Every model takes 1-channel images and returns 2 logits, and none has BatchNorm. The scattering
-filters are rebuilt for the image size on the first forward pass and never saved. A builder
-does not know the image size, and a checkpoint's weights must fit any build of its config, so
-scatter_linear averages the scattering to a fixed 8 x 8 grid (its full resolution at 32 px, 2 x 2
-means at 64 px) before its Linear. Sides must be multiples of 4 for the scattering models.
+filters are rebuilt for the image size on the first forward pass and never saved.
+scatter_linear's builder takes the image size (`takes_size`, pneumonia.models.factory): its
+Linear reads every position of the 81 x S/4 x S/4 map, as Tramèr & Boneh's does (20,736 features
+a class at 64 px), so it takes images of that size only; the recipe that rebuilds it from a
+checkpoint carries the size. Sides must be multiples of 4 for the scattering models.
 `model.norm` must stay gn; `model.gn_groups` sets the groups of the convolutions' GroupNorms
 (not the scattering's, fixed at Tramèr's 27), and `model.drop_rate` is dropout before the Linear.
 """
@@ -31,7 +32,6 @@ from pneumonia.models.scattering import Scattering2D
 
 J, L = 2, 8  # Tramèr & Boneh's scattering: two scales, eight angles, order 2
 SCATTER_GROUPS = 27  # their GroupNorm on the 81 scattering channels
-GRID = 8  # scatter_linear's fixed spatial grid
 EPS = 1e-6  # weight standardisation's epsilon (timm's StdConv2d)
 
 
@@ -73,13 +73,14 @@ class ScatterFeatures(nn.Module):
 class ScatterLinear(nn.Module):
     """Linear model on scattering features (module docstring)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
         self.features = ScatterFeatures(cfg.name)
-        self.pool = nn.AdaptiveAvgPool2d(GRID)
+        self.image_size = image_size  # for the size refusal
         self.drop = nn.Dropout(cfg.drop_rate)
         channels = self.features.scattering.out_channels(IN_CHANS)
-        self.fc = nn.Linear(channels * GRID * GRID, NUM_CLASSES)
+        side = image_size // 2**J  # a side not a multiple of 4 is refused on the first forward
+        self.fc = nn.Linear(channels * side * side, NUM_CLASSES)
         # Read by pneumonia.inference.explain.target_layer: nothing here for Grad-CAM to read.
         self.gradcam_refusal = (
             f"Grad-CAM cannot explain model {cfg.name} (a linear model on fixed scattering "
@@ -87,7 +88,14 @@ class ScatterLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
+        features = self.features(x)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise UserError(
+                f"data.image_size {x.shape[-1]}: model {self.features.name} was built for "
+                f"{self.image_size} px images (its Linear reads every position): give images "
+                f"of that size"
+            )
+        return self.fc(self.drop(features.flatten(1)))
 
 
 def _conv_block(conv: nn.Conv2d, groups: int) -> list[nn.Module]:
@@ -159,11 +167,11 @@ class WSGNCNN(nn.Module):
         return self.fc(self.drop(self.pool(self.body(x)).flatten(1)))
 
 
-@MODELS.register("scatter_linear")
-def scatter_linear(cfg: ModelConfig) -> nn.Module:
-    """Linear model on fixed scattering features (Tramèr & Boneh 2021)."""
+@MODELS.register("scatter_linear", takes_size=True)
+def scatter_linear(cfg: ModelConfig, image_size: int) -> nn.Module:
+    """Linear model on fixed scattering features (Tramèr & Boneh 2021), for `image_size` px."""
     _check_norm(cfg)
-    return ScatterLinear(cfg)
+    return ScatterLinear(cfg, image_size)
 
 
 @MODELS.register("scatter_cnn")

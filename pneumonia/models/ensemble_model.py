@@ -143,7 +143,9 @@ def ensemble(cfg: ModelConfig) -> nn.Module:
         raise ValueError(f"model.ensemble lacks {', '.join(sorted(set(missing)))}")
     members = spec["members"]
     return Ensemble(
-        members=[create_model(member_config(m), num_classes=len(m["classes"])) for m in members],
+        members=[
+            create_model(member_config(m), m["image_size"], len(m["classes"])) for m in members
+        ],
         means=[m["mean"] for m in members],
         stds=[m["std"] for m in members],
         picks=[pneumonia_index(m["classes"], m["positive_class"]) for m in members],

@@ -8,13 +8,17 @@ Every model takes 1-channel images and returns one logit per class: 2 (NORMAL, P
 default, 3 (NORMAL, BACTERIA, VIRUS) for `data.task three_class` (`create_model`'s
 `num_classes`). `model.head` puts the thesis's head in place of a model's classifier
 (`pneumonia.models.heads`).
+
+A builder takes the ModelConfig; one registered with `takes_size=True` also takes the image
+side in pixels (`builder(cfg, image_size)`), for layers whose shape follows it (scatter_linear's
+Linear on the whole scattering map), and `create_model` refuses to build it without a size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -93,9 +97,11 @@ class ModelConfig:
 
 
 Builder = Callable[[ModelConfig], nn.Module]
+SizedBuilder = Callable[[ModelConfig, int], nn.Module]  # registered with takes_size=True
 # `@MODELS.register(name, takes_width=True)` for our ResNet family: it honours model.width and
-# the family's options (check_family_options).
-MODELS: Registry[Builder] = Registry(
+# the family's options (check_family_options). `takes_size=True`: the builder takes the image
+# size too (module docstring).
+MODELS: Registry[Builder | SizedBuilder] = Registry(
     "model.name", sort=True, extra_choices=(f"{TIMM_PREFIX}<any timm model>",)
 )
 PAPER_WIDTH = 64
@@ -105,14 +111,13 @@ def create_model(
     cfg: ModelConfig, image_size: int | None = None, num_classes: int = NUM_CLASSES
 ) -> nn.Module:
     """Build the model `cfg` names with `num_classes` outputs; with `image_size`, check it can
-    take images that small."""
-    build = _create_timm if cfg.name.startswith(TIMM_PREFIX) else MODELS.get(cfg.name)
+    take images that small. A model whose builder takes the size needs `image_size`."""
     if cfg.width != PAPER_WIDTH and not _in_family(cfg.name):
         raise UserError(
             f"model.width applies to {family_names()} only: drop it for model {cfg.name}"
         )
     check_family_options(cfg)
-    model = build(cfg)
+    model = _build(cfg, image_size)
     if cfg.head != "linear" or num_classes != NUM_CLASSES:
         # Builders make 2-class linear classifiers; only other heads pay for a new layer, so
         # the default model's initial weights stay what a seed gave them before.
@@ -128,6 +133,22 @@ def create_model(
     if image_size is not None:
         check_image_size(model, cfg.name, image_size)
     return model
+
+
+def _build(cfg: ModelConfig, image_size: int | None) -> nn.Module:
+    """The builder's 2-class model, given the image size if its registration asks for it."""
+    if cfg.name.startswith(TIMM_PREFIX):
+        return _create_timm(cfg)
+    build = MODELS.get(cfg.name)
+    # The tag, not the signature, says which builders take the size: the casts follow it.
+    if cfg.name not in MODELS.names(takes_size=True):
+        return cast(Builder, build)(cfg)
+    if image_size is None:
+        raise UserError(
+            f"model {cfg.name} shapes its layers to the image size, and none was given: "
+            f"set data.image_size (image_size= when building it from Python)"
+        )
+    return cast(SizedBuilder, build)(cfg, image_size)
 
 
 def _in_family(name: str) -> bool:

@@ -362,7 +362,9 @@ def member_network(member: Member) -> nn.Module:
     # Its weights come with it: no model.pretrained file is read (it may be long gone).
     recipe = replace(member.recipe, model=member.recipe.model | {"pretrained": None})
     network = module_from(recipe, member.state, member.path).model
-    plain = create_model(member_config(member.spec()), num_classes=len(member.recipe.classes))
+    plain = create_model(
+        member_config(member.spec()), member.recipe.image_size, len(member.recipe.classes)
+    )
     if [type(m) for m in network.modules()] != [type(m) for m in plain.modules()]:
         loss = (member.recipe.loss or {}).get("name", "cross_entropy")
         raise UserError(

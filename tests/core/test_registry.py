@@ -117,5 +117,5 @@ def test_each_registry_suggests_the_closest_name(lookup, line):
 
 
 def test_the_model_refusal_lists_timm_models_too():
-    with pytest.raises(UserError, match=r"vgg16, timm/<any timm model>$"):
+    with pytest.raises(UserError, match=r", wsgn_cnn, timm/<any timm model>$"):
         create_model(ModelConfig(name="vgg61"))

@@ -1,13 +1,16 @@
 """The DP-friendly models (scatter_linear, scatter_cnn, wsgn_cnn): shapes and sizes, their
 refusals, per-image gradients under Opacus, and every path a model takes (centralized and
-private federated training, prediction, Grad-CAM, ONNX)."""
+private federated training, prediction, Grad-CAM, ONNX, ensembles)."""
+
+import shutil
 
 import pytest
 import torch
 from conftest import run_predict, write_image
 from torch import nn
 
-from pneumonia import fit
+import pneumonia
+from pneumonia import ensemble, fit
 from pneumonia.core.errors import UserError
 from pneumonia.inference.explain import explainable, target_layer
 from pneumonia.inference.onnx_model import OnnxPredictor, export_onnx
@@ -21,8 +24,9 @@ from pneumonia.training.privacy import (
 )
 
 NAMES = ["scatter_linear", "scatter_cnn", "wsgn_cnn"]
-PARAMETERS = {"scatter_linear": 10_370, "scatter_cnn": 158_274, "wsgn_cnn": 292_098}
 SIZE = 32
+# At SIZE: scatter_linear's Linear reads the whole 81 x 8 x 8 map, 2 classes.
+PARAMETERS = {"scatter_linear": 81 * 8 * 8 * 2 + 2, "scatter_cnn": 158_274, "wsgn_cnn": 292_098}
 TINY = [
     "--figures_every", "0",
     "--data.image_size", str(SIZE),
@@ -48,7 +52,8 @@ def build(name: str, size: int = SIZE) -> nn.Module:
 def test_two_logits_the_parameter_count_and_no_batchnorm(name):
     model = build(name)
     assert model(torch.rand(3, 1, SIZE, SIZE)).shape == (3, 2)
-    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)  # the filters follow the size
+    if name != "scatter_linear":  # shaped to its size (below)
+        assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)  # the filters follow the size
     assert count_parameters(model) == PARAMETERS[name]
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     check_private_model(model, name)
@@ -78,6 +83,48 @@ def test_an_image_size_not_a_multiple_of_four_is_one_line(name):
         create_model(ModelConfig(name=name), image_size=30)
     assert "data.image_size 30" in str(refused.value) and "multiple of 4" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_scatter_linear_reads_the_whole_scattering_map(size):
+    """Tramèr & Boneh's linear model: a weight for every class, channel and position of the
+    81 x S/4 x S/4 map, none averaged away (64 px: 20,736 features a class)."""
+    model = build("scatter_linear", size)
+    side = size // 4
+    assert model.fc.in_features == 81 * side * side
+    assert count_parameters(model) == 81 * side * side * 2 + 2
+    assert count_parameters(create_model(ModelConfig(name="scatter_linear"), size, 3)) == (
+        81 * side * side * 3 + 3
+    )
+    assert model(torch.rand(2, 1, size, size)).shape == (2, 2)
+
+
+def test_scatter_linear_without_an_image_size_or_at_another_is_one_line():
+    for make in (
+        lambda: create_model(ModelConfig(name="scatter_linear")),
+        lambda: pneumonia.create_model("scatter_linear"),
+    ):
+        with pytest.raises(UserError) as refused:
+            make()
+        message = str(refused.value)
+        assert "model scatter_linear" in message and "data.image_size" in message
+        assert "\n" not in message
+    with pytest.raises(UserError) as refused:
+        build("scatter_linear", 64)(torch.rand(1, 1, SIZE, SIZE))
+    assert str(refused.value).startswith("data.image_size 32: model scatter_linear was built")
+    assert "\n" not in str(refused.value)
+    # The other models take any size: their builders are not given one.
+    assert count_parameters(create_model(ModelConfig(name="scatter_cnn"))) == 158_274
+
+
+def test_an_ensemble_rebuilds_scatter_linear_members_at_their_size():
+    member = {"model": {"name": "scatter_linear"}, "mean": 0.5, "std": 0.25,
+              "image_size": 64, "classes": ["NORMAL", "PNEUMONIA"],
+              "positive_class": "PNEUMONIA", "name": "m.ckpt"}  # fmt: skip
+    spec = {"rule": "soft_vote", "members": [member, member], "coef": [0.5, 0.5], "intercept": 0}
+    model = create_model(ModelConfig(name="ensemble", ensemble=spec), image_size=64)
+    assert [m.fc.in_features for m in model.members] == [81 * 16 * 16] * 2
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)
 
 
 def test_options_that_do_not_apply_are_one_line():
@@ -150,6 +197,16 @@ def test_a_centralized_run_trains_and_its_checkpoint_predicts(name, tmp_path, im
         assert code == 2 and err.startswith("error: Grad-CAM cannot explain model scatter_linear")
     else:
         assert code == 0 and len(list((tmp_path / "cam").iterdir())) == 2
+    if name == "scatter_linear":  # an ensemble rebuilds it from its recipe's size
+        other = tmp_path / "other" / "checkpoints"
+        other.mkdir(parents=True)
+        shutil.copy(ckpt, other / "best.ckpt")
+        shutil.copy(run_dir / "predictions.csv", other.parent / "predictions.csv")
+        out = tmp_path / "e.ckpt"
+        members = [ckpt, str(other / "best.ckpt")]
+        ensemble.main(["--members", *members, "--out", str(out), "--folds", "2"])
+        code, out_text, _ = run_predict(capsys, "--ckpt", str(out), str(images))
+        assert code == 0 and out_text.count(f",ensemble,{SIZE},") == 2
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -112,6 +112,8 @@ def create_model(
 ) -> nn.Module:
     """Build the model `cfg` names with `num_classes` outputs; with `image_size`, check it can
     take images that small. A model whose builder takes the size needs `image_size`."""
+    if not cfg.name.startswith(TIMM_PREFIX):
+        MODELS.get(cfg.name)  # an unknown name is the first thing to say, before its options
     if cfg.width != PAPER_WIDTH and not _in_family(cfg.name):
         raise UserError(
             f"model.width applies to {family_names()} only: drop it for model {cfg.name}"

@@ -23,8 +23,7 @@ from pneumonia.inference import predictor as _predictor
 from pneumonia.inference.predictor import Predictor
 from pneumonia.models import factory
 from pneumonia.run.progress import Progress
-
-BEST = Path("checkpoints") / "best.ckpt"  # where a run directory keeps its reported model
+from pneumonia.run.rundir import best_checkpoint
 
 
 def train(
@@ -52,8 +51,8 @@ def load_checkpoint(
     """The model of a checkpoint (or of a run directory: its reported model), ready to
     predict; deciding at its own threshold or at `threshold`."""
     path = Path(path)
-    if path.is_dir() and (path / BEST).is_file():
-        path = path / BEST
+    if path.is_dir() and best_checkpoint(path).is_file():
+        path = best_checkpoint(path)
     return Predictor.from_checkpoint(path, threshold, device)
 
 

@@ -40,7 +40,7 @@ def client(private: bool, args, log_dir: Path) -> Client:
     )
     settings = ClientSettings(
         batch_size=args.batch,
-        balance="loss_weights",
+        balance="none",
         augment=AugmentConfig(enabled=True),
         num_workers=0,
         seed=0,

@@ -45,7 +45,7 @@ TINY = [
     "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1",
 ]  # fmt: skip
-PRIVATE = ["--privacy.enabled", "true", "--privacy.delta", "1e-3"]
+PRIVATE = ["--privacy.enabled", "true", "--privacy.delta", "1e-3", "--data.balance", "none"]
 FEDERATED = [
     *TINY, *PRIVATE,
     "--federated.enabled", "true",
@@ -217,6 +217,10 @@ def test_batchnorm_is_refused_in_one_line_naming_groupnorm(tmp_path, capsys):
     [
         (["--model.name", "resnet18"], "use se_resnet18 with model.norm gn"),
         (["--data.balance", "sampler"], "not Poisson sampling"),
+        (["--data.balance", "loss_weights"], "privacy.class_weights"),
+        (["--privacy.augment_multiplicity", "2", "--data.augment.enabled", "false"], "augment"),
+        (["--privacy.physical_batch_size", "4", "--optim.interval", "step"], "interval epoch"),
+        (["--privacy.class_weights", "[1, 2, 3]"], "one per class"),
         (["--trainer.precision", "16-mixed"], "16-mixed"),
         (["--privacy.target_epsilon", "3"], "exactly one of"),
         (["--privacy.delta", "0.5"], "must be below 1 /"),

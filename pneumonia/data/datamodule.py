@@ -3,6 +3,9 @@ uint8 tensors."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import lightning as L
 import torch
 from torch.utils.data import (
@@ -26,6 +29,42 @@ def class_balanced_weights(labels: torch.Tensor, num_classes: int) -> list[float
     return (len(labels) / (num_classes * counts)).tolist()
 
 
+@dataclass(frozen=True)
+class PoissonBatches:
+    """DP-SGD's training batches: Poisson samples of expected size data.batch_size, served in
+    chunks of at most `physical` images (None: whole), each image `multiplicity` times in a
+    row (augmented independently)."""
+
+    physical: int | None = None
+    multiplicity: int = 1
+
+
+class _Chunks(Sampler[tuple[list[int], bool]]):
+    """Each logical batch of `batches` in chunks of at most `size` indices, each with whether
+    it ends its batch: the flag rides with the chunk, because Lightning fetches a batch ahead
+    of the step that trains on it (so a sampler that signalled the optimizer, as Opacus's
+    BatchMemoryManager does, would signal one chunk early). It has no length, as the chunks
+    of an epoch vary: Lightning then runs the epoch until the sampler ends (given a length, it
+    would stop after that many chunks)."""
+
+    def __init__(self, batches: Sampler[list[int]], size: int) -> None:
+        self.batches, self.size = batches, size
+
+    def __iter__(self) -> Iterator[tuple[list[int], bool]]:
+        for batch in self.batches:
+            starts = range(0, max(len(batch), 1), self.size)  # an empty batch: one empty chunk
+            for start in starts:
+                yield batch[start : start + self.size], start + self.size >= len(batch)
+
+
+class _ChunkDataset(TensorDataset):
+    """(images, labels, ends_step) for a chunk of indices and its flag."""
+
+    def __getitem__(self, key):
+        indices, ends_step = key
+        return (*super().__getitem__(indices), ends_step)
+
+
 class ChestXrayDataModule(L.LightningDataModule):
     """Serves ImageSets as (uint8 images, labels) batches; augments training batches after
     they reach the device, as one batched operation."""
@@ -42,7 +81,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         num_workers: int = 0,
-        poisson: bool = False,
+        poisson: PoissonBatches | None = None,
         progressive: ProgressiveConfig | None = None,
         planned_epochs: int = 1,
     ) -> None:
@@ -57,6 +96,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         # DP-SGD's accounting assumes Poisson sampling: each image joins each training batch
         # with probability B / N independently, so batch sizes vary (and may be 0).
         self.poisson = poisson
+        self.multiplicity = poisson.multiplicity if poisson is not None else 1
         # Progressive resizing over `planned_epochs` (a federation's: rounds x local epochs).
         # epoch_offset turns the Trainer's epoch into the run's: a federated client sets it
         # each round (its kept Trainer counts only the epochs it trained).
@@ -77,8 +117,8 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler = SequentialSampler(dataset)
         # A last batch of one image breaks BatchNorm in training; drop only that case.
         drop_last = train and len(images) % batch_size == 1
-        batches = BatchSampler(sampler, batch_size, drop_last)
-        if train and self.poisson:
+        batches: Sampler = BatchSampler(sampler, batch_size, drop_last)
+        if train and self.poisson is not None:
             # Imported here: Opacus's import configures the root logger (pneumonia.training.privacy
             # imports it first and undoes that).
             from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -90,6 +130,9 @@ class ChestXrayDataModule(L.LightningDataModule):
                 sample_rate=min(batch_size / len(images), 1.0),
                 generator=self.generator,
             )
+            if self.poisson.physical is not None:
+                batches = _Chunks(batches, self.poisson.physical)
+                dataset = _ChunkDataset(images.images, images.labels)
         return DataLoader(
             dataset,
             # Whole batches of indices: the images are one tensor, so a batch is one indexing
@@ -129,13 +172,16 @@ class ChestXrayDataModule(L.LightningDataModule):
         return size_at(epoch, self.planned_epochs, self.progressive, self.train.image_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch
+        images, labels, *chunk = batch  # chunk: [ends_step] under logical batches
         if self.trainer is None or not self.trainer.training or len(labels) == 0:
-            return images, labels  # evaluation, or an empty Poisson batch
+            return images, labels, *chunk  # evaluation, or an empty Poisson batch
+        if self.multiplicity > 1:  # K copies of each image, in a row, augmented apart
+            images = images.repeat_interleave(self.multiplicity, dim=0)
+            labels = labels.repeat_interleave(self.multiplicity)
         if self.progressive.start_size and (side := self.training_side()) != images.shape[-1]:
             images = resize_batch(images, side)
         if self.augment.enabled:
             images = augment_batch(
                 images.float() / 255.0 if images.dtype == torch.uint8 else images, self.augment
             )
-        return images, labels
+        return images, labels, *chunk

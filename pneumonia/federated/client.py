@@ -88,7 +88,7 @@ class Client:
             augment=settings.augment,
             seed=settings.seed,
             num_workers=settings.num_workers,
-            poisson=settings.privacy is not None,
+            poisson=settings.privacy.batches() if settings.privacy is not None else None,
             progressive=settings.progressive,
             planned_epochs=settings.planned_epochs,
         )

@@ -214,7 +214,7 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
         seed=cfg.seed,
         val_shift=splits.val_shift,
         num_workers=d.num_workers,
-        poisson=cfg.privacy.enabled,
+        poisson=cfg.privacy.batches() if cfg.privacy.enabled else None,
         progressive=d.progressive,
         planned_epochs=int(cfg.trainer.max_epochs or 1),
     )

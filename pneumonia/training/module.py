@@ -226,8 +226,10 @@ class ClassifierModule(L.LightningModule):
         """Whether each class label is a positive (any pneumonia, with three classes)."""
         return torch.isin(labels, self.positive_index.to(labels.device))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, labels = batch
+    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        images, labels, *chunk = batch  # chunk: [ends_step] under DP's logical batches
+        if stage == "train" and self.privacy is not None:
+            self.privacy.before_backward(labels, ends_step=bool(chunk[0]) if chunk else True)
         logits = self(images)
         probs, positive = self.positive_probability(logits), self.is_positive(labels)
         if stage == "train":
@@ -265,14 +267,10 @@ class ClassifierModule(L.LightningModule):
 
     def _private_loss(self, logits, labels, smoothing: float) -> torch.Tensor:
         # DP-SGD bounds each image's influence, so no image's loss may depend on the others:
-        # the weighted mean divides by the batch's sum of weights, which does. Each image's
-        # own weighted loss, averaged over the batch (Opacus's loss_reduction "mean").
+        # each image's own loss, averaged over the batch (Opacus's loss_reduction "mean").
+        # Class weights act after clipping (privacy.class_weights), not here.
         per_image = F.cross_entropy(
-            logits.float(),
-            labels,
-            weight=self.class_weights,
-            label_smoothing=smoothing,
-            reduction="none",
+            logits.float(), labels, label_smoothing=smoothing, reduction="none"
         )
         return per_image.sum() / max(len(labels), 1)
 

@@ -31,8 +31,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from pneumonia.core.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat
+from pneumonia.core.bounds import NonNegativeFloat, OpenUnitInterval, PositiveFloat, PositiveInt
 from pneumonia.core.errors import UserError, first_line
+from pneumonia.data.datamodule import PoissonBatches
+from pneumonia.data.tasks import task_classes
 from pneumonia.models.factory import IN_CHANS
 
 
@@ -58,6 +60,7 @@ with _root_logger_kept():
     from opacus.grad_sample import GradSampleHooks, register_grad_sampler
     from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
     from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
     from opacus.validators import ModuleValidator
 
 
@@ -92,6 +95,22 @@ class PrivacyConfig:
     # of N images (1e-5: below 1 / 100,000).
     delta: OpenUnitInterval = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"
+    # Logical batches (Opacus's BatchMemoryManager): data.batch_size is the expected Poisson
+    # batch, the one the accountant knows; it passes through the model in chunks of at most
+    # this many images and the optimizer steps once per batch. null: one chunk.
+    physical_batch_size: PositiveInt | None = None
+    # Augmentation multiplicity (De et al. 2022): K augmented copies of every image, whose K
+    # gradients are averaged before clipping: each image still moves the sum by at most C.
+    augment_multiplicity: PositiveInt = 1
+    # Fixed weights per class (in data's class order) on each image's *clipped* gradient,
+    # divided by their largest: no image moves the sum by more than C, so they cost no privacy.
+    # Fixed numbers, not the trainer's class counts (those would make every weight depend on
+    # every image). null: all 1.
+    class_weights: list[PositiveFloat] | None = None
+
+    def batches(self) -> PoissonBatches:
+        """How the DataModule serves training batches under DP-SGD."""
+        return PoissonBatches(self.physical_batch_size, self.augment_multiplicity)
 
 
 def check_privacy(cfg) -> None:
@@ -113,7 +132,32 @@ def check_privacy(cfg) -> None:
     refusals = [
         (
             cfg.data.balance == "sampler",
-            "data.balance sampler is not Poisson sampling: use data.balance loss_weights or none",
+            "data.balance sampler is not Poisson sampling: use data.balance none with "
+            "privacy.class_weights (fixed, after clipping)",
+        ),
+        (
+            cfg.data.balance == "loss_weights",
+            "data.balance loss_weights weighs each image's loss before clipping, which undoes "
+            "it, by weights read from the trainer's class counts, which the guarantee does not "
+            "cover: use data.balance none with privacy.class_weights (fixed, after clipping) "
+            "or threshold youden",
+        ),
+        (
+            p.augment_multiplicity > 1 and not cfg.data.augment.enabled,
+            f"privacy.augment_multiplicity {p.augment_multiplicity} needs data.augment.enabled "
+            "true (without augmentation the copies are the same image)",
+        ),
+        (
+            p.physical_batch_size is not None and cfg.optim.interval == "step",
+            "privacy.physical_batch_size with optim.interval step would step the schedule once "
+            "per chunk: use optim.interval epoch",
+        ),
+        (
+            p.class_weights is not None
+            and len(p.class_weights) != len(task_classes(cfg.data.task)),
+            f"privacy.class_weights has {len(p.class_weights or [])} weights for the "
+            f"{len(task_classes(cfg.data.task))} classes {list(task_classes(cfg.data.task))}: "
+            "give one per class, in that order",
         ),
         (
             cfg.federated.enabled and cfg.federated.strategy == "fedprox",
@@ -332,18 +376,31 @@ class DPSGD:
         # In a list: an nn.Module attribute would join the module tree and its state dict.
         self._hooks = [grad_sample_hooks(model, loss_reduction="mean")]
         self._hooks[0].forbid_grad_accumulation()
+        self.optimizer: PrivateOptimizer | None = None  # this fit's (wrap)
 
-    def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
+    def wrap(self, optimizer: torch.optim.Optimizer) -> PrivateOptimizer:
         """This fit's optimizer, made private; every step it takes is counted."""
-        private = DPOptimizer(
+        private = PrivateOptimizer(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.cfg.max_grad_norm,
             expected_batch_size=self.batch_size,
             loss_reduction="mean",
+            multiplicity=self.cfg.augment_multiplicity,
+            class_weights=self.cfg.class_weights,
         )
         private.attach_step_hook(self.accountant.get_optimizer_hook_fn(self.sample_rate))
+        self.optimizer = private
         return private
+
+    def before_backward(self, labels: torch.Tensor, ends_step: bool = True) -> None:
+        """What the next optimizer step needs from the training step: each image's label (for
+        privacy.class_weights; K rows per image under augment multiplicity) and whether this
+        chunk ends its logical batch (privacy.physical_batch_size)."""
+        optimizer = self.optimizer
+        assert optimizer is not None, "DPSGD.before_backward before wrap"
+        optimizer.labels = labels[:: self.cfg.augment_multiplicity]
+        optimizer.signal_skip_step(do_skip=not ends_step)
 
     def epsilon(self) -> float:
         """Epsilon spent so far at privacy.delta (0 before the first step)."""
@@ -376,6 +433,54 @@ class DPSGD:
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+
+
+class PrivateOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with two steps of the DP-SGD regime between its per-image
+    gradients and their sum: augmentation multiplicity averages each image's K rows before
+    clipping, and fixed class weights (at most 1) scale each image's clipped gradient. Both keep
+    every image's contribution to the sum within C, so Opacus's noise and accounting hold."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        multiplicity: int = 1,
+        class_weights: list[float] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.multiplicity = multiplicity
+        weights = torch.tensor(class_weights, dtype=torch.float) if class_weights else None
+        self.class_weights = None if weights is None else weights / weights.max()
+        self.labels: torch.Tensor | None = None  # the images' labels, set each training step
+
+    def clip_and_accumulate(self) -> None:
+        if self.multiplicity > 1:
+            self._average_copies()
+        if self.class_weights is None:
+            super().clip_and_accumulate()
+            return
+        # Opacus's clip_and_accumulate, with each image's clip factor times its class's weight.
+        samples = self.grad_samples
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
+        factor = (self.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+        assert self.labels is not None, "PrivateOptimizer: labels not set before the step"
+        factor = factor * self.class_weights.to(factor.device)[self.labels.to(factor.device)]
+        for p, grad_sample in zip(self.params, samples, strict=True):
+            _check_processed_flag(p.grad_sample)
+            grad = torch.einsum("i,i...", factor.to(p.dtype), grad_sample.to(p.dtype))
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def _average_copies(self) -> None:
+        """Each image's gradient: the mean of its K copies' (rows i*K .. i*K + K - 1)."""
+        for p in self.params:
+            g = p.grad_sample
+            if isinstance(g, torch.Tensor) and len(g):
+                p.grad_sample = g.view(
+                    len(g) // self.multiplicity, self.multiplicity, *g.shape[1:]
+                ).mean(1)
 
 
 def make_private(

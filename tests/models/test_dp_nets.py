@@ -39,6 +39,7 @@ TINY = [
 CENTRAL = ["--federated.enabled", "false", "--trainer.max_epochs", "1"]
 PRIVATE_FL = [
     "--privacy.enabled", "true", "--privacy.delta", "1e-3", "--privacy.noise_multiplier", "1",
+    "--data.balance", "none",
     "--federated.enabled", "true", "--federated.rounds", "1", "--federated.local_epochs", "1",
 ]  # fmt: skip
 

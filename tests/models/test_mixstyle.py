@@ -129,6 +129,7 @@ def test_dp_sgd_refuses_mixstyle_before_training(tmp_path, capsys):
     runs = tmp_path / "runs"
     argv = ["--data.image_size", "32", "--model.width", "16", "--runs_root", str(runs)]
     private = ["--privacy.enabled", "true", "--privacy.noise_multiplier", "1"]
+    private += ["--data.balance", "none"]
     with pytest.raises(SystemExit) as exit_info:
         fit.main([*argv, *private, "--federated.enabled", "false", "--model.mixstyle", "0.5"])
     assert exit_info.value.code == 2

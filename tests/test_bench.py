@@ -152,10 +152,17 @@ def test_predict_serve_bench_reaches_its_ratio_and_latency_lines(tmp_path, capsy
 
 
 def test_privacy_bench_compares_dp_sgd_with_plain_training(capsys, monkeypatch):
-    args = ["--images", "24", "--size", "32", "--width", "16", "--batch", "8", "--repeats", "1"]
+    args = ["--images", "48", "--size", "32", "--width", "16", "--repeats", "1"]
+    args += ["--batch", "16", "--resnet_batch", "16"]
     out = run_bench("privacy", args, capsys, monkeypatch)
-    assert "plain " in out and "private " in out
-    assert "DP-SGD / plain, seconds per local epoch: " in out and "(goal < 3: " in out
+    for model in ("scatter_linear", "scatter_cnn", "wsgn_cnn", "se_resnet18 (gn)"):
+        line = f"{model} DP-SGD / plain, seconds per optimizer step: "
+        assert line in out and f"{model:16s} private  batch   16: step " in out
+    for model in ("scatter_linear", "scatter_cnn", "wsgn_cnn"):
+        assert f"{model} / se_resnet18 (gn), DP-SGD seconds per epoch of 48 images: " in out
+    goal = "shipped private recipe (fl_private_cpu.yaml: scatter_linear, 32 px, batch 16"
+    (line,) = [line for line in out.splitlines() if line.startswith(goal)]
+    assert "DP-SGD / plain, seconds per optimizer step: " in line and "(goal < 2: " in line
 
 
 def test_options_bench_times_every_option_against_the_default(capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """The comparison's figures: learning curves (the paper's Fig. 5 and 6), ROC, confusion
-matrices, reliability diagrams, a sweep (Table 2 as accuracy against batch size) and one
-AUROC chart per family of a study against its reference. Files only, never a screen."""
+matrices, reliability diagrams, a sweep (Table 2 as accuracy against batch size), one
+AUROC chart per family of a study against its reference and, for private entries, AUROC
+against epsilon with a line per model. Files only, never a screen."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ TITLES = {
     "val_accuracy": "validation accuracy",
 }
 FAMILY_SPLITS = {"val": "clean validation", "val_shift": "shift validation"}
+PRIVACY_MARKERS = "os^Dv"  # one per model of the privacy plot, with its colour
 
 
 def save(fig: Figure, path) -> None:
@@ -127,44 +129,92 @@ def sweep(points: list[tuple], x: str, line: str, ylabel: str, path) -> None:
     save(fig, path)
 
 
-def privacy(rows: list[dict], path) -> None:
-    """Accuracy and AUROC (95% intervals) against epsilon, clean and shift validation: the
-    privacy-utility trade-off. Entries without DP sit at the right, at "no DP"."""
-    private = sorted((r for r in rows if r["epsilon"] != ""), key=lambda r: r["epsilon"])
-    plain = [r for r in rows if r["epsilon"] == ""]
-    xs = [float(r["epsilon"]) for r in private]
-    far = max(xs, default=1.0) * 2.5  # where "no DP" is drawn on the log axis
-    fig, axes = subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, metric in zip(axes, ("accuracy", "auroc"), strict=True):
-        # Each split nudged sideways (on the log axis) so the intervals do not hide each other.
-        for split, style, nudge in (("val", "o-", 0.97), ("val_shift", "s--", 1.03)):
-            if private and private[0][f"{split}_{metric}"] == "":
-                continue
-            ys = [r[f"{split}_{metric}"] for r in private]
-            errors = _interval_errors(private, f"{split}_{metric}")
-            at = [x * nudge for x in xs]
-            line = ax.errorbar(at, ys, yerr=errors, fmt=style, capsize=3, label=split)
-            for r in plain:
-                ax.errorbar(
-                    [far * nudge],
-                    [r[f"{split}_{metric}"]],
-                    yerr=_interval_errors([r], f"{split}_{metric}"),
-                    fmt=style[0],
-                    color=line[0].get_color(),
-                    capsize=3,
-                )
-        ax.set_xscale("log")
-        ticks = [*xs, *([far] if plain else [])]
-        ax.set_xticks(ticks, [f"{x:.2g}" for x in xs] + (["no DP"] if plain else []))
-        if metric == "auroc":
-            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
-        ax.minorticks_off()
-        ax.set_xlabel("epsilon per client (delta as in the table)")
-        ax.set_title(f"{metric} against epsilon")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("value (95% interval, bootstrap over patients)")
-    axes[1].legend()
+def privacy(rows: list[dict], path) -> Figure:
+    """AUROC (95% intervals) against epsilon, one line per model (the rows' `family`; rows
+    without one form the line "all entries"), in a panel per split: clean validation and, when
+    present, shift validation. A family's entries without DP sit at the right, at "no DP".
+    Rows without a finite value (a diverged run) draw no point. Returns the figure."""
+    lines = _privacy_lines(rows)
+    splits = [s for s in FAMILY_SPLITS if any(_finite(r[f"{s}_auroc"]) for r in rows)]
+    splits = splits or ["val"]
+    epsilons = [r["epsilon"] for r in rows if r["epsilon"] != ""]
+    far = max(epsilons, default=1.0) * 2.5  # where "no DP" is drawn on the log axis
+    fig, axes = subplots(
+        1, len(splits), figsize=(5 * len(splits) + 2.5, 4.2), sharey=True, squeeze=False
+    )
+    for ax, split in zip(axes[0], splits, strict=True):
+        for index, (name, chosen) in enumerate(lines.items()):
+            # Each family nudged sideways (on the log axis) so the intervals do not hide
+            # each other; the same colour, marker and nudge in every panel.
+            style = {"color": f"C{index % 10}", "marker": PRIVACY_MARKERS[index % 5]}
+            nudge = 1.06 ** (index - (len(lines) - 1) / 2)
+            _privacy_line(ax, chosen, f"{split}_auroc", far, nudge, name, style)
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+        _epsilon_axis(ax, epsilons, far, plain=any(r["epsilon"] == "" for r in rows))
+        ax.set_title(f"AUROC, {FAMILY_SPLITS[split]}")
+    axes[0][0].set_ylabel("AUROC (95% interval, bootstrap over patients)")
+    # The models in order, then chance (matplotlib lists plain lines before error bars);
+    # outside the last panel, where tight_layout makes room for it.
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] == "chance")
+    axes[0][-1].legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
     save(fig, path)
+    return fig
+
+
+def _privacy_lines(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each family, in the order the rows first name them."""
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(r.get("family") or "all entries", []).append(r)
+    return lines
+
+
+def _privacy_line(
+    ax, rows: list[dict], key: str, far: float, nudge: float, name: str, style: dict
+) -> None:
+    """One family: its private entries joined by a line, its no-DP entries at `far` (not
+    joined: "no DP" is no epsilon). The legend names the family once."""
+    drawn = [r for r in rows if r.get("diverged") != "yes" and _finite(r[key])]
+    private = sorted((r for r in drawn if r["epsilon"] != ""), key=lambda r: r["epsilon"])
+    plain = [r for r in drawn if r["epsilon"] == ""]
+    label = name
+    for chosen, xs, linestyle in (
+        (private, [r["epsilon"] * nudge for r in private], "-"),
+        (plain, [far * nudge] * len(plain), "none"),
+    ):
+        if chosen:
+            ys = [r[key] for r in chosen]
+            errors = _interval_errors(chosen, key)
+            ax.errorbar(xs, ys, yerr=errors, linestyle=linestyle, capsize=3, label=label, **style)
+            label = "_nolegend_"  # matplotlib's "leave me out of the legend"
+
+
+def _epsilon_axis(ax, epsilons: list[float], far: float, plain: bool) -> None:
+    """Log epsilon axis, a tick per group of near-equal epsilons, and "no DP" at `far` when an
+    entry has none. The models' accountants stop a hair apart below a shared target (7.95,
+    7.99, 8.0): one tick, at and named by the group's largest, keeps the labels apart."""
+    groups: list[list[float]] = []
+    for x in sorted(epsilons):
+        if groups and x <= groups[-1][0] * 1.15:
+            groups[-1].append(x)
+        else:
+            groups.append([x])
+    positions = [group[-1] for group in groups]
+    labels = [f"{x:.2g}" for x in positions]
+    if plain:
+        positions, labels = [*positions, far], [*labels, "no DP"]
+    ax.set_xscale("log")
+    ax.set_xticks(positions, labels)
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon per client (delta as in the table)")
+    ax.grid(alpha=0.3)
 
 
 def _interval_errors(rows: list[dict], key: str) -> list[list[float]]:

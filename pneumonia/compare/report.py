@@ -258,8 +258,9 @@ def results_markdown(comparison: Comparison, rows: list[dict]) -> str:
         parts.append(
             "Epsilon (delta): the weakest differential-privacy guarantee of the entry, the "
             "largest epsilon any client's own accountant reached by the end of training "
-            "(DP-SGD protects one training image of one hospital); privacy.png plots accuracy "
-            "and AUROC against it."
+            "(DP-SGD protects one training image of one hospital); privacy.png plots "
+            "validation AUROC against it, one line per model (entries sharing a family), "
+            "each model's entry without DP at the right."
         )
     return "\n\n".join(p for p in parts if p) + "\n"
 

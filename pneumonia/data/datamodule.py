@@ -3,7 +3,7 @@ uint8 tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import lightning as L
@@ -84,6 +84,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         poisson: PoissonBatches | None = None,
         progressive: ProgressiveConfig | None = None,
         planned_epochs: int = 1,
+        front: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         self.train, self.val, self.test, self.val_shift = train, val, test, val_shift
@@ -102,9 +103,21 @@ class ChestXrayDataModule(L.LightningDataModule):
         # each round (its kept Trainer counts only the epochs it trained).
         self.progressive = progressive or ProgressiveConfig()
         self.planned_epochs, self.epoch_offset = planned_epochs, 0
+        # The model's fixed front end, computed once per image set (the module's
+        # fixed_features; None where the model has none): served in place of the images of
+        # every loader whose images do not change from epoch to epoch.
+        self.front = front
+
+    def _served(self, images: ImageSet, train: bool) -> torch.Tensor:
+        """The tensor a loader serves: the images, or their fixed front end's features."""
+        changes = self.augment.enabled or bool(self.progressive.start_size)
+        if self.front is None or (train and changes):
+            return images.images
+        features = self.front(images.images)
+        return images.images if features is None else features
 
     def _loader(self, images: ImageSet, batch_size: int, train: bool) -> DataLoader:
-        dataset = TensorDataset(images.images, images.labels)
+        dataset = TensorDataset(self._served(images, train), images.labels)
         sampler: Sampler[int]
         if train and self.balanced_sampling:
             per_class = 1.0 / torch.bincount(images.labels).float().clamp(min=1)
@@ -132,7 +145,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             )
             if self.poisson.physical is not None:
                 batches = _Chunks(batches, self.poisson.physical)
-                dataset = _ChunkDataset(images.images, images.labels)
+                dataset = _ChunkDataset(*dataset.tensors)
         return DataLoader(
             dataset,
             # Whole batches of indices: the images are one tensor, so a batch is one indexing

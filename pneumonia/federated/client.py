@@ -80,6 +80,7 @@ class Client:
         self, index: int, data: ImageSet, settings: ClientSettings, recipe: Recipe, log_dir: Path
     ) -> None:
         self.index, self.data, self.settings = index, data, settings
+        self.module = build_module(recipe, loss_weights(settings.balance, data))
         self.datamodule = ChestXrayDataModule(
             data,
             None,
@@ -91,8 +92,8 @@ class Client:
             poisson=settings.privacy.batches() if settings.privacy is not None else None,
             progressive=settings.progressive,
             planned_epochs=settings.planned_epochs,
+            front=self.module.fixed_features,
         )
-        self.module = build_module(recipe, loss_weights(settings.balance, data))
         # Its own accountant for the whole run: epsilon grows with every round it trains.
         self.privacy = (
             make_private(

@@ -57,9 +57,13 @@ def _predict(module, images, probability, batch_size, device, progress, tta) -> 
     )
     out = []
     starts = range(0, len(images), batch_size)
+    # A fixed front end's features, computed once for these images (the same validation
+    # images every round of a federation); TTA's views are new images.
+    features = None if tta else module.fixed_features(images)
+    source = images if features is None else features
     with autocast:
         for start in tqdm(starts, desc="evaluate", unit="batch", leave=False, disable=not progress):
-            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            batch = source[start : start + batch_size].to(device, non_blocking=True)
             views = tta_views(batch.float() / 255.0) if tta else [batch]
             probs = [probability(module(view)).float() for view in views]
             out.append(torch.stack(probs).mean(0).cpu())

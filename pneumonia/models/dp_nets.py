@@ -15,6 +15,10 @@ scatter_linear's builder takes the image size (`takes_size`, pneumonia.models.fa
 Linear reads every position of the 81 x S/4 x S/4 map, as Tramèr & Boneh's does (20,736 features
 a class at 64 px), so it takes images of that size only; the recipe that rebuilds it from a
 checkpoint carries the size. Sides must be multiples of 4 for the scattering models.
+Both scattering models split into `fixed_front()` (the scattering and its normalisation: no
+weights, the same for every run) and `head()`: where the images do not change between epochs
+(validation; training without augmentation) the front end runs once per image
+(pneumonia.training.module.ClassifierModule.fixed_features).
 `model.norm` must stay gn; `model.gn_groups` sets the groups of the convolutions' GroupNorms
 (not the scattering's, fixed at Tramèr's 27), and `model.drop_rate` is dropout before the Linear.
 """
@@ -87,11 +91,17 @@ class ScatterLinear(nn.Module):
             f"features has no convolution to read): score it without heatmaps"
         )
 
+    def fixed_front(self) -> nn.Module:
+        return self.features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.features(x)
-        if x.shape[-2:] != (self.image_size, self.image_size):
+        return self.head(self.features(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        side = features.shape[-1] * 2**J
+        if side != self.image_size:
             raise UserError(
-                f"data.image_size {x.shape[-1]}: model {self.features.name} was built for "
+                f"data.image_size {side}: model {self.features.name} was built for "
                 f"{self.image_size} px images (its Linear reads every position): give images "
                 f"of that size"
             )
@@ -123,8 +133,14 @@ class ScatterCNN(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(c, NUM_CLASSES)
 
+    def fixed_front(self) -> nn.Module:
+        return self.features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.body(self.features(x))).flatten(1)))
+        return self.head(self.features(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(self.body(features)).flatten(1)))
 
 
 class WSConv2d(nn.Conv2d):

@@ -201,7 +201,9 @@ def weight_averaging(optim, max_epochs: int, private: bool = False) -> list[Call
     return []
 
 
-def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
+def build_datamodule(
+    cfg: Namespace, splits: Splits, module: ClassifierModule | None = None
+) -> ChestXrayDataModule:
     d = cfg.data
     return ChestXrayDataModule(
         splits.train,
@@ -217,6 +219,7 @@ def build_datamodule(cfg: Namespace, splits: Splits) -> ChestXrayDataModule:
         poisson=cfg.privacy.batches() if cfg.privacy.enabled else None,
         progressive=d.progressive,
         planned_epochs=int(cfg.trainer.max_epochs or 1),
+        front=module.fixed_features if module is not None else None,
     )
 
 
@@ -269,7 +272,7 @@ def train_centralized(run: RunInputs) -> Trained:
     cfg, splits, run_dir, resume = run.cfg, run.splits, run.run_dir, run.resume
     module = build_module(run.recipe, loss_weights(cfg.data.balance, splits.train))
     module.figures_every = cfg.figures_every  # monitoring, not the recipe: not saved
-    datamodule = build_datamodule(cfg, splits)
+    datamodule = build_datamodule(cfg, splits, module)
     private = private_training(cfg, module, len(splits.train))
     last = last_checkpoint(run_dir)
     if resume and not last.is_file():

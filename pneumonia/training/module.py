@@ -7,6 +7,8 @@ checkpoint alone carries everything needed to evaluate or predict.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -14,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from pneumonia.core.bounds import (
     FractionBelowOne,
@@ -27,7 +30,7 @@ from pneumonia.core.bounds import (
 from pneumonia.core.errors import UserError
 from pneumonia.data.imageset import CLASSES, NEGATIVE_CLASS
 from pneumonia.metrics.classification import ClassMetrics, DiagnosisMetrics, binary_log_loss
-from pneumonia.models.factory import ModelConfig, classifier_layer, create_model
+from pneumonia.models.factory import IN_CHANS, ModelConfig, classifier_layer, create_model
 from pneumonia.models.transfer import freeze
 from pneumonia.training.losses import EmbeddingTap, LossConfig, attach_head, make_objective
 from pneumonia.training.optimizers import OPTIMIZER_NAMES, make_optimizer
@@ -35,6 +38,16 @@ from pneumonia.training.schedules import DECAY_NAMES, DecayConfig, lambda_schedu
 
 if TYPE_CHECKING:  # privacy imports Opacus: loaded only where DP-SGD is used
     from pneumonia.training.privacy import DPSGD
+
+log = logging.getLogger(__name__)
+
+# A fixed front end's features of an image tensor (an ImageSet's images), per front end and
+# normalisation: computed once, kept while the images live. Beside the module, not in it: a
+# deep copy of the module (weight averaging) must not copy them.
+# torch's weak dictionary compares keys by identity (a WeakKeyDictionary would compare tensors
+# with ==, element by element).
+_FRONT_CACHE = WeakTensorKeyDictionary()
+FRONT_CACHE_BYTES = 4 * 2**30  # larger feature sets are computed batch by batch instead
 
 SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
     name for name in DECAY_NAMES if name != "constant"
@@ -189,13 +202,52 @@ class ClassifierModule(L.LightningModule):
         self.privacy: DPSGD | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 2] for uint8 images or floats in [0, 1]."""
+        """Logits [B, 2] for uint8 images or floats in [0, 1], or for the features
+        `fixed_features` made of them (more channels than an image has)."""
+        if images.shape[1] != IN_CHANS:  # only a model with a fixed_front() has head()
+            return cast(torch.Tensor, self.model.head(images))  # type: ignore[operator]
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
         images = (images - self.hparams["mean"]) / self.hparams["std"]
         if images.is_cuda and self.privacy is None:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
+
+    def fixed_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The model's fixed front end (`fixed_front()`: no weights, as the scattering models
+        have) applied to uint8 images [N, 1, S, S], computed once for this tensor and then
+        served from memory; None for a model without one, or features over FRONT_CACHE_BYTES.
+        forward() takes them in place of the images."""
+        front_of = getattr(self.model, "fixed_front", None)
+        if front_of is None:
+            return None
+        front = front_of()
+        key = (repr(front), float(self.hparams["mean"]), float(self.hparams["std"]))
+        cached = _FRONT_CACHE.setdefault(images, {})
+        if key not in cached:
+            features = self._front_pass(front, images)
+            if features is None:
+                return None
+            cached[key] = features
+        return cached[key]
+
+    @torch.no_grad()  # not inference_mode: training takes these as inputs to autograd
+    def _front_pass(self, front: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        started, out = time.perf_counter(), []
+        for start in range(0, len(images), 256):
+            batch = images[start : start + 256].to(self.device).float() / 255.0
+            out.append(front((batch - self.hparams["mean"]) / self.hparams["std"]).cpu())
+            if len(images) * out[0][0].numel() * 4 > FRONT_CACHE_BYTES:
+                return None
+        features = torch.cat(out) if out else torch.empty(0)
+        log.info(
+            "%s: front end computed once for %d images (%.1f s, %.0f MB)",
+            self.hparams["model"]["name"],
+            len(images),
+            time.perf_counter() - started,
+            features.numel() * 4 / 2**20,
+        )
+        return features
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -391,7 +391,11 @@ def test_shipped_comparisons_load_with_one_budget(path, tmp_path, monkeypatch):
     comparison = load_comparison(path, [], tmp_path, tmp_path)
     entries = comparison.entries
     assert comparison.name == path.stem and len(entries) >= 2
-    assert len({e.budget for e in entries}) == 1
+    if path.stem == "privacy_cpu":  # each model at its own recipe: the same budget per model
+        by_model = {(e.cfg.model.name, e.cfg.data.batch_size): e.budget for e in entries}
+        assert all(e.budget == by_model[(e.cfg.model.name, e.cfg.data.batch_size)] for e in entries)
+    else:
+        assert len({e.budget for e in entries}) == 1
     assert len({(e.cfg.data.image_size, e.cfg.seed, e.cfg.data.val_fraction) for e in entries}) == 1
     if path.stem.startswith("paper_table3"):
         models = [(e.cfg.model.name, e.federated) for e in entries]
@@ -415,9 +419,10 @@ def write_three_class_source(path: Path) -> None:
     write_checkpoint(path, build_module(recipe).state_dict(), recipe, round_number=1)
 
 
-def private_row(label: str, epsilon, accuracy: float) -> dict:
-    """A results row as entry_row writes it, for the privacy table and plot."""
-    row = {"label": label, "training": "federated", "data_left_site": "no"}
+def private_row(label: str, epsilon, accuracy: float, **extra) -> dict:
+    """A results row as entry_row writes it, for the privacy table and plot (`extra`: e.g.
+    its family; without one it is a row of an old comparison's hand-built kind)."""
+    row = {"label": label, "training": "federated", "data_left_site": "no"} | extra
     row |= {"epsilon": epsilon, "delta": 1e-5 if epsilon != "" else ""}
     for split in SPLITS:
         for key in SCALARS:
@@ -442,10 +447,46 @@ def test_privacy_columns_table_and_plot(tmp_path):
     assert "| Epsilon (delta) |" in table[0]
     assert "| No DP | federated | no | no DP | 0.900 (0.850-0.950) |" in table[2]
     assert "| eps 8 | federated | no | 7.99 (1e-05) | 0.800 (0.750-0.850) |" in table[3]
-    plots.privacy(rows, tmp_path / "privacy.png")
+    figure = plots.privacy(rows, tmp_path / "privacy.png")
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
+    assert legend(figure) == ["all entries", "chance"]  # rows without a family: one line
     plain = [private_row("No DP", "", 0.9)]
     assert "Epsilon" not in markdown_table(plain, "val")
+
+
+def legend(figure) -> list[str]:
+    return [t.get_text() for t in figure.axes[-1].get_legend().get_texts()]
+
+
+def test_privacy_plot_draws_a_line_per_model(tmp_path):
+    """A grid of 2 models x (epsilon 1, 8, no DP): per panel (clean, shift) one AUROC line per
+    model over its private entries, its no-DP entry apart at the "no DP" tick, the models
+    nudged apart, near-equal epsilons (7.95, 7.99) one tick; a diverged entry draws no point."""
+    rows = []
+    for family, base, eight in (("WS-GN CNN", 0.8, 7.95), ("ScatterNet + linear", 0.7, 7.99)):
+        rows += [
+            private_row(f"{family}, no DP", "", base + 0.1, family=family),
+            private_row(f"{family}, eps 8", eight, base, family=family),
+            private_row(f"{family}, eps 1", 1.0, base - 0.1, family=family),
+        ]
+    rows.append(private_row("ScatterNet + linear, eps 3", 3.0, 0.6, family="ScatterNet + linear")
+                | {"diverged": "yes"})  # fmt: skip
+    figure = plots.privacy(rows, tmp_path / "privacy.png")
+    assert legend(figure) == ["WS-GN CNN", "ScatterNet + linear", "chance"]
+    clean, shift = figure.axes
+    assert [ax.get_title() for ax in figure.axes] == ["AUROC, clean validation",
+                                                      "AUROC, shift validation"]  # fmt: skip
+    for ax in (clean, shift):
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "3", "8", "no DP"]
+        drawn = [(c.lines[0].get_xdata(), c.lines[0].get_ydata()) for c in ax.containers]
+        assert len(drawn) == 4  # per model: its private line, its no-DP point
+        (cnn_x, cnn_y), (cnn_plain_x, cnn_plain_y), (scat_x, scat_y), (scat_plain_x, _) = drawn
+        assert list(cnn_y) == pytest.approx([0.7, 0.8]) and list(scat_y) == pytest.approx(
+            [0.6, 0.7]
+        )  # epsilon 1 then 8; the diverged epsilon 3 left out
+        assert cnn_x[0] < 1.0 < scat_x[0] and cnn_x[1] < 7.95 < 7.99 < scat_x[1]  # nudged apart
+        assert list(cnn_plain_y) == pytest.approx([0.9])
+        assert cnn_plain_x[0] > 7.99 * 2 and scat_plain_x[0] > cnn_plain_x[0]
 
 
 def test_family_and_reference_are_read(tmp_path):

@@ -2,6 +2,7 @@
 refusals, per-image gradients under Opacus, and every path a model takes (centralized and
 private federated training, prediction, Grad-CAM, ONNX, ensembles)."""
 
+import logging
 import shutil
 
 import pytest
@@ -15,6 +16,7 @@ from pneumonia.core.errors import UserError
 from pneumonia.inference.explain import explainable, target_layer
 from pneumonia.inference.onnx_model import OnnxPredictor, export_onnx
 from pneumonia.inference.predictor import Predictor
+from pneumonia.inference.scoring import predict_probabilities
 from pneumonia.models.dp_nets import WSConv2d
 from pneumonia.models.factory import ModelConfig, count_parameters, create_model
 from pneumonia.training.privacy import (
@@ -22,6 +24,7 @@ from pneumonia.training.privacy import (
     grad_sample_hooks,
     probe_per_image_gradients,
 )
+from pneumonia.training.recipe import Recipe, build_module
 
 NAMES = ["scatter_linear", "scatter_cnn", "wsgn_cnn"]
 SIZE = 32
@@ -233,3 +236,34 @@ def test_the_scattering_models_export_to_onnx_and_score_as_the_checkpoint(name, 
     onnx = OnnxPredictor(tmp_path / "model.onnx").probabilities(pixels)
     torch_probs = Predictor.from_checkpoint(ckpt).probabilities(pixels)
     assert torch.allclose(torch.as_tensor(onnx).float(), torch_probs.float(), atol=1e-5)
+
+
+def scatter_module(name: str = "scatter_cnn"):
+    recipe = Recipe(model={"name": name}, optim={"name": "sgd", "lr": 0.1}, image_size=SIZE)
+    torch.manual_seed(0)
+    return build_module(recipe).eval()
+
+
+def test_cached_front_end_features_equal_a_fresh_computation_and_are_computed_once():
+    module = scatter_module()
+    images = torch.randint(0, 256, (5, 1, SIZE, SIZE), dtype=torch.uint8)
+    features = module.fixed_features(images)
+    normalised = (images.float() / 255.0 - module.hparams["mean"]) / module.hparams["std"]
+    assert torch.allclose(features, module.model.features(normalised), atol=1e-6)
+    assert module.fixed_features(images) is features  # served from memory the second time
+    assert module.fixed_features(images.clone()) is not features  # another image set
+    with torch.no_grad():
+        assert torch.allclose(module(features), module(images), atol=1e-5)
+    # the scores of a checkpoint are the same through the cache
+    direct = module.positive_probability(module(images)).detach()
+    assert torch.allclose(predict_probabilities(module, images), direct, atol=1e-5)
+    assert scatter_module("wsgn_cnn").fixed_features(images) is None  # no fixed front end
+
+
+def test_without_augmentation_training_reads_the_features_computed_once(tmp_path, caplog):
+    argv = [*TINY, *CENTRAL, "--model.name", "scatter_cnn", "--data.augment.enabled", "false"]
+    with caplog.at_level(logging.INFO, logger="pneumonia.training.module"):
+        fit.main([*argv, "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "r")])
+    computed = [r.getMessage() for r in caplog.records if "front end computed once" in r.message]
+    # train, val and val_shift: once each for both epochs, and not again to score the model
+    assert len(computed) == 3, computed

@@ -215,8 +215,9 @@ class ClassifierModule(L.LightningModule):
 
     def fixed_features(self, images: torch.Tensor) -> torch.Tensor | None:
         """The model's fixed front end (`fixed_front()`: no weights, as the scattering models
-        have) applied to uint8 images [N, 1, S, S], computed once for this tensor and then
-        served from memory; None for a model without one, or features over FRONT_CACHE_BYTES.
+        have) applied to images [N, 1, S, S] (uint8, or floats in [0, 1]), computed once for
+        this tensor and then served from memory; None for a model without one, or features
+        over FRONT_CACHE_BYTES.
         forward() takes them in place of the images."""
         front_of = getattr(self.model, "fixed_front", None)
         if front_of is None:
@@ -235,7 +236,8 @@ class ClassifierModule(L.LightningModule):
     def _front_pass(self, front: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
         started, out = time.perf_counter(), []
         for start in range(0, len(images), 256):
-            batch = images[start : start + 256].to(self.device).float() / 255.0
+            batch = images[start : start + 256].to(self.device)
+            batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
             out.append(front((batch - self.hparams["mean"]) / self.hparams["std"]).cpu())
             if len(images) * out[0][0].numel() * 4 > FRONT_CACHE_BYTES:
                 return None

@@ -3,8 +3,9 @@ hand on a linear model, logical batches against one physical batch, and their re
 
 import json
 
+import pytest
 import torch
-from test_privacy import PRIVATE, TINY
+from test_privacy import FEDERATED, PRIVATE, TINY
 from torch import nn
 
 from pneumonia import fit
@@ -88,3 +89,31 @@ def test_logical_batches_in_chunks_give_the_epsilon_and_weights_of_one_physical_
     )
     for key, value in a["state_dict"].items():
         assert torch.allclose(value, b["state_dict"][key], atol=1e-5), key
+
+
+def test_logical_batches_are_served_in_chunks_that_say_which_one_ends_the_step():
+    images = torch.zeros(10, 1, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(10) % 2
+    data = ImageSet(images, labels, [str(i) for i in range(10)], [f"{i}.png" for i in range(10)])
+    dm = ChestXrayDataModule(data, None, batch_size=7, poisson=PoissonBatches(physical=3))
+    chunks = [(len(batch[1]), bool(batch[2])) for batch in dm.train_dataloader()]
+    steps = sum(ends for _, ends in chunks)
+    assert steps == int(1 / 0.7)  # one optimizer step per Poisson batch, as the accountant counts
+    assert all(n <= 3 for n, _ in chunks) and chunks[-1][1]
+    # each step's chunks: all but the last full, the last ends it (an empty batch: one chunk)
+    sizes, current = [], []
+    for n, ends in chunks:
+        current.append(n)
+        if ends:
+            sizes.append(current)
+            current = []
+    assert all(all(n == 3 for n in step[:-1]) for step in sizes)
+
+
+def test_a_federation_in_chunks_spends_and_trains_as_with_whole_batches(tmp_path):
+    summaries = []
+    for name, extra in (("whole", []), ("chunked", ["--privacy.physical_batch_size", "3"])):
+        argv = [*FEDERATED, "--data.augment.enabled", "false", *extra]
+        summaries.append(fit.main([*argv, "--run_dir", str(tmp_path / name)]))
+    assert summaries[0]["privacy"] == summaries[1]["privacy"]
+    assert summaries[0]["val"]["loss"] == pytest.approx(summaries[1]["val"]["loss"], abs=1e-5)

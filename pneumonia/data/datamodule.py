@@ -40,21 +40,34 @@ class PoissonBatches:
 
 
 class _Chunks(Sampler[tuple[list[int], bool]]):
-    """Each logical batch of `batches` in chunks of at most `size` indices, each with whether
-    it ends its batch: the flag rides with the chunk, because Lightning fetches a batch ahead
-    of the step that trains on it (so a sampler that signalled the optimizer, as Opacus's
-    BatchMemoryManager does, would signal one chunk early). It has no length, as the chunks
-    of an epoch vary: Lightning then runs the epoch until the sampler ends (given a length, it
-    would stop after that many chunks)."""
+    """Each logical batch of `batches` (Poisson batches drawn with `generator`) in chunks of at
+    most `size` indices, each with whether it ends its batch: the flag rides with the chunk,
+    because Lightning fetches a batch ahead of the step that trains on it (so a sampler that
+    signalled the optimizer, as Opacus's BatchMemoryManager does, would signal one chunk
+    early). It has no length, as the chunks of an epoch vary: Lightning then runs the epoch
+    until the sampler ends (given a length, it would stop after that many chunks), and, at the
+    start of a later fit, fetches a first chunk from an iterator it then drops. That dropped
+    draw must not shift the batches that train: an iterator that starts after one that served
+    a single chunk and stopped rewinds the generator to where that one started. (An epoch cut
+    short after more chunks is not replayed: its batches were trained on.)"""
 
-    def __init__(self, batches: Sampler[list[int]], size: int) -> None:
-        self.batches, self.size = batches, size
+    def __init__(self, batches: Sampler[list[int]], size: int, generator: torch.Generator):
+        self.batches, self.size, self.generator = batches, size, generator
+        # The generator's state when the last iterator began, and the chunks it served, until
+        # it finishes its epoch.
+        self._started: tuple[torch.Tensor, int] | None = None
 
     def __iter__(self) -> Iterator[tuple[list[int], bool]]:
+        if self._started is not None and self._started[1] <= 1:  # Lightning's dropped fetch
+            self.generator.set_state(self._started[0])
+        state, served = self.generator.get_state(), 0
         for batch in self.batches:
             starts = range(0, max(len(batch), 1), self.size)  # an empty batch: one empty chunk
             for start in starts:
+                served += 1
+                self._started = (state, served)
                 yield batch[start : start + self.size], start + self.size >= len(batch)
+        self._started = None
 
 
 class _ChunkDataset(TensorDataset):
@@ -144,7 +157,7 @@ class ChestXrayDataModule(L.LightningDataModule):
                 generator=self.generator,
             )
             if self.poisson.physical is not None:
-                batches = _Chunks(batches, self.poisson.physical)
+                batches = _Chunks(batches, self.poisson.physical, self.generator)
                 dataset = _ChunkDataset(*dataset.tensors)
         return DataLoader(
             dataset,

@@ -106,7 +106,7 @@ def confusion(matrices: dict[str, list], label: str, threshold: float, positive:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{split} split")
-    fig.suptitle(f"{label} (threshold {float(threshold):.3f})")
+    fig.suptitle(f"{label} (threshold {float(threshold):.3g})")
     save(fig, path)
 
 

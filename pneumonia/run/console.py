@@ -41,7 +41,7 @@ def choice_lines(summary: dict, best_key: str) -> Iterator[str]:
         yield f"val at threshold 0.5: {format_metrics(summary['val_at_0.5'])}"
         rule = summary["threshold_rule"]
         yield (
-            f"threshold {summary['threshold']:.3f} ({rule}, chosen on the clean validation "
+            f"threshold {summary['threshold']:.3g} ({rule}, chosen on the clean validation "
             f"images: the val line below is optimistic; val_shift shows what it does elsewhere)"
         )
 

@@ -478,9 +478,8 @@ class PrivateOptimizer(DPOptimizer):
         for p in self.params:
             g = p.grad_sample
             if isinstance(g, torch.Tensor) and len(g):
-                p.grad_sample = g.view(
-                    len(g) // self.multiplicity, self.multiplicity, *g.shape[1:]
-                ).mean(1)
+                copies = g.reshape(len(g) // self.multiplicity, self.multiplicity, *g.shape[1:])
+                p.grad_sample = copies.mean(1)
 
 
 def make_private(

@@ -206,12 +206,16 @@ class ClassifierModule(L.LightningModule):
         `fixed_features` made of them (more channels than an image has)."""
         if images.shape[1] != IN_CHANS:  # only a model with a fixed_front() has head()
             return cast(torch.Tensor, self.model.head(images))  # type: ignore[operator]
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        images = (images - self.hparams["mean"]) / self.hparams["std"]
+        images = self.normalise(images)
         if images.is_cuda and self.privacy is None:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images or floats in [0, 1], standardised with the run's pixel mean and std."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return (images - self.hparams["mean"]) / self.hparams["std"]
 
     def fixed_features(self, images: torch.Tensor) -> torch.Tensor | None:
         """The model's fixed front end (`fixed_front()`: no weights, as the scattering models
@@ -236,9 +240,8 @@ class ClassifierModule(L.LightningModule):
     def _front_pass(self, front: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
         started, out = time.perf_counter(), []
         for start in range(0, len(images), 256):
-            batch = images[start : start + 256].to(self.device)
-            batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
-            out.append(front((batch - self.hparams["mean"]) / self.hparams["std"]).cpu())
+            batch = self.normalise(images[start : start + 256].to(self.device))
+            out.append(front(batch.float()).cpu())
             if len(images) * out[0][0].numel() * 4 > FRONT_CACHE_BYTES:
                 return None
         features = torch.cat(out) if out else torch.empty(0)

@@ -8,7 +8,7 @@ COMPARE ?= configs/compare/paper_table3_cpu.yaml
 ARGS   ?=
 ROOT   ?= ../shared/data/chest_xray/train
 
-.PHONY: help install fit compare flower-demo bench test test-fast lint tensorboard clean
+.PHONY: help install fit compare flower-demo bench test test-fast lint docs tensorboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,10 @@ test: $(STAMP)  ## lint, type-check, then the whole test suite (three one-thread
 	$(BIN)/ruff check pneumonia tests bench
 	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
+
+docs: $(STAMP)  ## the documentation site into site/ (warnings are errors); open site/index.html
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test-fast: $(STAMP)  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

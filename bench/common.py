@@ -1,7 +1,7 @@
 """What every benchmark shares: the machine line, repeated timings and their summary.
 
 Benchmarks print figures measured side by side in one process run, so a ratio compares
-like with like on a shared, noisy machine; absolute figures are for the README's record.
+like with like on a shared, noisy machine; absolute figures are for the docs' record.
 """
 
 from __future__ import annotations

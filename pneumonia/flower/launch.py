@@ -1,6 +1,6 @@
 """A SuperLink and SuperNodes as local processes over TLS, for the demo, the tests and the
 benchmark: every process it starts is stopped when the `Federation` closes, also on Ctrl-C or
-an error. Real hospitals start the same commands by hand (README "Deploying across hospitals").
+an error. Real hospitals start the same commands by hand (docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Throw-away TLS material for local demos and tests: a CA, and a server certificate it signs
-for the SuperLink's address. Real deployments use their own CA (see the README).
+for the SuperLink's address. Real deployments use their own CA (docs/deploy.md).
 
     python -m pneumonia.flower.tls --out certs/ --hosts 127.0.0.1 localhost
 """

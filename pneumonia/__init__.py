@@ -1,5 +1,4 @@
-"""pneumonia: chest X-ray classifiers (NORMAL vs PNEUMONIA) trained centrally or with federated
-learning across hospitals, on PyTorch Lightning.
+"""Chest X-ray classifiers (NORMAL vs PNEUMONIA) trained centrally or federated, on Lightning.
 
 The public API is what `__all__` names; everything else is internal and may move. From the
 command line the same work is `python -m pneumonia.fit`, `.evaluate`, `.predict`, `.export`,

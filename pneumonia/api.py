@@ -1,5 +1,6 @@
-"""The public API (re-exported by `pneumonia/__init__.py`): what a notebook or another program
-calls. The same work as the commands, without their process settings, printing or exits:
+"""The public API, re-exported by `pneumonia/__init__.py`: what a program or notebook calls.
+
+The same work as the commands, without their process settings, printing or exits:
 errors a user can fix raise `UserError`, and a run's progress lines are log records that
 `console()` prints.
 
@@ -33,10 +34,24 @@ def train(
     run_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """Train one classifier as `python -m pneumonia.fit --config CONFIG --KEY VALUE ...` does
-    and return its summary (summary.json's contents; "run_dir" names the run directory).
-    `config`: a YAML file (None: the embedded default); `overrides`: dotted keys to values,
-    e.g. {"data.root": "chest_xray/train", "federated.rounds": 2}."""
+    """Train one classifier, as `python -m pneumonia.fit --config CONFIG --KEY VALUE ...` does.
+
+    Args:
+        config: A YAML config file; None trains with the embedded default
+            (`configs/default.yaml`: synthetic images, 3 federated clients).
+        overrides: Dotted keys to values, as on the command line, e.g.
+            `{"data.root": "chest_xray/train", "federated.rounds": 2}`.
+        run_dir: Where the run directory goes; None: `runs/<experiment>/version_<n>`.
+        progress: A hook called with each progress line (None: log records only).
+
+    Returns:
+        The run's summary (the contents of its `summary.json`); `"run_dir"` names the run
+        directory, which holds the checkpoints, metrics and TensorBoard events.
+
+    Raises:
+        UserError: A config key, value or data folder the user can fix (one line saying what
+            to do).
+    """
     argv = ["--config", str(config)] if config is not None else []
     for key, value in (overrides or {}).items():
         argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
@@ -48,8 +63,20 @@ def train(
 def load_checkpoint(
     path: str | Path, threshold: float | None = None, device: str = "cpu"
 ) -> Predictor:
-    """The model of a checkpoint (or of a run directory: its reported model), ready to
-    predict; deciding at its own threshold or at `threshold`."""
+    """Load a trained model, ready to predict.
+
+    Args:
+        path: A checkpoint file, or a run directory (its reported model, `best.ckpt`).
+        threshold: The decision threshold on P(pneumonia); None: the one stored with the
+            model (chosen on validation when it was trained).
+        device: Where the model runs (`"cpu"`, `"cuda"`, ...).
+
+    Returns:
+        A `Predictor` for `predict_files` or its own methods.
+
+    Raises:
+        UserError: A missing file, or one that is not a checkpoint of this package.
+    """
     path = Path(path)
     if path.is_dir() and best_checkpoint(path).is_file():
         path = best_checkpoint(path)
@@ -59,9 +86,20 @@ def load_checkpoint(
 def predict_files(
     model: Predictor | str | Path, inputs: Iterable[str | Path], batch_size: int = 64
 ) -> tuple[list[dict], list[tuple[str, str]]]:
-    """P(pneumonia) and the decision for every image or DICOM file among `inputs` (files, or
-    folders walked for them), as `python -m pneumonia.predict` writes them: (rows, [(input,
-    why it was skipped)]). `model`: a loaded model or a checkpoint / run directory path."""
+    """Predict P(pneumonia) and the decision for every image or DICOM file among `inputs`.
+
+    Args:
+        model: A model from `load_checkpoint`, or a checkpoint or run directory path.
+        inputs: Image or DICOM files, or folders walked for them.
+        batch_size: Images scored at once.
+
+    Returns:
+        `(rows, skipped)`: one dict per image as `python -m pneumonia.predict` writes its CSV
+        rows, and `(input, why it was skipped)` for each input that could not be read.
+
+    Raises:
+        UserError: No image file among the inputs.
+    """
     if not isinstance(model, Predictor):
         model = load_checkpoint(model)
     files, missing = _predictor.find_inputs(inputs)
@@ -78,11 +116,22 @@ def create_model(
     num_classes: int = factory.NUM_CLASSES,
     **options: object,
 ) -> nn.Module:
-    """A freshly initialised network by registry name (`list_models()`), built as `model.*`
-    options would build it (`norm="gn"`, `width=16`, ...); one-channel input, `num_classes`
-    logits. With `image_size`, checks the network can take images that small; a network
-    shaped to the image size (scatter_linear) needs it. The options' names are checked, their
-    values are not range-checked as `--model.*` values are."""
+    """Build a freshly initialised network by registry name, as `model.*` options would.
+
+    Args:
+        name: A name from `list_models()`.
+        image_size: The side of the input images; checks the network can take images that
+            small. A network shaped to the image size (`scatter_linear`) needs it.
+        num_classes: The number of logits.
+        **options: Other `ModelConfig` fields (`norm="gn"`, `width=16`, ...). Their names
+            are checked; their values are not range-checked as `--model.*` values are.
+
+    Returns:
+        A torch module taking one-channel images `[B, 1, S, S]` to `[B, num_classes]` logits.
+
+    Raises:
+        UserError: An unknown model name or option.
+    """
     unknown = sorted(set(options) - set(factory.ModelConfig.__dataclass_fields__))
     if unknown:
         raise UserError(f"unknown model option {unknown[0]!r}: see pneumonia.ModelConfig")
@@ -92,5 +141,9 @@ def create_model(
 
 
 def list_models() -> list[str]:
-    """The names `create_model` and `model.name` accept."""
+    """List the model names `create_model` and `model.name` accept.
+
+    Returns:
+        The registry's names, and the `timm:` prefix that takes any timm model.
+    """
     return [*factory.MODELS.names(), f"{factory.TIMM_PREFIX}<any timm model>"]

@@ -107,7 +107,17 @@ class Model:
 
 
 class Predictor:
-    """A checkpoint ready to score uint8 images [N, 1, S, S] and explain its decisions."""
+    """A trained model ready to score images and explain its decisions.
+
+    Build one with `pneumonia.load_checkpoint` (or `Predictor.from_checkpoint`). Images are
+    uint8 tensors `[N, 1, S, S]` at the model's `model.image_size`, preprocessed as in
+    training (`pneumonia.predict_files` reads and resizes files for you).
+
+    Attributes:
+        module: The LightningModule, in eval mode on `device`.
+        model: What the model is: image size, threshold, classes, name, checkpoint hash, card.
+        device: Where it runs.
+    """
 
     def __init__(self, module: ClassifierModule, model: Model, device: str = "cpu") -> None:
         self.module = module.to(device).eval()
@@ -118,7 +128,19 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | Path, threshold: float | None = None, device: str = "cpu"
     ) -> Predictor:
-        """The model of a pneumonia.fit checkpoint, deciding at its threshold or `threshold`."""
+        """Load the model of a `pneumonia.fit` checkpoint.
+
+        Args:
+            path: The checkpoint file.
+            threshold: The decision threshold; None: the one stored in the checkpoint.
+            device: Where the model runs.
+
+        Returns:
+            The predictor.
+
+        Raises:
+            UserError: A missing file, or one that is not a checkpoint of this package.
+        """
         recipe, state, ckpt = read_checkpoint(path)
         if threshold is not None:
             recipe = recipe.with_threshold(threshold)
@@ -137,7 +159,14 @@ class Predictor:
         return cls(module, model, device)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """P(positive class) of each image, in one batch (scoring's precision rules)."""
+        """Score images in one batch (scoring's precision rules).
+
+        Args:
+            images: uint8 `[N, 1, S, S]`.
+
+        Returns:
+            P(positive class) of each image, `[N]`.
+        """
         return predict_probabilities(self.module, images, max(len(images), 1), self.device)
 
     def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,7 +185,14 @@ class Predictor:
         return explainable(self.module.model)
 
     def heatmaps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Grad-CAM maps [N, S, S] in [0, 1], P(positive) [N]): `pneumonia.inference.explain`."""
+        """Explain each decision with Grad-CAM (`pneumonia.inference.explain`).
+
+        Args:
+            images: uint8 `[N, 1, S, S]`.
+
+        Returns:
+            `(maps, probabilities)`: Grad-CAM maps `[N, S, S]` in [0, 1] and P(positive) `[N]`.
+        """
         return heatmaps(self.module, images)
 
 

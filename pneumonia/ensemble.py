@@ -34,7 +34,6 @@ from pneumonia.core.bounds import PositiveInt, Seed
 from pneumonia.core.errors import exit_on_user_error
 from pneumonia.models.ensemble_model import RULES
 from pneumonia.run.config import parse_args, tool_parser
-from pneumonia.run.stacking import REPORTED, THRESHOLD, build_ensemble
 
 
 def build_parser() -> ArgumentParser:
@@ -55,6 +54,8 @@ def build_parser() -> ArgumentParser:
 
 
 def print_table(report: dict) -> None:
+    from pneumonia.run.stacking import REPORTED, THRESHOLD
+
     for split in ("val", "val_shift", "test"):
         if split not in report:
             continue
@@ -74,6 +75,8 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Fit, report, write; return the report (for tests)."""
     args = parse_args(build_parser(), argv)
+    from pneumonia.run.stacking import build_ensemble  # scikit-learn, Lightning: not for --help
+
     out = Path(args.out)
     report = build_ensemble(args.members, out, rule=args.rule, folds=args.folds, seed=args.seed)
     print_table(report)

@@ -17,18 +17,6 @@ from jsonargparse import ArgumentParser
 
 from pneumonia.core.bounds import PositiveInt, Seed
 from pneumonia.core.errors import UserError, exit_on_user_error
-from pneumonia.data.cache import default_cache_dir, load_or_decode
-from pneumonia.data.kermany import find_splits, folder_classes, list_image_files
-from pneumonia.data.shifts import ShiftConfig, shifted
-from pneumonia.data.tasks import for_task
-from pneumonia.inference.scoring import (
-    predict_class_probabilities,
-    predict_probabilities,
-    score_classes,
-    score_groups,
-    score_with_intervals,
-)
-from pneumonia.metrics.classification import SCALARS
 from pneumonia.run.config import (
     add_device_option,
     add_threshold_option,
@@ -37,7 +25,9 @@ from pneumonia.run.config import (
     threshold_override,
     tool_parser,
 )
-from pneumonia.training.checkpoint import load_module
+
+# The modules that score (torch, Lightning, torchmetrics) load in the functions that use them,
+# so that --help and a usage error answer at once.
 
 
 def build_parser() -> ArgumentParser:
@@ -48,23 +38,36 @@ def build_parser() -> ArgumentParser:
         "--data.split",
         type=str | None,
         default=None,
-        help="split folder to use in a train/val/test layout (default: test)",
+        help="the split folder to use in a train/val/test layout; null: test (train where "
+        "there is none)",
     )
-    parser.add_argument("--data.skip_corrupt", type=bool, default=False)
-    parser.add_argument("--data.cache_dir", type=str | None, default=None)
+    parser.add_argument(
+        "--data.skip_corrupt",
+        type=bool,
+        default=False,
+        help="leave out images that cannot be decoded; false: stop at the first",
+    )
+    parser.add_argument(
+        "--data.cache_dir",
+        type=str | None,
+        default=None,
+        help="where decoded images are kept; null: $PNEUMONIA_CACHE or ~/.cache/pneumonia",
+    )
     add_threshold_option(parser)
     parser.add_argument("--tta", type=bool, default=False, help="test-time augmentation")
     parser.add_argument(
         "--shift", type=bool, default=False, help="also score under the acquisition shifts"
     )
     parser.add_argument("--seed", type=Seed, default=0, help="of the bootstrap intervals")
-    parser.add_argument("--batch_size", type=PositiveInt, default=256)
+    parser.add_argument("--batch_size", type=PositiveInt, default=256, help="images per batch")
     add_device_option(parser)
     return parser
 
 
 def pick_folder(root: str, split: str | None) -> Path:
     """The folder of class folders to evaluate on."""
+    from pneumonia.data.kermany import find_splits
+
     splits = find_splits(root)
     if set(splits) == {"train"} and splits["train"] == Path(root) and split is None:
         return Path(root)
@@ -83,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     ci95 {metric: [low, high]}, the same for each file-name family under "by_group" (when the
     names carry families: `pneumonia.data.groups`), and with --shift all of it under "shift"."""
     args = parse_args(build_parser(), argv)
+    from pneumonia.data.cache import default_cache_dir, load_or_decode
+    from pneumonia.data.kermany import folder_classes, list_image_files
+    from pneumonia.data.shifts import ShiftConfig, shifted
+    from pneumonia.training.checkpoint import load_module
+
     check_device(args.device)
     override = threshold_override(args)
     module = load_module(args.ckpt, threshold=override)
@@ -118,6 +126,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def scored(module, images, args, progress: bool = False) -> dict:
     """Every metric with its 95% interval, the confusion matrix and n."""
+    from pneumonia.inference.scoring import (
+        predict_class_probabilities,
+        predict_probabilities,
+        score_classes,
+        score_groups,
+        score_with_intervals,
+    )
+    from pneumonia.metrics.classification import SCALARS
+
     probs = predict_probabilities(
         module, images.images, args.batch_size, args.device, progress, args.tta
     )
@@ -137,6 +154,8 @@ def scored(module, images, args, progress: bool = False) -> dict:
 def for_model(module, images):
     """`images` labelled in the model's classes; a three-class model on images whose names do
     not give the cause is scored as pneumonia vs normal only (NORMAL is class 0 in both)."""
+    from pneumonia.data.tasks import for_task
+
     task = "three_class" if len(module.classes) > 2 else "binary"
     try:
         return for_task(images, task)

@@ -25,7 +25,6 @@ from jsonargparse import ArgumentParser
 
 from pneumonia.core.errors import UserError, exit_on_user_error
 from pneumonia.core.files import check_not_input, check_writable_folder
-from pneumonia.inference.onnx_model import export_onnx
 from pneumonia.run.config import parse_args, tool_parser
 
 
@@ -40,6 +39,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, str]:
     """Export; print one line; return the metadata written (for tests)."""
     args = parse_args(build_parser(), argv)
+    from pneumonia.inference.onnx_model import export_onnx  # torch's exporter: not for --help
+
     out = Path(args.onnx)
     check_writable_folder("--onnx", out.parent)
     if out.is_dir():

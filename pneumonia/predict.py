@@ -28,13 +28,6 @@ from pneumonia.core.files import (
     check_writable_folder,
     write_text_atomic,
 )
-from pneumonia.inference.predictor import (
-    COLUMNS,
-    HeatmapWriter,
-    Predictor,
-    find_inputs,
-    predict_files,
-)
 from pneumonia.run.config import (
     add_device_option,
     add_threshold_option,
@@ -45,6 +38,8 @@ from pneumonia.run.config import (
 )
 
 SOME_SKIPPED = 3  # the exit code when some inputs could not be read
+# pneumonia.inference.predictor (torch, the models) loads in the functions that use it, so that
+# --help and a usage error answer at once.
 
 
 def build_parser() -> ArgumentParser:
@@ -55,18 +50,27 @@ def build_parser() -> ArgumentParser:
         "--onnx", type=str | None, default=None, help="a model from pneumonia.export instead"
     )
     add_threshold_option(parser)
-    parser.add_argument("--format", type=Literal["csv", "json", "jsonl"], default="csv")
-    parser.add_argument("--output", type=str | None, default=None, help="file (default: stdout)")
+    parser.add_argument(
+        "--format",
+        type=Literal["csv", "json", "jsonl"],
+        default="csv",
+        help="CSV with a header, a JSON array, or JSON lines",
+    )
+    parser.add_argument(
+        "--output", type=str | None, default=None, help="the file to write; null: stdout"
+    )
     parser.add_argument(
         "--cam", type=str | None, default=None, help="folder for one Grad-CAM overlay per image"
     )
-    parser.add_argument("--batch_size", type=PositiveInt, default=64)
+    parser.add_argument("--batch_size", type=PositiveInt, default=64, help="images per batch")
     add_device_option(parser)
     return parser
 
 
 def load_predictor(args):
     """The torch or the ONNX predictor the arguments name."""
+    from pneumonia.inference.predictor import Predictor
+
     if (args.ckpt is None) == (args.onnx is None):
         raise UserError("give exactly one of --ckpt FILE (a checkpoint) or --onnx FILE")
     threshold = threshold_override(args)
@@ -82,6 +86,8 @@ def load_predictor(args):
 
 def format_rows(rows: list[dict], fmt: str) -> str:
     """The rows as CSV (header first), a JSON array, or JSON lines."""
+    from pneumonia.inference.predictor import COLUMNS
+
     if fmt == "json":
         return json.dumps(rows, indent=1) + "\n"
     if fmt == "jsonl":
@@ -107,6 +113,8 @@ def check_outputs(args, files: list[Path]) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Score the inputs; return the rows (for tests), exit 3 when some were skipped."""
     args = parse_args(build_parser(), argv)
+    from pneumonia.inference.predictor import HeatmapWriter, find_inputs, predict_files
+
     if args.output:
         check_writable_folder("--output", Path(args.output).parent)
     if args.cam:

@@ -12,23 +12,9 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from pneumonia import fit
-from pneumonia.data.sources import DataConfig
-from pneumonia.federated.options import FederatedConfig
-from pneumonia.models.factory import ModelConfig
-from pneumonia.run.config import EarlyStoppingConfig
-from pneumonia.training.losses import LossConfig
-from pneumonia.training.module import OptimConfig
-from pneumonia.training.privacy import PrivacyConfig
+from pneumonia.run.config import config_groups
 
-GROUPS = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "optim": OptimConfig,
-    "loss": LossConfig,
-    "early_stopping": EarlyStoppingConfig,
-    "federated": FederatedConfig,
-    "privacy": PrivacyConfig,
-}
+GROUPS = config_groups()
 # Numeric fields with no range, and why.
 UNBOUNDED = {"federated.hostile.scale": "any factor is an attack worth simulating"}
 SMALL = ["--data.image_size", "32", "--data.synthetic.n_patients", "20", "--model.width", "16"]

@@ -35,6 +35,16 @@ def test_the_resnets_are_read_at_their_last_residual_stage(name):
     assert target_layer(model) is model.layer4
 
 
+@pytest.mark.parametrize(("size", "stage"), [(64, "layer2"), (128, "layer3"), (224, "layer4")])
+def test_the_resnets_are_read_where_the_grid_is_at_least_7_cells(size, stage):
+    """At 64 px the last stage is 2 x 2 cells: a heatmap that can only name a quadrant."""
+    model = module("se_resnet18", size).model
+    assert target_layer(model, size) is getattr(model, stage)
+    maps, _ = heatmaps(module("se_resnet18", size), torch.randint(0, 256, (1, 1, size, size),
+                                                                 dtype=torch.uint8))  # fmt: skip
+    assert maps.shape == (1, size, size)
+
+
 @pytest.mark.parametrize("name", ["alexnet", "vgg16"])
 def test_other_models_are_read_at_their_last_convolution(name):
     model = module(name).model

@@ -89,7 +89,7 @@ def test_same_seed_gives_same_weights(tiny_run, tmp_path):
     fit.main([*TINY, "--run_dir", str(tmp_path / "again"), "--figures_every", "2"])
     assert image_steps(run_dir, "val/roc") == [0, 1]
     assert image_steps(tmp_path / "again", "val/roc") == [0]
-    assert image_steps(tmp_path / "again", "best/val/roc") == [0]
+    assert image_steps(tmp_path / "again", "verdict/val/roc") == [0]
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     second = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt", weights_only=True)[
         "state_dict"
@@ -172,10 +172,11 @@ def test_tensorboard_holds_scalars_and_figures(tiny_run):
         "val/accuracy",
         "val/specificity",
         "val/auroc",
-        "best/val/f1",
+        "verdict/val/f1",
     ):
         assert scalar in tags["scalars"]
-    assert {"val/confusion_matrix", "val/roc", "best/val/roc", "best/gradcam"} <= tags["images"]
+    figures = {"val/confusion_matrix", "val/roc", "verdict/val/roc", "verdict/gradcam"}
+    assert figures <= tags["images"]
 
 
 def test_best_checkpoint_carries_a_model_card_and_the_run_a_cases_panel(tiny_run):

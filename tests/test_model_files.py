@@ -92,7 +92,7 @@ def test_every_tool_that_loads_a_checkpoint_refuses_the_wide_one(
 
     from pneumonia.serve import __main__ as serve
 
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("it served the file"))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("it served the file"))
     wide = str(files["width_65536"])
     main, argv = {
         "evaluate": (evaluate.main, ["--ckpt", wide, "--data.root", str(tmp_path)]),

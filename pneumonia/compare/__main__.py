@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pneumonia.compare.plan import load_comparison
-from pneumonia.compare.report import write_report
-from pneumonia.compare.runner import DONE, entry_status, run_comparison
 from pneumonia.core.errors import UserError, exit_on_user_error
 
 
@@ -22,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pneumonia.compare",
         description="Train and compare classifiers side by side; writes reports/<name>/.",
-        epilog="Other --group.key value options (e.g. --data.root DIR) apply to every entry.",
+        epilog="Other --group.key value options (e.g. --data.root DIR) are fit options applied "
+        "to every entry: `python -m pneumonia.fit --help` lists them.",
     )
     parser.add_argument("--config", required=True, help="a comparison YAML (configs/compare/)")
     parser.add_argument("--force", action="store_true", help="train every entry again")
@@ -64,6 +62,11 @@ def only_entries(comparison, names: str | None):
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> str:
     args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    # Training's and the report's modules (torch, Lightning, matplotlib): not for --help.
+    from pneumonia.compare.plan import load_comparison
+    from pneumonia.compare.report import write_report
+    from pneumonia.compare.runner import DONE, entry_status, run_comparison
+
     if overrides and not overrides[0].startswith("--"):
         raise UserError(
             f"unexpected argument {overrides[0]!r}: fit options look like --data.root DIR"

@@ -12,11 +12,15 @@ register them when imported) with the suggestion of MONAI's `look_up_option`. Co
 - `get(name)` returns the entry. An unknown name is a one-line UserError naming the config
   key, the closest name when one is close enough, and every choice:
   `unknown optim.name 'adamww': did you mean 'adamw'? choose one of sgd, momentum, ...`
+- `choices()` is that list of choices (the names, then `extra_choices`); `Registry.every()`
+  gives every registry alive, so `fit --help` lists each one's choices under its config key
+  (`pneumonia.run.helptext`) with nothing to add when an entry or a registry is added.
 """
 
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -47,6 +51,12 @@ class Registry(Generic[T]):
         self.sort = sort
         self.extra_choices = tuple(extra_choices)
         self._entries: dict[str, Entry[T]] = {}
+        _LIVE.add(self)
+
+    @staticmethod
+    def every() -> list[Registry]:
+        """Every registry alive in this process (those of the modules imported so far)."""
+        return list(_LIVE)
 
     def register(self, name: str, **tags: object) -> Callable[[T], T]:
         """Decorator: make the decorated object selectable as `name`, with `tags`."""
@@ -75,12 +85,14 @@ class Registry(Generic[T]):
             raise UserError(self._refusal(name, key or self.key))
         return self._entries[name].value
 
+    def choices(self) -> tuple[str, ...]:
+        """What the config key accepts: the names, then the forms served outside the registry."""
+        return self.names() + self.extra_choices
+
     def _refusal(self, name: str, key: str) -> str:
-        names = self.names()
-        close = difflib.get_close_matches(str(name), names, n=1)
+        close = difflib.get_close_matches(str(name), self.names(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        choices = ", ".join(names + self.extra_choices)
-        return f"unknown {key} {name!r}: {hint}choose one of {choices}"
+        return f"unknown {key} {name!r}: {hint}choose one of {', '.join(self.choices())}"
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -90,3 +102,7 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+# Weak: a registry made by a test goes when the test drops it.
+_LIVE: weakref.WeakSet[Registry] = weakref.WeakSet()

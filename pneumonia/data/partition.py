@@ -146,14 +146,19 @@ def partition(
     return parts
 
 
-def partition_table(imageset: ImageSet, parts: list[torch.Tensor]) -> list[dict]:
-    """One row per client: images, patients and images per class."""
+def partition_table(
+    imageset: ImageSet, parts: list[torch.Tensor], names: list[str] | None = None
+) -> list[dict]:
+    """One row per client: images, patients and images per class; with `names` (the site
+    folders of partition sites, in the parts' order) its `site_name` after its index."""
     rows = []
     for j, idx in enumerate(parts):
         counts = torch.bincount(imageset.labels[idx], minlength=len(imageset.classes)).tolist()
         patients = {imageset.patients[i] for i in idx.tolist()}
         rows.append(
-            {"client": j, "images": len(idx), "patients": len(patients)}
+            {"client": j}
+            | ({"site_name": names[j]} if names is not None else {})
+            | {"images": len(idx), "patients": len(patients)}
             | dict(zip(imageset.classes, counts, strict=True))
         )
     return rows

@@ -29,6 +29,8 @@ KINDS = ("contrast", "gamma", "brightness", "blur", "noise", "lowres", "zoom", "
 class ShiftConfig:
     """Shift validation (the `data.shift.*` config group)."""
 
+    # Also score every validation patient re-imaged under an acquisition shift (val_shift/*
+    # metrics, which `monitor` may pick by): pneumonia.data.shifts.
     enabled: bool = True
     seed: Seed = 20221  # fixed, independent of the run's seed: the same shifts in every run
 

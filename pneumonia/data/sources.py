@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -43,7 +45,7 @@ MIN_IMAGE_SIZE = 16
 class SyntheticConfig:
     """The embedded synthetic radiographs (used when `data.root` is not set)."""
 
-    n_patients: SyntheticPatients = 600
+    n_patients: SyntheticPatients = 600  # patients to draw (one or more images each)
     pneumonia_fraction: OpenUnitInterval = 0.6  # both classes, or no two-class model
 
 
@@ -51,11 +53,13 @@ class SyntheticConfig:
 class DataConfig:
     """Data source, split, batching and augmentation (the `data.*` config group)."""
 
-    root: str | None = None  # Kermany-style folder; None trains on synthetic images
+    # A Kermany-style folder: class folders (NORMAL/, PNEUMONIA/), or train/, val/ and test/
+    # splits of them. null: synthetic images (data.synthetic.*).
+    root: str | None = None
     # binary: NORMAL vs PNEUMONIA; three_class: NORMAL, BACTERIA, VIRUS (from Kermany's file
     # names, or from three class folders): pneumonia.data.tasks.
     task: Task = "binary"
-    image_size: ImageSide = 224
+    image_size: ImageSide = 224  # side of the square images the model sees, in pixels
     # full: the whole radiograph; lungs: the box of its lung field (a classical segmentation,
     # pneumonia.data.lungs; the whole image where the mask is implausible), then resized.
     roi: Literal["full", "lungs"] = "full"
@@ -64,6 +68,7 @@ class DataConfig:
     # equalisation) or clahe (contrast-limited adaptive equalisation). The checkpoint keeps
     # it: prediction, serving and ONNX standardise new images alike.
     intensity: Intensity = "none"
+    # Share of the training images (val/ included) held out for validation, by patient.
     val_fraction: OpenUnitInterval = 0.15
     # Train on this fraction of the training patients (stratified by class, seeded; the
     # validation split is unchanged): a small hospital's data set, as transfer learning meets it.
@@ -72,11 +77,16 @@ class DataConfig:
     # Transfer learning needs it: a target scored on patients its source model trained on
     # would look better than it is.
     split_from: str | None = None
-    batch_size: PositiveInt = 32
-    eval_batch_size: PositiveInt = 128
+    batch_size: PositiveInt = 32  # training images per optimizer step
+    eval_batch_size: PositiveInt = 128  # images per batch when scoring (no gradients)
+    # How the classes' sizes are evened out: loss_weights (each class's loss weighted by
+    # N / (K n_c) over the images a trainer sees), sampler (batches drawn class-balanced) or
+    # none.
     balance: Literal["none", "loss_weights", "sampler"] = "loss_weights"
-    skip_corrupt: bool = False
-    cache_dir: str | None = None  # default: $PNEUMONIA_CACHE or ~/.cache/pneumonia
+    skip_corrupt: bool = False  # leave out images that cannot be decoded; false: stop there
+    # Where decoded images are kept between runs; null: $PNEUMONIA_CACHE or
+    # ~/.cache/pneumonia.
+    cache_dir: str | None = None
     num_workers: NonNegativeInt = 0  # tensors are decoded already; workers only add start-up time
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Low resolution early, data.image_size for the last part of training: progressive.py.
@@ -106,6 +116,9 @@ class Splits:
     held_out: ImageSet | None = None
     raw_train: ImageSet | None = None
     raw_val: ImageSet | None = None
+    # data.root's folder name and a hash of its file list (`files_identity`), None for
+    # synthetic data: what a model card says it learned from, without the machine's path.
+    files: str | None = None
 
     def evaluation_sets(self) -> dict[str, ImageSet]:
         """The sets a model is scored on after each epoch or round, by name."""
@@ -126,7 +139,7 @@ def load_images(cfg: DataConfig, seed: int, sites: bool = False) -> dict[str, Im
 
 
 def _load_images(
-    cfg: DataConfig, seed: int, sites: bool, keep_raw: bool = False
+    cfg: DataConfig, seed: int, sites: bool, keep_raw: bool = False, listed: list | None = None
 ) -> tuple[dict[str, ImageSet], dict[str, ImageSet] | None]:
     """(`load_images`, with `keep_raw` and data.intensity other than none the same splits
     before standardisation, else None). Both come from the cache: the standardised file is
@@ -149,7 +162,8 @@ def _load_images(
             return raw, None
         standardised = {k: standardized(v, cfg.intensity) for k, v in raw.items()}
         return standardised, raw if keep_raw else None
-    splits = _load_root(cfg, cfg.root, sites)  # first: it caches the un-standardised images too
+    # first: it caches the un-standardised images too
+    splits = _load_root(cfg, cfg.root, sites, listed)
     if cfg.intensity == "none" or not keep_raw:
         return splits, None
     return splits, _load_root(replace(cfg, intensity="none"), cfg.root, sites)
@@ -160,12 +174,15 @@ def standardized(imageset: ImageSet, intensity: str) -> ImageSet:
     return replace(imageset, images=standardize(imageset.images, intensity))
 
 
-def _load_root(cfg: DataConfig, root: str, sites: bool) -> dict[str, ImageSet]:
+def _load_root(
+    cfg: DataConfig, root: str, sites: bool, listed: list | None = None
+) -> dict[str, ImageSet]:
     """The splits of `root`, cfg's data.root (with `sites`, each hospital folder's,
-    concatenated)."""
+    concatenated); `listed` receives every file's path relative to `root`."""
     if not sites:
-        return _load_folder(cfg, root)
-    per_site = {site: _load_folder(cfg, folder, site) for site, folder in find_sites(root).items()}
+        return _load_folder(cfg, root, listed=listed)
+    folders = find_sites(root).items()
+    per_site = {site: _load_folder(cfg, folder, site, listed) for site, folder in folders}
     out: dict[str, ImageSet] = {}
     for site_splits in per_site.values():
         for split, images in site_splits.items():
@@ -173,13 +190,18 @@ def _load_root(cfg: DataConfig, root: str, sites: bool) -> dict[str, ImageSet]:
     return out
 
 
-def _load_folder(cfg: DataConfig, root: str | Path, site: str | None = None) -> dict[str, ImageSet]:
+def _load_folder(
+    cfg: DataConfig, root: str | Path, site: str | None = None, listed: list | None = None
+) -> dict[str, ImageSet]:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     out = {}
     for split, folder in find_splits(root).items():
         label = f"{site}/{split}" if site else split
+        files = list_image_files(folder)
+        if listed is not None and cfg.root is not None:
+            listed += [os.path.relpath(f.path, cfg.root) for f in files]
         images = load_or_decode(
-            list_image_files(folder),
+            files,
             cfg.image_size,
             cache_dir,
             cfg.skip_corrupt,
@@ -205,7 +227,8 @@ def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
     With data.intensity, the shift validation re-images the validation patients before
     standardising them (as a model would meet another scanner's images), and `raw_train` /
     `raw_val` keep the un-standardised images for the site profiles."""
-    images, raw = _load_images(cfg, seed, sites, keep_raw=cfg.intensity != "none")
+    listed: list[str] = []
+    images, raw = _load_images(cfg, seed, sites, keep_raw=cfg.intensity != "none", listed=listed)
     pool = images["train"] if "val" not in images else concat(images["train"], images["val"])
     raw_pool = None
     if raw is not None:
@@ -227,9 +250,25 @@ def load_splits(cfg: DataConfig, seed: int, sites: bool = False) -> Splits:
         kept, _ = split_by_patient(train, 1.0 - cfg.train_fraction, seed + 1)
         train = train.subset(kept)
         raw_train = raw_train.subset(kept) if raw_train is not None else None
+    files = files_identity(cfg.root, listed) if cfg.root is not None else None
     return Splits(
-        train, val, images.get("test"), source, val_shift, raw_train=raw_train, raw_val=raw_val
+        train,
+        val,
+        images.get("test"),
+        source,
+        val_shift,
+        raw_train=raw_train,
+        raw_val=raw_val,
+        files=files,
     )
+
+
+def files_identity(root: str | Path, relative_paths: list[str]) -> str:
+    """`root`'s folder name and the first 12 hex digits of the SHA-256 of its files' paths
+    relative to it, sorted, one per line: the same for the same files on any machine."""
+    text = "\n".join(sorted(relative_paths)) + "\n"
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{Path(root).resolve().name} (file list sha256 {digest})"
 
 
 def split_as(pool: ImageSet, split_csv: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,11 +25,11 @@ class AugmentConfig:
     """Random affine, crop and intensity changes per image (the `data.augment.*` group).
     Every intensity option is off at 0."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no augmentation at all (leave the options below unset)
     rotation: Degrees = 10.0  # degrees, uniform in [-rotation, rotation]
     translate: FractionBelowOne = 0.08  # fraction of the image side, per axis
-    scale_min: PositiveFloat = 0.9
-    scale_max: PositiveFloat = 1.1
+    scale_min: PositiveFloat = 0.9  # zoom factor, uniform in [scale_min, scale_max]
+    scale_max: PositiveFloat = 1.1  # see scale_min
     hflip: bool = False  # off by default: the heart sits on one side of a radiograph
     # Random-resized-crop zoom: a crop of area in [crop_area_min, 1] of the image and aspect
     # ratio in [3/4, 4/3], resized back to the full side. 1.0: off.

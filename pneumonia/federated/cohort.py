@@ -19,7 +19,7 @@ from jsonargparse import Namespace
 
 from pneumonia.core.errors import UserError, first_line
 from pneumonia.data.imageset import ImageSet
-from pneumonia.data.partition import partition, partition_table
+from pneumonia.data.partition import partition, partition_table, site_names
 from pneumonia.data.sites import image_site, site_profiles
 from pneumonia.data.sources import Splits, concat
 from pneumonia.federated.aggregate import ClientUpdate, State
@@ -158,7 +158,9 @@ class LocalCohort:
     def __init__(self, cfg: Namespace, splits: Splits, trainer_args: dict) -> None:
         fed = cfg.federated
         parts = partition(splits.train, fed.partition, fed.clients, fed.alpha, cfg.seed)
-        self.site_table = partition_table(splits.train, parts)
+        # Hospital folders have names (partition sites); simulated sites only their index.
+        names = site_names(splits.train) if fed.partition == "sites" else None
+        self.site_table = partition_table(splits.train, parts, names)
         self.site_data: list[ImageSet] = [splits.train.subset(idx) for idx in parts]
         if shifts_sites(fed):
             # Re-imaged from the images before data.intensity's standardisation, then
@@ -189,6 +191,7 @@ class LocalCohort:
         self.table = [
             {"client": c}
             | ({"sites": ";".join(map(str, sites))} if reshaped else {})
+            | ({"site_name": ";".join(names[j] for j in sites)} if names else {})
             | _counts(self.data[c], splits.train.classes)
             for c, sites in enumerate(self.client_sites)
         ]

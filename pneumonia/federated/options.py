@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +21,8 @@ from pneumonia.core.errors import UserError
 from pneumonia.federated.strategies import STRATEGIES
 from pneumonia.training.schedules import DECAY_NAMES, DecayConfig, decay_factor
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class HostileConfig:
@@ -28,9 +31,9 @@ class HostileConfig:
     training images (None: its true count). Simulated runs only: a real hospital is not told
     to misbehave."""
 
-    client: NonNegativeInt | None = None
-    scale: float = 1.0
-    claimed_images: PositiveInt | None = None
+    client: NonNegativeInt | None = None  # the hostile client's index; null: none
+    scale: float = 1.0  # it sends global + scale x its true update (1: its true update)
+    claimed_images: PositiveInt | None = None  # images it claims; null: its true count
 
 
 @dataclass
@@ -41,9 +44,9 @@ class ServerDPConfig:
     mean, before the strategy (FedAvg, FedProx, FedAdam, ...) applies it. Its own accountant
     (RDP, sampling rate m / J per round) states (epsilon, delta) for a whole hospital."""
 
-    enabled: bool = False
-    noise_multiplier: NonNegativeFloat = 1.0
-    clip_norm: PositiveFloat = 1.0
+    enabled: bool = False  # clip and noise the clients' updates on the server
+    noise_multiplier: NonNegativeFloat = 1.0  # the noise's std / clip_norm
+    clip_norm: PositiveFloat = 1.0  # each update's L2 norm is clipped to this
     delta: OpenUnitInterval = 0.01  # must be below 1 / J: a hospital is the unit protected
 
 
@@ -51,7 +54,7 @@ class ServerDPConfig:
 class FederatedConfig:
     """FedAvg and its variants across simulated hospitals (off: centralized training)."""
 
-    enabled: bool = False
+    enabled: bool = False  # false: one centralized trainer over all training images
     clients: PositiveInt = 3  # J; ignored by partition=sites (one client per site folder)
     fraction: FractionUpToOne = 1.0  # C: each round samples max(round(C*J), 1) clients
     rounds: PositiveInt = 20  # T
@@ -63,7 +66,7 @@ class FederatedConfig:
     # and validation, under that site's acquisition profile (tone, contrast, sharpness, noise,
     # resolution), drawn from site_seed; with any partition (dirichlet: label and feature skew).
     site_shift: bool = False
-    site_seed: Seed = 2022
+    site_seed: Seed = 2022  # seed of the sites' acquisition profiles (site_shift)
     # Leave-one-site-out: site hold_out trains nowhere; all its images (training and
     # validation) are scored as the `held_out` set.
     hold_out: NonNegativeInt | None = None
@@ -74,18 +77,17 @@ class FederatedConfig:
     # images) and write the matrix of every model (each local, the global) on every site's
     # validation images: cross_site.csv and cross_site.png.
     cross_site: bool = False
-    # A name in pneumonia.federated.strategies: fedavg, fedprox, fedbn, fedavgm, fedadam, and
-    # the robust aggregators median and trimmed_mean.
+    # How the server combines the clients' updates (pneumonia.federated.strategies; median
+    # and trimmed_mean are the robust aggregators).
     strategy: str = "fedavg"
     mu: NonNegativeFloat = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
-    server_lr: PositiveFloat | None = None  # fedavgm / fedadam; None: 1.0 / 0.01
+    server_lr: PositiveFloat | None = None  # fedavgm / fedadam; null: 1.0 / 0.01
     server_momentum: FractionBelowOne = 0.9  # fedavgm
     min_clients: PositiveInt = 1  # a round fails with fewer valid updates than this
-    keep_optimizer_state: bool = False  # False: each round starts a fresh client optimizer
+    keep_optimizer_state: bool = False  # false: each round starts a fresh client optimizer
     # Client learning rate across rounds: optim.lr throughout (constant), or decayed by round
     # with one of TensorFlow's decays (pneumonia.training.schedules; parameters in optim.decay.*).
-    # The names come from the decay registry at import: a Literal only the parser can read.
-    round_lr: Literal[DECAY_NAMES] = "constant"  # type: ignore[valid-type]
+    round_lr: Literal[DECAY_NAMES] = "constant"  # type: ignore[valid-type]  # registry names
     # The reported model: 0 picks the best round by `monitor`; K > 0 reports the average of
     # the last K rounds' global models (server-side weight averaging, SWA's counterpart; all
     # rounds when there are fewer, so a shortened run keeps its config's rule).
@@ -94,9 +96,9 @@ class FederatedConfig:
     # Updates the server leaves out besides malformed ones and wrong image counts
     # (pneumonia.federated.aggregate.UpdateChecks): a norm ||w_j - w_global|| above
     # update_norm_ratio x the median norm of the round's other updates (0: no such bound),
-    # or above max_update_norm (None: no bound).
+    # or above max_update_norm (null: no bound).
     update_norm_ratio: NonNegativeFloat = 10.0
-    max_update_norm: PositiveFloat | None = None
+    max_update_norm: PositiveFloat | None = None  # the bound on every update's norm (above)
     # Simulation only: a hostile or broken hospital, for robustness studies.
     hostile: HostileConfig = field(default_factory=HostileConfig)
     server_dp: ServerDPConfig = field(default_factory=ServerDPConfig)
@@ -108,7 +110,8 @@ class FederatedConfig:
 
 def check_federated(cfg: FederatedConfig) -> None:
     """What the parser's ranges (pneumonia.core.bounds) cannot say: a strategy by its registered
-    name, and a hostile client among the clients."""
+    name, and a hostile client among the clients; a line of warning for an average that takes
+    in most of the run (`warn_average_rounds`)."""
     STRATEGIES.get(cfg.strategy)  # an unknown name is a one-line error listing the known ones
     robust = cfg.strategy in ROBUST_STRATEGIES
     if cfg.server_dp.enabled and robust:
@@ -129,6 +132,26 @@ def check_federated(cfg: FederatedConfig) -> None:
             f"federated.hostile.client {cfg.hostile.client} is not one of the "
             f"{cfg.clients} clients (0-{cfg.clients - 1})"
         )
+    warn_average_rounds(cfg)
+
+
+def warn_average_rounds(cfg: FederatedConfig) -> None:
+    """Warn when the reported average takes in more than half of the rounds: a schedule
+    shortened below federated.average_rounds (say --federated.rounds 2 on a config that
+    averages 3) reports the mean of every round, the first, barely trained ones included.
+    A warning, not a refusal: shortening a shipped config for a quick run is a use the
+    scripts document (bench/paper_protocol.py --federated.rounds 2), and the rule stays
+    what the config says."""
+    k = averaged_rounds(cfg)
+    if cfg.rounds < 2 or 2 * k <= cfg.rounds:
+        return
+    first = cfg.rounds - k + 1
+    log.warning(
+        f"federated.average_rounds {cfg.average_rounds} covers {k} of the {cfg.rounds} "
+        f"federated.rounds: the reported model is the mean of rounds {first}-{cfg.rounds}, "
+        f"more than half of the run; set federated.average_rounds to at most "
+        f"{cfg.rounds // 2} (or 0 to report the best round), or train more federated.rounds"
+    )
 
 
 def shifts_sites(cfg: FederatedConfig) -> bool:

@@ -1,10 +1,16 @@
 """Grad-CAM heatmaps (Selvaraju et al. 2017) by captum's `LayerGradCam`, and the pictures made
-of them: one overlay per image, and panels of several images for TensorBoard and reports.
+of them: one overlay per image (`predict --cam`'s with its decision and a colour bar:
+`cam_figure`), and panels of several images for TensorBoard and reports.
 
-A heatmap shows where the last residual stage's features pushed the decision the model made
-(the class it predicts), at that stage's coarse resolution (1/32 of the image side) upsampled
-to the image. It says where the model looked, not what is there: a bright region is not a
-finding, and a model can be right for the wrong reasons (text markers, the image border).
+A heatmap shows where a residual stage's features pushed the decision the model made (the
+class it predicts), upsampled bilinearly to the image. The stage is the deepest whose grid has
+at least `MIN_GRID` cells a side: the last stage at 224 px (7 x 7), the one before at 128 px and
+the second at 64 px (8 x 8 each). The last stage alone would give 2 x 2 cells at 64 px, which
+can only name a quadrant; an earlier stage is a little less specific to the class (Selvaraju
+et al.) but shows where. Each map is scaled to
+its own maximum: 1 is the image's most relevant region, not an absolute amount. It says where
+the model looked, not what is there: a bright region is not a finding, and a model can be
+right for the wrong reasons (text markers, the image border).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
@@ -36,22 +45,48 @@ from pneumonia.training.module import ClassifierModule
 
 COLORMAP = "jet"  # the convention of Grad-CAM figures: red = most weight
 ALPHA = 0.4  # how much of the heatmap covers the radiograph
+CAM_INCHES = 6.0  # `cam_figure`: the overlay's longer side, so its text keeps one proportion
+CAM_MIN_SIDE = 480  # `cam_figure`: a smaller radiograph's pixels are repeated up to this side
+MIN_GRID = 7  # cells a side Grad-CAM reads at (the last ResNet stage's grid at 224 px)
+STAGES = ("layer4", "layer3", "layer2")  # the ResNet family's stages, deepest first
 
 
-def target_layer(model: nn.Module) -> nn.Module:
-    """Where Grad-CAM reads: the last residual stage of the ResNet family (timm's `layer4`), the
-    last convolution of anything else (AlexNet, VGG, most timm models). A model with nothing to
-    read says why in its `gradcam_refusal` (scatter_linear): a one-line UserError."""
+def target_layer(model: nn.Module, image_size: int | None = None) -> nn.Module:
+    """Where Grad-CAM reads: in the ResNet family (timm's `layer4`...), the deepest stage whose
+    grid at `image_size` has `MIN_GRID` cells a side (the last stage when no size is given);
+    the last convolution of anything else (AlexNet, VGG, most timm models). A model with
+    nothing to read says why in its `gradcam_refusal` (scatter_linear): a one-line UserError."""
     refusal = getattr(model, "gradcam_refusal", None)
     if isinstance(refusal, str):
         raise UserError(refusal)
-    layer4 = getattr(model, "layer4", None)
-    if isinstance(layer4, nn.Module):
-        return layer4
+    stages = [
+        m for m in (getattr(model, name, None) for name in STAGES) if isinstance(m, nn.Module)
+    ]
+    if stages:
+        sides = _grid_sides(model, stages, image_size) if image_size else {}
+        fine = [stage for stage in stages if sides.get(stage, 0) >= MIN_GRID]
+        return fine[0] if fine else stages[0]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM to read")
     return convs[-1]
+
+
+def _grid_sides(model: nn.Module, stages: list[nn.Module], image_size: int) -> dict:
+    """Each stage's output side for an image of `image_size`, read from one blank image."""
+    sides: dict[nn.Module, int] = {}
+    hooks = [
+        stage.register_forward_hook(lambda m, _, out: sides.__setitem__(m, out.shape[-1]))
+        for stage in stages
+    ]
+    try:
+        param = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 1, image_size, image_size, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sides
 
 
 def explainable(model: nn.Module) -> bool:
@@ -70,7 +105,7 @@ def heatmaps(
     of the class each image is predicted as, each map scaled to its own maximum (an all-zero
     map means no region supported the decision)."""
     module = module.eval()
-    cam = LayerGradCam(module, target_layer(module.model))
+    cam = LayerGradCam(module, target_layer(module.model, images.shape[-1]))
     maps, probs = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(module.device).float() / 255.0
@@ -102,6 +137,52 @@ def overlay(image: torch.Tensor, heat: torch.Tensor) -> np.ndarray:
     colour = matplotlib.colormaps[COLORMAP](heat.numpy())[..., :3]
     blended = (1 - ALPHA) * grey[..., None] + ALPHA * colour
     return (blended * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def cam_caption(row: dict, positive_class: str) -> tuple[str, str]:
+    """(a title line, the class the heatmap explains) for one `predict` row: the decision with
+    the probability and threshold it was made on and, from a three-class model, the likelier
+    cause, which is then the class explained (`decided_class`)."""
+    p, threshold, decision = row["probability"], row["threshold"], row["decision"]
+    sign = ">" if decision == positive_class else "<="
+    line = f"predicted {decision}: P({positive_class}) {p:.2f} {sign} threshold {threshold:.2f}"
+    cause = row.get("cause")
+    if cause:
+        line += f", likelier cause {cause} (P {row[f'p_{cause}']:.2f})"
+    return line, cause or decision
+
+
+def cam_figure(image: torch.Tensor, heat: torch.Tensor, title: str, explained: str) -> Figure:
+    """`predict --cam`'s picture: the radiograph (uint8 [1, H, W]) with its heatmap ([h, w] in
+    [0, 1]) blended over it, one overlay pixel per figure pixel (a radiograph smaller than
+    `CAM_MIN_SIDE` has each pixel repeated), `title` above it and a colour bar beside it: the
+    Grad-CAM relevance for the `explained` class, from 0 (none) to 1 (the image's most)."""
+    rgb = overlay(image, heat)
+    times = max(1, -(-CAM_MIN_SIDE // max(rgb.shape[:2])))
+    rgb = rgb.repeat(times, axis=0).repeat(times, axis=1)
+    h, w = rgb.shape[:2]
+    dpi = max(h, w) / CAM_INCHES  # text and bar scale with the radiograph
+    top, side = round(0.6 * dpi), round(1.5 * dpi)  # pixels: the title's band, the bar's
+    width, height = w + side, h + top
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    figure.figimage(rgb, xo=0, yo=0, origin="upper")  # bottom left, not resampled
+    bar = figure.add_axes((
+        (w + 0.15 * dpi) / width, 0.05 * h / height, 0.2 * dpi / width, 0.9 * h / height
+    ))  # fmt: skip
+    scale = ScalarMappable(Normalize(0.0, 1.0), matplotlib.colormaps[COLORMAP])
+    figure.colorbar(scale, cax=bar).set_label(
+        f"Grad-CAM relevance for {explained}\n(0: none, 1: this image's most)", fontsize=9
+    )
+    figure.text(0.5 * w / width, 1 - 0.1 * dpi / height, title, ha="center", va="top")
+    return figure
+
+
+def figure_png(figure: Figure) -> bytes:
+    """A figure as RGB PNG file bytes (as the overlays before it: no alpha channel), drawn at
+    its own dots per inch (so `cam_figure`'s pixels stay)."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return png_bytes(np.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

@@ -35,7 +35,13 @@ from pneumonia.data.decode import (
     read_regular,
     to_input,
 )
-from pneumonia.inference.explain import explainable, heatmaps, overlay, png_bytes
+from pneumonia.inference.explain import (
+    cam_caption,
+    cam_figure,
+    explainable,
+    figure_png,
+    heatmaps,
+)
 from pneumonia.inference.scoring import predict_class_probabilities, predict_probabilities
 from pneumonia.training.checkpoint import model_card, module_from, read_checkpoint
 from pneumonia.training.module import ClassifierModule
@@ -335,8 +341,8 @@ def predict_files(
     on_batch=None,
 ) -> tuple[list[dict], list[tuple[str, str]]]:
     """(one row per readable file, [(file, why it was skipped)]). `predictor` is a
-    `Predictor` or an `OnnxPredictor`; `on_batch(decoded, probabilities)` sees each batch
-    (the heatmap writer). `progress`: None shows a bar when stderr is a terminal."""
+    `Predictor` or an `OnnxPredictor`; `on_batch(decoded, rows)` sees each batch with its
+    rows (the heatmap writer). `progress`: None shows a bar when stderr is a terminal."""
     if not files:
         raise UserError("no image files among the inputs: give files or folders of images")
     model = predictor.model
@@ -364,13 +370,14 @@ def predict_files(
                     for d, p, c in zip(good, probs, per_class, strict=True)
                 ]
                 if on_batch is not None:
-                    on_batch(good, probs)
+                    on_batch(good, rows[-len(good) :])
             bar.update(len(batch))
     return rows, skipped
 
 
 class HeatmapWriter:
-    """`predict --cam DIR`: one overlay PNG per image, named after the file (made unique when
+    """`predict --cam DIR`: one overlay PNG per image (`explain.cam_figure`: titled with the
+    file's name and decision, a colour bar beside it), named after the file (made unique when
     two inputs share a name); each row gets its overlay's path as "heatmap"."""
 
     def __init__(self, predictor: Predictor, folder: str | Path) -> None:
@@ -380,12 +387,15 @@ class HeatmapWriter:
         self.written: dict[str, str] = {}  # input path -> overlay path
         self._taken: set[str] = set()
 
-    def __call__(self, decoded: list[Decoded], probs: torch.Tensor) -> None:
+    def __call__(self, decoded: list[Decoded], rows: list[dict]) -> None:
         maps, _ = self.predictor.heatmaps(stacked_images(decoded))
-        for item, heat in zip(decoded, maps, strict=True):
+        positive = self.predictor.model.positive_class
+        for item, heat, row in zip(decoded, maps, rows, strict=True):
             assert item.full is not None  # predict_files keeps it for an on_batch (this writer)
             target = self.folder / self._unique(item.path.stem)
-            write_bytes_atomic(target, png_bytes(overlay(item.full, heat)))
+            caption, explained = cam_caption(row, positive)
+            figure = cam_figure(item.full, heat, f"{item.path.name}\n{caption}", explained)
+            write_bytes_atomic(target, figure_png(figure))
             self.written[str(item.path)] = str(target)
 
     def _unique(self, stem: str) -> str:

@@ -50,27 +50,27 @@ TIMM_PREFIX = "timm/"
 class ModelConfig:
     """Which network to build (the `model.*` config group)."""
 
+    # The network: a registered name (pneumonia.models), or timm/NAME for any model of timm.
     name: str = "se_resnet18"
     # BatchNorm, GroupNorm, or batch renormalisation (Ioffe 2017: BatchNorm corrected towards
     # its running statistics by r and d, clipped to brn_r_max and brn_d_max; both limits
     # ramp up from BatchNorm's 1 and 0 over brn_warmup training steps).
     norm: Literal["bn", "gn", "brn"] = "gn"
-    gn_groups: PositiveInt = 16
-    brn_r_max: AtLeastOne = 3.0
-    brn_d_max: NonNegativeFloat = 5.0
-    brn_warmup: NonNegativeInt = 500
-    se_reduction: PositiveInt = 16
+    gn_groups: PositiveInt = 16  # GroupNorm's groups (norm gn, the thesis head)
+    brn_r_max: AtLeastOne = 3.0  # norm brn: the limit of r (1: BatchNorm)
+    brn_d_max: NonNegativeFloat = 5.0  # norm brn: the limit of d (0: BatchNorm)
+    brn_warmup: NonNegativeInt = 500  # norm brn: training steps over which both limits ramp up
+    se_reduction: PositiveInt = 16  # squeeze-excitation (and CBAM): channels C / r in the gate
     # First-stage channels of the ResNet family (paper: 64). Smaller widths make the quick
     # models the tests and smoke runs use; other models refuse anything but 64. At most 512
     # (bounds.Width: twice the widest published ResNet).
     width: Width = 64
     # The ResNet family's activation (every block and the stem; SE gates keep theirs), with
     # the parameters of maxout (pieces) and noisy softplus (k, sigma): pneumonia.models.layers.
-    # The names come from the activation registry at import: a Literal only the parser can read.
-    activation: Literal[ACTIVATION_NAMES] = "relu"  # type: ignore[valid-type]
-    maxout_pieces: MaxoutPieces = 2
-    noisy_softplus_k: PositiveFloat = 0.5
-    noisy_softplus_sigma: PositiveFloat = 1.0
+    activation: Literal[ACTIVATION_NAMES] = "relu"  # type: ignore[valid-type]  # registry names
+    maxout_pieces: MaxoutPieces = 2  # activation maxout: the pieces it takes the maximum of
+    noisy_softplus_k: PositiveFloat = 0.5  # activation noisy_softplus: k (k x sigma 1: softplus)
+    noisy_softplus_sigma: PositiveFloat = 1.0  # activation noisy_softplus: the noise level sigma
     drop_rate: FractionBelowOne = 0.0  # dropout on the features before the classifier
     # Inside the blocks: DropBlock (Ghiasi et al. 2018, timm's) in the last two stages.
     block_drop_rate: FractionBelowOne = 0.0
@@ -79,7 +79,7 @@ class ModelConfig:
     # statistics after layer1 and layer2 are mixed between images (Beta(alpha, alpha)), new
     # styles without extra data (pneumonia.models.mixstyle). No weights; off in eval. 0: off.
     mixstyle: ClosedUnitInterval = 0.0
-    mixstyle_alpha: PositiveFloat = 0.1
+    mixstyle_alpha: PositiveFloat = 0.1  # mixstyle: alpha of the Beta(alpha, alpha) mixing weights
     pretrained: str | None = None  # local weights file (ImageNet, or a checkpoint of ours)
     # The ResNet family's attention block in every residual block: auto is the one the name
     # says (se_resnet*: se; resnet*: none); cbam and eca are timm's CbamModule and EcaModule.
@@ -87,7 +87,7 @@ class ModelConfig:
     # linear: the model's own classifier; thesis: BN, Dropout, Linear 256, ReLU, BN, Dropout,
     # Linear after global pooling (GroupNorm in place of BN when model.norm gn).
     head: Literal["linear", "thesis"] = "linear"
-    head_dropout: FractionBelowOne = 0.5
+    head_dropout: FractionBelowOne = 0.5  # head thesis: the rate of its two dropouts
     # What trains after model.pretrained is loaded: finetune (everything), freeze:K (not the
     # stem and the first K stages), features (only the head): pneumonia.models.transfer.
     transfer: str = "finetune"

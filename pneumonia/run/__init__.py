@@ -12,7 +12,7 @@ selection         how best.ckpt is chosen, in words: one rule for epochs and rou
 stopping          early stopping by epoch (Lightning) and by round (the same rule)
 finalize          the reported model's threshold, then its scores, pictures, card, predictions
 scores            its figures with intervals on each evaluation set, and predictions.csv's rows
-panels            its best/* TensorBoard scalars and figures, Grad-CAM panels, cases.png
+panels            its verdict/* TensorBoard scalars and figures, Grad-CAM panels, cases.png
 card              its model card (inside best.ckpt)
 console           the summary's lines on the console
 sites             a federation judged site by site: held-out site, cross-site matrix

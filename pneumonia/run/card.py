@@ -1,6 +1,10 @@
 """The reported model's card: what a user of the model should know, as plain values that
 travel in best.ckpt (pneumonia.training.checkpoint's `model_card`): the data it learned from,
-how it was chosen, its figures with intervals, its threshold, its privacy guarantees."""
+how it was chosen, its figures with intervals, its threshold, its privacy guarantees.
+
+The data is named by data.root's folder name and a short hash of its sorted file list
+(`pneumonia.data.sources.files_identity`), never by a path of the machine it trained on; cards
+written before say the path the run was given, and still load and show as they are."""
 
 from __future__ import annotations
 
@@ -45,9 +49,11 @@ def model_card(summary: dict, splits: Splits, config: dict, positive: str) -> di
 
 
 def trained_on(splits: Splits, config: dict) -> dict:
+    """The training images: where from (data.root's folder name and the hash of its file
+    list, never the training machine's path: the card travels with the model), how many."""
     train = splits.train
     return {
-        "source": splits.source,
+        "source": splits.files or splits.source,
         "images": len(train),
         "patients": len(set(train.patients)),
         "per_class": dict(zip(train.classes, train.class_counts(), strict=True)),

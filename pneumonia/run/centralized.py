@@ -279,6 +279,12 @@ def train_centralized(run: RunInputs) -> Trained:
         raise UserError(f"{run_dir} has no {CHECKPOINTS}/{LAST} to resume from: start a new run")
     # cast: a loaded file's contents (a checkpoint: a dict that holds its epoch).
     done = int(cast(dict, safe_load(last, mmap=True))["epoch"]) + 1 if resume else 0
+    planned = int(cfg.trainer.max_epochs or 1)
+    if done > planned:  # a longer resume interrupted, then resumed with the shorter config
+        raise UserError(
+            f"{run_dir} has trained {done} epochs, more than trainer.max_epochs {planned}: "
+            f"resume with --trainer.max_epochs {done} or more"
+        )
     divergence = Divergence()
     extra = [divergence, *early_stopping(cfg)]
     extra += [AccountantState(private)] if private is not None else []

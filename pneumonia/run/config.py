@@ -2,7 +2,8 @@
 
 Groups mirror the code: data.* (DataConfig), model.* (ModelConfig), optim.* (OptimConfig),
 federated.* (FederatedConfig), trainer.* (Lightning Trainer arguments). Any key can come from
-`--config FILE` and be overridden on the command line as `--group.key value`.
+`--config FILE` and be overridden on the command line as `--group.key value`. A key's help is
+its config field's comment (`pneumonia.run.helptext`).
 """
 
 from __future__ import annotations
@@ -17,19 +18,12 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import lightning as L
-import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from pneumonia.core.bounds import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, Seed
 from pneumonia.core.errors import UserError, first_line
-from pneumonia.data.sources import DataConfig
-from pneumonia.federated.options import FederatedConfig
-from pneumonia.models.factory import ModelConfig
-from pneumonia.training.losses import LossConfig
-from pneumonia.training.module import OptimConfig
-from pneumonia.training.privacy import PrivacyConfig
+from pneumonia.run.helptext import HelpFormatter, describe_fit
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -62,19 +56,49 @@ class EarlyStoppingConfig:
     for `patience` validations: epochs (Lightning's EarlyStopping) or federated rounds (the
     same rule, by round). patience 0: train the whole schedule."""
 
-    patience: NonNegativeInt = 0
-    min_delta: NonNegativeFloat = 0.0
+    patience: NonNegativeInt = 0  # validations without improvement before the run stops; 0: off
+    min_delta: NonNegativeFloat = 0.0  # the least change of the monitored metric that counts
+
+
+def config_groups() -> dict[str, type]:
+    """The fit config's groups and their dataclasses, in config.yaml's order. Their modules load
+    here, not at import: a tool that only needs `tool_parser` starts without torch."""
+    from pneumonia.data.sources import DataConfig
+    from pneumonia.federated.options import FederatedConfig
+    from pneumonia.models.factory import ModelConfig
+    from pneumonia.training.losses import LossConfig
+    from pneumonia.training.module import OptimConfig
+    from pneumonia.training.privacy import PrivacyConfig
+
+    return {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "optim": OptimConfig,
+        "loss": LossConfig,
+        "early_stopping": EarlyStoppingConfig,
+        "federated": FederatedConfig,
+        "privacy": PrivacyConfig,
+    }
 
 
 def build_fit_parser() -> ArgumentParser:
-    """The parser of `python -m pneumonia.fit`."""
+    """The parser of `python -m pneumonia.fit`: every key described (`helptext.describe_fit`).
+    The config groups' modules load here, not at import: a tool that only needs
+    `tool_parser` starts without torch and Lightning."""
+    import lightning as L
+
     parser = ArgumentParser(
         prog="python -m pneumonia.fit",
         exit_on_error=False,
         allow_abbrev=False,
-        description="Train a NORMAL vs PNEUMONIA chest X-ray classifier.",
+        description="Train one classifier, centrally or federated, into a run directory.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of any options below")
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="a YAML file (or YAML text) of any keys below; several are read in order",
+    )
     parser.add_argument("--experiment", type=str, default="default", help="runs/<experiment>/")
     parser.add_argument("--seed", type=Seed, default=0, help="fixes split, sampling and init")
     parser.add_argument(
@@ -83,7 +107,9 @@ def build_fit_parser() -> ArgumentParser:
         default=None,
         help="run directory (default runs/<experiment>/version_N)",
     )
-    parser.add_argument("--runs_root", type=str, default="runs")
+    parser.add_argument(
+        "--runs_root", type=str, default="runs", help="the folder of runs/<experiment>/"
+    )
     parser.add_argument(
         "--monitor",
         type=Literal[MONITORS],
@@ -111,15 +137,12 @@ def build_fit_parser() -> ArgumentParser:
         "ROC, reliability) every N epochs; 0: only the reported model's, at the end (each set "
         "of figures takes about a second to draw)",
     )
-    parser.add_argument("--data", type=DataConfig, default=DataConfig())
-    parser.add_argument("--model", type=ModelConfig, default=ModelConfig())
-    parser.add_argument("--optim", type=OptimConfig, default=OptimConfig())
-    parser.add_argument("--loss", type=LossConfig, default=LossConfig())
-    parser.add_argument("--early_stopping", type=EarlyStoppingConfig, default=EarlyStoppingConfig())
-    parser.add_argument("--federated", type=FederatedConfig, default=FederatedConfig())
-    parser.add_argument("--privacy", type=PrivacyConfig, default=PrivacyConfig())
+    groups = config_groups()
+    for group, cls in groups.items():
+        parser.add_argument(f"--{group}", type=cls, default=cls())
     parser.add_class_arguments(L.Trainer, "trainer", skip=TRAINER_MANAGED, instantiate=False)
     parser.set_defaults({"trainer.max_epochs": 10})  # Lightning's own default is 1000
+    describe_fit(parser, groups)
     return parser
 
 
@@ -135,9 +158,14 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 def tool_parser(prog: str, doc: str) -> ArgumentParser:
     """The parser of a `python -m pneumonia.X` tool: errors come back to `parse_args` (one
-    line), no abbreviated options, its module docstring's first line as description."""
+    line), no abbreviated options, its module docstring as description (its paragraphs kept)
+    and types in words (`helptext.HelpFormatter`)."""
     return ArgumentParser(
-        prog=prog, exit_on_error=False, allow_abbrev=False, description=doc.splitlines()[0]
+        prog=prog,
+        exit_on_error=False,
+        allow_abbrev=False,
+        description=doc.strip(),
+        formatter_class=HelpFormatter,
     )
 
 
@@ -154,11 +182,15 @@ def add_threshold_option(parser: ArgumentParser) -> None:
 
 def add_device_option(parser: ArgumentParser) -> None:
     """--device cpu|cuda for the tools that score a trained model."""
-    parser.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--device", type=Literal["cpu", "cuda"], default="cpu", help="where the model runs"
+    )
 
 
 def check_device(device: str) -> None:
     """A one-line error for --device cuda on a machine without CUDA."""
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no CUDA device: use cpu")
 
@@ -297,6 +329,8 @@ LIGHTNING_WORDS = {
 def class_valued_trainer_keys() -> frozenset[str]:
     """The trainer.* keys whose Lightning type admits a class (accelerator, strategy,
     profiler, plugins), read from Trainer's signature: what a config could make it import."""
+    import lightning as L
+
     hints = typing.get_type_hints(L.Trainer.__init__)
     return frozenset(
         f"trainer.{name}"
@@ -526,18 +560,43 @@ def to_yaml(parser: ArgumentParser, cfg: Namespace) -> str:
     return parser.dump(cfg, skip_none=False)
 
 
+# What `--resume RUN_DIR` may take besides: more rounds or epochs, which
+# pneumonia.run.rundir.check_resume_config accepts where the run's schedule allows them.
+RESUME_LONGER = ("federated.rounds", "trainer.max_epochs")
+
+
+def resume_longer(argv: list[str]) -> list[str]:
+    """The `--federated.rounds N` and `--trainer.max_epochs N` given beside --resume."""
+    options = [(k, v) for k, v in _command_line(argv) if k in RESUME_LONGER and v is not None]
+    return [arg for key, value in options for arg in (f"--{key}", value)]
+
+
+def _others(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """What `argv` holds besides `--key VALUE` and `--key=VALUE` of `keys`."""
+    rest, i = [], 0
+    while i < len(argv):
+        key, eq, _ = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        valued = eq or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        if key in keys and valued:
+            i += 1 if eq else 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest
+
+
 def resume_dir(argv: list[str]) -> Path | None:
-    """RUN_DIR of `--resume RUN_DIR` (which takes no other options), or None."""
+    """RUN_DIR of `--resume RUN_DIR` (which takes no other options but `resume_longer`'s), or
+    None."""
     if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
         return None
-    if len(argv) == 1 and argv[0].startswith("--resume="):
-        path = Path(argv[0].split("=", 1)[1])
-    elif len(argv) == 2 and argv[0] == "--resume":
-        path = Path(argv[1])
-    else:
+    values = _option_values(argv, "resume")
+    if len(values) != 1 or _others(argv, ("resume", *RESUME_LONGER)):
         raise UserError(
-            "--resume RUN_DIR takes no other options: the run continues with its own config.yaml"
+            "--resume RUN_DIR takes no other options than --federated.rounds N or "
+            "--trainer.max_epochs N (to train longer): the run continues with its own config.yaml"
         )
+    path = Path(values[0])
     if not (path / "config.yaml").is_file():
         raise UserError(f"{path} holds no config.yaml: --resume needs a run directory of fit")
     return path
@@ -556,7 +615,7 @@ def parse_fit_config(argv: list[str]) -> tuple[Namespace, str, Path | None]:
     parser = fit_parser()
     resume = resume_dir(argv)
     if resume is not None:
-        argv = ["--config", str(resume / "config.yaml")]
+        argv = ["--config", str(resume / "config.yaml"), *resume_longer(argv)]
     argv = with_default_config(argv)
     check_config_sources(parser, argv)
     raw = parse_args(parser, argv)
@@ -585,6 +644,8 @@ def plain_numbers(config: DataclassInstance) -> None:
 
 def uses_cuda(trainer_args: dict) -> bool:
     """Whether Lightning will train on a CUDA device with these trainer.* options."""
+    import torch
+
     accelerator = trainer_args.get("accelerator", "auto")
     return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
@@ -597,6 +658,8 @@ def monitor_mode(monitor: str) -> str:
 def trainer_arguments(cfg: Namespace) -> dict:
     """The user's trainer.* options, with mixed precision by default on CUDA only, and
     bf16-mixed on a CPU only where it computes bf16 natively (`cpu_precision`)."""
+    import torch
+
     args = dict(cfg.trainer)
     if args.get("precision") is None:
         if uses_cuda(args):
@@ -616,6 +679,8 @@ CPU_BF16_FALLBACK = (
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch only
     emulates it (`python bench/train_step.py` measures float32 against bf16 on a machine)."""
+    import torch
+
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -623,6 +688,8 @@ def cpu_precision(args: dict) -> object:
     """The precision to train in: bf16-mixed (or its alias bf16) on a CPU without native bf16
     becomes 32-true, said in one line once per process (preflight's, or a Flower node's first
     round); anything else stays. config.yaml keeps what the user asked."""
+    import torch
+
     precision = args.get("precision")
     on_cpu = str(args.get("accelerator", "auto")) == "cpu" or not (
         uses_cuda(args) or torch.backends.mps.is_available()
@@ -651,6 +718,9 @@ def check_monitor(monitor: str, shift_enabled: bool) -> None:
 def check_trainer(cfg: Namespace) -> None:
     """trainer.* options that Lightning would accept and a run cannot use, and the ones it
     would refuse only later (an accelerator that is not there): one line each, now."""
+    import lightning as L
+    import torch
+
     args = trainer_arguments(cfg)
     epochs = args.get("max_epochs")
     if epochs is None or epochs < 1:

@@ -24,6 +24,7 @@ from pneumonia.run.monitor import log_round, progress_line, round_row, server_pr
 from pneumonia.run.rounds import RoundRecord
 from pneumonia.run.rundir import best_checkpoint, client_logs, resume_hint, tensorboard_logger
 from pneumonia.run.selection import monitor_column, selection_rule
+from pneumonia.run.sites import site_names_record
 from pneumonia.run.stopping import early_stopping_record, should_stop, stop_message
 from pneumonia.training.module import ClassifierModule
 from pneumonia.training.recipe import build_module
@@ -161,6 +162,9 @@ def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
     training = FederatedTraining(run, cohort)
     training.train()
     cfg, rows = run.cfg, training.rounds.history
+    record = federated_record(cfg.federated, cohort, rows)
+    if names := site_names_record(cohort):
+        record["federated"]["site_names"] = names
     return Trained(
         unit="round",
         checkpoint=best_checkpoint(run.run_dir),
@@ -168,7 +172,7 @@ def train_federated(run: RunInputs, cohort: Cohort) -> Trained:
         logger=training.tensorboard,
         # Centrally, Lightning logs the module's hyper-parameters; here, the run's config.
         hparams_metrics={f"hparams/best_{monitor_column(cfg.monitor)}": training.rounds.best.value},
-        details=federated_record(cfg.federated, cohort, rows)
+        details=record
         | early_stopping_record(cfg, "round", training.stopped_after)
         | privacy_record(cfg, training.strategy, rows, len(cohort)),
     )

@@ -21,6 +21,7 @@ from pneumonia.run.inputs import Trained
 from pneumonia.run.panels import log_set
 from pneumonia.run.rundir import PREDICTIONS
 from pneumonia.run.scores import score_set, worst_groups
+from pneumonia.run.sites import label_sites
 from pneumonia.training.checkpoint import finish_checkpoint, module_from, read_checkpoint
 from pneumonia.training.module import ClassifierModule
 from pneumonia.training.recipe import Recipe
@@ -70,6 +71,7 @@ def finalize(
         trained.logger.log_hyperparams(config, trained.hparams_metrics)
     best = {f"best_{trained.unit}": int(ckpt[trained.unit]), "selected_by": trained.selected_by}
     summary = trained.details | best | results
+    label_sites(summary)
     if worst := worst_groups(summary):
         summary["worst_group"] = worst
     card = model_card(summary, splits, config, module.negative_and_positive[1])

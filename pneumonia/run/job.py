@@ -61,6 +61,7 @@ from pneumonia.run.rundir import (
     check_experiment_name,
     check_resume_config,
     is_complete,
+    keep_resume_config,
     last_checkpoint,
     locked,
     new_run_dir,
@@ -320,6 +321,8 @@ def train(run: RunInputs, config_yaml: str, clients: Cohort | None) -> Trained:
     """A new run's first files, then the epochs or rounds (those not saved yet on resume)."""
     if not run.resume:
         write_run_files(run.run_dir, config_yaml, run.splits)
+    else:  # more rounds or epochs from the command line: a later plain resume keeps them
+        keep_resume_config(run.run_dir, config_yaml)
     log.info(f"run: {run.run_dir}  (tensorboard --logdir {run.run_dir.parent})")
     return train_federated(run, clients) if clients is not None else train_centralized(run)
 

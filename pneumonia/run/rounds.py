@@ -1,6 +1,12 @@
 """What a federated run keeps of its rounds: rounds.csv's rows, the best round so far, the
 average of the last rounds, and the files written after every round (rounds.csv, best.ckpt,
-last.ckpt, then the round state that --resume restores: each atomic, the state last)."""
+last.ckpt, then the round state that --resume restores: each atomic, the state last).
+
+The round state holds what an exact resume needs and nothing twice: the server (global model,
+strategy state, sampler), each client's own state, the history, the best round, the averaged
+rounds' models but the latest (`pneumonia.run.averaging`), the RNG states and the rounds it was
+planned for. A resume may add rounds (`pneumonia.run.rundir.check_resume_config` says when),
+never take away rounds already trained."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pneumonia.federated.state import load_round_state, save_round_state, set_rn
 from pneumonia.run.averaging import RoundAverage
 from pneumonia.run.config import monitor_mode
 from pneumonia.run.monitor import Best
-from pneumonia.run.rundir import BEST, LAST, ROUNDS, checkpoints_dir
+from pneumonia.run.rundir import BEST, LAST, ROUNDS, checkpoints_dir, trained_under
 from pneumonia.run.selection import monitor_column
 from pneumonia.training.checkpoint import write_checkpoint
 from pneumonia.training.recipe import Recipe
@@ -87,13 +93,27 @@ class RoundRecord:
             "clients": cohort.state_dict(),
             "history": self.history,
             "best": list(self.best),
-            "average_sum": self.average.total,
+            **self.average.state_dict(row["round"]),
+            "planned_rounds": self.cfg.federated.rounds,
             "elapsed_s": row["elapsed_s"],
             "fingerprint": self.fingerprint,
         }
 
     def restore(self, server: Server, cohort: Cohort) -> None:
         """Continue after the last completed round saved in the run directory."""
+        state = self.saved_state()
+        done, rounds = int(state["round"]), self.cfg.federated.rounds
+        server.load_state_dict(state["server"])
+        cohort.load_state_dict(state["clients"])
+        self.history, self.best = list(state["history"]), Best(*state["best"])
+        self.average = RoundAverage(self.cfg.federated)
+        self.average.load_state_dict(state, done, server.global_state, self.planned(state))
+        self.next_round, self.elapsed_before = done, float(state["elapsed_s"])
+        set_rng_state(state["rng"])
+        log.info(f"resuming {self.run_dir} after round {done}/{rounds}")
+
+    def saved_state(self) -> dict:
+        """The round state to continue from, refused in one line where it cannot be."""
         state = load_round_state(self.run_dir)
         if state is None:
             raise UserError(
@@ -104,11 +124,16 @@ class RoundRecord:
                 f"{self.run_dir}: the data or partition differs from when the run started "
                 f"(data.root changed?): resume needs the same images"
             )
-        server.load_state_dict(state["server"])
-        cohort.load_state_dict(state["clients"])
-        self.history, self.best = list(state["history"]), Best(*state["best"])
-        self.average = RoundAverage(self.cfg.federated, state.get("average_sum"))
-        self.next_round, self.elapsed_before = int(state["round"]), float(state["elapsed_s"])
-        set_rng_state(state["rng"])
-        rounds = self.cfg.federated.rounds
-        log.info(f"resuming {self.run_dir} after round {self.next_round}/{rounds}")
+        done, rounds = int(state["round"]), self.cfg.federated.rounds
+        if done > rounds:
+            raise UserError(
+                f"{self.run_dir} has trained {done} rounds, more than federated.rounds "
+                f"{rounds}: resume with --federated.rounds {done} or more"
+            )
+        return state
+
+    def planned(self, state: dict) -> int:
+        """The rounds the saved state was trained for: its own record, else (a round state
+        from before it kept one) the config its checkpoints were trained under."""
+        recorded = state.get("planned_rounds") or trained_under(self.run_dir, "federated.rounds")
+        return int(recorded) if isinstance(recorded, int) else self.cfg.federated.rounds

@@ -4,20 +4,23 @@
 runs/<experiment>/version_N/
   config.yaml             every option, defaults filled in (`--resume` reads it back)
   split.csv               every image's split, class and patient: the split can be checked
-  events.out.tfevents.*   TensorBoard: curves, figures, and best/* of the reported model
+  events.out.tfevents.*   TensorBoard: curves, figures, and verdict/* of the reported model
   checkpoints/best.ckpt   the reported model, with its threshold (pneumonia.training.checkpoint)
   checkpoints/last.ckpt   the latest epoch's or round's model
   checkpoints/config.yaml the config the checkpoints were trained under: --resume refuses
                           a config.yaml edited since, except for the keys in SAFE_CHANGES
+                          and more rounds or epochs (LONGER) where `why_not_longer` allows
   predictions.csv         P(positive) of best.ckpt for every validation (and test) image
   cases.png               Grad-CAM of best.ckpt's most confident right and wrong decisions
   summary.json            metrics of best.ckpt with 95% intervals, and how it was chosen
 centralized runs add
   metrics.csv, hparams.yaml   Lightning's CSV logger: every logged scalar by step and epoch
 federated runs add
-  partition.csv           each client's images, patients and classes
+  partition.csv           each client's images, patients and classes (site_name: its
+                          hospital folder, with federated.partition sites)
   rounds.csv              one row per round: each client's n and loss, global metrics, times
-  checkpoints/federated_state.pt   what `--resume` continues from (pneumonia.federated.state)
+  checkpoints/federated_state.pt   what `--resume` continues from (pneumonia.federated.state;
+                          what it holds: pneumonia.run.rounds)
   clients/client_J/       each client's own TensorBoard curves (pneumonia.federated.client)
 and with federated.cross_site
   cross_site.csv, cross_site.png   every site's local model and the global one on every site
@@ -29,6 +32,7 @@ and every run holds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import os
@@ -45,6 +49,7 @@ from pneumonia.core.files import write_csv, write_text_atomic
 from pneumonia.data.imageset import ImageSet
 from pneumonia.federated.state import STATE_FILE
 from pneumonia.run.config import parse_fit_config
+from pneumonia.training.schedules import DecayConfig, decay_factor
 
 CONFIG = "config.yaml"
 SPLIT = "split.csv"
@@ -67,8 +72,11 @@ TRAINED_UNDER = "config.yaml"
 # Keys a resumed run may take from an edited config.yaml: how the run is shown and how fast
 # it loads change nothing it computes.
 SAFE_CHANGES = {"trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers"}
-# Keys that may grow, to train longer, where no schedule depends on them (checked below).
+# Keys that may grow, to train longer (`--resume RUN_DIR --federated.rounds N`, or an edited
+# config.yaml), where what was trained stays what it was (`why_not_longer`).
 LONGER = {"federated.rounds", "trainer.max_epochs"}
+# Centralized schedulers whose rate at an epoch does not depend on the number of epochs.
+UNPLANNED_SCHEDULERS = ("none", "step", "plateau")
 LOCK = ".lock"
 
 
@@ -208,9 +216,10 @@ def record_config(run_dir: Path, config_yaml: str) -> None:
 
 
 def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
-    """Refuse a resume whose config.yaml was edited since the run started, naming the keys;
-    return the safe changes accepted ("key old -> new"). Runs from before the record was kept
-    are not checked."""
+    """Refuse a resume whose config.yaml was edited since the run started, naming the keys,
+    and a longer run (LONGER) that would not continue the one trained, saying why; return
+    the changes accepted ("key old -> new"). Runs from before the record was kept are not
+    checked."""
     recorded = checkpoints_dir(run_dir) / TRAINED_UNDER
     if not recorded.is_file():
         return []
@@ -219,7 +228,7 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     missing = new.keys() - old.keys()
     added = {k for k in missing if new[k] == _defaults().get(k, object())} if missing else set()
     changed = sorted(k for k in old.keys() | new.keys() - added if old.get(k) != new.get(k))
-    unsafe = [k for k in changed if k not in SAFE_CHANGES and not _longer_ok(k, old, new)]
+    unsafe = [k for k in changed if k not in SAFE_CHANGES | LONGER]
     if unsafe:
         shown = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in unsafe[:4])
         raise UserError(
@@ -228,7 +237,29 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
             f"(a resume may change only {', '.join(sorted(SAFE_CHANGES))}, and raise "
             f"federated.rounds or trainer.max_epochs where no schedule depends on them)"
         )
+    for key in sorted(LONGER.intersection(changed)):
+        if why := why_not_longer(key, old, new):
+            raise UserError(
+                f"{run_dir} cannot resume with {key} {old.get(key)} -> {new.get(key)}: {why}"
+            )
     return [f"{k} {old.get(k)} -> {new.get(k)}" for k in changed]
+
+
+def trained_under(run_dir: Path, key: str) -> object:
+    """`key`'s value in the config the checkpoints were trained under (None if not kept)."""
+    recorded = checkpoints_dir(run_dir) / TRAINED_UNDER
+    if not recorded.is_file():
+        return None
+    return _flat(yaml.safe_load(recorded.read_text())).get(key)
+
+
+def keep_resume_config(run_dir: Path, config_yaml: str) -> None:
+    """A resume given more rounds or epochs on its command line writes them into config.yaml,
+    so that a plain `--resume RUN_DIR` after an interruption continues the longer run."""
+    path = Path(run_dir) / CONFIG
+    written, given = _flat(yaml.safe_load(path.read_text())), _flat(yaml.safe_load(config_yaml))
+    if any(written.get(key) != given.get(key) for key in LONGER):
+        write_text_atomic(path, config_yaml)
 
 
 @functools.cache  # parsing costs seconds; the defaults do not change within a process
@@ -238,19 +269,93 @@ def _defaults() -> dict:
 
 
 def _longer_ok(key: str, old: dict, new: dict) -> bool:
-    """More rounds or epochs, where neither the learning-rate schedule, the reported model's
-    averaging nor progressive resizing depends on their number."""
-    if key not in LONGER or not isinstance(new.get(key), int) or new[key] < (old.get(key) or 0):
-        return False
-    if new.get("data.progressive.start_size"):  # its ramp is spread over the planned epochs
-        return False
-    if key == "federated.rounds":
-        return new.get("federated.round_lr") == "constant" and not new.get(
-            "federated.average_rounds"
+    """Whether a resume may raise `key` (LONGER) from `old`'s value to `new`'s."""
+    return key in LONGER and why_not_longer(key, old, new) is None
+
+
+def why_not_longer(key: str, old: dict, new: dict) -> str | None:
+    """Why a resume cannot train the run longer (`key`: federated.rounds or
+    trainer.max_epochs raised from `old`'s to `new`'s flat config), in words ending with what
+    to do; None when it can: the epochs or rounds already trained are then those of a run
+    planned that long from the start (learning rates, privacy noise, image sizes)."""
+    before, after = old.get(key), new.get(key)
+    unit = "rounds" if key == "federated.rounds" else "epochs"
+    fresh = f"start a new run with --{key} {after}"
+    if not isinstance(after, int) or not isinstance(before, int) or after < before:
+        return f"a resume can add {unit}, not take them away: {fresh}"
+    if key == "trainer.max_epochs" and new.get("federated.enabled"):
+        return "a federated run trains federated.local_epochs per round: raise federated.rounds"
+    if new.get("data.progressive.start_size"):
+        return f"data.progressive spreads its image sizes over the planned {before} {unit}: {fresh}"
+    if new.get("privacy.enabled") and new.get("privacy.target_epsilon") is not None:
+        return (
+            f"privacy.target_epsilon {new['privacy.target_epsilon']} set the noise for the "
+            f"planned {before} {unit} and that budget is spent: {fresh} (a run given "
+            f"privacy.noise_multiplier instead may train longer, its epsilon growing)"
         )
-    return new.get("optim.scheduler") in ("none", "step", "plateau") and new.get(
-        "optim.weight_averaging"
-    ) in ("none", "ema")
+    if key == "federated.rounds":
+        return _round_rates_fixed(before, after, new)
+    return _epoch_rates_fixed(before, after, new)
+
+
+def _decay_config(flat: dict) -> DecayConfig:
+    """optim.decay.* of a flat config (the defaults where an older config lacks a key)."""
+    names = {f.name for f in dataclasses.fields(DecayConfig)}
+    prefix = "optim.decay."
+    given = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    return DecayConfig(**{k: v for k, v in given.items() if k in names})
+
+
+def _same_rates(name: str, before: int, after: int, flat: dict) -> bool:
+    """Whether decay `name` gives units 0..before-1 the same factor in a schedule of `after`
+    units as in one of `before`."""
+    decay, seed = _decay_config(flat), int(flat.get("seed") or 0)
+    return all(
+        decay_factor(name, t, before, decay, seed) == decay_factor(name, t, after, decay, seed)
+        for t in range(before)
+    )
+
+
+def _round_rates_fixed(before: int, after: int, new: dict) -> str | None:
+    name = str(new.get("federated.round_lr", "constant"))
+    if _same_rates(name, before, after, new):
+        return None
+    return (
+        f"federated.round_lr {name} decays over the planned {before} rounds, so more rounds "
+        f"would change the rates rounds 1-{before} trained at: start a new run with "
+        f"--federated.rounds {after} (a resume adds rounds under round_lr constant, or a "
+        f"decay given optim.decay.decay_steps)"
+    )
+
+
+def _epoch_rates_fixed(before: int, after: int, new: dict) -> str | None:
+    fresh = f"start a new run with --trainer.max_epochs {after}"
+    if new.get("optim.weight_averaging") == "swa":
+        return (
+            f"optim.weight_averaging swa starts at a share of the planned {before} epochs: {fresh}"
+        )
+    name = str(new.get("optim.scheduler", "none"))
+    if name in UNPLANNED_SCHEDULERS:
+        return None
+    by_epoch = new.get("optim.interval", "epoch") == "epoch" and name != "onecycle"
+    if by_epoch and not _torch_cosine(new) and _same_rates(name, before, after, new):
+        return None
+    return (
+        f"optim.scheduler {name} decays over the planned {before} epochs, so more epochs "
+        f"would change the rates epochs 1-{before} trained at: {fresh} (a resume adds epochs "
+        f"under optim.scheduler none, step or plateau, or a decay by epoch given "
+        f"optim.decay.decay_steps)"
+    )
+
+
+def _torch_cosine(flat: dict) -> bool:
+    """torch's CosineAnnealingLR (pneumonia.training.module.make_scheduler), whose planned
+    length a resumed Trainer restores from the checkpoint."""
+    return (
+        flat.get("optim.scheduler") == "cosine"
+        and not flat.get("optim.decay.warmup")
+        and not flat.get("optim.decay.decay_steps")
+    )
 
 
 def _flat(tree: object, prefix: str = "") -> dict:

@@ -1,6 +1,9 @@
 """A federation judged site by site: each site's validation patients, the held-out site of a
 leave-one-site-out run, and the cross-site matrix (every site's local model and the global
-model on every site's validation images, the matrix NVFlare reports)."""
+model on every site's validation images, the matrix NVFlare reports). Sites are keyed
+site<j> everywhere; hospital folders (federated.partition sites) add their names: the
+partition table's `site_name` column, summary.json's federated.site_names and each
+val_by_site entry's `site_name`."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from jsonargparse import Namespace
 
 from pneumonia.core.figures import subplots
 from pneumonia.core.files import write_csv
+from pneumonia.core.safeload import safe_load
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import site_names
 from pneumonia.data.sites import image_site, site_profiles, validation_sites
@@ -84,6 +88,23 @@ def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
     )
 
 
+def site_names_record(cohort: Cohort) -> dict[str, str]:
+    """Each site's folder name (federated.partition sites) by its key in the per-site outputs
+    (val_by_site, rounds.csv's site<j>_ columns, cross_site.csv): {"site0": "north", ...};
+    empty for simulated sites, which have only their index. Each client's sites are its
+    partition-table row's `site_name`."""
+    rows = enumerate(cohort.site_table)
+    return {f"site{j}": row["site_name"] for j, row in rows if "site_name" in row}
+
+
+def label_sites(summary: dict) -> None:
+    """Give each val_by_site entry its site's folder name (`site_name`), where it has one."""
+    names = summary.get("federated", {}).get("site_names") or {}
+    for key, values in summary.get("val_by_site", {}).items():
+        if key in names:
+            values["site_name"] = names[key]
+
+
 def refuse_for_deployments(cfg: Namespace) -> str | None:
     """Why a deployment (real sites) cannot take these options, or None."""
     if simulates_sites(cfg.federated):
@@ -100,7 +121,8 @@ def refuse_for_deployments(cfg: Namespace) -> str | None:
 def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_dir: Path) -> dict:
     """Each kept site's model trained on its own images alone for rounds x local_epochs epochs
     from the seed's initial weights: checkpoints/local_site<j>.ckpt, site -> path. A model
-    already there (a resumed run) is kept."""
+    already there (a resumed run) is kept, unless it was trained for fewer rounds (a resume
+    given more)."""
     fed = cfg.federated
     torch.manual_seed(cfg.seed)
     start = build_module(recipe).state_dict()
@@ -109,7 +131,7 @@ def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_
         site = sites[0]
         path = local_checkpoint(run_dir, site)
         paths[site] = path
-        if path.is_file():
+        if path.is_file() and _trained_rounds(path) == fed.rounds:
             continue
         epochs = fed.rounds * fed.local_epochs
         log.info(f"cross-site: site {site}'s local model, {epochs} epochs on its own images")
@@ -117,6 +139,12 @@ def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_
         update = client.train_round(start, 0, epochs, lr=cfg.optim.lr)
         write_checkpoint(path, update.state, recipe, fed.rounds)
     return paths
+
+
+def _trained_rounds(path: Path) -> int:
+    """The rounds a local model's epochs stand for (write_checkpoint's `round`)."""
+    ckpt = safe_load(path, mmap=True)
+    return int(ckpt.get("round", -1)) if isinstance(ckpt, dict) else -1
 
 
 def local_threshold(

@@ -478,6 +478,8 @@ LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 class LossConfig:
     """The training loss (the `loss.*` config group); Zhou et al. 2020 compare these."""
 
+    # The training objective (pneumonia.training.losses); validation scores every run by the
+    # same log loss whatever it is.
     name: LossName = "cross_entropy"
     # hinge: the margin on z_y - z_other; contrastive: the distance unlike pairs must exceed.
     margin: PositiveFloat = 1.0
@@ -491,7 +493,7 @@ class LossConfig:
     l2_alpha: PositiveFloat = 16.0  # l2_softmax: the radius alpha of the embedding sphere
     center_weight: NonNegativeFloat = 0.01  # center: lambda of the center term
     gamma: NonNegativeFloat = 2.0  # focal: the focusing exponent
-    # focal: the weight of the positive class (1 - alpha for the other), or None to weight
+    # focal: the weight of the positive class (1 - alpha for the other), or null to weight
     # by the class weights as cross-entropy does.
     alpha: OpenUnitInterval | None = None
 

@@ -58,9 +58,9 @@ SCHEDULERS = ("none", "step", "plateau", "onecycle") + tuple(
 class OptimConfig:
     """Optimizer, learning-rate schedule and weight penalties (the `optim.*` config group)."""
 
-    # The names come from the optimizer registry at import: a Literal only the parser can read.
-    name: Literal[OPTIMIZER_NAMES] = "adamw"  # type: ignore[valid-type]
-    lr: PositiveFloat = 1e-3
+    # The optimizer (pneumonia.training.optimizers; momentum and nesterov are SGD's).
+    name: Literal[OPTIMIZER_NAMES] = "adamw"  # type: ignore[valid-type]  # registry names
+    lr: PositiveFloat = 1e-3  # the base learning rate, which the schedule scales
     momentum: FractionBelowOne = 0.9  # momentum and nesterov only
     weight_decay: NonNegativeFloat = 1e-4  # the L2 penalty (AdamW: decoupled)
     l1: NonNegativeFloat = 0.0  # L1 penalty: l1 x the sum of |w| over conv and linear weights
@@ -68,19 +68,21 @@ class OptimConfig:
     # (CosineAnnealingLR) or one of TensorFlow's decays (pneumonia.training.schedules; their
     # parameters and the warm-up are optim.decay.*), stepped every `interval`.
     scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]  # as name
-    interval: Literal["epoch", "step"] = "epoch"
+    interval: Literal["epoch", "step"] = "epoch"  # the schedule steps each epoch, or each step
     step_size: PositiveInt = 10  # step: epochs between decays
     gamma: FractionUpToOne = 0.1  # step and plateau: decay factor
     patience: NonNegativeInt = 2  # plateau: epochs without val/loss improvement
     decay: DecayConfig = field(default_factory=DecayConfig)
+    # Share of each target spread evenly over the classes (the losses that take it:
+    # pneumonia.training.losses).
     label_smoothing: FractionBelowOne = 0.0
     # Centralized runs: validate and checkpoint an average of the weights instead of the
     # last ones: an exponential moving average over steps (ema, `ema_decay`), or the equal
     # average of the epoch-end weights from epoch `swa_start` x max_epochs on (swa).
     # Federated runs average rounds instead: federated.average_rounds.
     weight_averaging: Literal["none", "ema", "swa"] = "none"
-    ema_decay: OpenUnitInterval = 0.995
-    swa_start: FractionBelowOne = 0.5
+    ema_decay: OpenUnitInterval = 0.995  # ema: the weight of the average at each step
+    swa_start: FractionBelowOne = 0.5  # swa: the share of max_epochs before averaging starts
 
     def __post_init__(self) -> None:
         if isinstance(self.decay, dict):  # from a checkpoint's recipe or a Flower message

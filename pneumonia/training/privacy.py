@@ -87,13 +87,18 @@ class PrivacyConfig:
     Give the noise (`noise_multiplier`) or the budget of the whole run (`target_epsilon`: the
     noise that ends the last epoch or round at that epsilon), not both."""
 
-    enabled: bool = False
+    enabled: bool = False  # train with DP-SGD (Opacus); the keys below apply only then
+    # Noise std / max_grad_norm, the same for every step; or null, with target_epsilon.
     noise_multiplier: NonNegativeFloat | None = None
+    # The epsilon the whole run may spend (the noise is chosen to end there); or null,
+    # with noise_multiplier.
     target_epsilon: PositiveFloat | None = None
-    max_grad_norm: PositiveFloat = 1.0
+    max_grad_norm: PositiveFloat = 1.0  # C: each image's gradient is clipped to this L2 norm
     # The chance that the guarantee fails outright; must stay below 1 / N for every trainer
     # of N images (1e-5: below 1 / 100,000).
     delta: OpenUnitInterval = 1e-5
+    # How epsilon is counted (Opacus's accountants): rdp (Renyi DP) or prv (privacy loss
+    # random variables).
     accountant: Literal["rdp", "prv"] = "rdp"
     # Logical batches (Opacus's BatchMemoryManager): data.batch_size is the expected Poisson
     # batch, the one the accountant knows; it passes through the model in chunks of at most

@@ -46,6 +46,7 @@ class DecayConfig:
     # piecewise: fractions of the schedule's length, increasing in (0, 1), and the factor
     # before the first, between each pair and after the last (one more than boundaries).
     boundaries: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    # piecewise: the factors on the rate, one more than boundaries (see boundaries).
     factors: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])
     alpha: NonNegativeFloat = 0.0  # cosine: the floor; linear_cosine, noisy_linear_cosine
     beta: NonNegativeFloat = 0.001  # linear_cosine, noisy_linear_cosine

@@ -79,7 +79,7 @@ def test_a_small_other_is_left_out():
 
 def test_a_run_reports_its_groups(tmp_path, kermany_root, monkeypatch, capsys):
     """A real folder's families reach summary.json, TensorBoard and the printed summary, and
-    the whole set's best/val/* scalars stay the whole set's."""
+    the whole set's verdict/val/* scalars stay the whole set's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pneumonia import fit
@@ -99,6 +99,6 @@ def test_a_run_reports_its_groups(tmp_path, kermany_root, monkeypatch, capsys):
     assert "val acc by file family" in capsys.readouterr().out
     events = EventAccumulator(str(run_dir)).Reload()
     tags = events.Tags()["scalars"]
-    assert {f"best/val_by_group/{family}" for family in by_group} <= set(tags)
-    accuracy = events.Scalars("best/val/accuracy")[-1].value
+    assert {f"verdict/val_by_group/{family}" for family in by_group} <= set(tags)
+    accuracy = events.Scalars("verdict/val/accuracy")[-1].value
     assert abs(accuracy - summary["val"]["accuracy"]) < 1e-6

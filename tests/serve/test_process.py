@@ -1,11 +1,12 @@
-"""`python -m pneumonia.serve` as a user starts it: it answers only by its own names and to its
-own page, and SIGTERM or SIGINT stop it with 143 or 130 (as every entry point) and one line."""
+"""`python -m pneumonia.serve` as a user starts it: with --port 0 it prints the port it bound
+and answers there, only by its own names and to its own page, and SIGTERM or SIGINT stop it with
+143 or 130 (as every entry point) and one line."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,26 +18,22 @@ from pathlib import Path
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(checkpoint: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(its URL, the process) of `python -m pneumonia.serve --ckpt checkpoint`, stopped (if it
-    still runs) when the `with` ends."""
-    port = free_port()
+    """(its URL, the process) of `python -m pneumonia.serve --ckpt checkpoint --port 0`, the
+    URL read from the line it prints, stopped (if it still runs) when the `with` ends."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "pneumonia.serve", "--ckpt", str(checkpoint), "--port", str(port)]
+        [sys.executable, "-m", "pneumonia.serve", "--ckpt", str(checkpoint), "--port", "0"]
         + list(args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
+        line = process.stdout.readline()
+        found = re.search(r" on (http://127\.0\.0\.1:(\d+))/ ", line)
+        assert found and found.group(2) != "0", f"no port bound in: {line!r}"
+        url = found.group(1)
         wait_until_healthy(url, process)
         yield url, process
     finally:

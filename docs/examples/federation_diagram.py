@@ -33,7 +33,7 @@ def draw() -> Figure:
     ax.set_ylim(0, 1)
     ax.axis("off")
     rows = [0.72 - i * 0.3 for i in range(3)]
-    for y, name in zip(rows, ["hospital A", "hospital B", "hospital C"]):
+    for y, name in zip(rows, ["hospital A", "hospital B", "hospital C"], strict=True):
         box(ax, 0.02, y, 0.2, 0.2, f"{name}\nX-rays stay here\nlocal epochs", "#e8f0fe")
     box(
         ax,
@@ -50,7 +50,8 @@ def draw() -> Figure:
         0.33,
         0.24,
         0.36,
-        "one model\nSE-ResNet-18-GN\n\nNORMAL / PNEUMONIA\nwith probability,\nGrad-CAM, intervals\n(predict, serve, ONNX)",
+        "one model\nSE-ResNet-18-GN\n\nNORMAL / PNEUMONIA\nwith probability,\n"
+        "Grad-CAM, intervals\n(predict, serve, ONNX)",
         "#e6f4ea",
     )
     for i, y in enumerate(rows):  # arrows after the boxes, so no box hides a head

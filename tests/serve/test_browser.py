@@ -5,7 +5,7 @@ script does not run.
 
 Needs Debian's `chromium` and `chromium-driver` (`apt-get install chromium chromium-driver`;
 `.ci/run` installs them); without them the test is skipped with that line. With
-PNEUMONIA_SCREENSHOT=FILE it also saves its screenshot there (the README's picture; set
+PNEUMONIA_SCREENSHOT=FILE it also saves its screenshot there (the docs' picture; set
 PNEUMONIA_SCREENSHOT_CKPT and PNEUMONIA_SCREENSHOT_IMAGE for a trained model and a real image).
 """
 
@@ -25,8 +25,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
-    reason="no chromium/chromedriver: apt-get install chromium chromium-driver (README: "
-    "Using a trained model)",
+    reason="no chromium/chromedriver: apt-get install chromium chromium-driver (docs/use.md)",
 )
 
 
@@ -112,7 +111,7 @@ def upload(browser, server: str, xray: Path):
 def test_dropping_an_xray_shows_probability_decision_heatmap_and_card(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    chosen = os.environ.get("PNEUMONIA_SCREENSHOT_IMAGE")  # a real radiograph for the README
+    chosen = os.environ.get("PNEUMONIA_SCREENSHOT_IMAGE")  # a real radiograph for the docs
     if chosen:
         xray = Path(chosen).resolve()  # chromedriver wants a canonical path
     else:

@@ -144,6 +144,6 @@ def list_models() -> list[str]:
     """List the model names `create_model` and `model.name` accept.
 
     Returns:
-        The registry's names, and the `timm:` prefix that takes any timm model.
+        The registry's names, and the `timm/` prefix that takes any timm model.
     """
     return [*factory.MODELS.names(), f"{factory.TIMM_PREFIX}<any timm model>"]

@@ -27,8 +27,9 @@ HELP = ("-h", "--help")
 # How a run takes its keys, below the module docstring in --help.
 KEYS = """Any key below can be set in a --config YAML (a group's keys nested under its name:
 `data: {image_size: 128}`) or on the command line (`--data.image_size 128`), which wins.
---resume RUN_DIR continues a stopped run with its own config.yaml; --print_config prints the
-resolved config and exits."""
+--resume RUN_DIR continues a stopped run with its own config.yaml (add --federated.rounds N or
+--trainer.max_epochs N to train it longer, where its schedule allows); --print_config prints
+the resolved config and exits."""
 
 
 def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict:

@@ -1,5 +1,5 @@
 """AUROC with 95% intervals of every heterogeneity_cpu entry: methods by partition, clean and
-shift validation side by side (the README's "Sites that differ" plot).
+shift validation side by side (the plot in docs/results/sites.md).
 
     python docs/examples/heterogeneity_plot.py --summaries docs/results/heterogeneity_cpu \\
         --out docs/results/heterogeneity_cpu/auroc.png

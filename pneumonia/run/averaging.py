@@ -4,10 +4,11 @@ K rounds, integer buffers taken from the last round (FedAvg's own rule for them)
 The round state keeps what a resume needs to average the same rounds, and no more: the global
 models of the window's rounds before the latest (at most K - 1, as they are), since the latest
 is the server's global state, saved beside them; after the last round, when the average is
-written, K - 2. The mean sums them in float64 in round order when it is due, so a resumed run
-reports the same bits as an uninterrupted one. A run given more rounds on --resume averages
-its new last K rounds: its window moves at least one round later, so every round it needs that
-was trained before is among those kept.
+written, K - 2 (but all of them when K exceeds the rounds: every round is averaged, and more
+rounds keep the window's start at round 1). The mean sums them in float64 in round order when
+it is due, so a resumed run reports the same bits as an uninterrupted one. A run given more
+rounds on --resume averages its new last K rounds: its window moves at least one round later,
+so every round it needs that was trained before is among those kept.
 
 Round states written before this rule hold the running float64 sum instead (`average_sum`);
 a resume of one goes on adding to that sum, which holds only while the window stays put.
@@ -28,6 +29,8 @@ class RoundAverage:
     def __init__(self, fed) -> None:
         self.k = averaged_rounds(fed)
         self.rounds = fed.rounds
+        # K > rounds averages every round: given more rounds its window still starts at 1.
+        self.window_moves = 0 < fed.average_rounds <= fed.rounds
         self.models: Window = {}
         self.legacy_sum: State | None = None  # a round state of the running-sum layout
 
@@ -81,7 +84,8 @@ class RoundAverage:
         rounds moves the window at least one round later."""
         if self.legacy_sum is not None:
             return {"average_sum": self.legacy_sum}
-        start = self.first + 1 if current_round >= self.rounds else self.first
+        done = current_round >= self.rounds and self.window_moves
+        start = self.first + 1 if done else self.first
         kept = {r: s for r, s in self.models.items() if start <= r < current_round}
         return {"average_models": kept}
 

@@ -62,7 +62,7 @@ class EarlyStoppingConfig:
 
 def config_groups() -> dict[str, type]:
     """The fit config's groups and their dataclasses, in config.yaml's order. Their modules load
-    here, not at import: a tool that only needs `tool_parser` starts without torch."""
+    here, not at import: a tool that only needs `tool_parser` starts without Lightning."""
     from pneumonia.data.sources import DataConfig
     from pneumonia.federated.options import FederatedConfig
     from pneumonia.models.factory import ModelConfig
@@ -84,7 +84,7 @@ def config_groups() -> dict[str, type]:
 def build_fit_parser() -> ArgumentParser:
     """The parser of `python -m pneumonia.fit`: every key described (`helptext.describe_fit`).
     The config groups' modules load here, not at import: a tool that only needs
-    `tool_parser` starts without torch and Lightning."""
+    `tool_parser` starts without Lightning."""
     import lightning as L
 
     parser = ArgumentParser(

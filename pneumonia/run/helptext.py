@@ -213,7 +213,8 @@ def describe_fit(parser: ArgumentParser, groups: dict[str, type]) -> None:
     describe(parser, groups)
     show_trainer(parser, TRAINER_SHOWN, TRAINER_NOTE)
     parser.usage = (
-        "%(prog)s [--config FILE] [--GROUP.KEY VALUE ...]\n       %(prog)s --resume RUN_DIR"
+        "%(prog)s [--config FILE] [--GROUP.KEY VALUE ...]\n       %(prog)s --resume RUN_DIR "
+        "[--federated.rounds N | --trainer.max_epochs N]"
     )
 
 

@@ -130,6 +130,12 @@ class RoundRecord:
                 f"{self.run_dir} has trained {done} rounds, more than federated.rounds "
                 f"{rounds}: resume with --federated.rounds {done} or more"
             )
+        planned = self.planned(state)
+        if done < planned and rounds < planned:  # stopped inside a longer plan
+            raise UserError(
+                f"{self.run_dir} was stopped after round {done} of {planned} planned: resume "
+                f"with --federated.rounds {planned} or more"
+            )
         return state
 
     def planned(self, state: dict) -> int:

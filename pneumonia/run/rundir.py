@@ -48,7 +48,7 @@ from pneumonia.core.errors import UserError
 from pneumonia.core.files import write_csv, write_text_atomic
 from pneumonia.data.imageset import ImageSet
 from pneumonia.federated.state import STATE_FILE
-from pneumonia.run.config import parse_fit_config
+from pneumonia.run.config import RESUME_LONGER, parse_fit_config
 from pneumonia.training.schedules import DecayConfig, decay_factor
 
 CONFIG = "config.yaml"
@@ -74,7 +74,7 @@ TRAINED_UNDER = "config.yaml"
 SAFE_CHANGES = {"trainer.enable_progress_bar", "trainer.enable_model_summary", "data.num_workers"}
 # Keys that may grow, to train longer (`--resume RUN_DIR --federated.rounds N`, or an edited
 # config.yaml), where what was trained stays what it was (`why_not_longer`).
-LONGER = {"federated.rounds", "trainer.max_epochs"}
+LONGER = frozenset(RESUME_LONGER)
 # Centralized schedulers whose rate at an epoch does not depend on the number of epochs.
 UNPLANNED_SCHEDULERS = ("none", "step", "plateau")
 LOCK = ".lock"
@@ -219,9 +219,10 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     """Refuse a resume whose config.yaml was edited since the run started, naming the keys,
     and a longer run (LONGER) that would not continue the one trained, saying why; return
     the changes accepted ("key old -> new"). Runs from before the record was kept are not
-    checked."""
+    checked, and cannot be trained longer: nothing says what they were trained under."""
     recorded = checkpoints_dir(run_dir) / TRAINED_UNDER
     if not recorded.is_file():
+        _refuse_longer_unrecorded(run_dir, config_yaml)
         return []
     old, new = _flat(yaml.safe_load(recorded.read_text())), _flat(yaml.safe_load(config_yaml))
     # An option added to the package since the run started, at its default, is no edit.
@@ -245,6 +246,19 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> list[str]:
     return [f"{k} {old.get(k)} -> {new.get(k)}" for k in changed]
 
 
+def _refuse_longer_unrecorded(run_dir: Path, config_yaml: str) -> None:
+    written = Path(run_dir) / CONFIG
+    if not written.is_file():
+        return
+    old, new = _flat(yaml.safe_load(written.read_text())), _flat(yaml.safe_load(config_yaml))
+    if any(old.get(key) != new.get(key) for key in LONGER):
+        raise UserError(
+            f"{run_dir} was written before runs recorded the config their checkpoints were "
+            f"trained under, so it cannot be trained longer: start a new run with more "
+            f"rounds or epochs"
+        )
+
+
 def trained_under(run_dir: Path, key: str) -> object:
     """`key`'s value in the config the checkpoints were trained under (None if not kept)."""
     recorded = checkpoints_dir(run_dir) / TRAINED_UNDER
@@ -266,11 +280,6 @@ def keep_resume_config(run_dir: Path, config_yaml: str) -> None:
 def _defaults() -> dict:
     """Every fit option at its default, flattened ("data.roi": "full", ...)."""
     return _flat(yaml.safe_load(parse_fit_config([])[1]))
-
-
-def _longer_ok(key: str, old: dict, new: dict) -> bool:
-    """Whether a resume may raise `key` (LONGER) from `old`'s value to `new`'s."""
-    return key in LONGER and why_not_longer(key, old, new) is None
 
 
 def why_not_longer(key: str, old: dict, new: dict) -> str | None:

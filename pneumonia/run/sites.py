@@ -16,7 +16,6 @@ from jsonargparse import Namespace
 
 from pneumonia.core.figures import subplots
 from pneumonia.core.files import write_csv
-from pneumonia.core.safeload import safe_load
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.partition import site_names
 from pneumonia.data.sites import image_site, site_profiles, validation_sites
@@ -33,7 +32,7 @@ from pneumonia.run.rundir import (
     best_checkpoint,
     local_checkpoint,
 )
-from pneumonia.training.checkpoint import load_module, write_checkpoint
+from pneumonia.training.checkpoint import checkpoint_round, load_module, write_checkpoint
 from pneumonia.training.module import ClassifierModule
 from pneumonia.training.recipe import Recipe, build_module
 
@@ -131,7 +130,7 @@ def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_
         site = sites[0]
         path = local_checkpoint(run_dir, site)
         paths[site] = path
-        if path.is_file() and _trained_rounds(path) == fed.rounds:
+        if path.is_file() and checkpoint_round(path) == fed.rounds:
             continue
         epochs = fed.rounds * fed.local_epochs
         log.info(f"cross-site: site {site}'s local model, {epochs} epochs on its own images")
@@ -139,12 +138,6 @@ def train_local_models(cfg: Namespace, recipe: Recipe, cohort: LocalCohort, run_
         update = client.train_round(start, 0, epochs, lr=cfg.optim.lr)
         write_checkpoint(path, update.state, recipe, fed.rounds)
     return paths
-
-
-def _trained_rounds(path: Path) -> int:
-    """The rounds a local model's epochs stand for (write_checkpoint's `round`)."""
-    ckpt = safe_load(path, mmap=True)
-    return int(ckpt.get("round", -1)) if isinstance(ckpt, dict) else -1
 
 
 def local_threshold(

@@ -24,7 +24,7 @@ import contextlib
 import errno
 import socket
 
-from jsonargparse import ArgumentParser, DefaultHelpFormatter
+from jsonargparse import ArgumentParser
 
 from pneumonia.core import interrupt
 from pneumonia.core.bounds import PositiveInt
@@ -45,17 +45,8 @@ DEFAULT_PORT = 8765  # free of Flower's ports (8000, 8080, 9091-9094) and Tensor
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app did not start
 
 
-class _Paragraphs(DefaultHelpFormatter):
-    """Fills each paragraph of the description on its own (argparse runs them into one)."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        fill = super()._fill_text  # zero-argument super() fails inside a generator
-        return "\n\n".join(fill(p, width, indent) for p in text.split("\n\n"))
-
-
 def build_parser() -> ArgumentParser:
     parser = tool_parser("python -m pneumonia.serve", __doc__)
-    parser.description, parser.formatter_class = __doc__, _Paragraphs  # the whole docstring
     parser.add_argument("--ckpt", type=str, required=True, help="best.ckpt of a run")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind to")
     parser.add_argument(

@@ -54,6 +54,12 @@ def write_checkpoint(path: Path, state: dict, recipe: Recipe, round_number: int)
     save_atomic(ckpt | {"round": round_number}, path)
 
 
+def checkpoint_round(path: str | Path) -> int:
+    """The round a checkpoint was written after (`write_checkpoint`'s), -1 if it has none."""
+    ckpt = safe_load(path, mmap=True)
+    return int(ckpt.get("round", -1)) if isinstance(ckpt, dict) else -1
+
+
 def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict]:
     """(its recipe, its state dict, the whole checkpoint dict), or a one-line UserError."""
     ckpt = safe_load(path)

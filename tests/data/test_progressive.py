@@ -149,10 +149,10 @@ def test_a_start_side_the_model_cannot_take_is_one_line(tmp_path, capsys):
 
 
 def test_resume_may_not_lengthen_a_progressive_schedule():
-    from pneumonia.run.rundir import _longer_ok
+    from pneumonia.run.rundir import why_not_longer
 
     old = {"trainer.max_epochs": 8, "optim.scheduler": "none", "optim.weight_averaging": "none"}
     new = dict(old, **{"trainer.max_epochs": 16})
-    assert _longer_ok("trainer.max_epochs", old, new)  # without progressive resizing: allowed
+    assert why_not_longer("trainer.max_epochs", old, new) is None  # without progressive: allowed
     new["data.progressive.start_size"] = 32
-    assert not _longer_ok("trainer.max_epochs", old, new)
+    assert "data.progressive" in why_not_longer("trainer.max_epochs", old, new)

@@ -231,3 +231,15 @@ def test_a_centralized_run_given_more_epochs_is_the_run_planned_that_long(tmp_pa
     assert summary["epochs"] == 2
     assert_same_weights(weights(one), weights(two))
     assert metrics_rows(one) == metrics_rows(two)
+
+
+def test_a_run_without_the_record_of_its_training_config_is_not_trained_longer(tmp_path):
+    """A run directory from before checkpoints/config.yaml was kept: more rounds are refused
+    (nothing says which schedule the rounds done were trained under); a plain resume is not."""
+    from pneumonia.run.rundir import check_resume_config
+
+    written = "federated:\n  rounds: 2\n  round_lr: cosine\ntrainer:\n  max_epochs: 10\n"
+    (tmp_path / "config.yaml").write_text(written)
+    assert check_resume_config(tmp_path, written) == []
+    with pytest.raises(UserError, match="cannot be trained longer: start a new run"):
+        check_resume_config(tmp_path, written.replace("rounds: 2", "rounds: 4"))

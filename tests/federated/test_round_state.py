@@ -121,3 +121,32 @@ def test_a_round_state_with_the_running_sum_still_resumes_but_cannot_move_its_wi
     longer = RoundAverage(FederatedConfig(rounds=6, average_rounds=2))
     with pytest.raises(UserError, match="federated.rounds 4 -> 6: this run's round state keeps"):
         longer.load_state_dict(saved_and_loaded(legacy), 3, models[2], planned=4)
+
+
+def test_an_average_over_more_rounds_than_the_run_keeps_every_round_for_a_longer_resume():
+    """K = 5 over a finished run of 3 averages rounds 1-3; given a 4th round it averages 1-4."""
+    models = global_models(4)
+    short = RoundAverage(FederatedConfig(rounds=3, average_rounds=5))
+    for r, state in enumerate(models[:3], 1):
+        short.add(r, state)
+    longer = RoundAverage(FederatedConfig(rounds=4, average_rounds=5))
+    longer.load_state_dict(saved_and_loaded(short.state_dict(3)), 3, models[2], planned=3)
+    longer.add(4, models[3])
+    assert torch.equal(longer.mean(models[3])["w"], running_sum_mean(models, 4)["w"])
+
+
+def test_a_resume_stopped_inside_a_longer_plan_must_keep_that_plan(tmp_path, monkeypatch):
+    """Planned 14 rounds, stopped after 12: resuming with 13 would lose round 11's model."""
+    from argparse import Namespace
+
+    from pneumonia.run import rounds as rounds_module
+
+    state = {"round": 12, "planned_rounds": 14, "fingerprint": "f"}
+    monkeypatch.setattr(rounds_module, "load_round_state", lambda run_dir: state)
+    record = rounds_module.RoundRecord.__new__(rounds_module.RoundRecord)
+    record.run_dir, record.fingerprint = tmp_path, "f"
+    record.cfg = Namespace(federated=FederatedConfig(rounds=13, average_rounds=3))
+    with pytest.raises(UserError, match="stopped after round 12 of 14 planned: resume with "):
+        record.saved_state()
+    record.cfg = Namespace(federated=FederatedConfig(rounds=14, average_rounds=3))
+    assert record.saved_state() is state

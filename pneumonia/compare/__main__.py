@@ -52,8 +52,9 @@ def only_entries(comparison, names: str | None):
     unknown = [n for n in wanted if not any(named(e.name, n) for e in kept)]
     if unknown:
         raise UserError(f"--only {unknown[0]!r} is not an entry; entries: {', '.join(known)}")
+    if len(kept) < len(comparison.entries):  # a part of the study: say which
+        comparison.description += f" (this report: entries {', '.join(e.name for e in kept)} only)"
     comparison.entries = kept
-    comparison.description += f" (this report: entries {', '.join(e.name for e in kept)} only)"
     if comparison.reference not in [e.name for e in kept]:
         comparison.reference = kept[0].name if comparison.reference else None
     return comparison

@@ -59,6 +59,12 @@ def test_only_keeps_the_named_entries_and_refuses_unknown_ones(tmp_path):
         only_entries(comparison(tmp_path), "all,nope")
 
 
+def test_only_naming_every_entry_reports_the_whole_study(tmp_path):
+    whole = comparison(tmp_path)
+    names = ",".join(e.name for e in whole.entries)
+    assert "this report" not in only_entries(comparison(tmp_path), names).description
+
+
 def test_a_leave_one_out_report_scores_every_model_on_the_held_out_site(tmp_path):
     spec = {**SPEC, "entries": [SPEC["entries"][0]]}
     spec["shared"] = {**SPEC["shared"], "federated": {**SPEC["shared"]["federated"], "rounds": 1}}

@@ -16,6 +16,7 @@ right for the wrong reasons (text markers, the image border).
 from __future__ import annotations
 
 import io
+import weakref
 
 import matplotlib
 import numpy as np
@@ -49,6 +50,8 @@ CAM_INCHES = 6.0  # `cam_figure`: the overlay's longer side, so its text keeps o
 CAM_MIN_SIDE = 480  # `cam_figure`: a smaller radiograph's pixels are repeated up to this side
 MIN_GRID = 7  # cells a side Grad-CAM reads at (the last ResNet stage's grid at 224 px)
 STAGES = ("layer4", "layer3", "layer2")  # the ResNet family's stages, deepest first
+# model -> {image side: {stage: its output side}}; weak, so a model freed is forgotten.
+_SIDES: weakref.WeakKeyDictionary[nn.Module, dict[int, dict]] = weakref.WeakKeyDictionary()
 
 
 def target_layer(model: nn.Module, image_size: int | None = None) -> nn.Module:
@@ -63,13 +66,22 @@ def target_layer(model: nn.Module, image_size: int | None = None) -> nn.Module:
         m for m in (getattr(model, name, None) for name in STAGES) if isinstance(m, nn.Module)
     ]
     if stages:
-        sides = _grid_sides(model, stages, image_size) if image_size else {}
+        sides = _stage_sides(model, stages, image_size) if image_size else {}
         fine = [stage for stage in stages if sides.get(stage, 0) >= MIN_GRID]
         return fine[0] if fine else stages[0]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM to read")
     return convs[-1]
+
+
+def _stage_sides(model: nn.Module, stages: list[nn.Module], image_size: int) -> dict:
+    """Each stage's output side at `image_size`, measured once per model and size (a predict
+    run asks for every batch)."""
+    known = _SIDES.setdefault(model, {})
+    if image_size not in known:
+        known[image_size] = _grid_sides(model, stages, image_size)
+    return known[image_size]
 
 
 def _grid_sides(model: nn.Module, stages: list[nn.Module], image_size: int) -> dict:

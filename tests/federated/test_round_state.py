@@ -97,15 +97,23 @@ def test_the_round_state_keeps_the_window_but_the_latest_and_after_the_last_roun
     )
 
 
+def one_more_round(models: list[dict], average: int) -> RoundAverage:
+    """A finished run of len(models) - 1 rounds averaging `average`, resumed with one more."""
+    done = len(models) - 1
+    short = RoundAverage(FederatedConfig(rounds=done, average_rounds=average))
+    for r, state in enumerate(models[:done], 1):
+        short.add(r, state)
+    longer = RoundAverage(FederatedConfig(rounds=done + 1, average_rounds=average))
+    saved = saved_and_loaded(short.state_dict(done))
+    longer.load_state_dict(saved, done, models[done - 1], planned=done)
+    longer.add(done + 1, models[done])
+    return longer
+
+
 def test_more_rounds_move_the_window_over_the_models_kept():
     """A run of 5 rounds averaging 3, resumed with 6: the mean of rounds 4-6."""
     models = global_models(6)
-    short = RoundAverage(FederatedConfig(rounds=5, average_rounds=3))
-    for r, state in enumerate(models[:5], 1):
-        short.add(r, state)
-    longer = RoundAverage(FederatedConfig(rounds=6, average_rounds=3))
-    longer.load_state_dict(saved_and_loaded(short.state_dict(5)), 5, models[4], planned=5)
-    longer.add(6, models[5])
+    longer = one_more_round(models, 3)
     assert longer.complete(6)
     assert torch.equal(longer.mean(models[5])["w"], running_sum_mean(models, 3)["w"])
 
@@ -126,12 +134,7 @@ def test_a_round_state_with_the_running_sum_still_resumes_but_cannot_move_its_wi
 def test_an_average_over_more_rounds_than_the_run_keeps_every_round_for_a_longer_resume():
     """K = 5 over a finished run of 3 averages rounds 1-3; given a 4th round it averages 1-4."""
     models = global_models(4)
-    short = RoundAverage(FederatedConfig(rounds=3, average_rounds=5))
-    for r, state in enumerate(models[:3], 1):
-        short.add(r, state)
-    longer = RoundAverage(FederatedConfig(rounds=4, average_rounds=5))
-    longer.load_state_dict(saved_and_loaded(short.state_dict(3)), 3, models[2], planned=3)
-    longer.add(4, models[3])
+    longer = one_more_round(models, 5)
     assert torch.equal(longer.mean(models[3])["w"], running_sum_mean(models, 4)["w"])
 
 

@@ -8,7 +8,7 @@ COMPARE ?= configs/compare/paper_table3_cpu.yaml
 ARGS   ?=
 ROOT   ?= ../shared/data/chest_xray/train
 
-.PHONY: help install fit compare flower-demo bench test test-fast lint docs tensorboard clean
+.PHONY: help install fit compare flower-demo bench test test-fast lint docs docs-shots tensorboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -51,6 +51,12 @@ test: $(STAMP)  ## lint, type-check, then the whole test suite (three one-thread
 
 docs: $(STAMP)  ## the documentation site into site/ (warnings are errors); open site/index.html
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-shots: docs  ## screenshots of the site's home and a results page (headless Chromium) in site/
+	for page in index results/new-patients/index; do \
+		chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,900 \
+			--screenshot=site/$$(echo $$page | tr / -).png file://$(CURDIR)/site/$$page.html 2>/dev/null; \
+	done
 
 test-fast: $(STAMP)  ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

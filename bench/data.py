@@ -109,7 +109,8 @@ def measure(which: str, args: argparse.Namespace) -> dict:
 
 def cache_file_size(root: str, size: int) -> tuple[float, int]:
     """(MB on disk, images) of the cache at `size`, decoding it first if need be."""
-    from pneumonia.data.cache import cache_path, default_cache_dir
+    from pneumonia.core.caches import default_cache_dir
+    from pneumonia.data.cache import cache_path
     from pneumonia.data.kermany import find_splits, list_image_files
     from pneumonia.data.sources import DataConfig, load_images
 

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     ci95 {metric: [low, high]}, the same for each file-name family under "by_group" (when the
     names carry families: `pneumonia.data.groups`), and with --shift all of it under "shift"."""
     args = parse_args(build_parser(), argv)
-    from pneumonia.data.cache import default_cache_dir, load_or_decode
+    from pneumonia.core.caches import default_cache_dir
+    from pneumonia.data.cache import load_or_decode
     from pneumonia.data.kermany import folder_classes, list_image_files
     from pneumonia.data.shifts import ShiftConfig, shifted
     from pneumonia.training.checkpoint import load_module

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pneumonia.core.errors import exit_on_user_error
+from pneumonia.core.caches import cached_help
+from pneumonia.core.errors import asks_for_help, exit_on_user_error
 from pneumonia.run.config import (
     DEFAULT_CONFIG,
     build_fit_parser,
@@ -23,7 +24,6 @@ from pneumonia.run.config import (
 )
 from pneumonia.run.progress import Progress
 
-HELP = ("-h", "--help")
 # How a run takes its keys, below the module docstring in --help.
 KEYS = """Any key below can be set in a --config YAML (a group's keys nested under its name:
 `data: {image_size: 128}`) or on the command line (`--data.image_size 128`), which wins.
@@ -36,8 +36,9 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
     """Parse the command line and run the job; the summary. Raises UserError (`main` prints it
     as one line); `--help` prints the help and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
-    if any(arg in HELP for arg in argv):
-        print(fit_help(argv), end="", flush=True)
+    if asks_for_help(argv):
+        text = cached_help("fit", help_inputs(argv), argv, lambda: fit_help(argv))
+        print(text, end="", flush=True)
         raise SystemExit(0)
     cfg, config_yaml, resume = parse_fit_config(argv)
     from pneumonia.run.job import run_job  # training's modules, only when there is a run
@@ -45,12 +46,22 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
     return run_job(cfg, config_yaml, resume, progress)
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The --config files `argv` names, in order."""
+    configs = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
+    return configs + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def help_inputs(argv: list[str]) -> list[Path]:
+    """The files the help's defaults come from (the cache's key reads them)."""
+    return [Path(c) for c in config_files(argv)] or [DEFAULT_CONFIG]
+
+
 def fit_help(argv: list[str]) -> str:
     """The help, its defaults the values the --config files in `argv` give: configs/default.yaml's
     when there is none (what a run without --config reads), the built-in defaults overridden
     by the files otherwise; the files are read with a run's checks."""
-    configs = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
-    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    configs = config_files(argv)
     sources = with_default_config([arg for path in configs for arg in ("--config", path)])
     parser = build_fit_parser()
     check_config_sources(parser, sources)

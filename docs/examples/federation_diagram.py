@@ -32,7 +32,7 @@ def draw() -> Figure:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.axis("off")
-    rows = [0.72 - i * 0.3 for i in range(3)]
+    rows = [0.69 - i * 0.3 for i in range(3)]  # below the title
     for y, name in zip(rows, ["hospital A", "hospital B", "hospital C"], strict=True):
         box(ax, 0.02, y, 0.2, 0.2, f"{name}\nX-rays stay here\nlocal epochs", "#e8f0fe")
     box(

@@ -62,7 +62,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        startup()
+        if not asks_for_help(args[0] if args and isinstance(args[0], list) else sys.argv[1:]):
+            startup()  # it imports torch; a help printed from its cache needs none of it
         try:
             with signals_interrupt():
                 return main(*args, **kwargs)
@@ -79,6 +80,11 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             _exit(str(stopped), stopped.exit_code)
 
     return wrapper
+
+
+def asks_for_help(argv: list[str]) -> bool:
+    """Whether the command line asks for the help (and nothing is run)."""
+    return any(arg in ("-h", "--help") for arg in argv)
 
 
 def _exit(line: str, code: int) -> None:

@@ -10,8 +10,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
 from pneumonia.core.errors import UserError, first_line
 
 
@@ -93,6 +91,8 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
 
 def save_atomic(obj: object, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    import torch  # here, not at the top: commands' --help import this module
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -22,9 +22,6 @@ import logging
 import sys
 import warnings
 
-import matplotlib
-import torch
-
 # (message regex, why): warnings a run would print on every start, for nothing the user can do.
 QUIET = (
     # The run directory holds config.yaml before the loggers start.
@@ -53,6 +50,11 @@ class _Console(logging.Handler):
 
 def startup() -> None:
     """Apply the process-wide settings above (again: no effect)."""
+    # Imported here, not at the top: `--help` wraps in the same error handler and must not
+    # wait for torch.
+    import matplotlib
+    import torch
+
     torch.set_flush_denormal(True)
     matplotlib.use("Agg")
     for message, _owner in QUIET:

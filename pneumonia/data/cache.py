@@ -29,13 +29,6 @@ CACHE_VERSION = 3  # bump when decoding changes, to orphan old cache files (3: a
 # .dcm read by its content, a header that turns an image into one grey level refused)
 
 
-def default_cache_dir() -> Path:
-    """$PNEUMONIA_CACHE, else $XDG_CACHE_HOME/pneumonia, else ~/.cache/pneumonia."""
-    if os.environ.get("PNEUMONIA_CACHE"):
-        return Path(os.environ["PNEUMONIA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pneumonia"
-
-
 def cache_key(
     files: list[ImageFile], image_size: int, roi: str = "full", intensity: str = "none"
 ) -> str:

@@ -24,8 +24,9 @@ from pneumonia.core.bounds import (
     PositiveInt,
     SyntheticPatients,
 )
+from pneumonia.core.caches import default_cache_dir
 from pneumonia.core.errors import UserError
-from pneumonia.data.cache import default_cache_dir, load_or_decode
+from pneumonia.data.cache import load_or_decode
 from pneumonia.data.decode import CorruptImageError, prepare, read_image
 from pneumonia.data.imageset import ImageSet
 from pneumonia.data.intensity import Intensity, standardize

@@ -22,11 +22,11 @@ import lightning as L
 import yaml
 from jsonargparse import Namespace
 
+from pneumonia.core.caches import default_cache_dir
 from pneumonia.core.errors import UserError, continue_with
 from pneumonia.core.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.core.interrupt import interrupted
 from pneumonia.core.safeload import safe_load
-from pneumonia.data.cache import default_cache_dir
 from pneumonia.data.progressive import check_progressive
 from pneumonia.data.sources import Splits, full_samples, load_splits
 from pneumonia.data.tasks import task_classes

@@ -29,7 +29,6 @@ from jsonargparse import ArgumentParser
 from pneumonia.core import interrupt
 from pneumonia.core.bounds import PositiveInt
 from pneumonia.core.errors import UserError, exit_on_user_error
-from pneumonia.inference.predictor import Predictor
 from pneumonia.run.config import (
     add_device_option,
     add_threshold_option,
@@ -38,8 +37,7 @@ from pneumonia.run.config import (
     threshold_override,
     tool_parser,
 )
-from pneumonia.serve.app import MAX_UPLOAD, create_app
-from pneumonia.serve.uploads import host_names
+from pneumonia.serve.uploads import MAX_UPLOAD, host_names
 
 DEFAULT_PORT = 8765  # free of Flower's ports (8000, 8080, 9091-9094) and TensorBoard's (6006)
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app did not start
@@ -77,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--port {args.port} must be between 0 and 65535")
     check_device(args.device)
     threshold = threshold_override(args)
+    from pneumonia.inference.predictor import Predictor  # torch: not for --help
+    from pneumonia.serve.app import create_app
+
     predictor = Predictor.from_checkpoint(args.ckpt, threshold, args.device)
     allowed = args.allowed_hosts.split(",")
     app = create_app(predictor, args.max_upload_mb << 20, host_names(args.host, allowed), allowed)

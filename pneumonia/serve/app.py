@@ -52,9 +52,16 @@ from pneumonia.data.decode import (
 )
 from pneumonia.inference.explain import overlay, png_bytes
 from pneumonia.inference.predictor import Predictor, preview, reason_of
-from pneumonia.serve.uploads import ACCEPTED, LimitBody, SameOrigin, Slots, check_type, reply
+from pneumonia.serve.uploads import (
+    ACCEPTED,
+    MAX_UPLOAD,
+    LimitBody,
+    SameOrigin,
+    Slots,
+    check_type,
+    reply,
+)
 
-MAX_UPLOAD = 32 << 20  # bytes: a 16-bit DICOM chest radiograph is typically 8-20 MiB
 SLOTS = 2  # uploads decoded and scored at once: each may hold an image at the decode budget
 WAIT_S = 5.0  # how long an upload waits for a slot before its 503
 # Scripts, styles and everything else from the server's own files only: nothing inline, so

@@ -34,6 +34,8 @@ from starlette.datastructures import Headers
 
 from pneumonia.data.decode import is_dicom
 
+MAX_UPLOAD = 32 << 20  # bytes: a 16-bit DICOM chest radiograph is typically 8-20 MiB
+
 ACCEPTED = "a JPEG, PNG or DICOM file"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import pneumonia.data.cache as cache
+from pneumonia.core.caches import default_cache_dir
 from pneumonia.core.errors import UserError
-from pneumonia.data.cache import default_cache_dir, load_or_decode
+from pneumonia.data.cache import load_or_decode
 from pneumonia.data.kermany import list_image_files
 from pneumonia.data.sources import DataConfig, load_images
 

@@ -64,7 +64,7 @@ class GpuSampler(threading.Thread):
 
 @exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the Kermany train folder")
     parser.add_argument("--config", default=str(common.ROOT / "configs" / "fl_se_resnet_gn.yaml"))
     parser.add_argument("--allow_cpu", action="store_true", help="run without a GPU (smoke test)")

@@ -383,8 +383,6 @@ def test_a_safe_edit_is_accepted_and_said(central_run, tmp_path, capsys):
 
 
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monkeypatch, capsys):
-    import pneumonia.core.files
-
     real_save, calls = torch.save, []
 
     def full_after_epoch_one(obj, path, *args, **kwargs):
@@ -394,7 +392,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monk
             raise RuntimeError("[enforce fail at inline_container.cc:672] . file write failed")
         real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(pneumonia.core.files.torch, "save", full_after_epoch_one)
+    monkeypatch.setattr(torch, "save", full_after_epoch_one)  # core.files imports it lazily
     run_dir = tmp_path / "run"
     assert fit_exit([*CENTRAL, "--trainer.max_epochs", "3", "--run_dir", str(run_dir)]) == 1
     line = one_error_line(capsys)

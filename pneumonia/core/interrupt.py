@@ -39,6 +39,15 @@ def _record(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+def record_signals() -> None:
+    """Make SIGINT and SIGTERM only recorded again (inside `signals_interrupt`), over a handler
+    a library installed since: Lightning's SIGTERM handler on several devices broadcasts from
+    inside the handler, which can leave the processes waiting on each other forever."""
+    if _in_main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _record)
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Inside, a signal is only recorded; the code stops at the next `check()`, a point where

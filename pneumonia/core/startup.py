@@ -30,6 +30,8 @@ QUIET = (
     (r".*does not have many workers.*", "lightning"),
     (r".*smaller than the logging interval.*", "lightning"),
     (r".*isinstance\(treespec, LeafSpec\).*", "lightning"),
+    # On several devices the epoch's metrics are torchmetrics' own, synced when computed.
+    (r".*when logging on epoch level in distributed setting.*", "lightning"),
     # The stem's input (the images) needs no gradient; Opacus's hooks are right without it.
     (r"Full backward hook is firing", "opacus"),
 )

@@ -70,6 +70,25 @@ class _Chunks(Sampler[tuple[list[int], bool]]):
         self._started = None
 
 
+class RankShard(Sampler[list[int]]):
+    """Process `rank`'s part of each batch of `batches` on `world` processes: contiguous and
+    within one image of the others' (a batch of B images: B // world or one more). Every
+    process draws the same batches (one seed), so the processes together see each batch a
+    single process would, each image once, without the padding a DistributedSampler adds."""
+
+    def __init__(self, batches: Sampler[list[int]], rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            size, extra = divmod(len(batch), self.world)
+            start = self.rank * size + min(self.rank, extra)
+            yield list(batch[start : start + size + (self.rank < extra)])
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
 class _ChunkDataset(TensorDataset):
     """(images, labels, ends_step) for a chunk of indices and its flag."""
 
@@ -141,8 +160,10 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler = RandomSampler(dataset, generator=self.generator)
         else:
             sampler = SequentialSampler(dataset)
-        # A last batch of one image breaks BatchNorm in training; drop only that case.
-        drop_last = train and len(images) % batch_size == 1
+        world, rank = self._processes()
+        # A last batch of one image per process breaks BatchNorm in training (none at all, a
+        # process's step on nothing); drop only that case.
+        drop_last = train and 0 < len(images) % batch_size < 2 * world
         batches: Sampler = BatchSampler(sampler, batch_size, drop_last)
         if train and self.poisson is not None:
             # Imported here: Opacus's import configures the root logger (pneumonia.training.privacy
@@ -159,6 +180,8 @@ class ChestXrayDataModule(L.LightningDataModule):
             if self.poisson.physical is not None:
                 batches = _Chunks(batches, self.poisson.physical, self.generator)
                 dataset = _ChunkDataset(*dataset.tensors)
+        if world > 1:  # data.batch_size is the global batch (preflight refuses DP here)
+            batches = RankShard(batches, rank, world)
         return DataLoader(
             dataset,
             # Whole batches of indices: the images are one tensor, so a batch is one indexing
@@ -173,6 +196,13 @@ class ChestXrayDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _processes(self) -> tuple[int, int]:
+        """(world size, this process's rank) of the Trainer serving the loaders: (1, 0) but in
+        a distributed run."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, self.batch_size, train=True)

@@ -106,6 +106,17 @@ class FederatedConfig:
     # only the weighted sum of the round's updates (at least 3 clients; not with the robust
     # strategies or server_dp, which need each update on its own).
     secure_aggregation: bool = False
+    # Where the clients of a round train: local, one after another in this process; simulation,
+    # side by side in the workers of Flower's simulation runtime (Ray: pip install
+    # 'pneumonia[simulation]'), each worker holding client_cpus cores and client_gpus GPUs.
+    # The same rounds, run directory and resume either way (federated.site_shift, sites_shift,
+    # hold_out, pooled and cross_site need local).
+    engine: Literal["local", "simulation"] = "local"
+    # engine simulation: cores per client worker, also its torch threads; workers running at
+    # once = the machine's cores / client_cpus (and GPUs / client_gpus), at most federated.clients
+    client_cpus: PositiveInt = 1
+    # engine simulation: GPUs per client worker (0.5: two workers share one GPU; 0: CPU only)
+    client_gpus: NonNegativeFloat = 0.0
 
 
 def check_federated(cfg: FederatedConfig) -> None:

@@ -89,7 +89,8 @@ class DiagnosisMetrics(nn.Module):
         fig_roc, ax = self.roc.plot(score=True)
         assert isinstance(ax, Axes)
         ax.set_title("ROC (positive: " + class_names[1] + ")")
-        probs, targets = dim_zero_cat(self.roc.preds), dim_zero_cat(self.roc.target)
+        with self.roc.sync_context():  # every process's images, on N processes (DDP)
+            probs, targets = dim_zero_cat(self.roc.preds), dim_zero_cat(self.roc.target)
         fig_rel = reliability_figure(probs, targets, class_names[1])
         return {"confusion_matrix": fig_cm, "roc": fig_roc, "reliability": fig_rel}
 

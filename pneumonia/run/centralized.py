@@ -256,6 +256,9 @@ def build_trainer(
     epochs = int(trainer_args.get("max_epochs") or 1)
     callbacks += weight_averaging(cfg.optim, epochs, private=cfg.privacy.enabled)
     plugins = [*(trainer_args.pop("plugins", None) or []), CheckpointIO()]
+    # On several devices the data module shards each batch itself (data.datamodule.RankShard):
+    # Lightning's DistributedSampler would take our whole-batch sampler for one of images.
+    trainer_args["use_distributed_sampler"] = False
     trainer = L.Trainer(
         **trainer_args,
         logger=loggers,
@@ -295,6 +298,8 @@ def train_centralized(run: RunInputs) -> Trained:
     seed_training(datamodule.generator, cfg.seed)
     with deferred():  # a signal stops the fit between batches: see pneumonia.run.resumable
         trainer.fit(module, datamodule, ckpt_path=last if resume else None)
+    if torch.distributed.is_initialized():  # the fit's processes are done: process 0 scores
+        torch.distributed.destroy_process_group()  # the model alone (no metric waits for them)
     return Trained(
         unit="epoch",
         checkpoint=Path(checkpoint.best_model_path or last),

@@ -741,11 +741,62 @@ def check_trainer(cfg: Namespace) -> None:
         quiet.setLevel(logging.WARNING)  # its "GPU available" lines come with the real Trainer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            L.Trainer(**args, logger=False, enable_checkpointing=False)
+            trainer = L.Trainer(**args, logger=False, enable_checkpointing=False)
     except Exception as err:  # MisconfigurationException, ValueError, RuntimeError, ...
         raise UserError(f"trainer.*: {first_line(err, 200)}") from None
     finally:
         quiet.setLevel(level)
+    if trainer.world_size > 1:
+        check_distributed(cfg, trainer.world_size, type(trainer.strategy).__name__)
+
+
+# Lightning's DDP strategies that start their processes other than by running the command
+# again: they pickle the run into each process, which its open run directory lock and signal
+# handlers do not survive.
+SPAWNING = ("spawn", "fork", "notebook")
+
+
+def check_distributed(cfg: Namespace, processes: int, strategy: str) -> None:
+    """What a central run on several processes (trainer.devices x trainer.num_nodes) cannot
+    do, refused before any data is read."""
+    name = str(args_strategy(cfg))
+    where = f"trainer.devices x num_nodes gives {processes} processes"
+    if cfg.federated.enabled:
+        raise UserError(
+            f"{where}: a federated run trains each client on one device; set trainer.devices 1 "
+            "(federated.engine simulation trains a round's clients in parallel)"
+        )
+    if cfg.privacy.enabled:
+        raise UserError(
+            f"{where}: privacy.enabled trains on one device (one accountant, one noise draw "
+            "per step); set trainer.devices 1"
+        )
+    if strategy != "DDPStrategy":
+        raise UserError(
+            f"trainer.strategy {name}: a central run on several devices uses ddp (FSDP and "
+            "DeepSpeed shard a model too big for one device; these models fit one)"
+        )
+    if any(word in name for word in SPAWNING):
+        raise UserError(
+            f"trainer.strategy {name}: use ddp, which starts each process as a copy of the "
+            "command (the spawned processes cannot inherit the run's open files)"
+        )
+    if cfg.model.norm == "bn" and not dict(cfg.trainer).get("sync_batchnorm"):
+        log.warning(
+            f"model.norm bn on {processes} processes: each normalises by its share of the "
+            "batch; trainer.sync_batchnorm true normalises over the whole batch, as one "
+            "device does"
+        )
+    if cfg.data.batch_size < processes:
+        raise UserError(
+            f"data.batch_size {cfg.data.batch_size} is the global batch, shared by the "
+            f"{processes} processes: make it at least {processes}"
+        )
+
+
+def args_strategy(cfg: Namespace) -> object:
+    """trainer.strategy as given (a name or a Strategy object)."""
+    return dict(cfg.trainer).get("strategy", "auto")
 
 
 def check_early_stopping(cfg: Namespace) -> None:

@@ -26,7 +26,9 @@ from pneumonia.core.caches import default_cache_dir
 from pneumonia.core.errors import UserError, continue_with
 from pneumonia.core.files import check_writable_folder, write_json, write_text_atomic
 from pneumonia.core.interrupt import interrupted
+from pneumonia.core.ranks import is_primary
 from pneumonia.core.safeload import safe_load
+from pneumonia.core.startup import PACKAGE_LOGGER
 from pneumonia.data.progressive import check_progressive
 from pneumonia.data.sources import Splits, full_samples, load_splits
 from pneumonia.data.tasks import task_classes
@@ -64,11 +66,11 @@ from pneumonia.run.rundir import (
     keep_resume_config,
     last_checkpoint,
     locked,
-    new_run_dir,
     record_config,
     remove_temporary_files,
     resume_hint,
     round_state,
+    run_directory,
     write_split_table,
 )
 from pneumonia.run.sites import cross_site, refuse_for_deployments, with_sites
@@ -236,31 +238,39 @@ def run_job(
     UserError."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    deployed = cohort is not None
+    # Clients from elsewhere: a Flower deployment's, or federated.engine simulation's, which
+    # resumes as any fit run does.
+    deployed = cohort is not None and cfg.federated.engine == "local"
+    primary = is_primary()  # False in the copies of a central run on several devices
+    if not primary:  # process 0 prints the run's lines
+        logging.getLogger(PACKAGE_LOGGER).setLevel(logging.WARNING)
     with contextlib.ExitStack() as held:
-        if resume:  # locked before anything is read or removed: another process may write it
+        if resume and primary:  # locked before anything is read or removed: another process
+            # may write it (the copies of this one only read it)
             then = resume_hint(resume, deployed=deployed)
             wait = f"wait for it to end (or stop it), then {then} if it did not"
             held.enter_context(locked(resume, wait))
+        if resume:
             held.enter_context(stops_said(resume, cfg.federated.enabled, deployed))  # kept
             # an edited config.yaml is named as such, not by what its values break
             changes = check_resume_config(resume, config_yaml)
             for change in changes:
                 log.info(f"resuming with {change} (safe to change)")
             if is_complete(resume, changes):
-                remove_leftovers(resume)
+                if primary:
+                    remove_leftovers(resume)
                 return finished_summary(resume)
         # A bad model, size or federated setting fails now, not after minutes of decoding.
         parameters = preflight(cfg)
-        if resume:
+        if resume and primary:
             remove_leftovers(resume)
         splits, clients, recipe = prepare_inputs(cfg, config_yaml, cohort)
-        run_dir = resume or held.enter_context(
-            new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir)
-        )
+        run_dir = resume or held.enter_context(run_directory(cfg))
         run = RunInputs(cfg, recipe, splits, run_dir, progress, bool(resume), deployed)
         with stops_said(run_dir, cfg.federated.enabled, deployed):
             trained = train(run, config_yaml, clients)
+        if not primary:  # process 0 scores the model and writes everything
+            return {"run_dir": str(run_dir)}
         unfinished = "the final scoring did not finish"
         with stops_said(run_dir, cfg.federated.enabled, deployed, unfinished):
             results = report(run, config_yaml, trained, clients)
@@ -290,6 +300,11 @@ def prepare_inputs(
     federated = cfg.federated.enabled
     if cohort is not None and not federated:
         raise UserError("a deployment across hospitals is federated: set federated.enabled true")
+    if federated and cfg.federated.engine != "local" and cohort is None:
+        raise UserError(
+            "federated.engine simulation runs from python -m pneumonia.fit (and pneumonia.train)"
+            ": set federated.engine local for this job"
+        )
     if federated and cfg.federated.secure_aggregation and cohort is None:
         raise UserError(
             "federated.secure_aggregation runs over the Flower deployment (python -m "
@@ -319,6 +334,8 @@ def prepare_inputs(
 
 def train(run: RunInputs, config_yaml: str, clients: Cohort | None) -> Trained:
     """A new run's first files, then the epochs or rounds (those not saved yet on resume)."""
+    if not is_primary():  # a copy of a central run on several devices writes nothing
+        return train_centralized(run)
     if not run.resume:
         write_run_files(run.run_dir, config_yaml, run.splits)
     else:  # more rounds or epochs from the command line: a later plain resume keeps them

@@ -16,9 +16,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from pneumonia.core.files import write_text_atomic
-from pneumonia.core.interrupt import check
+from pneumonia.core.interrupt import check, received, record_signals
 from pneumonia.federated.state import rng_state, set_rng_state
 
 
@@ -72,6 +73,7 @@ class HistoryCSVLogger(CSVLogger):
         self.epochs = epochs
 
     @property
+    @rank_zero_experiment  # the copies of a run on several devices write no rows
     def experiment(self) -> HistoryWriter:
         if self._experiment is None:
             self._experiment = HistoryWriter(self.log_dir, self.epochs)
@@ -92,11 +94,25 @@ class StopBetweenBatches(Callback):
     """Where a signal deferred during `trainer.fit` (pneumonia.core.interrupt.deferred) stops the
     run: after a batch, or before an epoch, when everything written so far is consistent."""
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.world_size > 1:  # Lightning installed its handlers just before
+            record_signals()
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        check()
+        self.check(trainer)
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, *rest) -> None:
-        check()
+        self.check(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        check()
+        self.check(trainer)
+
+    @staticmethod
+    def check(trainer: L.Trainer) -> None:
+        """Stop here if a signal arrived. On several devices every process stops at the same
+        batch when any one received it (`kill` reaches process 0 only): a process that stopped
+        alone would leave the others waiting for it in the next gradient exchange."""
+        if trainer.world_size == 1:
+            check()
+        elif trainer.strategy.reduce_boolean_decision(received() is not None, all=False):
+            raise KeyboardInterrupt

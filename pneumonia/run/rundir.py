@@ -46,6 +46,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from pneumonia.core.errors import UserError
 from pneumonia.core.files import write_csv, write_text_atomic
+from pneumonia.core.ranks import RUN_DIR_ENV, is_primary
 from pneumonia.data.imageset import ImageSet
 from pneumonia.federated.state import STATE_FILE
 from pneumonia.run.config import RESUME_LONGER, parse_fit_config
@@ -144,6 +145,26 @@ def new_run_dir(
     with locked(path, hint):
         _check_empty(path)  # another run may have filled it between the check and the lock
         yield path
+
+
+@contextlib.contextmanager
+def run_directory(cfg) -> Iterator[Path]:
+    """A new run's directory. Process 0 of a central run on several devices creates and locks
+    it (`new_run_dir`) and names it in its environment, which Lightning's launcher copies into
+    the processes it starts at the fit; the copies take it from there, or from --run_dir when
+    torchrun or SLURM started them all at once (pneumonia.core.ranks)."""
+    if is_primary():
+        with new_run_dir(cfg.runs_root, cfg.experiment, cfg.run_dir) as path:
+            os.environ[RUN_DIR_ENV] = str(path.resolve())
+            yield path
+        return
+    named = os.environ.get(RUN_DIR_ENV) or cfg.run_dir
+    if not named:
+        raise UserError(
+            "a central run whose processes torchrun or SLURM starts together needs --run_dir: "
+            "every process must name the same run directory (process 0 writes it)"
+        )
+    yield Path(named)
 
 
 def _check_empty(path: Path) -> None:

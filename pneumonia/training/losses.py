@@ -163,6 +163,9 @@ class Objective(nn.Module):
 
     needs_embeddings = False
     uses_class_weights = False
+    # The loss is sum_i w_{y_i} l_i / sum_i w_{y_i} (weighted cross-entropy's reduction), not
+    # the plain mean: how a process of a run on several devices weighs its share of a batch.
+    class_weighted_mean = False
     uses_label_smoothing = False
     # The classifier layer this loss puts in the model, or None to keep the model's Linear.
     head_type: type[nn.Module] | None = None
@@ -228,7 +231,7 @@ class CrossEntropy(Objective):
     """-w_y log softmax(z)_y with label smoothing, the weighted mean over the batch: exactly
     the module's training loss before losses were configurable. P = softmax(z) of the Linear."""
 
-    uses_class_weights = uses_label_smoothing = True
+    uses_class_weights = uses_label_smoothing = class_weighted_mean = True
 
     def loss(self, logits, embeddings, labels, class_weights, label_smoothing):
         return F.cross_entropy(
@@ -251,7 +254,7 @@ class MeanSquaredError(Objective):
     sum_k (p_k - onehot(y)_k)^2 with p = softmax(z), the class-weighted mean like
     cross-entropy. P = softmax(z) of the Linear, the very probabilities it regresses."""
 
-    uses_class_weights = True
+    uses_class_weights = class_weighted_mean = True
 
     def loss(self, logits, embeddings, labels, class_weights, label_smoothing):
         target = F.one_hot(labels, logits.shape[1]).to(logits)
@@ -308,7 +311,7 @@ class L2Softmax(Objective):
     on z = W (alpha x / ||x||) + b, the L2SoftmaxLinear that replaces the classifier.
     P = softmax of those logits."""
 
-    uses_class_weights = uses_label_smoothing = True
+    uses_class_weights = uses_label_smoothing = class_weighted_mean = True
     head_type = L2SoftmaxLinear
 
     @classmethod

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.weak import WeakTensorKeyDictionary
+from torchmetrics import MeanMetric
 
 from pneumonia.core.bounds import (
     FractionBelowOne,
@@ -190,6 +191,10 @@ class ClassifierModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_metrics": DiagnosisMetrics(threshold) for stage in STAGES}
         )
+        # Each stage's mean loss on several devices (`_log_loss`); float64 as the log loss.
+        self.loss_means = torch.nn.ModuleDict(
+            {f"{stage}_loss": MeanMetric().set_dtype(torch.float64) for stage in STAGES}
+        )
         # Three classes: per-class and macro figures beside the pneumonia-vs-normal ones.
         self.class_metrics = (
             torch.nn.ModuleDict(
@@ -300,16 +305,27 @@ class ClassifierModule(L.LightningModule):
         self._diagnosis_metrics(stage).update(probs, positive)
         if (per_class := self._class_metrics(stage)) is not None:
             per_class.update(logits.float().softmax(dim=1), labels)
+        self._log_loss(stage, loss, len(labels))
+        return loss
+
+    def _log_loss(self, stage: str, loss: torch.Tensor, images: int) -> None:
+        """{stage}/loss: the epoch's mean over images (and each training step's)."""
+        value: torch.Tensor | MeanMetric = loss
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # On N processes (DDP) each has a share of the images: a MeanMetric weighs each
+            # batch by its images and syncs its sums, where Lightning's sync_dist would average
+            # the processes' means. (The other metrics are torchmetrics': they sync themselves.)
+            value = cast(MeanMetric, self.loss_means[f"{stage}_loss"])
+            value(loss.detach().double(), images)
         self.log(
             f"{stage}/loss",
-            loss,
+            value,
             on_step=stage == "train",
             on_epoch=True,
             prog_bar=stage in ("train", "val"),
-            batch_size=len(labels),
+            batch_size=images,
             add_dataloader_idx=False,  # val/loss and val_shift/loss, not val/loss/dataloader_idx_0
         )
-        return loss
 
     def training_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training objective: loss.name, class weights, smoothing, the L1 penalty.
@@ -339,10 +355,31 @@ class ClassifierModule(L.LightningModule):
         return torch.as_tensor(sum(p.abs().sum() for p in self.model.parameters() if p.ndim > 1))
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.privacy is None and self._trainer is not None and self.trainer.world_size > 1:
+            return loss * self._global_share(batch[1])
+        return loss
+
+    def _global_share(self, labels: torch.Tensor) -> torch.Tensor:
+        """On N processes DDP averages their gradients. Each process's mean loss, scaled by N x
+        its share of the global batch's weight (its images, or their class weights where the
+        loss is the class-weighted mean), makes that average the gradient of the whole batch's
+        mean loss, as one process computes it, also when the shares differ in size or in
+        classes. Exact for losses that are such a mean over images; a loss that couples the
+        images of a batch (contrastive) sees only each process's share."""
+        weights = self.class_weights if self.objective.class_weighted_mean else None
+        local = (
+            weights.to(labels.device)[labels].sum()
+            if weights is not None
+            else torch.tensor(float(len(labels)))
+        )
+        local = local.to(self.device, torch.float32)
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return local * self.trainer.world_size / total
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._step(batch, VALIDATION_STAGES[dataloader_idx])
+        if len(batch[1]):  # a process's share of a last batch smaller than the processes
+            self._step(batch, VALIDATION_STAGES[dataloader_idx])
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")

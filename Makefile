@@ -16,7 +16,7 @@ help:  ## list targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,flower]'
+	$(BIN)/python -m pip install -q -e '.[dev,flower,simulation]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its test tools

@@ -9,7 +9,10 @@ overhead of the gradient exchange; with one GPU per process it is the speed-up.
     python bench/ddp.py                          # synthetic images, 64 px, SE-ResNet-18-GN
     python bench/ddp.py --root ../shared/data/chest_xray/train --size 64
 
-Goal: the two summaries' figures agree within 1e-5 (same images, same global batch).
+Goal: the 2-process run's validation figures differ from the 1-process run's by no more than
+the 1-process run's own differ when it runs on 1 thread instead of all cores. Both change only
+the order of floating-point sums; over many steps Adam amplifies such differences (a gradient
+near 0 changes sign), so runs agree to about 1e-7 only over a few steps (tests/test_ddp.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from common import machine
 
 from pneumonia.core.errors import UserError, exit_on_user_error
 
-TOLERANCE = 1e-5
+HEADLINE = ("val.", "val_shift.")  # the clean and shifted validation figures, not subgroups
 
 
 def fit_args(args: argparse.Namespace, run_dir: Path, epochs: int, processes: int) -> list[str]:
@@ -57,6 +60,11 @@ def timed_fit(argv: list[str], threads: int) -> float:
     if done.returncode:
         raise UserError(f"fit failed: {done.stdout[-500:]}{done.stderr[-500:]}")
     return time.perf_counter() - start
+
+
+def largest_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, str]:
+    """The largest |a - b| over the headline validation figures, and its key."""
+    return max((abs(a[k] - b[k]), k) for k in a if k.startswith(HEADLINE) and k in b)
 
 
 def numbers(summary: dict, key: str = "") -> dict[str, float]:
@@ -94,15 +102,23 @@ def main() -> None:
                 times.append(timed_fit(fit_args(args, run_dir, epochs, processes), threads))
             per_epoch[processes] = (times[1] - times[0]) / args.epochs
             summaries[processes] = numbers(json.loads((run_dir / "summary.json").read_text()))
+        run_dir = Path(tmp) / "threads1"  # the noise floor: one process, another sum order
+        timed_fit(fit_args(args, run_dir, 1 + args.epochs, 1), threads=1)
+        floor = numbers(json.loads((run_dir / "summary.json").read_text()))
     one, many = summaries[1], summaries[args.processes]
-    worst = max(abs(one[k] - many[k]) for k in one)
+    worst, key = largest_difference(one, many)
+    noise, noise_key = largest_difference(one, floor)
     print(f"{args.size} px, width {args.width}, global batch {args.batch}, {cores} cores")
     for processes, seconds in per_epoch.items():
         print(f"{processes} process(es): {seconds:.1f} s per epoch")
     ratio = per_epoch[args.processes] / per_epoch[1]
     print(f"{args.processes} processes / 1 process, wall time per epoch: {ratio:.3f}")
-    met = "met" if worst <= TOLERANCE else "NOT met"
-    print(f"largest difference between the summaries' figures: {worst:.2e} (goal 1e-5: {met})")
+    print(f"1 process on {cores} threads vs 1 thread: largest difference {noise:.4f} ({noise_key})")
+    met = "met" if worst <= noise else "NOT met"
+    print(
+        f"{args.processes} processes vs 1: largest difference {worst:.4f} ({key}) "
+        f"(goal <= the thread difference: {met})"
+    )
 
 
 if __name__ == "__main__":

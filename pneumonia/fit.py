@@ -41,6 +41,10 @@ def run(argv: list[str] | None = None, progress: Progress | None = None) -> dict
         print(text, end="", flush=True)
         raise SystemExit(0)
     cfg, config_yaml, resume = parse_fit_config(argv)
+    if cfg.federated.engine != "local":  # the clients on Flower's simulation runtime
+        from pneumonia.flower.engine import run_on_engine
+
+        return run_on_engine(cfg, config_yaml, resume, progress)
     from pneumonia.run.job import run_job  # training's modules, only when there is a run
 
     return run_job(cfg, config_yaml, resume, progress)

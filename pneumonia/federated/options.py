@@ -106,16 +106,17 @@ class FederatedConfig:
     # only the weighted sum of the round's updates (at least 3 clients; not with the robust
     # strategies or server_dp, which need each update on its own).
     secure_aggregation: bool = False
-    # Where the clients of a round train: local, one after another in this process; simulation,
-    # side by side in the workers of Flower's simulation runtime (Ray: pip install
-    # 'pneumonia[simulation]'), each worker holding client_cpus cores and client_gpus GPUs.
-    # The same rounds, run directory and resume either way (federated.site_shift, sites_shift,
-    # hold_out, pooled and cross_site need local).
+    # Where the clients of a round train: local, one after another in this process;
+    # simulation, side by side in the workers of Flower's simulation runtime (Ray: pip install
+    # 'pneumonia[simulation]'), as many at once as client_cpus and client_gpus allow. The same
+    # rounds, run directory and resume either way, bit for bit where this process's torch
+    # threads equal client_cpus (site_shift, sites_shift, hold_out, pooled, cross_site,
+    # partition sites and secure_aggregation need local).
     engine: Literal["local", "simulation"] = "local"
-    # engine simulation: cores per client worker, also its torch threads; workers running at
-    # once = the machine's cores / client_cpus (and GPUs / client_gpus), at most federated.clients
+    # engine simulation: cores for each client's worker, which trains on as many torch
+    # threads; workers at once = the cores here / client_cpus, at most federated.clients
     client_cpus: PositiveInt = 1
-    # engine simulation: GPUs per client worker (0.5: two workers share one GPU; 0: CPU only)
+    # engine simulation: GPUs for each client's worker (0.5: two to a GPU; 0: on CPU)
     client_gpus: NonNegativeFloat = 0.0
 
 

@@ -10,6 +10,9 @@ cohort      FlowerCohort: the SuperNodes as the round loop's clients
 secure      one round of Flower's SecAgg+ (federated.secure_aggregation): the server learns
             only the weighted average of the round's updates
 server_app  the ServerApp: the run layer's job with a FlowerCohort, writing the usual run directory
+engine      federated.engine: what `fit` refuses for engine simulation, before Flower loads
+simulation  engine simulation: the job with its clients in Ray workers of Flower's simulation
+            runtime (`pip install 'pneumonia[simulation]'`), the run as the in-process loop's
 tls         throw-away CA and server certificate for demos
 launch      a SuperLink and SuperNodes as local processes (demo, tests, bench)
 demo        `make flower-demo`

@@ -57,20 +57,22 @@ def train(msg: Message, context: Context) -> Message:
     cfg = node.parse_run_config(request.config_yaml)
     secure = RECORD_KEY_CONFIGS in msg.content.config_records
     node.check_secure(cfg, dict(context.node_config), secure)
-    client = node.build_client(cfg, dict(context.node_config), request.client, request.recipe)
-    if node.STATE_RECORD in context.state:
-        saved = wire.record_of(context.state, node.STATE_RECORD, ConfigRecord)
-        client.load_state_dict(node.unpack_state(wire.bytes_of(saved, "client")))
+    node_config = dict(context.node_config)
+    client = node.build_client(cfg, node_config, request.client, request.recipe, request.log_dir)
+    kept = node.kept_state(request.client_state, context.state)
+    if kept:
+        client.load_state_dict(node.unpack_state(kept))
     strategy = create_strategy(cfg.federated, client.module)
     ready = time.time()
     update = run_client_round(client, strategy, request.task)
     trained = time.time()
-    context.state[node.STATE_RECORD] = ConfigRecord(
-        {"client": node.pack_state(client.state_dict())}
-    )
+    state = node.pack_state(client.state_dict())
+    if request.client_state is None:  # a deployment: the state stays on this node
+        context.state[node.STATE_RECORD] = ConfigRecord({"client": state})
     if secure:  # the delta, for secaggplus_mod to mask; the count and metrics in clear text
         return Message(wire.secure_train_reply(update, request.task.global_state), reply_to=msg)
     # Only when the run asked (bench/flower.py): wall-clock instants the server lines up with
     # its own send and receive times to say where a round's time goes.
     timings = {"handler": started, "ready": ready, "trained": trained} if request.timings else None
-    return Message(wire.train_reply(update, timings), reply_to=msg)
+    back = state if request.client_state is not None else None  # the server keeps it
+    return Message(wire.train_reply(update, timings, back), reply_to=msg)

@@ -151,9 +151,9 @@ class FlowerCohort:
             if reply is None:
                 failures[j] = f"no reply within {self.round_timeout:.0f} s"
             elif reply.has_error():
-                failures[j] = reason(reply)
+                failures[j] = self.failure(reply)
             else:
-                update, node_times = wire.read_train_reply(reply.content, j)
+                update, node_times = self.read_reply(reply.content, j)
                 if self.record_timings:
                     answered = reply.metadata.reply_to_message_id
                     timings[j] = node_times | {"sent": sent, "received": received[answered]}
@@ -162,15 +162,21 @@ class FlowerCohort:
             self.timings.append(timings)
         return updates, failures
 
+    def failure(self, reply: Message) -> str:
+        """Why client `reply` answers for left the round."""
+        return reason(reply)
+
+    def read_reply(self, content: RecordDict, client: int) -> tuple[ClientUpdate, dict]:
+        """A train reply's update and node timings."""
+        return wire.read_train_reply(content, client)
+
     def requests(self, chosen: Sequence[int], task: RoundTask) -> dict[int, RecordDict]:
         """Node -> its train request for this round."""
+        return {self.nodes[j]: wire.train_request(self.request(j, task)) for j in chosen}
+
+    def request(self, client: int, task: RoundTask) -> wire.TrainRequest:
         assert self.recipe is not None  # the round loop calls start() before any round
-        return {
-            self.nodes[j]: wire.train_request(
-                wire.TrainRequest(task, j, self.config_yaml, self.recipe, self.record_timings)
-            )
-            for j in chosen
-        }
+        return wire.TrainRequest(task, client, self.config_yaml, self.recipe, self.record_timings)
 
     def secure_train_round(
         self, chosen: Sequence[int], task: RoundTask, clipping_range: float | None = None

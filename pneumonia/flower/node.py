@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from flwr.app import ConfigRecord, RecordDict
 from jsonargparse import Namespace
 
 from pneumonia.core.errors import UserError
@@ -28,6 +29,7 @@ from pneumonia.data.partition import partition, partition_table
 from pneumonia.data.sources import load_images, load_splits
 from pneumonia.federated.client import Client
 from pneumonia.federated.cohort import client_settings, names_digest
+from pneumonia.flower import wire
 from pneumonia.flower.wire import NodeInfo
 from pneumonia.run.config import parse_fit_config, trainer_arguments
 from pneumonia.training.recipe import Recipe
@@ -84,12 +86,25 @@ def check_secure(cfg: Namespace, node_config: dict, secure: bool) -> None:
         )
 
 
-def build_client(cfg: Namespace, node_config: dict, index: int, recipe: Recipe) -> Client:
-    """The node's Client with its module and Trainer, as the simulated run builds it."""
+def build_client(
+    cfg: Namespace, node_config: dict, index: int, recipe: Recipe, log_dir: str = ""
+) -> Client:
+    """The node's Client with its module and Trainer, as the simulated run builds it; it logs
+    into `log_dir` (the simulation engine's run directory), else the node's log-dir."""
     images, _ = node_images(cfg, node_config)
     settings = client_settings(cfg, trainer_arguments(cfg))
-    log_dir = Path(str(node_config.get("log-dir", "flower-node-logs")))
-    return Client(index, images, settings, recipe, log_dir)
+    folder = Path(log_dir or str(node_config.get("log-dir", "flower-node-logs")))
+    return Client(index, images, settings, recipe, folder)
+
+
+def kept_state(sent: bytes | None, node_state: RecordDict) -> bytes:
+    """The client's state from its previous rounds (b"": none yet): the one the server sent
+    (the simulation engine keeps it), else the one this node kept."""
+    if sent is not None:
+        return sent
+    if STATE_RECORD not in node_state:
+        return b""
+    return wire.bytes_of(wire.record_of(node_state, STATE_RECORD, ConfigRecord), "client")
 
 
 def pack_state(state: dict) -> bytes:

@@ -60,6 +60,11 @@ def serve(grid: Grid, run_config: dict) -> tuple[dict, list]:
         return cohort
 
     cfg, config_yaml, resume = parse_fit_config(fit_arguments(run_config))
+    if cfg.federated.engine != "local":
+        raise UserError(
+            f"federated.engine {cfg.federated.engine} simulates the clients: a deployment's "
+            f"clients are its SuperNodes (set federated.engine local)"
+        )
     summary = run_job(cfg, config_yaml, resume, cohort=connect)
     return summary, cohorts[0].timings
 

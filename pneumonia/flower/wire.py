@@ -8,6 +8,9 @@ train  server -> node: the global state dict, round, local epochs, learning rate
        node -> server: its trained state dict, image count, mean training loss and accuracy,
                        its DP epsilon so far (with DP-SGD), and, when asked, when each of its
                        steps ended (bench/flower.py asks)
+       and, on the simulation engine only (pneumonia.flower.simulation), the client's own state
+       between rounds both ways (the server keeps it, as the in-process loop does, so that a
+       resume is exact) and the folder it logs into; a deployment's nodes keep their own
 secure train (federated.secure_aggregation, Flower's SecAgg+; pneumonia.flower.secure)
        server -> node: the same request, inside the protocol's third stage
        node -> server: `secure_train_reply`: its change to the float tensors (update - global) as
@@ -33,6 +36,7 @@ from pneumonia.federated.cohort import RoundTask
 from pneumonia.training.recipe import Moments, Recipe
 
 AnyRecord = TypeVar("AnyRecord", ArrayRecord, ConfigRecord, MetricRecord)
+CLIENT_STATE = "client-state"  # the record of a client's own state (the simulation engine)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class TrainRequest:
     config_yaml: str  # the run's resolved fit config
     recipe: Recipe  # agreed by the server (normalisation from every node's moments)
     timings: bool  # report when each step ended (bench/flower.py)
+    # The simulation engine's: None, the node keeps the client's state itself (a deployment);
+    # bytes, the server keeps it and the node returns the new one (b"": not trained yet).
+    client_state: bytes | None = None
+    log_dir: str = ""  # where the client logs ("": the node's log-dir)
 
 
 def to_arrays(state: State) -> tuple[ArrayRecord, str]:
@@ -152,7 +160,7 @@ def read_query_reply(content: RecordDict) -> NodeInfo:
 def train_request(request: TrainRequest) -> RecordDict:
     arrays, layout = to_arrays(request.task.global_state)
     task = request.task
-    return RecordDict(
+    content = RecordDict(
         {
             "global": arrays,
             "task": ConfigRecord(
@@ -165,10 +173,14 @@ def train_request(request: TrainRequest) -> RecordDict:
                     "config": request.config_yaml,
                     "hparams": json.dumps(request.recipe.hparams()),
                     "timings": request.timings,
+                    "log-dir": request.log_dir,
                 }
             ),
         }
     )
+    if request.client_state is not None:
+        content[CLIENT_STATE] = ConfigRecord({"state": request.client_state})
+    return content
 
 
 def read_train_request(content: RecordDict) -> TrainRequest:
@@ -178,18 +190,36 @@ def read_train_request(content: RecordDict) -> TrainRequest:
     task = RoundTask(state, int(number_of(t, "round")), epochs, lr)
     recipe = Recipe.from_hparams(json.loads(text_of(t, "hparams")))
     client = int(number_of(t, "client"))
-    return TrainRequest(task, client, str(t["config"]), recipe, bool(t["timings"]))
+    log_dir = text_of(t, "log-dir") if "log-dir" in t else ""
+    kept = read_client_state(content)
+    return TrainRequest(task, client, str(t["config"]), recipe, bool(t["timings"]), kept, log_dir)
 
 
-def train_reply(update: ClientUpdate, timings: dict[str, float] | None = None) -> RecordDict:
+def train_reply(
+    update: ClientUpdate,
+    timings: dict[str, float] | None = None,
+    client_state: bytes | None = None,
+) -> RecordDict:
+    """The trained update; `client_state`, the client's state after the round, where the
+    server keeps it (the simulation engine)."""
     arrays, layout = to_arrays(update.state)
-    return RecordDict(
+    content = RecordDict(
         {
             "update": arrays,
             "layout": ConfigRecord({"layout": layout}),
             "metrics": MetricRecord(clear_metrics(update) | time_metrics(timings)),
         }
     )
+    if client_state is not None:
+        content[CLIENT_STATE] = ConfigRecord({"state": client_state})
+    return content
+
+
+def read_client_state(content: RecordDict) -> bytes | None:
+    """The client state a train request or reply carries (the simulation engine's), or None."""
+    if CLIENT_STATE not in content:
+        return None
+    return bytes_of(record_of(content, CLIENT_STATE, ConfigRecord), "state")
 
 
 def clear_metrics(update: ClientUpdate) -> dict:

@@ -49,7 +49,9 @@ def with_sites(splits: Splits, cfg: Namespace, cohort: Cohort) -> Splits:
     validation images re-imaged by their sites; with federated.hold_out that site's validation
     patients moved, with its training images, to `held_out`."""
     fed = cfg.federated
-    if not isinstance(cohort, LocalCohort):  # a deployment's nodes hold no part of these
+    # A deployment's nodes hold no part of these; federated.engine simulation's nodes split
+    # the run's data as LocalCohort does (the options that reshape sites are refused there).
+    if not isinstance(cohort, LocalCohort) and fed.engine == "local":
         return replace(splits, raw_train=None, raw_val=None)
     folders = site_names(splits.train) if fed.partition == "sites" else None
     val_site = validation_sites(splits.val, cohort.site_table, cfg.seed, folders)

@@ -109,8 +109,11 @@ LONGEST_FIRST = [
     "flower/test_secure.py",
     "flower/test_demo.py",
     "flower/test_tls.py",
+    "flower/test_simulation.py",
     "compare/test_compare.py",  # 133
     "test_faults.py",  # 111
+    "test_gpu_configs.py",  # 56
+    "test_ddp.py",  # 50
     "test_privacy.py",  # 90
     "test_options.py",  # 82
     "test_bench.py",  # 72

@@ -7,13 +7,13 @@ before Flower and Ray load is refused here, each in one line.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from jsonargparse import Namespace
 
 from pneumonia.core.errors import UserError
 from pneumonia.federated.options import simulates_sites
+from pneumonia.flower.launch import usable_cores
 from pneumonia.run.progress import Progress
 
 INSTALL = "pip install 'pneumonia[simulation]'"
@@ -63,13 +63,6 @@ def check_simulation(cfg: Namespace) -> None:
             f"federated.engine simulation needs {what} not installed: {INSTALL} (or set "
             f"federated.engine local)"
         )
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the system says)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def run_on_engine(

@@ -30,6 +30,13 @@ CONNECTION = "local-tls"
 FLOWER_LOG = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\s*(\x1b\[0m)?\s*:")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def threads_per_node(nodes: int) -> int:
     """This machine's cores shared among `nodes` SuperNodes."""
     return max(1, (os.cpu_count() or 1) // nodes)

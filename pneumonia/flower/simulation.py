@@ -43,7 +43,7 @@ from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.cohort import RoundTask, misbehave
 from pneumonia.flower import client_app, node, wire
 from pneumonia.flower.cohort import FlowerCohort
-from pneumonia.flower.engine import usable_cores
+from pneumonia.flower.launch import usable_cores
 from pneumonia.run.job import run_job
 from pneumonia.run.progress import Progress
 from pneumonia.training.recipe import Recipe

@@ -39,6 +39,22 @@ def _record(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """The SIGINT and SIGTERM handlers of now, put back on the way out: for a library call that
+    installs its own (Ray's start installs a SIGTERM handler that exits without a word)."""
+    if not _in_main_thread():
+        yield
+        return
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
 def record_signals() -> None:
     """Make SIGINT and SIGTERM only recorded again (inside `signals_interrupt`), over a handler
     a library installed since: Lightning's SIGTERM handler on several devices broadcasts from
@@ -81,15 +97,10 @@ def signals_interrupt() -> Iterator[None]:
     if not _in_main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    _received.clear()
-    for s in previous:
-        signal.signal(s, _record)
-    try:
+    with handlers_kept():
+        _received.clear()
+        record_signals()
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _in_main_thread() -> bool:

@@ -38,7 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 from jsonargparse import Namespace
 
 from pneumonia.core.errors import UserError, first_line
-from pneumonia.core.interrupt import deferred
+from pneumonia.core.interrupt import deferred, handlers_kept
 from pneumonia.federated.aggregate import ClientUpdate
 from pneumonia.federated.cohort import RoundTask, misbehave
 from pneumonia.flower import client_app, node, wire
@@ -308,22 +308,6 @@ def start_ray(cfg: Namespace) -> None:
             f"the clients train on CPU, federated.client_gpus being 0: give them the "
             f"{gpus:g} GPU(s) here with federated.client_gpus (1, or 0.5 for two to a GPU)"
         )
-
-
-@contextlib.contextmanager
-def handlers_kept() -> Iterator[None]:
-    """Ray's start installs a SIGTERM handler that exits without a word: the run's own
-    handlers (pneumonia.core.interrupt) are put back, so a signal ends the run as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in kept.items():
-            if handler is not None:
-                signal.signal(s, handler)
 
 
 def run_simulated(

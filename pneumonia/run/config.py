@@ -747,7 +747,7 @@ def check_trainer(cfg: Namespace) -> None:
     finally:
         quiet.setLevel(level)
     if trainer.world_size > 1:
-        check_distributed(cfg, trainer.world_size, type(trainer.strategy).__name__)
+        check_distributed(cfg, trainer.world_size, trainer.strategy)
 
 
 # Lightning's DDP strategies that start their processes other than by running the command
@@ -756,10 +756,12 @@ def check_trainer(cfg: Namespace) -> None:
 SPAWNING = ("spawn", "fork", "notebook")
 
 
-def check_distributed(cfg: Namespace, processes: int, strategy: str) -> None:
+def check_distributed(cfg: Namespace, processes: int, strategy: object) -> None:
     """What a central run on several processes (trainer.devices x trainer.num_nodes) cannot
     do, refused before any data is read."""
-    name = str(args_strategy(cfg))
+    from lightning.pytorch.strategies import DDPStrategy
+
+    name = str(dict(cfg.trainer).get("strategy", "auto"))  # as given: a name or an object
     where = f"trainer.devices x num_nodes gives {processes} processes"
     if cfg.federated.enabled:
         raise UserError(
@@ -771,7 +773,7 @@ def check_distributed(cfg: Namespace, processes: int, strategy: str) -> None:
             f"{where}: privacy.enabled trains on one device (one accountant, one noise draw "
             "per step); set trainer.devices 1"
         )
-    if strategy != "DDPStrategy":
+    if not isinstance(strategy, DDPStrategy):
         raise UserError(
             f"trainer.strategy {name}: a central run on several devices uses ddp (FSDP and "
             "DeepSpeed shard a model too big for one device; these models fit one)"
@@ -792,11 +794,6 @@ def check_distributed(cfg: Namespace, processes: int, strategy: str) -> None:
             f"data.batch_size {cfg.data.batch_size} is the global batch, shared by the "
             f"{processes} processes: make it at least {processes}"
         )
-
-
-def args_strategy(cfg: Namespace) -> object:
-    """trainer.strategy as given (a name or a Strategy object)."""
-    return dict(cfg.trainer).get("strategy", "auto")
 
 
 def check_early_stopping(cfg: Namespace) -> None:
